@@ -1,0 +1,119 @@
+"""Command line and ``--config`` YAML -> ``Config``, generated from the fields of sections.py.
+
+No flag is written by hand here: each dataclass field becomes one flag (see flags.py), so the help,
+the YAML keys and the saved config cannot drift apart from the schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sluice.config.checks import normalise, validate
+from sluice.config.errors import ConfigError
+from sluice.config.flags import (
+    ENGINE_SECTION,
+    FlagSpec,
+    config_from_values,
+    flag_specs,
+    parse_json_dict,
+    section_types,
+    unknown_flag_reason,
+)
+from sluice.config.sections import BUILTIN_REWARDS, Config
+from sluice.config.yaml_file import config_to_dict, load_yaml_values, save_config
+
+__all__ = [
+    "BUILTIN_REWARDS", "ConfigError", "build_parser", "config_to_dict", "parse_config", "save_config",
+    "validate",
+]
+
+_SECTION_TITLES = {ENGINE_SECTION: "engine (SGLang server flags)"}
+
+
+class _ConfigArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that raises ConfigError instead of printing usage and exiting.
+
+    Callers such as tests and the CLI decide how to report the problem; the CLI prints it and exits 2.
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def _json_dict_arg(text: str) -> dict[str, Any]:
+    """argparse type of dict flags; ArgumentTypeError makes argparse prefix the flag name."""
+    try:
+        return parse_json_dict(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _help_text(spec: FlagSpec) -> str:
+    """The field's help plus its default; '%' is escaped because argparse %-formats help."""
+    text = spec.help
+    if spec.default not in (None, [], {}):
+        text += f" (default: {spec.default})"
+    return text.replace("%", "%%")
+
+
+def _argument_options(spec: FlagSpec) -> dict[str, Any]:
+    """add_argument keywords for one field; defaults are SUPPRESS so only given flags appear."""
+    options: dict[str, Any] = {"dest": spec.key, "default": argparse.SUPPRESS, "help": _help_text(spec)}
+    if spec.metavar:
+        options["metavar"] = spec.metavar
+    if spec.kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif spec.kind is dict:
+        options["type"] = _json_dict_arg
+        options.setdefault("metavar", "JSON")
+    elif spec.kind is list:
+        options.update(type=spec.item, nargs="+")
+    else:
+        options["type"] = spec.kind
+        if spec.choices:
+            options["choices"] = spec.choices
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every config flag plus ``--config FILE``; one argument group per section.
+
+    Every default is ``argparse.SUPPRESS``, so the parsed namespace holds exactly the flags given on
+    the command line, which is what lets them override a ``--config`` file and nothing else.
+    Usage errors raise ConfigError.
+    """
+    parser = _ConfigArgumentParser(
+        prog="sluice", description="RL post-training of LLMs.", allow_abbrev=False)
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="YAML file of flag: value pairs (either spelling); command-line flags override it.")
+    groups = {name: parser.add_argument_group(_SECTION_TITLES.get(name, name)) for name in section_types()}
+    for spec in flag_specs():
+        groups[spec.section].add_argument(spec.flag, **_argument_options(spec))
+    return parser
+
+
+def _leftover_message(extras: list[str]) -> str:
+    """Explains the first argument argparse did not recognise."""
+    first = extras[0]
+    if first.startswith("-"):
+        return unknown_flag_reason(first.split("=", 1)[0])
+    return f"unexpected argument {first!r} (every value follows its flag)"
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Parses ``argv`` (default: sys.argv[1:]), loading ``--config FILE`` first; flags override the file.
+
+    Returns a normalised but not validated Config: call ``validate`` for the run's purpose.
+    Raises ConfigError (never SystemExit, except for --help) on any unknown or mistyped flag or key.
+    """
+    given, extras = build_parser().parse_known_args(argv)
+    if extras:
+        raise ConfigError(_leftover_message(extras))
+    cli_values = vars(given)
+    config_path = cli_values.pop("config", None)
+    values = load_yaml_values(config_path) if config_path else {}
+    values.update(cli_values)
+    config = config_from_values(values)
+    normalise(config)
+    return config

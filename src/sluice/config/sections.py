@@ -1,0 +1,191 @@
+"""The config tree: one dataclass per component, each field documented once, here.
+
+Every field becomes a command-line flag named after it (``rollout_batch_size`` -> ``--rollout-batch-size``),
+which keeps slime's flag names for the same features. ``meta(...)`` holds the help text and, where needed,
+the choices or a flag spelling that differs from the field name. ``EngineConfig`` fields are reached as
+``--sglang-<name>`` (SGLang's server flags, passed through to our engine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Built-in reward functions, selectable with --rm-type; the reward module implements exactly these.
+BUILTIN_REWARDS: tuple[str, ...] = ("exact", "math", "boxed_exact", "boxed_math")
+
+
+def meta(help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None, metavar: str | None = None):
+    """Field metadata read by the CLI generator."""
+    out: dict[str, Any] = {"help": help}
+    if choices is not None:
+        out["choices"] = choices
+    if flag is not None:
+        out["flag"] = flag
+    if metavar is not None:
+        out["metavar"] = metavar
+    return out
+
+
+@dataclass
+class ModelConfig:
+    hf_checkpoint: str | None = field(default=None, metadata=meta(
+        "Hugging Face checkpoint directory (config.json, safetensors, tokenizer) for the engine, trainer and tokenizer."))
+    ref_load: str | None = field(default=None, metadata=meta(
+        "Checkpoint of the reference model for KL terms; default: --hf-checkpoint."))
+
+
+@dataclass
+class DataConfig:
+    prompt_data: str | None = field(default=None, metadata=meta(
+        "Prompt file: .jsonl or .parquet, optionally sliced as path@[a:b]."))
+    input_key: str = field(default="input", metadata=meta("Key of the prompt (text or chat messages) in each row."))
+    label_key: str | None = field(default=None, metadata=meta("Key of the reference answer in each row."))
+    metadata_key: str = field(default="metadata", metadata=meta("Key of a per-row dict passed to reward functions."))
+    apply_chat_template: bool = field(default=False, metadata=meta(
+        "Render each prompt with the tokenizer's chat template (a text prompt becomes one user message)."))
+    apply_chat_template_kwargs: dict[str, Any] = field(default_factory=dict, metadata=meta(
+        "Extra keyword arguments for the chat template, as JSON (e.g. '{\"enable_thinking\": false}')."))
+    rollout_shuffle: bool = field(default=False, metadata=meta("Shuffle prompts each epoch (seeded by --rollout-seed)."))
+    rollout_seed: int = field(default=42, metadata=meta("Seed of the prompt shuffle and of sampling."))
+    rollout_max_prompt_len: int | None = field(default=None, metadata=meta(
+        "Drop prompts longer than this many tokens (the count dropped is reported)."))
+
+
+@dataclass
+class RolloutConfig:
+    rollout_batch_size: int | None = field(default=None, metadata=meta("Prompts per rollout step (required)."))
+    n_samples_per_prompt: int = field(default=1, metadata=meta("Responses sampled per prompt (the GRPO group size)."))
+    rollout_max_response_len: int = field(default=1024, metadata=meta("Most new tokens per response."))
+    rollout_temperature: float = field(default=1.0, metadata=meta(
+        "Sampling temperature; the trainer divides its logits by the same value."))
+    rollout_top_p: float = field(default=1.0, metadata=meta("Nucleus sampling mass (1.0: off)."))
+    rollout_top_k: int = field(default=-1, metadata=meta("Sample among the k most likely tokens (-1: off)."))
+    rollout_stop: list[str] = field(default_factory=list, metadata=meta("Stop strings, trimmed from the response."))
+    rollout_stop_token_ids: list[int] = field(default_factory=list, metadata=meta("Stop token ids besides EOS."))
+    num_rollout: int | None = field(default=None, metadata=meta(
+        "Rollout steps to run; default: enough for --num-epoch passes over the prompts."))
+    num_epoch: int = field(default=1, metadata=meta("Passes over the prompt data when --num-rollout is not set."))
+    rollout_max_concurrency: int = field(default=256, metadata=meta(
+        "Most generate requests in flight at once from the rollout manager."))
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int | None = field(default=None, metadata=meta(
+        "Samples per optimizer step; default: one step per rollout (rollout batch x samples per prompt)."))
+    micro_batch_size: int = field(default=1, metadata=meta(
+        "Samples per forward/backward pass; gradients accumulate to the global batch. Does not change the result."))
+    lr: float = field(default=1e-6, metadata=meta("Peak learning rate of AdamW."))
+    lr_warmup_iters: int = field(default=0, metadata=meta("Optimizer steps of linear warmup from 0 to --lr."))
+    weight_decay: float = field(default=0.0, metadata=meta("AdamW weight decay."))
+    adam_beta1: float = field(default=0.9, metadata=meta("AdamW beta1."))
+    adam_beta2: float = field(default=0.999, metadata=meta("AdamW beta2."))
+    clip_grad: float = field(default=1.0, metadata=meta("Clip the global gradient norm to this (0: off)."))
+    seed: int = field(default=1234, metadata=meta("Seed of the trainer (initialisation, dropout)."))
+    train_device: str = field(default="auto", metadata=meta(
+        "Device of the trainer: auto (cuda if present), cpu or cuda[:N]."))
+    train_dtype: str = field(default="float32", metadata=meta(
+        "Parameter dtype of the trainer; bfloat16 halves memory on GPUs.", choices=("float32", "bfloat16")))
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage_estimator: str = field(default="grpo", metadata=meta(
+        "How rewards become advantages.", choices=("grpo",)))
+    loss_type: str = field(default="policy_loss", metadata=meta(
+        "policy_loss (RL) or sft_loss (supervised, on the response tokens).", choices=("policy_loss", "sft_loss")))
+    eps_clip: float = field(default=0.2, metadata=meta("PPO clip range below 1 (and above, unless --eps-clip-high)."))
+    eps_clip_high: float | None = field(default=None, metadata=meta("PPO clip range above 1 (clip-higher)."))
+    use_kl_loss: bool = field(default=False, metadata=meta("Add a KL(policy || reference) term to the loss."))
+    kl_loss_coef: float = field(default=0.0, metadata=meta("Weight of the KL loss term."))
+    kl_loss_type: str = field(default="k1", metadata=meta(
+        "KL estimator of the loss term (k3 = low_var_kl).", choices=("k1", "k2", "k3", "low_var_kl")))
+    entropy_coef: float = field(default=0.0, metadata=meta("Weight of the entropy bonus (subtracted from the loss)."))
+    disable_grpo_std_normalization: bool = field(default=False, metadata=meta(
+        "Do not divide GRPO advantages by the group's reward std (Dr.GRPO)."))
+
+
+@dataclass
+class RewardConfig:
+    rm_type: str | None = field(default=None, metadata=meta(
+        "Built-in reward: exact, math; a 'boxed_' prefix first extracts the last \\boxed{...} answer."))
+    custom_rm_path: str | None = field(default=None, metadata=meta(
+        "Dotted path module.function of an async reward function (sample) -> float | dict."))
+    reward_key: str | None = field(default=None, metadata=meta("Key of the scalar to train on when rewards are dicts."))
+
+
+@dataclass
+class EvalConfig:
+    eval_interval: int | None = field(default=None, metadata=meta("Evaluate every N rollout steps (and at the end)."))
+    eval_prompt_data: list[str] = field(default_factory=list, metadata=meta(
+        "Eval sets as NAME PATH pairs: --eval-prompt-data add data/add.jsonl rev data/rev.jsonl.",
+        metavar="NAME PATH"))
+    n_samples_per_eval_prompt: int = field(default=1, metadata=meta("Responses sampled per eval prompt."))
+    eval_temperature: float | None = field(default=None, metadata=meta(
+        "Eval sampling temperature (0: greedy); default: --rollout-temperature."))
+    eval_top_p: float | None = field(default=None, metadata=meta("Eval nucleus mass; default: --rollout-top-p."))
+    eval_max_response_len: int | None = field(default=None, metadata=meta(
+        "Eval max new tokens; default: --rollout-max-response-len."))
+    skip_eval_before_train: bool = field(default=False, metadata=meta("Do not evaluate before the first step."))
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = field(default=None, metadata=meta("Directory to save checkpoints to."))
+    load: str | None = field(default=None, metadata=meta("Checkpoint directory to resume from."))
+    save_interval: int | None = field(default=None, metadata=meta("Save every N rollout steps (and at the end)."))
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = field(default="runs/latest", metadata=meta(
+        "Where metrics.jsonl, the curves PNG and samples are written."))
+    progress_bar: bool = field(default=True, metadata=meta("Show progress bars (off: one log line per step)."))
+
+
+@dataclass
+class EngineConfig:
+    """Settings of our inference engine, given as --sglang-<name> to match SGLang's server flags."""
+
+    mem_fraction_static: float = field(default=0.8, metadata=meta(
+        "Fraction of free accelerator memory the engine takes for weights and KV cache."))
+    dtype: str = field(default="auto", metadata=meta(
+        "Engine dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.",
+        choices=("auto", "float32", "bfloat16")))
+    max_running_requests: int = field(default=256, metadata=meta("Most sequences decoded together."))
+    device: str = field(default="auto", metadata=meta("Engine device: auto, cpu or cuda[:N]."))
+
+
+@dataclass
+class Config:
+    """The whole run. Each component receives its own section only."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def samples_per_rollout(self) -> int:
+        return (self.rollout.rollout_batch_size or 0) * self.rollout.n_samples_per_prompt
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.train.global_batch_size or self.samples_per_rollout
+
+    @property
+    def num_steps_per_rollout(self) -> int:
+        return self.samples_per_rollout // self.global_batch_size
+
+    @property
+    def eval_sets(self) -> list[tuple[str, str]]:
+        """--eval-prompt-data as (name, path) pairs."""
+        items = self.eval.eval_prompt_data
+        return [(items[i], items[i + 1]) for i in range(0, len(items), 2)]

@@ -1,0 +1,50 @@
+"""Synthetic verifiable tasks written as jsonl prompt files (`input`, `label`, `metadata.task`).
+
+- add: multi-digit addition, "734+58=" -> "792". The answer comes most-significant digit first, so
+  the model must resolve carries before writing the first digit.
+- reverse: "reverse 80512" -> "21508", a multi-step copy that must walk the string backwards.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+TaskMaker = Callable[[random.Random], tuple[str, str]]
+
+
+def make_addition(rng: random.Random, max_digits: int = 3) -> tuple[str, str]:
+    a = rng.randrange(10 ** rng.randint(1, max_digits))
+    b = rng.randrange(10 ** rng.randint(1, max_digits))
+    return f"{a}+{b}=", str(a + b)
+
+
+def make_reverse(rng: random.Random, min_len: int = 3, max_len: int = 6) -> tuple[str, str]:
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(min_len, max_len)))
+    return f"reverse {digits}", digits[::-1]
+
+
+TASKS: dict[str, TaskMaker] = {"add": make_addition, "reverse": make_reverse}
+
+
+def write_task_file(path: str | Path, task: str, num_rows: int, seed: int, exclude: set[str] = frozenset()) -> Path:
+    """Write ``num_rows`` distinct problems of ``task`` not in ``exclude``; returns the path."""
+    rng = random.Random(f"{task}-{seed}")
+    seen: set[str] = set(exclude)
+    rows = []
+    while len(rows) < num_rows:
+        prompt, answer = TASKS[task](rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append({"input": prompt, "label": answer, "metadata": {"task": task}})
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
+def read_prompts(path: str | Path) -> set[str]:
+    return {json.loads(line)["input"] for line in Path(path).read_text().splitlines() if line.strip()}

@@ -1,0 +1,1 @@
+"""Our inference engine and the clients the rollout talks to it through."""

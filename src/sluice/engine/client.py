@@ -1,0 +1,49 @@
+"""Engine clients: the one interface the rollout generates through."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sluice.engine.local_engine import LocalEngine
+from sluice.engine.protocol import GenerateRequest, GenerateResult, NamedTensors
+
+
+class InProcessClient:
+    """Async front of a LocalEngine living in this process (its worker thread does the compute)."""
+
+    def __init__(self, engine: LocalEngine):
+        self.engine = engine
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def on_done(result):  # called on the engine thread
+            loop.call_soon_threadsafe(_settle, future, result)
+
+        self.engine.submit(request, on_done)
+        return await future
+
+    async def update_weights(self, weights: NamedTensors | str, version: int) -> None:
+        await asyncio.to_thread(self.engine.update_weights, weights, version)
+
+    async def abort(self, rid: str | None = None) -> None:
+        self.engine.abort(rid)
+
+    async def pause(self) -> None:
+        self.engine.pause()
+
+    async def resume(self) -> None:
+        self.engine.resume()
+
+    async def weight_version(self) -> int:
+        return self.engine.weight_version
+
+
+def _settle(future: asyncio.Future, result) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

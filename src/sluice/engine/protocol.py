@@ -1,0 +1,62 @@
+"""The Engine contract: token ids in, token ids + logprobs + finish reason + weight version out.
+
+The same records are used by the in-process engine and (later) over HTTP, so the rollout code is the same
+whichever engine serves it.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol
+
+import torch
+
+from sluice.types import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_new_tokens or the model's context limit
+    ABORT = "abort"  # aborted from outside; the output so far is returned
+
+
+@dataclass
+class GenerateRequest:
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    return_logprob: bool = True
+    rid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class GenerateResult:
+    rid: str
+    output_ids: list[int]  # generated tokens; a matched stop string's tokens are kept, its text trimmed
+    output_logprobs: list[float]  # log p(token) under softmax(logits / temperature), before top-p/top-k
+    finish_reason: FinishReason
+    weight_version: int  # version of the weights that generated every token of this result
+    prompt_tokens: int
+    text: str = ""  # decoded output, stop string trimmed
+    matched_stop: int | str | None = None
+    cached_tokens: int = 0
+
+
+NamedTensors = Mapping[str, torch.Tensor]
+
+
+class EngineClient(Protocol):
+    """What the rollout needs from an engine; implemented in-process, over HTTP, and by a router."""
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult: ...
+
+    async def update_weights(self, weights: NamedTensors | str, version: int) -> None: ...
+
+    async def abort(self, rid: str | None = None) -> None: ...  # None: abort all
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+    async def weight_version(self) -> int: ...

@@ -1,0 +1,90 @@
+"""Per-step metrics as JSON lines: greppable, appendable across restarts, readable without any tracker."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def json_safe(value: Any, key: str = "") -> Any:
+    """``value`` as something ``json.dumps`` writes as standard JSON.
+
+    Tensors and numpy values (anything with ``.tolist()``) become Python numbers or lists (0-d ones numbers),
+    so callers can log ``loss`` straight from the trainer. NaN and +-inf become null, since standard JSON
+    has no spelling for them and a NaN loss must not make the file unreadable by other tools. Unknown types
+    raise a TypeError naming the key: a silent ``str()`` would hide a metric that was never a number.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, key) for v in value]
+    if hasattr(value, "tolist"):  # torch tensors, numpy arrays and numpy scalars: to Python numbers/lists
+        return json_safe(value.tolist(), key)
+    raise TypeError(f"metric {key!r} has a value of type {type(value).__name__} that is not JSON-safe: {value!r}")
+
+
+class MetricsWriter:
+    """Appends one JSON object per ``log`` call to ``run_dir/metrics.jsonl``.
+
+    Each line is flushed as it is written so a crashed or killed run keeps every step it finished, and a
+    ``tail -f`` sees steps as they happen. The file is opened in append mode so a resumed run continues it.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> dict[str, Any]:
+        """Write ``{"step": step, **metrics}``; returns the record as written (JSON-safe)."""
+        if self._file is None:
+            raise RuntimeError(f"MetricsWriter for {self.path} is closed")
+        record = {"step": int(step), **json_safe(dict(metrics))}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All records of a metrics file (or of ``path/metrics.jsonl`` when ``path`` is a run directory).
+
+    A final line that does not parse is skipped: it is a record cut short by a crash mid-write. A bad line
+    anywhere else means the file is corrupt, and raises with its line number.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON object: {exc}") from exc
+    return records
