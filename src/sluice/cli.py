@@ -1,2 +1,74 @@
-def main():
-    raise SystemExit("not yet")
+"""The `sluice` command: train, demo, plot."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sluice.config import ConfigError, parse_config, validate
+from sluice.data import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": train_command, "demo": demo_command, "plot": plot_command}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"sluice: unknown command {argv[0]!r}; choose one of {', '.join(commands)}", file=sys.stderr)
+        print("usage: sluice {train,demo,plot} [flags]   (sluice COMMAND --help for its flags)", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        return commands[argv[0]](argv[1:])
+    except (ConfigError, DataError) as error:
+        print(f"sluice {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def train_command(argv: list[str]) -> int:
+    """`sluice train --hf-checkpoint DIR --prompt-data FILE ...`: the synchronous RL loop."""
+    from sluice.loops import train_sync
+    from sluice.orchestration.local_run import LocalRun
+
+    config = parse_config(argv)
+    validate(config)
+    run = LocalRun(config)
+    try:
+        train_sync(run)
+    finally:
+        png = run.close()
+    print(f"metrics: {config.logging.run_dir}/metrics.jsonl  curves: {png}")
+    return 0
+
+
+def demo_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sluice demo", allow_abbrev=False,
+                                     description="Build a tiny model and tasks, warm-start with SFT, train with GRPO.")
+    parser.add_argument("--out", default="runs/demo", help="Directory for the model, data, metrics and curves.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the model, the tasks and training.")
+    parser.add_argument("--sft-steps", type=int, default=150, help="Supervised warm-start steps.")
+    parser.add_argument("--num-rollout", type=int, default=60, help="GRPO rollout steps.")
+    parser.add_argument("--num-train", type=int, default=4000, help="Training prompts per task.")
+    parser.add_argument("--num-eval", type=int, default=200, help="Held-out eval prompts per task.")
+    parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True)
+    from sluice.demo.run import run_demo
+
+    run_demo(parser.parse_args(argv))
+    return 0
+
+
+def plot_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sluice plot", allow_abbrev=False,
+                                     description="Draw reward and eval curves of a run.")
+    parser.add_argument("run_dir", help="A run directory holding metrics.jsonl.")
+    parser.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png).")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from sluice.observability.plots import plot_curves
+
+    print(plot_curves(Path(args.run_dir) / "metrics.jsonl", args.out or Path(args.run_dir) / "curves.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -139,14 +139,17 @@ def closest_flag(flag: str) -> str | None:
 
 def unknown_flag_reason(flag: str) -> str:
     """Why a flag is not accepted and what to use instead; ``flag`` is spelled with dashes."""
-    hint = closest_flag(flag)
-    suggestion = f"; did you mean {hint}?" if hint else ""
-    if flag.startswith("--" + ENGINE_PREFIX):
-        option = "--" + flag[len("--" + ENGINE_PREFIX):]
-        supported = ", ".join(engine_flags())
-        return (f"unknown flag {flag}: the engine does not support the SGLang option {option}"
-                f"{suggestion} (supported --sglang-* flags: {supported})")
-    return f"unknown flag {flag}{suggestion}"
+    engine_start = "--" + ENGINE_PREFIX
+    if not flag.startswith(engine_start):
+        hint = closest_flag(flag)
+        return f"unknown flag {flag}" + (f"; did you mean {hint}?" if hint else "")
+    # Compare SGLang option names without the shared prefix, which would make every flag look close.
+    option = flag[len(engine_start):]
+    options = [f[len(engine_start):] for f in engine_flags()]
+    hint = difflib.get_close_matches(option, options, n=1)
+    suggestion = f"; did you mean {engine_start}{hint[0]}?" if hint else ""
+    return (f"unknown flag {flag}: the engine does not support the SGLang option --{option}{suggestion} "
+            f"(supported --sglang-* flags: {', '.join(engine_flags())})")
 
 
 def parse_json_dict(text: str) -> dict[str, Any]:

@@ -69,10 +69,13 @@ def _argument_options(spec: FlagSpec) -> dict[str, Any]:
         options.setdefault("metavar", "JSON")
     elif spec.kind is list:
         options.update(type=spec.item, nargs="+")
+        options.setdefault("metavar", spec.item.__name__.upper())
     else:
         options["type"] = spec.kind
         if spec.choices:
             options["choices"] = spec.choices
+        else:
+            options.setdefault("metavar", spec.kind.__name__.upper())
     return options
 
 

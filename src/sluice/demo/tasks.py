@@ -1,6 +1,6 @@
 """Synthetic verifiable tasks written as jsonl prompt files (`input`, `label`, `metadata.task`).
 
-- add: multi-digit addition, "734+58=" -> "792". The answer comes most-significant digit first, so
+- add: multi-digit addition, "734+058=" -> "792". The answer comes most-significant digit first, so
   the model must resolve carries before writing the first digit.
 - reverse: "reverse 80512" -> "21508", a multi-step copy that must walk the string backwards.
 """
@@ -15,10 +15,10 @@ from typing import Callable
 TaskMaker = Callable[[random.Random], tuple[str, str]]
 
 
-def make_addition(rng: random.Random, max_digits: int = 3) -> tuple[str, str]:
-    a = rng.randrange(10 ** rng.randint(1, max_digits))
-    b = rng.randrange(10 ** rng.randint(1, max_digits))
-    return f"{a}+{b}=", str(a + b)
+def make_addition(rng: random.Random, num_digits: int = 3) -> tuple[str, str]:
+    """Operands are zero-padded to ``num_digits`` so digit columns sit at fixed positions; the answer is not."""
+    a, b = rng.randrange(10**num_digits), rng.randrange(10**num_digits)
+    return f"{a:0{num_digits}d}+{b:0{num_digits}d}=", str(a + b)
 
 
 def make_reverse(rng: random.Random, min_len: int = 3, max_len: int = 6) -> tuple[str, str]:

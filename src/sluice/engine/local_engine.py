@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from sluice.config import EngineConfig
+from sluice.device import resolve_device, resolve_dtype
 from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors
 from sluice.engine.sampler import sample_tokens
 from sluice.engine.weights import copy_named_tensors, iter_safetensors
@@ -24,18 +25,6 @@ from sluice.engine.weights import copy_named_tensors, iter_safetensors
 # transformers >= 5.2x renames the forward argument `past_key_values` to `cache`; the old name keeps working
 # in every version we support (>= 5.17), so keep it and silence the notice.
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*", category=FutureWarning)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 @dataclass

@@ -23,7 +23,7 @@ def json_safe(value: Any, key: str = "") -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        return float(value) if math.isfinite(value) else None
     if isinstance(value, Mapping):
         return {str(k): json_safe(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -47,10 +47,11 @@ class MetricsWriter:
         self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, Any], step: int) -> dict[str, Any]:
-        """Write ``{"step": step, **metrics}``; returns the record as written (JSON-safe)."""
+        """Write ``{"step": step, **metrics}`` (the ``step`` argument wins); returns the record as written."""
         if self._file is None:
             raise RuntimeError(f"MetricsWriter for {self.path} is closed")
-        record = {"step": int(step), **json_safe(dict(metrics))}
+        record: dict[str, Any] = {"step": int(step)}
+        record.update((k, v) for k, v in json_safe(dict(metrics)).items() if k != "step")
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         return record

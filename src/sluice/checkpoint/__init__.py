@@ -1,0 +1,1 @@
+"""Atomic save and resume of a run: trainer state, data cursor, rollout step."""

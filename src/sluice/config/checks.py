@@ -1,0 +1,147 @@
+"""Cross-field checks of a Config, run before any model is loaded so a bad run fails in seconds.
+
+Each check yields messages that start with the flag(s) to change; ``validate`` reports all of them
+at once so one edit can fix every problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from sluice.config.errors import ConfigError
+from sluice.config.sections import BUILTIN_REWARDS, Config
+
+# kl_loss_type spellings that name the same estimator; the loss code only knows the canonical one.
+KL_LOSS_ALIASES = {"low_var_kl": "k3"}
+
+
+def normalise(config: Config) -> None:
+    """Rewrites aliases to their canonical value in place, so downstream code sees one spelling."""
+    algo = config.algorithm
+    algo.kl_loss_type = KL_LOSS_ALIASES.get(algo.kl_loss_type, algo.kl_loss_type)
+
+
+def _batches(config: Config) -> Iterator[str]:
+    rollout, train = config.rollout, config.train
+    if rollout.rollout_batch_size is not None and rollout.rollout_batch_size <= 0:
+        yield f"--rollout-batch-size must be > 0, got {rollout.rollout_batch_size}"
+    if rollout.n_samples_per_prompt < 1:
+        yield f"--n-samples-per-prompt must be >= 1, got {rollout.n_samples_per_prompt}"
+    if train.micro_batch_size < 1:
+        yield f"--micro-batch-size must be >= 1, got {train.micro_batch_size}"
+    if train.global_batch_size is not None and train.global_batch_size <= 0:
+        yield f"--global-batch-size must be > 0, got {train.global_batch_size}"
+    elif config.samples_per_rollout > 0 and config.samples_per_rollout % config.global_batch_size:
+        yield (f"--global-batch-size {config.global_batch_size} must divide --rollout-batch-size x "
+               f"--n-samples-per-prompt = {config.samples_per_rollout}")
+
+
+def _rollout(config: Config) -> Iterator[str]:
+    rollout = config.rollout
+    if rollout.rollout_max_response_len < 1:
+        yield f"--rollout-max-response-len must be >= 1, got {rollout.rollout_max_response_len}"
+    if rollout.num_rollout is not None and rollout.num_rollout < 1:
+        yield f"--num-rollout must be >= 1, got {rollout.num_rollout}"
+    if rollout.num_epoch < 1:
+        yield f"--num-epoch must be >= 1, got {rollout.num_epoch}"
+    if config.data.rollout_max_prompt_len is not None and config.data.rollout_max_prompt_len < 1:
+        yield f"--rollout-max-prompt-len must be >= 1, got {config.data.rollout_max_prompt_len}"
+
+
+def _sampling(config: Config) -> Iterator[str]:
+    rollout, ev = config.rollout, config.eval
+    if not rollout.rollout_temperature > 0:
+        yield f"--rollout-temperature must be > 0, got {rollout.rollout_temperature}"
+    if ev.eval_temperature is not None and not ev.eval_temperature >= 0:
+        yield f"--eval-temperature must be >= 0 (0: greedy), got {ev.eval_temperature}"
+    for flag, top_p in (("--rollout-top-p", rollout.rollout_top_p), ("--eval-top-p", ev.eval_top_p)):
+        if top_p is not None and not 0 < top_p <= 1:
+            yield f"{flag} must be in (0, 1], got {top_p}"
+    if rollout.rollout_top_k != -1 and rollout.rollout_top_k < 1:
+        yield f"--rollout-top-k must be -1 (off) or >= 1, got {rollout.rollout_top_k}"
+
+
+def _algorithm(config: Config) -> Iterator[str]:
+    algo = config.algorithm
+    if not algo.eps_clip > 0:
+        yield f"--eps-clip must be > 0, got {algo.eps_clip}"
+    if algo.eps_clip_high is not None and not algo.eps_clip_high >= 0:
+        yield f"--eps-clip-high must be >= 0, got {algo.eps_clip_high}"
+    if algo.kl_loss_coef < 0:
+        yield f"--kl-loss-coef must be >= 0, got {algo.kl_loss_coef}"
+    elif algo.use_kl_loss and algo.kl_loss_coef == 0:
+        yield "--use-kl-loss with --kl-loss-coef 0 has no effect: set --kl-loss-coef > 0"
+    elif not algo.use_kl_loss and algo.kl_loss_coef > 0:
+        yield f"--kl-loss-coef {algo.kl_loss_coef} has no effect without --use-kl-loss"
+
+
+def _reward(config: Config) -> Iterator[str]:
+    reward = config.reward
+    if reward.rm_type is not None and reward.custom_rm_path is not None:
+        yield "--rm-type and --custom-rm-path are mutually exclusive: give one"
+    if reward.rm_type is not None and reward.rm_type not in BUILTIN_REWARDS:
+        yield f"--rm-type must be one of {', '.join(BUILTIN_REWARDS)}, got {reward.rm_type!r}"
+
+
+def _train(config: Config) -> Iterator[str]:
+    train = config.train
+    if not train.lr >= 0:
+        yield f"--lr must be >= 0, got {train.lr}"
+    if not train.clip_grad >= 0:
+        yield f"--clip-grad must be >= 0 (0: off), got {train.clip_grad}"
+    if train.lr_warmup_iters < 0:
+        yield f"--lr-warmup-iters must be >= 0, got {train.lr_warmup_iters}"
+
+
+def _eval_and_checkpoint(config: Config) -> Iterator[str]:
+    ev, ckpt = config.eval, config.checkpoint
+    if len(ev.eval_prompt_data) % 2:
+        yield f"--eval-prompt-data takes NAME PATH pairs, got {len(ev.eval_prompt_data)} values"
+    if ev.eval_interval is not None and ev.eval_interval <= 0:
+        yield f"--eval-interval must be > 0, got {ev.eval_interval}"
+    if ev.n_samples_per_eval_prompt < 1:
+        yield f"--n-samples-per-eval-prompt must be >= 1, got {ev.n_samples_per_eval_prompt}"
+    if ckpt.save_interval is not None and ckpt.save is None:
+        yield "--save-interval needs --save (the directory to save to)"
+    if ckpt.save_interval is not None and ckpt.save_interval <= 0:
+        yield f"--save-interval must be > 0, got {ckpt.save_interval}"
+
+
+def _engine(config: Config) -> Iterator[str]:
+    engine = config.engine
+    if not 0 < engine.mem_fraction_static <= 1:
+        yield f"--sglang-mem-fraction-static must be in (0, 1], got {engine.mem_fraction_static}"
+    if engine.max_running_requests < 1:
+        yield f"--sglang-max-running-requests must be >= 1, got {engine.max_running_requests}"
+
+
+def _training(config: Config) -> Iterator[str]:
+    """What a training run needs on top of a consistent config: a model, prompts and a reward."""
+    if config.model.hf_checkpoint is None:
+        yield "--hf-checkpoint is required for training"
+    if config.data.prompt_data is None:
+        yield "--prompt-data is required for training"
+    if config.rollout.rollout_batch_size is None:
+        yield "--rollout-batch-size is required for training"
+    no_reward = config.reward.rm_type is None and config.reward.custom_rm_path is None
+    if config.algorithm.loss_type == "policy_loss" and no_reward:
+        yield "--loss-type policy_loss needs a reward: set --rm-type or --custom-rm-path"
+
+
+_CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
+    _batches, _rollout, _sampling, _algorithm, _reward, _train, _eval_and_checkpoint, _engine)
+
+
+def validate(config: Config, *, for_training: bool = True) -> None:
+    """Raises ConfigError listing every problem, each naming its flag(s); normalises aliases first.
+
+    ``for_training=False`` (e.g. evaluation only) skips the requirements of a training run:
+    --hf-checkpoint, --prompt-data, --rollout-batch-size and a reward for policy_loss.
+    """
+    normalise(config)
+    checks = _CHECKS + ((_training,) if for_training else ())
+    problems = [message for check in checks for message in check(config)]
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

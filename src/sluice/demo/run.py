@@ -1,0 +1,104 @@
+"""``sluice demo``: build a tiny model and tasks, warm-start it with SFT, then improve it with GRPO.
+
+Everything after the build treats the model as any Hugging Face checkpoint directory: the RL phase is
+``sluice train`` with ordinary flags (printed, so it can be re-run by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from sluice.config import DataConfig, parse_config, validate
+from sluice.data import load_prompt_samples
+from sluice.demo.model import build_checkpoint
+from sluice.demo.tasks import read_prompts, write_task_file
+from sluice.demo.warm_start import warm_start
+from sluice.loops import train_sync
+from sluice.orchestration.local_run import LocalRun
+
+TASK_NAMES = ("add", "reverse")
+
+
+def build_task_files(data_dir: Path, num_train: int, num_eval: int, seed: int) -> dict[str, Path]:
+    files = {}
+    for task in TASK_NAMES:
+        files[f"eval_{task}"] = write_task_file(data_dir / f"eval_{task}.jsonl", task, num_eval, seed + 1)
+        held_out = read_prompts(files[f"eval_{task}"])
+        files[f"train_{task}"] = write_task_file(data_dir / f"train_{task}.jsonl", task, num_train, seed, held_out)
+    mixed = data_dir / "train.jsonl"
+    lines = [line for task in TASK_NAMES for line in files[f"train_{task}"].read_text().splitlines()]
+    mixed.write_text("\n".join(lines) + "\n")
+    files["train"] = mixed
+    return files
+
+
+def rl_flags(model_dir: Path, files: dict[str, Path], run_dir: Path, args) -> list[str]:
+    return [
+        "--hf-checkpoint", str(model_dir), "--prompt-data", str(files["train"]), "--input-key", "input",
+        "--label-key", "label", "--apply-chat-template", "--rollout-shuffle", "--rollout-seed", str(args.seed),
+        "--rollout-batch-size", "32", "--n-samples-per-prompt", "8", "--rollout-max-response-len", "10",
+        "--rollout-temperature", "1.0", "--num-rollout", str(args.num_rollout), "--lr", "1e-3",
+        "--lr-warmup-iters", "5", "--clip-grad", "1.0", "--eps-clip", "0.2", "--eps-clip-high", "0.28",
+        "--rm-type", "exact", "--eval-interval", str(max(args.num_rollout // 5, 1)),
+        "--eval-prompt-data", "add", str(files["eval_add"]), "reverse", str(files["eval_reverse"]),
+        "--n-samples-per-eval-prompt", "1", "--eval-temperature", "0",
+        "--seed", str(args.seed), "--train-device", "cpu", "--sglang-device", "cpu",
+        "--run-dir", str(run_dir), *([] if args.progress_bar else ["--no-progress-bar"]),
+    ]
+
+
+def run_demo(args, log=print) -> dict:
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    out = Path(args.out)
+    base_dir, sft_dir, data_dir = out / "base_model", out / "sft_model", out / "data"
+    build_checkpoint(base_dir, seed=args.seed)
+    files = build_task_files(data_dir, args.num_train, args.num_eval, args.seed)
+    log(f"built {base_dir} and tasks in {data_dir} ({time.perf_counter() - start:.1f}s)")
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    prompts, _ = load_prompt_samples(str(files["train"]), DataConfig(label_key="label", apply_chat_template=True),
+                                     tokenizer)
+    log(f"warm start: {args.sft_steps} SFT steps")
+    warm_start(str(base_dir), prompts, tokenizer, sft_dir, args.sft_steps, batch_size=64, lr=3e-3,
+               seed=args.seed, log=log)
+    sft_seconds = time.perf_counter() - start
+
+    flags = rl_flags(sft_dir, files, out / "rl", args)
+    log("RL: sluice train " + shlex.join(flags))
+    config = parse_config(flags)
+    validate(config)
+    run = LocalRun(config, log=log)
+    try:
+        train_sync(run)
+    finally:
+        png = run.close()
+    summary = summarize(out / "rl" / "metrics.jsonl", time.perf_counter() - start, sft_seconds)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log(format_summary(summary, png))
+    return summary
+
+
+def summarize(metrics_path: Path, wall_s: float, sft_s: float) -> dict:
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    first, last = evals[0], evals[-1]
+    out = {"wall_time_s": round(wall_s, 1), "warm_start_time_s": round(sft_s, 1)}
+    for task in TASK_NAMES:
+        key = f"eval/{task}/accuracy"
+        out[task] = {"warm_start": first[key], "after_rl": last[key]}
+    out["mean"] = {stage: sum(out[t][stage] for t in TASK_NAMES) / len(TASK_NAMES) for stage in ("warm_start", "after_rl")}
+    return out
+
+
+def format_summary(summary: dict, png: Path) -> str:
+    rows = [f"{name:8s} {summary[name]['warm_start']:6.1%} -> {summary[name]['after_rl']:6.1%}"
+            for name in (*TASK_NAMES, "mean")]
+    return ("eval accuracy (greedy), warm start -> after RL\n  " + "\n  ".join(rows)
+            + f"\nwall time {summary['wall_time_s']:.0f}s; curves: {png}")

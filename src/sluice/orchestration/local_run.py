@@ -1,0 +1,150 @@
+"""A run on one machine, in one process: engine, rollout manager, trainer, data, metrics.
+
+``LocalRun`` owns the parts and gives the loop one verb per stage; the loop itself lives in loops.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from pathlib import Path
+
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from sluice.checkpoint.store import find_latest, load_checkpoint, save_checkpoint
+from sluice.config import Config
+from sluice.data import PromptSource, load_prompt_samples
+from sluice.engine.client import InProcessClient
+from sluice.engine.local_engine import LocalEngine
+from sluice.observability.metrics import MetricsWriter
+from sluice.observability.plots import plot_curves
+from sluice.observability.progress import ProgressReporter
+from sluice.rewards import get_reward_fn
+from sluice.rollout.generate import GenerateContext
+from sluice.rollout.manager import RolloutManager, rollout_metrics
+from sluice.sync.in_process import push_weights
+from sluice.trainer.torch_backend import TorchTrainer
+from sluice.trainer.update import update_policy
+from sluice.types import SampleGroup, SamplingParams
+
+
+class LocalRun:
+    def __init__(self, config: Config, log=print):
+        hf_logging.disable_progress_bar()
+        self.config, self.log_line = config, log
+        checkpoint = config.model.hf_checkpoint
+        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        samples, report = load_prompt_samples(config.data.prompt_data, config.data, self.tokenizer)
+        self._report_load(config.data.prompt_data, report)
+        self.source = PromptSource(samples, config.data.rollout_shuffle, config.data.rollout_seed)
+        self.eval_sets = {}
+        for name, path in config.eval_sets:
+            eval_samples, eval_report = load_prompt_samples(path, config.data, self.tokenizer)
+            self._report_load(path, eval_report)
+            self.eval_sets[name] = eval_samples
+        self.engine = LocalEngine(checkpoint, config.engine)
+        self.client = InProcessClient(self.engine)
+        self.rollout = RolloutManager(
+            GenerateContext(self.client, self.tokenizer),
+            get_reward_fn(config.reward.rm_type, config.reward.custom_rm_path),
+            max_concurrency=config.rollout.rollout_max_concurrency,
+            reward_key=config.reward.reward_key,
+        )
+        self.trainer = TorchTrainer(checkpoint, config.train, config.algorithm, config.rollout.rollout_temperature,
+                                    config.model.ref_load)
+        self.num_rollout = config.rollout.num_rollout or self.source.num_rollouts_for_epochs(
+            config.rollout.num_epoch, config.rollout.rollout_batch_size)
+        self.start_rollout = self._maybe_resume()
+        self.metrics = MetricsWriter(config.logging.run_dir)
+        self.progress = ProgressReporter(self.num_rollout, enabled=config.logging.progress_bar)
+        self.progress.total_steps = self.num_rollout
+
+    def _report_load(self, path: str, report) -> None:
+        if report.num_dropped_too_long:
+            self.log_line(f"{path}: dropped {report.num_dropped_too_long} of {report.num_rows} prompts longer "
+                          f"than --rollout-max-prompt-len {self.config.data.rollout_max_prompt_len}")
+
+    # ---- stages -------------------------------------------------------------------------------------
+    def generate(self) -> list[SampleGroup]:
+        rollout = self.config.rollout
+        prompts = self.source.next_batch(rollout.rollout_batch_size)
+        return asyncio.run(self.rollout.generate_groups(prompts, rollout.n_samples_per_prompt, self.sampling_params()))
+
+    def train(self, groups: list[SampleGroup]) -> dict[str, float]:
+        rewards = [self.rollout.rewards(g) for g in groups]
+        return update_policy(self.trainer, groups, self.config.algorithm, rewards, self.config.global_batch_size,
+                             self.tokenizer.pad_token_id or 0)
+
+    def sync_weights(self, version: int) -> None:
+        asyncio.run(push_weights(self.trainer.named_weights(), [self.client], version))
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward and accuracy (fraction of samples with reward >= 1) per eval set."""
+        out: dict[str, float] = {}
+        for name, samples in self.eval_sets.items():
+            groups = asyncio.run(self.rollout.generate_groups(
+                samples, self.config.eval.n_samples_per_eval_prompt, self.sampling_params(evaluation=True)))
+            rewards = [r for g in groups for r in self.rollout.rewards(g)]
+            out[f"eval/{name}/reward_mean"] = statistics.fmean(rewards)
+            out[f"eval/{name}/accuracy"] = sum(r >= 1.0 for r in rewards) / len(rewards)
+        return out
+
+    def rollout_metrics(self, groups: list[SampleGroup]) -> dict[str, float]:
+        return rollout_metrics(groups, self.rollout)
+
+    def sampling_params(self, evaluation: bool = False) -> SamplingParams:
+        rollout, ev = self.config.rollout, self.config.eval
+        params = SamplingParams(
+            temperature=rollout.rollout_temperature, top_p=rollout.rollout_top_p, top_k=rollout.rollout_top_k,
+            max_new_tokens=rollout.rollout_max_response_len, stop=list(rollout.rollout_stop),
+            stop_token_ids=list(rollout.rollout_stop_token_ids),
+        )
+        if evaluation:
+            params.temperature = ev.eval_temperature if ev.eval_temperature is not None else params.temperature
+            params.top_p = ev.eval_top_p if ev.eval_top_p is not None else params.top_p
+            params.max_new_tokens = ev.eval_max_response_len or params.max_new_tokens
+        return params
+
+    # ---- schedule, checkpoints, logging -----------------------------------------------------------
+    def eval_due(self, rollout_id: int) -> bool:
+        interval = self.config.eval.eval_interval
+        last = rollout_id + 1 == self.num_rollout
+        return bool(self.eval_sets) and (last or bool(interval and (rollout_id + 1) % interval == 0))
+
+    def eval_before_train(self) -> bool:
+        return bool(self.eval_sets) and not self.config.eval.skip_eval_before_train and self.start_rollout == 0
+
+    def save_due(self, rollout_id: int) -> bool:
+        ckpt = self.config.checkpoint
+        last = rollout_id + 1 == self.num_rollout
+        return bool(ckpt.save) and (last or bool(ckpt.save_interval and (rollout_id + 1) % ckpt.save_interval == 0))
+
+    def save(self, rollout_id: int) -> Path:
+        return save_checkpoint(self.config.checkpoint.save, rollout_id, self.trainer,
+                               {"source": self.source.state_dict()})
+
+    def _maybe_resume(self) -> int:
+        load = self.config.checkpoint.load
+        if not load:
+            return 0
+        path = find_latest(load) or (Path(load) if (Path(load) / "trainer.pt").exists() else None)
+        if path is None:
+            raise FileNotFoundError(f"--load {load}: no checkpoint there (expected {load}/latest or trainer.pt)")
+        state = load_checkpoint(path, self.trainer)
+        self.source.load_state_dict(state["source"])
+        self.sync_weights(version=state["rollout_id"] + 1)
+        self.log_line(f"resumed from {path} at rollout {state['rollout_id'] + 1}")
+        return state["rollout_id"] + 1
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.log(metrics, step=step)
+        self.progress.update(step, metrics)
+
+    def close(self) -> Path:
+        """Stop the engine, close the metrics file and draw the curves; returns the PNG path."""
+        self.progress.close()
+        self.metrics.close()
+        self.engine.shutdown()
+        run_dir = Path(self.config.logging.run_dir)
+        return plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")

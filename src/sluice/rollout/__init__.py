@@ -1,0 +1,1 @@
+"""Rollout: runs the generate function over engines, scores samples, and evaluates."""

@@ -1,0 +1,1 @@
+"""Weight sync trainer -> engines, tagged with the policy version."""

@@ -1,0 +1,60 @@
+"""Samples -> TrainBatch (right-padded, per-target-token tensors) and the micro-batch split."""
+
+from __future__ import annotations
+
+import torch
+
+from sluice import algorithms
+from sluice.types import Sample, SampleGroup, TrainBatch
+
+
+def collate(samples: list[Sample], advantages: list[float], pad_id: int) -> TrainBatch:
+    """Pad samples into one TrainBatch; ``advantages[i]`` is broadcast over sample i's response tokens.
+
+    Target position t (0-based, over input_ids[:, 1:]) holds token t+1, so response token j of a sample with
+    prompt length P sits at target position P - 1 + j.
+    """
+    width = max(len(s.tokens) for s in samples)
+    num = len(samples)
+    input_ids = torch.full((num, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((num, width), dtype=torch.long)
+    loss_mask = torch.zeros((num, width - 1))
+    token_advantages = torch.zeros((num, width - 1))
+    rollout_log_probs = torch.zeros((num, width - 1))
+    for row, sample in enumerate(samples):
+        length, start = len(sample.tokens), len(sample.prompt_tokens) - 1
+        num_response = length - len(sample.prompt_tokens)
+        input_ids[row, :length] = torch.tensor(sample.tokens, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        mask = sample.loss_mask if sample.loss_mask else [1] * num_response
+        loss_mask[row, start : start + num_response] = torch.tensor(mask[:num_response], dtype=torch.float)
+        token_advantages[row, start : start + num_response] = advantages[row]
+        if sample.rollout_log_probs:
+            rollout_log_probs[row, start : start + num_response] = torch.tensor(sample.rollout_log_probs[:num_response])
+    rewards = torch.tensor([_reward_or_zero(s) for s in samples], dtype=torch.float)
+    return TrainBatch(input_ids, attention_mask, loss_mask * attention_mask[:, 1:], token_advantages,
+                      rollout_log_probs, rewards=rewards)
+
+
+def _reward_or_zero(sample: Sample) -> float:
+    return float(sample.reward) if isinstance(sample.reward, (int, float)) else 0.0
+
+
+def split(batch: TrainBatch, micro_batch_size: int) -> list[TrainBatch]:
+    """Consecutive micro-batches of at most ``micro_batch_size`` samples, padding trimmed per micro-batch."""
+    return [batch.select(slice(i, i + micro_batch_size)) for i in range(0, batch.num_samples, micro_batch_size)]
+
+
+def group_advantages(groups: list[SampleGroup], estimator: str, rewards: list[list[float]],
+                     disable_std_normalization: bool = False) -> list[float]:
+    """Per-sample advantages from per-group rewards with the named estimator, flattened in sample order."""
+    name = "dr_grpo" if (estimator == "grpo" and disable_std_normalization) else estimator
+    sizes = {len(r) for r in rewards}
+    if len(sizes) == 1:  # equal group sizes: one batched call
+        advantages, _ = algorithms.get("advantage", name)(torch.tensor(rewards, dtype=torch.float64))
+        return advantages.flatten().tolist()
+    out: list[float] = []
+    for group_rewards in rewards:  # ragged groups (failed samples dropped): one call each
+        advantages, _ = algorithms.get("advantage", name)(torch.tensor([group_rewards], dtype=torch.float64))
+        out.extend(advantages.flatten().tolist())
+    return out
