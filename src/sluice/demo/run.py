@@ -42,13 +42,14 @@ def rl_flags(model_dir: Path, files: dict[str, Path], run_dir: Path, args) -> li
     return [
         "--hf-checkpoint", str(model_dir), "--prompt-data", str(files["train"]), "--input-key", "input",
         "--label-key", "label", "--apply-chat-template", "--rollout-shuffle", "--rollout-seed", str(args.seed),
-        "--rollout-batch-size", "32", "--n-samples-per-prompt", "8", "--rollout-max-response-len", "10",
-        "--rollout-temperature", "1.0", "--num-rollout", str(args.num_rollout), "--lr", "1e-3",
-        "--lr-warmup-iters", "5", "--clip-grad", "1.0", "--eps-clip", "0.2", "--eps-clip-high", "0.28",
+        "--rollout-batch-size", str(args.rollout_batch_size), "--n-samples-per-prompt", "8",
+        "--rollout-max-response-len", "8", "--rollout-temperature", "1.0", "--num-rollout", str(args.num_rollout),
+        "--micro-batch-size", "256", "--lr", str(args.rl_lr), "--adam-beta2", "0.98", "--lr-warmup-iters", "5",
+        "--clip-grad", "1.0", "--eps-clip", "0.2", "--eps-clip-high", "0.28",
         "--rm-type", "exact", "--eval-interval", str(max(args.num_rollout // 5, 1)),
         "--eval-prompt-data", "add", str(files["eval_add"]), "reverse", str(files["eval_reverse"]),
         "--n-samples-per-eval-prompt", "1", "--eval-temperature", "0",
-        "--seed", str(args.seed), "--train-device", "cpu", "--sglang-device", "cpu",
+        "--seed", str(args.seed), "--train-device", args.device, "--sglang-device", args.device,
         "--run-dir", str(run_dir), *([] if args.progress_bar else ["--no-progress-bar"]),
     ]
 
@@ -66,8 +67,8 @@ def run_demo(args, log=print) -> dict:
     prompts, _ = load_prompt_samples(str(files["train"]), DataConfig(label_key="label", apply_chat_template=True),
                                      tokenizer)
     log(f"warm start: {args.sft_steps} SFT steps")
-    warm_start(str(base_dir), prompts, tokenizer, sft_dir, args.sft_steps, batch_size=64, lr=3e-3,
-               seed=args.seed, log=log)
+    warm_start(str(base_dir), prompts, tokenizer, sft_dir, args.sft_steps, batch_size=256, lr=args.sft_lr,
+               seed=args.seed, device=args.device, log=log)
     sft_seconds = time.perf_counter() - start
 
     flags = rl_flags(sft_dir, files, out / "rl", args)

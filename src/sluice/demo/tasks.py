@@ -1,6 +1,6 @@
 """Synthetic verifiable tasks written as jsonl prompt files (`input`, `label`, `metadata.task`).
 
-- add: multi-digit addition, "734+058=" -> "792". The answer comes most-significant digit first, so
+- add: multi-digit addition, "34+58=" -> "92", "07+05=" -> "12". The answer comes most-significant digit first, so
   the model must resolve carries before writing the first digit.
 - reverse: "reverse 80512" -> "21508", a multi-step copy that must walk the string backwards.
 """
@@ -15,7 +15,7 @@ from typing import Callable
 TaskMaker = Callable[[random.Random], tuple[str, str]]
 
 
-def make_addition(rng: random.Random, num_digits: int = 3) -> tuple[str, str]:
+def make_addition(rng: random.Random, num_digits: int = 2) -> tuple[str, str]:
     """Operands are zero-padded to ``num_digits`` so digit columns sit at fixed positions; the answer is not."""
     a, b = rng.randrange(10**num_digits), rng.randrange(10**num_digits)
     return f"{a:0{num_digits}d}+{b:0{num_digits}d}=", str(a + b)

@@ -37,6 +37,7 @@ class _Running:
     finish: FinishReason | None = None
     matched_stop: int | str | None = None
     text: str = ""
+    abort_requested: bool = False  # set by abort(), under _cond; honoured before the next decode step
 
 
 class LocalEngine:
@@ -51,8 +52,7 @@ class LocalEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.weight_version = 0
         self._waiting: list[_Running] = []
-        self._aborted: set[str] = set()
-        self._abort_all = False
+        self._running: list[_Running] = []  # the batch being decoded; set and cleared under _cond
         self._paused = False
         self._closed = False
         self._cond = threading.Condition()
@@ -81,11 +81,11 @@ class LocalEngine:
         return count
 
     def abort(self, rid: str | None = None) -> None:
+        """Abort the submitted requests (all, or those with this rid); later submissions are not affected."""
         with self._cond:
-            if rid is None:
-                self._abort_all = True
-            else:
-                self._aborted.add(rid)
+            for entry in self._waiting + self._running:
+                if rid is None or entry.request.rid == rid:
+                    entry.abort_requested = True
             self._cond.notify_all()
 
     def pause(self) -> None:
@@ -113,6 +113,7 @@ class LocalEngine:
                 else:
                     batch = self._waiting[: self.max_running_requests]
                     self._waiting = self._waiting[len(batch) :]
+                    self._running = batch
             if self._closed:
                 for entry in batch:
                     entry.finish = FinishReason.ABORT
@@ -123,18 +124,16 @@ class LocalEngine:
             except Exception as error:  # a failed batch must not hang its callers
                 for entry in batch:
                     entry.on_done(error)  # type: ignore[arg-type]
+            finally:
+                with self._cond:
+                    self._running = []
 
     def _check_control(self, running: list[_Running]) -> None:
         with self._cond:
             self._cond.wait_for(lambda: not self._paused or self._closed)
             for entry in running:
-                if entry.finish is None and (
-                    self._abort_all or self._closed or entry.request.rid in self._aborted
-                ):
+                if entry.finish is None and (entry.abort_requested or self._closed):
                     entry.finish = FinishReason.ABORT
-            if all(entry.finish is not None for entry in running):
-                self._abort_all = False
-                self._aborted.difference_update(e.request.rid for e in running)
 
     @torch.no_grad()
     def _generate_batch(self, running: list[_Running]) -> None:

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs sluice into it, then runs the given command inside it.
-#   scripts/setup.sh sluice demo        scripts/setup.sh pytest -q
+# Sets up .venv (once; again when pyproject.toml changes) with sluice installed, then runs:
+#   ./sluice.sh demo [flags]     the embedded demo (tiny model, SFT warm start, GRPO)
+#   ./sluice.sh test [args]      the test suite (pytest args pass through)
+#   ./sluice.sh ARGS...          any other `sluice` command, e.g. ./sluice.sh train --config run.yaml
 # torch: a torch >= 2.11 already importable by python3 (e.g. a CUDA build on a GPU machine) is kept,
 # through --system-site-packages. Otherwise a CUDA build is installed where `nvidia-smi` finds a GPU,
 # and the CPU build (no CUDA downloads) everywhere else.
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="$root/.venv"
 python="${PYTHON:-python3}"
 
@@ -32,7 +34,9 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-if [ "$#" -gt 0 ]; then
-  cd "$root"
-  exec "$venv/bin/$1" "${@:2}"
-fi
+cd "$root"
+case "${1:-}" in
+  "") exit 0 ;;
+  test) shift; exec "$venv/bin/python" -m pytest "$@" ;;
+  *) exec "$venv/bin/python" -m sluice.cli "$@" ;;
+esac

@@ -1,0 +1,156 @@
+"""The whole synchronous loop on a tiny model and an easy task: reward rises, artifacts, save and resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sluice.config import parse_config, validate
+from sluice.demo.model import TinyModelShape, build_checkpoint
+from sluice.loops import train_sync
+from sluice.observability.metrics import read_metrics
+from sluice.orchestration.local_run import LocalRun
+
+SHAPE = TinyModelShape(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, max_position_embeddings=512)
+NUM_ROLLOUT = 14  # 112 prompts handed out: the run ends mid-epoch of the 12-prompt file
+SEED = 0
+ROLLOUT_BATCH = 8
+N_SAMPLES = 8
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def flags(model: Path, data: Path, run_dir: Path, save: Path, num_rollout: int, *extra: str) -> list[str]:
+    """An easy task: 12 prompts "<c>: say 7", label "7", one response token, exact-match reward.
+
+    The prompt ends in the answer, which the untrained model (tied embeddings, small init) favours a little,
+    so the first rollouts score a few percent (the vocabulary has 99 tokens), not zero, and GRPO has a
+    signal; with seed 0 the reward reaches ~1 within 10 rollouts (the slowest seed seen, 7, ~0.5). Seeds 0-7 (model, data order and
+    trainer) all passed when this test was written: the seed is not cherry-picked.
+    """
+    return [
+        "--hf-checkpoint", str(model), "--prompt-data", str(data), "--label-key", "label",
+        "--rollout-batch-size", str(ROLLOUT_BATCH), "--n-samples-per-prompt", str(N_SAMPLES),
+        "--rollout-max-response-len", "1", "--rollout-shuffle", "--rollout-seed", str(SEED),
+        "--num-rollout", str(num_rollout), "--lr", "3e-2", "--micro-batch-size", "64", "--rm-type", "exact",
+        "--seed", str(SEED), "--train-device", "cpu", "--sglang-device", "cpu", "--run-dir", str(run_dir),
+        "--save", str(save), "--no-progress-bar", *extra,
+    ]
+
+
+def run_loop(argv: list[str]) -> LocalRun:
+    config = parse_config(argv)
+    validate(config)
+    run = LocalRun(config, log=lambda line: None)
+    try:
+        train_sync(run)
+    finally:
+        run.close()
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    model = build_checkpoint(root / "model", shape=SHAPE, seed=SEED)
+    data = root / "say7.jsonl"
+    data.write_text("".join(json.dumps({"input": f"{c}: say 7", "label": "7"}) + "\n" for c in "abcdefghijkl"))
+    paths = {"root": root, "model": model, "data": data, "run_dir": root / "run", "save": root / "ckpt"}
+    argv = flags(model, data, paths["run_dir"], paths["save"], NUM_ROLLOUT, "--save-interval", "6",
+                 "--eval-prompt-data", "say7", str(data), "--eval-temperature", "0", "--eval-interval", "6")
+    run = run_loop(argv)
+    return paths, run
+
+
+def test_a_few_training_steps_raise_the_reward(trained):
+    paths, _ = trained
+    records = read_metrics(paths["run_dir"] / "metrics.jsonl")
+    rewards = [r["rollout/reward_mean"] for r in records if "rollout/reward_mean" in r]
+    assert len(rewards) == NUM_ROLLOUT
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert first < 0.2  # the untrained model rarely says 7
+    assert last > 0.4
+    assert last > first + 0.3
+
+
+def test_run_writes_metrics_curves_and_checkpoints(trained):
+    paths, run = trained
+    records = read_metrics(paths["run_dir"] / "metrics.jsonl")
+    # step 0: eval before training; then one record per rollout, eval merged in every 6 rollouts
+    assert [r["step"] for r in records] == list(range(NUM_ROLLOUT + 1))
+    assert "eval/say7/accuracy" in records[0] and "rollout/reward_mean" not in records[0]
+    assert [r["step"] for r in records if "eval/say7/accuracy" in r] == [0, 6, 12, NUM_ROLLOUT]
+    for record in records[1:]:
+        assert record["rollout/num_samples"] == ROLLOUT_BATCH * N_SAMPLES
+        assert record["rollout/response_len_mean"] == 1.0
+        assert record["train/num_samples"] == ROLLOUT_BATCH * N_SAMPLES
+        assert record["train/num_steps"] == 1.0
+        assert record["train/lr"] == pytest.approx(3e-2)
+        for key in ("train/loss", "train/grad_norm", "train/entropy", "perf/rollout_time_s", "perf/train_time_s"):
+            assert isinstance(record[key], float), key
+
+    png = paths["run_dir"] / "curves.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+    save = paths["save"]
+    assert (save / "latest").read_text().strip() == f"rollout_{NUM_ROLLOUT - 1:06d}"
+    assert sorted(p.name for p in save.iterdir() if p.is_dir()) == ["rollout_000005", "rollout_000011", f"rollout_{NUM_ROLLOUT - 1:06d}"]
+    final = save / f"rollout_{NUM_ROLLOUT - 1:06d}"
+    state = torch.load(final / "run_state.pt", weights_only=False)
+    assert state["rollout_id"] == NUM_ROLLOUT - 1
+    assert state["source"]["num_consumed"] == NUM_ROLLOUT * ROLLOUT_BATCH
+    exported = AutoModelForCausalLM.from_pretrained(final / "hf", dtype=torch.float32)
+    for name, value in exported.state_dict().items():
+        torch.testing.assert_close(value, run.trainer.named_weights()[name], atol=0, rtol=0, msg=name)
+    # the engine was synced to the trainer after the last step
+    assert run.engine.weight_version == NUM_ROLLOUT
+    for name, value in run.engine.model.state_dict().items():
+        torch.testing.assert_close(value, run.trainer.named_weights()[name], atol=0, rtol=0, msg=name)
+
+
+def test_load_resumes_at_the_next_rollout_with_the_same_data_cursor(trained):
+    paths, original = trained
+    run_dir = paths["root"] / "resumed_run"
+    argv = flags(paths["model"], paths["data"], run_dir, paths["root"] / "ckpt_resumed", NUM_ROLLOUT + 2,
+                 "--load", str(paths["save"]))
+    config = parse_config(argv)
+    validate(config)
+    run = LocalRun(config, log=lambda line: None)
+    try:
+        assert run.start_rollout == NUM_ROLLOUT
+        assert run.source.state_dict() == original.source.state_dict()
+        # the next prompts are those the original run would have handed out next (shuffled, mid-epoch)
+        assert NUM_ROLLOUT * ROLLOUT_BATCH % 12 != 0
+        resumed_next = [s.prompt for s in copy.deepcopy(run.source).next_batch(ROLLOUT_BATCH)]
+        original_next = [s.prompt for s in copy.deepcopy(original.source).next_batch(ROLLOUT_BATCH)]
+        assert resumed_next == original_next
+        # trainer (weights, optimizer step count) and engine come back as they were saved
+        assert run.trainer.num_optimizer_steps == NUM_ROLLOUT
+        saved = original.trainer.named_weights()
+        for name, value in run.trainer.named_weights().items():
+            torch.testing.assert_close(value, saved[name], atol=0, rtol=0, msg=name)
+        assert run.engine.weight_version == NUM_ROLLOUT
+        for name, value in run.engine.model.state_dict().items():
+            torch.testing.assert_close(value, saved[name], atol=0, rtol=0, msg=name)
+        assert not run.eval_before_train()  # a resumed run does not re-evaluate step 0
+        train_sync(run)
+    finally:
+        run.close()
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [NUM_ROLLOUT + 1, NUM_ROLLOUT + 2]
+    assert run.source.num_consumed == (NUM_ROLLOUT + 2) * ROLLOUT_BATCH
+    # the model kept what it learnt: still far above the untrained model's few percent
+    assert sum(r["rollout/reward_mean"] for r in records) / 2 > 0.4
+
+
+def test_load_from_an_empty_directory_fails_clearly(trained, tmp_path):
+    paths, _ = trained
+    config = parse_config(flags(paths["model"], paths["data"], tmp_path / "run", tmp_path / "save", 1,
+                                "--load", str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+        LocalRun(config, log=lambda line: None)
