@@ -17,6 +17,10 @@ from sluice.engine.protocol import FinishReason, GenerateRequest
 from sluice.engine.sampler import sample_tokens
 from sluice.types import SamplingParams
 
+# The engine passes `past_key_values`, which newer transformers rename; the engine silences the notice at import,
+# but pytest resets warning filters per test.
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
+
 EOS = 2  # <|im_end|> of the demo tokenizer
 PROMPTS = ["hi", "what is 2+2?", "reverse 12345 please", "<|im_start|>user\nadd 3 and 4<|im_end|>\n"]
 

@@ -17,6 +17,10 @@ from sluice.trainer.torch_backend import TorchTrainer
 from sluice.trainer.update import update_policy
 from sluice.types import Sample, SamplingParams, Status
 
+# The engine passes `past_key_values`, which newer transformers rename; the engine silences the notice at import,
+# but pytest resets warning filters per test.
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
+
 EOS = 2
 MAX_NEW = 6
 PROMPTS = [("hi", "a"), ("what is 2+2?", "4"), ("reverse 12345 please", "54321")]

@@ -16,6 +16,10 @@ from sluice.loops import train_sync
 from sluice.observability.metrics import read_metrics
 from sluice.orchestration.local_run import LocalRun
 
+# The engine passes `past_key_values`, which newer transformers rename; the engine silences the notice at import,
+# but pytest resets warning filters per test.
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
+
 SHAPE = TinyModelShape(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=1, max_position_embeddings=512)
 NUM_ROLLOUT = 14  # 112 prompts handed out: the run ends mid-epoch of the 12-prompt file

@@ -70,7 +70,11 @@ def plot_command(argv: list[str]) -> int:
 
     from sluice.observability.plots import plot_curves
 
-    print(plot_curves(Path(args.run_dir) / "metrics.jsonl", args.out or Path(args.run_dir) / "curves.png"))
+    metrics = Path(args.run_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        print(f"sluice plot: error: {metrics}: no such file (is {args.run_dir} a run directory?)", file=sys.stderr)
+        return 2
+    print(plot_curves(metrics, args.out or Path(args.run_dir) / "curves.png"))
     return 0
 
 

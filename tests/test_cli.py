@@ -1,0 +1,107 @@
+"""The `sluice` command: exit codes and messages for mistakes, `sluice plot`, and one tiny `sluice train`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sluice.cli import main
+from sluice.observability.metrics import MetricsWriter, read_metrics
+
+# The engine passes `past_key_values`, which newer transformers rename; the engine silences the notice at import,
+# but pytest resets warning filters per test.
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_data(path, rows=4):
+    path.write_text("".join(json.dumps({"input": f"say {i}", "label": str(i)}) + "\n" for i in range(rows)))
+    return path
+
+
+def train_flags(checkpoint, data, run_dir) -> list[str]:
+    return ["train", "--hf-checkpoint", str(checkpoint), "--prompt-data", str(data), "--label-key", "label",
+            "--rollout-batch-size", "2", "--n-samples-per-prompt", "2", "--rollout-max-response-len", "2",
+            "--num-rollout", "1", "--rm-type", "exact", "--train-device", "cpu", "--sglang-device", "cpu",
+            "--run-dir", str(run_dir), "--no-progress-bar"]
+
+
+def test_unknown_flag_exits_2_with_a_suggestion(capsys):
+    assert main(["train", "--rollout-batchsize", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "sluice train: error: unknown flag --rollout-batchsize" in err
+    assert "did you mean --rollout-batch-size?" in err
+
+
+def test_unknown_engine_flag_lists_the_supported_ones(capsys):
+    assert main(["train", "--sglang-tp-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown flag --sglang-tp-size" in err and "--sglang-mem-fraction-static" in err
+
+
+def test_missing_requirements_are_listed_together(capsys):
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    for flag in ("--hf-checkpoint", "--prompt-data", "--rollout-batch-size", "--rm-type"):
+        assert flag in err
+
+
+def test_missing_data_file_exits_2_and_names_the_file(capsys, tiny_checkpoint, tmp_path):
+    missing = tmp_path / "no_such_prompts.jsonl"
+    assert main(train_flags(tiny_checkpoint, missing, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert f"sluice train: error: {missing}: no such file" in err
+    assert not (tmp_path / "run").exists()  # failed before anything was written
+
+
+def test_unknown_command_exits_2(capsys):
+    assert main(["trian", "--lr", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'trian'" in err
+    assert "train, demo, plot" in err
+
+
+def test_no_command_exits_2_and_help_exits_0(capsys):
+    assert main([]) == 2
+    assert "usage: sluice" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "usage: sluice" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    with MetricsWriter(run_dir) as writer:
+        writer.log({"eval/add/accuracy": 0.1}, step=0)
+        for step in range(1, 6):
+            writer.log({"rollout/reward_mean": step / 10, "eval/add/accuracy": step / 5}, step=step)
+    assert main(["plot", str(run_dir)]) == 0
+    png = run_dir / "curves.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert str(png) in capsys.readouterr().out
+
+    other = tmp_path / "elsewhere" / "plot.png"
+    assert main(["plot", str(run_dir), "--out", str(other)]) == 0
+    assert other.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_of_a_directory_without_metrics_exits_2(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "sluice plot: error:" in err and str(tmp_path / "nowhere" / "metrics.jsonl") in err
+    with pytest.raises(SystemExit) as exit_info:  # argparse usage error: RUN_DIR is required
+        main(["plot"])
+    assert exit_info.value.code == 2
+
+
+def test_train_runs_end_to_end(tiny_checkpoint, tmp_path, capsys):
+    data = write_data(tmp_path / "prompts.jsonl")
+    run_dir = tmp_path / "run"
+    assert main(train_flags(tiny_checkpoint, data, run_dir)) == 0
+    out = capsys.readouterr().out
+    assert f"metrics: {run_dir}/metrics.jsonl" in out
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1]
+    assert records[0]["rollout/num_samples"] == 4.0 and records[0]["train/num_samples"] == 4.0
+    assert (run_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
