@@ -156,5 +156,5 @@ def test_load_from_an_empty_directory_fails_clearly(trained, tmp_path):
     paths, _ = trained
     config = parse_config(flags(paths["model"], paths["data"], tmp_path / "run", tmp_path / "save", 1,
                                 "--load", str(tmp_path)))
-    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+    with pytest.raises(ConfigError, match="no checkpoint there"):
         LocalRun(config, log=lambda line: None)

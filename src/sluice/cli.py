@@ -50,6 +50,8 @@ def demo_command(argv: list[str]) -> int:
     parser.add_argument("--num-rollout", type=int, default=120, help="GRPO rollout steps.")
     parser.add_argument("--rollout-batch-size", type=int, default=32, help="Prompts per GRPO step (8 samples each).")
     parser.add_argument("--rl-lr", type=float, default=5e-4, help="Learning rate of GRPO.")
+    parser.add_argument("--teacher-error-rate", type=float, default=0.5,
+                        help="Fraction of warm-start answers where the teacher slips (0: clean demonstrations).")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto, for the trainer and the engine.")
     parser.add_argument("--num-train", type=int, default=4000, help="Training prompts per task.")
     parser.add_argument("--num-eval", type=int, default=200, help="Held-out eval prompts per task.")

@@ -1,5 +1,9 @@
 """``sluice demo``: build a tiny model and tasks, warm-start it with SFT, then improve it with GRPO.
 
+The warm-start demonstrations come from a sloppy teacher (see ``tasks.sloppy_answer``): imitation learns
+its slips along with the skill, and RL against an exact-match verifier has to unlearn them. This is the
+situation RL post-training is for: the reward knows more than the demonstrations.
+
 Everything after the build treats the model as any Hugging Face checkpoint directory: the RL phase is
 ``sluice train`` with ordinary flags (printed, so it can be re-run by hand).
 """
@@ -17,7 +21,7 @@ from transformers.utils import logging as hf_logging
 from sluice.config import DataConfig, parse_config, validate
 from sluice.data import load_prompt_samples
 from sluice.demo.model import build_checkpoint
-from sluice.demo.tasks import read_prompts, write_task_file
+from sluice.demo.tasks import read_prompts, write_task_file, write_teacher_file
 from sluice.demo.warm_start import warm_start
 from sluice.loops import train_sync
 from sluice.orchestration.local_run import LocalRun
@@ -25,7 +29,9 @@ from sluice.orchestration.local_run import LocalRun
 TASK_NAMES = ("add", "reverse")
 
 
-def build_task_files(data_dir: Path, num_train: int, num_eval: int, seed: int) -> dict[str, Path]:
+def build_task_files(data_dir: Path, num_train: int, num_eval: int, seed: int,
+                     teacher_error_rate: float = 0.0) -> dict[str, Path]:
+    """Train/eval prompt files per task, the mixed RL prompt file, and the teacher's demonstrations."""
     files = {}
     for task in TASK_NAMES:
         files[f"eval_{task}"] = write_task_file(data_dir / f"eval_{task}.jsonl", task, num_eval, seed + 1)
@@ -35,6 +41,7 @@ def build_task_files(data_dir: Path, num_train: int, num_eval: int, seed: int) -
     lines = [line for task in TASK_NAMES for line in files[f"train_{task}"].read_text().splitlines()]
     mixed.write_text("\n".join(lines) + "\n")
     files["train"] = mixed
+    files["teacher"] = write_teacher_file(data_dir / "warm_start.jsonl", mixed, teacher_error_rate, seed)
     return files
 
 
@@ -60,14 +67,15 @@ def run_demo(args, log=print) -> dict:
     out = Path(args.out)
     base_dir, sft_dir, data_dir = out / "base_model", out / "sft_model", out / "data"
     build_checkpoint(base_dir, seed=args.seed)
-    files = build_task_files(data_dir, args.num_train, args.num_eval, args.seed)
+    files = build_task_files(data_dir, args.num_train, args.num_eval, args.seed, args.teacher_error_rate)
     log(f"built {base_dir} and tasks in {data_dir} ({time.perf_counter() - start:.1f}s)")
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    prompts, _ = load_prompt_samples(str(files["train"]), DataConfig(label_key="label", apply_chat_template=True),
-                                     tokenizer)
-    log(f"warm start: {args.sft_steps} SFT steps")
-    warm_start(str(base_dir), prompts, tokenizer, sft_dir, args.sft_steps, batch_size=256, lr=args.sft_lr,
+    demonstrations, _ = load_prompt_samples(str(files["teacher"]),
+                                            DataConfig(label_key="label", apply_chat_template=True), tokenizer)
+    log(f"warm start: {args.sft_steps} SFT steps on {files['teacher']} "
+        f"(teacher slips on {args.teacher_error_rate:.0%} of answers)")
+    warm_start(str(base_dir), demonstrations, tokenizer, sft_dir, args.sft_steps, batch_size=256, lr=args.sft_lr,
                seed=args.seed, device=args.device, log=log)
     sft_seconds = time.perf_counter() - start
 

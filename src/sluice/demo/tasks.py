@@ -48,3 +48,32 @@ def write_task_file(path: str | Path, task: str, num_rows: int, seed: int, exclu
 
 def read_prompts(path: str | Path) -> set[str]:
     return {json.loads(line)["input"] for line in Path(path).read_text().splitlines() if line.strip()}
+
+
+def sloppy_answer(task: str, prompt: str, answer: str, rng: random.Random, error_rate: float) -> str:
+    """The demo teacher's answer: right, except with probability ``error_rate`` it makes its typical slip.
+
+    add: forgets every carry (each column summed mod 10: 38+45 -> "73"); reverse: stops one digit early.
+    A slip that happens to give the right answer (an addition with no carry) stays right.
+    """
+    if rng.random() >= error_rate:
+        return answer
+    if task == "add":
+        left, right = prompt.rstrip("=").split("+")
+        return str(int("".join(str((int(x) + int(y)) % 10) for x, y in zip(left, right))))
+    if task == "reverse":
+        return answer[:-1]
+    raise ValueError(f"no teacher slip defined for task {task!r}")
+
+
+def write_teacher_file(path: str | Path, train_file: str | Path, error_rate: float, seed: int) -> Path:
+    """Demonstrations for the warm start: the training prompts answered by the sloppy teacher."""
+    rng = random.Random(f"teacher-{seed}")
+    rows = []
+    for line in Path(train_file).read_text().splitlines():
+        row = json.loads(line)
+        row["label"] = sloppy_answer(row["metadata"]["task"], row["input"], row["label"], rng, error_rate)
+        rows.append(row)
+    out = Path(path)
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out

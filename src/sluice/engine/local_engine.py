@@ -19,7 +19,7 @@ from sluice.config import EngineConfig
 from sluice.device import resolve_device, resolve_dtype
 from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors
 from sluice.engine.sampler import sample_tokens
-from sluice.engine.weights import copy_named_tensors, iter_safetensors
+from sluice.engine.weights import load_weights
 
 
 # transformers >= 5.2x renames the forward argument `past_key_values` to `cache`; the old name keeps working
@@ -74,9 +74,8 @@ class LocalEngine:
 
     def update_weights(self, weights: NamedTensors | str, version: int) -> int:
         """Load new weights between decode steps; returns the number of tensors copied."""
-        source = iter_safetensors(weights) if isinstance(weights, str) else weights
         with self._step_lock:
-            count = copy_named_tensors(self.model, source)
+            count = load_weights(self.model, weights)
             self.weight_version = version
         return count
 

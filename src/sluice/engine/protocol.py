@@ -36,7 +36,7 @@ class GenerateResult:
     output_ids: list[int]  # generated tokens; a matched stop string's tokens are kept, its text trimmed
     output_logprobs: list[float]  # log p(token) under softmax(logits / temperature), before top-p/top-k
     finish_reason: FinishReason
-    weight_version: int  # version of the weights that generated every token of this result
+    weight_version: int  # weight version when the request finished (the sync loop never updates mid-request)
     prompt_tokens: int
     text: str = ""  # decoded output, stop string trimmed
     matched_stop: int | str | None = None

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from sluice.checkpoint.store import find_latest, load_checkpoint, save_checkpoint
-from sluice.config import Config
+from sluice.config import Config, ConfigError
 from sluice.data import PromptSource, load_prompt_samples
 from sluice.engine.client import InProcessClient
 from sluice.engine.local_engine import LocalEngine
@@ -34,6 +34,9 @@ class LocalRun:
         hf_logging.disable_progress_bar()
         self.config, self.log_line = config, log
         checkpoint = config.model.hf_checkpoint
+        _check_checkpoint_dir("--hf-checkpoint", checkpoint)
+        if config.model.ref_load:
+            _check_checkpoint_dir("--ref-load", config.model.ref_load)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         samples, report = load_prompt_samples(config.data.prompt_data, config.data, self.tokenizer)
         self._report_load(config.data.prompt_data, report)
@@ -44,6 +47,13 @@ class LocalRun:
             self._report_load(path, eval_report)
             self.eval_sets[name] = eval_samples
         self.engine = LocalEngine(checkpoint, config.engine)
+        try:
+            self._start(config, checkpoint)
+        except BaseException:
+            self.engine.shutdown()  # its worker thread would otherwise outlive a failed start
+            raise
+
+    def _start(self, config: Config, checkpoint: str) -> None:
         self.client = InProcessClient(self.engine)
         self.rollout = RolloutManager(
             GenerateContext(self.client, self.tokenizer),
@@ -58,7 +68,6 @@ class LocalRun:
         self.start_rollout = self._maybe_resume()
         self.metrics = MetricsWriter(config.logging.run_dir)
         self.progress = ProgressReporter(self.num_rollout, enabled=config.logging.progress_bar)
-        self.progress.total_steps = self.num_rollout
 
     def _report_load(self, path: str, report) -> None:
         if report.num_dropped_too_long:
@@ -130,7 +139,7 @@ class LocalRun:
             return 0
         path = find_latest(load) or (Path(load) if (Path(load) / "trainer.pt").exists() else None)
         if path is None:
-            raise FileNotFoundError(f"--load {load}: no checkpoint there (expected {load}/latest or trainer.pt)")
+            raise ConfigError(f"--load {load}: no checkpoint there (expected {load}/latest or {load}/trainer.pt)")
         state = load_checkpoint(path, self.trainer)
         self.source.load_state_dict(state["source"])
         self.sync_weights(version=state["rollout_id"] + 1)
@@ -148,3 +157,8 @@ class LocalRun:
         self.engine.shutdown()
         run_dir = Path(self.config.logging.run_dir)
         return plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+
+
+def _check_checkpoint_dir(flag: str, path: str) -> None:
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{flag} {path}: not a Hugging Face checkpoint directory (no config.json there)")
