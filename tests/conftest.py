@@ -66,3 +66,14 @@ def lively_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_shape) -> 
 def lively_checkpoint_other(tmp_path_factory: pytest.TempPathFactory, small_shape) -> str:
     """Same shape as ``lively_checkpoint``, different weights (seed 1): a stand-in for trained weights."""
     return _build_lively(tmp_path_factory.mktemp("lively_ckpt_other"), small_shape, seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(lively_checkpoint):
+    """An in-process engine (CPU, float32) on the lively checkpoint, shared by a test module."""
+    from sluice.config import EngineConfig
+    from sluice.engine.local_engine import LocalEngine
+
+    engine = LocalEngine(lively_checkpoint, EngineConfig(device="cpu", dtype="float32"))
+    yield engine
+    engine.shutdown()

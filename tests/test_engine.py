@@ -26,13 +26,6 @@ PROMPTS = ["hi", "what is 2+2?", "reverse 12345 please", "<|im_start|>user\nadd 
 
 
 @pytest.fixture(scope="module")
-def engine(lively_checkpoint):
-    engine = LocalEngine(lively_checkpoint, EngineConfig(device="cpu", dtype="float32"))
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
 def client(engine) -> InProcessClient:
     return InProcessClient(engine)
 
@@ -171,7 +164,7 @@ def test_eos_stops_unless_ignore_eos(client, engine, hf_model, prompt_ids):
     prompt = prompt_ids[0]
     reference = hf_greedy(hf_model, prompt, 16)
     eos_at = first_index(reference, EOS)
-    assert eos_at is not None and eos_at >= 2  # precondition of this fixture model: greedy emits EOS mid-way
+    assert eos_at is not None and eos_at >= 1  # precondition of this fixture model: greedy emits EOS after a token
 
     stopped = run(client.generate(GenerateRequest(prompt, greedy(16))))
     assert stopped.finish_reason == FinishReason.STOP

@@ -7,16 +7,15 @@ import asyncio
 import pytest
 import torch
 
-from sluice.config import AlgorithmConfig, EngineConfig, TrainConfig, parse_config, validate
+from sluice.config import AlgorithmConfig, EngineConfig, TrainConfig
 from sluice.engine.client import InProcessClient
 from sluice.engine.local_engine import LocalEngine
 from sluice.engine.protocol import GenerateRequest
-from sluice.loops import train_sync
 from sluice.observability.metrics import read_metrics
-from sluice.orchestration.local_run import LocalRun
 from sluice.trainer.batching import collate
 from sluice.trainer.torch_backend import TorchTrainer
 from sluice.types import Sample, SamplingParams
+from test_train_loop import run_loop
 
 pytestmark = [
     pytest.mark.gpu,
@@ -57,12 +56,6 @@ def test_train_loop_on_gpu_raises_reward(tmp_path, small_checkpoint):
         "--rm-type", "exact", "--train-device", "cuda", "--sglang-device", "cuda", "--run-dir", str(tmp_path / "run"),
         "--no-progress-bar",
     ]
-    config = parse_config(argv)
-    validate(config)
-    run = LocalRun(config, log=lambda line: None)
-    try:
-        train_sync(run)
-    finally:
-        run.close()
+    run_loop(argv)
     rewards = [r["rollout/reward_mean"] for r in read_metrics(tmp_path / "run") if "rollout/reward_mean" in r]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3

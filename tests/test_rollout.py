@@ -7,9 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from sluice.config import AlgorithmConfig, EngineConfig, TrainConfig
+from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.engine.client import InProcessClient
-from sluice.engine.local_engine import LocalEngine
 from sluice.rollout.generate import GenerateContext, generate_single_turn
 from sluice.rollout.manager import RolloutManager, rollout_metrics
 from sluice.trainer.batching import collate
@@ -24,13 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:Fu
 EOS = 2
 MAX_NEW = 6
 PROMPTS = [("hi", "a"), ("what is 2+2?", "4"), ("reverse 12345 please", "54321")]
-
-
-@pytest.fixture(scope="module")
-def engine(lively_checkpoint):
-    engine = LocalEngine(lively_checkpoint, EngineConfig(device="cpu", dtype="float32"))
-    yield engine
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sluice.config import parse_config, validate
+from sluice.config import ConfigError, parse_config, validate
 from sluice.demo.model import TinyModelShape, build_checkpoint
 from sluice.loops import train_sync
 from sluice.observability.metrics import read_metrics
@@ -33,7 +33,7 @@ def flags(model: Path, data: Path, run_dir: Path, save: Path, num_rollout: int, 
     """An easy task: 12 prompts "<c>: say 7", label "7", one response token, exact-match reward.
 
     The prompt ends in the answer, which the untrained model (tied embeddings, small init) favours a little,
-    so the first rollouts score a few percent (the vocabulary has 99 tokens), not zero, and GRPO has a
+    so the first rollouts score a few percent (the vocabulary has 102 tokens), not zero, and GRPO has a
     signal; with seed 0 the reward reaches ~1 within 10 rollouts (the slowest seed seen, 7, ~0.5). Seeds 0-7 (model, data order and
     trainer) all passed when this test was written: the seed is not cherry-picked.
     """

@@ -41,17 +41,23 @@ def train_command(argv: list[str]) -> int:
 
 
 def demo_command(argv: list[str]) -> int:
+    from sluice.demo.model import TinyModelShape
+
     parser = argparse.ArgumentParser(prog="sluice demo", allow_abbrev=False,
                                      description="Build a tiny model and tasks, warm-start with SFT, train with GRPO.")
     parser.add_argument("--out", default="runs/demo", help="Directory for the model, data, metrics and curves.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the model, the tasks and training.")
-    parser.add_argument("--sft-steps", type=int, default=200, help="Supervised warm-start steps (256 examples each).")
-    parser.add_argument("--sft-lr", type=float, default=3e-3, help="Learning rate of the warm start.")
-    parser.add_argument("--num-rollout", type=int, default=120, help="GRPO rollout steps.")
+    parser.add_argument("--sft-steps", type=int, default=550, help="Supervised warm-start steps (256 examples each).")
+    parser.add_argument("--sft-lr", type=float, default=2e-3, help="Learning rate of the warm start.")
+    parser.add_argument("--num-rollout", type=int, default=150, help="GRPO rollout steps.")
     parser.add_argument("--rollout-batch-size", type=int, default=32, help="Prompts per GRPO step (8 samples each).")
-    parser.add_argument("--rl-lr", type=float, default=5e-4, help="Learning rate of GRPO.")
+    parser.add_argument("--rl-lr", type=float, default=3e-4, help="Learning rate of GRPO.")
     parser.add_argument("--teacher-error-rate", type=float, default=0.5,
                         help="Fraction of warm-start answers where the teacher slips (0: clean demonstrations).")
+    parser.add_argument("--hidden-size", type=int, default=TinyModelShape.hidden_size, help="Demo model width.")
+    parser.add_argument("--intermediate-size", type=int, default=TinyModelShape.intermediate_size,
+                        help="Demo model MLP width.")
+    parser.add_argument("--num-layers", type=int, default=TinyModelShape.num_hidden_layers, help="Demo model depth.")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto, for the trainer and the engine.")
     parser.add_argument("--num-train", type=int, default=4000, help="Training prompts per task.")
     parser.add_argument("--num-eval", type=int, default=200, help="Held-out eval prompts per task.")

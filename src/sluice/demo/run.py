@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from sluice.config import DataConfig, parse_config, validate
 from sluice.data import load_prompt_samples
-from sluice.demo.model import build_checkpoint
+from sluice.demo.model import TinyModelShape, build_checkpoint
 from sluice.demo.tasks import read_prompts, write_task_file, write_teacher_file
 from sluice.demo.warm_start import warm_start
 from sluice.loops import train_sync
@@ -51,7 +51,7 @@ def rl_flags(model_dir: Path, files: dict[str, Path], run_dir: Path, args) -> li
         "--label-key", "label", "--apply-chat-template", "--rollout-shuffle", "--rollout-seed", str(args.seed),
         "--rollout-batch-size", str(args.rollout_batch_size), "--n-samples-per-prompt", "8",
         "--rollout-max-response-len", "8", "--rollout-temperature", "1.0", "--num-rollout", str(args.num_rollout),
-        "--micro-batch-size", "256", "--lr", str(args.rl_lr), "--adam-beta2", "0.98", "--lr-warmup-iters", "5",
+        "--micro-batch-size", "64", "--lr", str(args.rl_lr), "--adam-beta2", "0.98", "--lr-warmup-iters", "5",
         "--clip-grad", "1.0", "--eps-clip", "0.2", "--eps-clip-high", "0.28",
         "--rm-type", "exact", "--eval-interval", str(max(args.num_rollout // 5, 1)),
         "--eval-prompt-data", "add", str(files["eval_add"]), "reverse", str(files["eval_reverse"]),
@@ -66,7 +66,9 @@ def run_demo(args, log=print) -> dict:
     start = time.perf_counter()
     out = Path(args.out)
     base_dir, sft_dir, data_dir = out / "base_model", out / "sft_model", out / "data"
-    build_checkpoint(base_dir, seed=args.seed)
+    shape = TinyModelShape(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+                           num_hidden_layers=args.num_layers)
+    build_checkpoint(base_dir, shape=shape, seed=args.seed)
     files = build_task_files(data_dir, args.num_train, args.num_eval, args.seed, args.teacher_error_rate)
     log(f"built {base_dir} and tasks in {data_dir} ({time.perf_counter() - start:.1f}s)")
 
@@ -75,7 +77,7 @@ def run_demo(args, log=print) -> dict:
                                             DataConfig(label_key="label", apply_chat_template=True), tokenizer)
     log(f"warm start: {args.sft_steps} SFT steps on {files['teacher']} "
         f"(teacher slips on {args.teacher_error_rate:.0%} of answers)")
-    warm_start(str(base_dir), demonstrations, tokenizer, sft_dir, args.sft_steps, batch_size=256, lr=args.sft_lr,
+    warm_start(str(base_dir), demonstrations, tokenizer, sft_dir, args.sft_steps, batch_size=256, micro_batch_size=64, lr=args.sft_lr,
                seed=args.seed, device=args.device, log=log)
     sft_seconds = time.perf_counter() - start
 

@@ -26,9 +26,11 @@ def sft_samples(prompts: list[Sample], tokenizer) -> list[Sample]:
 
 
 def warm_start(checkpoint: str, prompts: list[Sample], tokenizer, out_dir: str | Path, num_steps: int,
-               batch_size: int, lr: float, seed: int, device: str = "cpu", log=print) -> Path:
+               batch_size: int, lr: float, seed: int, device: str = "cpu", micro_batch_size: int | None = None,
+               log=print) -> Path:
     """Train ``num_steps`` SFT steps from ``checkpoint`` and save an HF checkpoint (with tokenizer) to out_dir."""
-    train = TrainConfig(lr=lr, lr_warmup_iters=max(num_steps // 10, 1), micro_batch_size=batch_size, seed=seed,
+    train = TrainConfig(lr=lr, lr_warmup_iters=max(num_steps // 10, 1), seed=seed,
+                        micro_batch_size=micro_batch_size or batch_size,
                         adam_beta2=0.98, train_device=device)
     trainer = TorchTrainer(checkpoint, train, AlgorithmConfig(loss_type="sft_loss"), temperature=1.0)
     examples = sft_samples(prompts, tokenizer)

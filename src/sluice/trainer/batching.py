@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sluice import algorithms
-from sluice.types import Sample, SampleGroup, TrainBatch
+from sluice.types import Sample, TrainBatch
 
 
 def collate(samples: list[Sample], advantages: list[float], pad_id: int) -> TrainBatch:
@@ -45,8 +45,18 @@ def split(batch: TrainBatch, micro_batch_size: int) -> list[TrainBatch]:
     return [batch.select(slice(i, i + micro_batch_size)) for i in range(0, batch.num_samples, micro_batch_size)]
 
 
-def group_advantages(groups: list[SampleGroup], estimator: str, rewards: list[list[float]],
-                     disable_std_normalization: bool = False) -> list[float]:
+def split_by_length(batch: TrainBatch, micro_batch_size: int) -> list[TrainBatch]:
+    """Micro-batches of rows of similar length, longest first: less padding to compute through.
+
+    Only for results that are sums over rows (the loss and its gradient); per-row outputs would come back
+    permuted. Row order cannot change the loss, which is divided by the step's global token count.
+    """
+    lengths = batch.attention_mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    return [batch.select(order[i : i + micro_batch_size]) for i in range(0, batch.num_samples, micro_batch_size)]
+
+
+def group_advantages(estimator: str, rewards: list[list[float]], disable_std_normalization: bool = False) -> list[float]:
     """Per-sample advantages from per-group rewards with the named estimator, flattened in sample order."""
     name = "dr_grpo" if (estimator == "grpo" and disable_std_normalization) else estimator
     sizes = {len(r) for r in rewards}

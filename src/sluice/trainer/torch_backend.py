@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.device import resolve_device
-from sluice.trainer.batching import split
+from sluice.trainer.batching import split, split_by_length
 from sluice.trainer.logprobs import token_logprobs
 from sluice.trainer.loss import micro_batch_loss
 from sluice.trainer.optimizer import build_optimizer
@@ -64,7 +64,7 @@ class TorchTrainer:
         num_tokens = max(batch.loss_mask.sum().item(), 1.0)
         metric_sums: dict[str, float] = defaultdict(float)
         with_entropy = True
-        for micro in split(batch, self.config.micro_batch_size):
+        for micro in split_by_length(batch, self.config.micro_batch_size):
             micro = _to_device(micro, self.device)
             log_probs, entropy = token_logprobs(
                 self.model, micro.input_ids, micro.attention_mask, self.temperature, with_entropy

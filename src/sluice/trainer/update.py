@@ -20,10 +20,8 @@ def update_policy(trainer, groups: list[SampleGroup], algorithm: AlgorithmConfig
     samples = [s for members in kept for s, _ in members]
     if not samples:
         return {"train/num_samples": 0.0}
-    advantages = group_advantages(
-        [SampleGroup([s for s, _ in m]) for m in kept], algorithm.advantage_estimator,
-        [[r for _, r in m] for m in kept], algorithm.disable_grpo_std_normalization,
-    )
+    advantages = group_advantages(algorithm.advantage_estimator, [[r for _, r in m] for m in kept],
+                                  algorithm.disable_grpo_std_normalization)
     batch = collate(samples, advantages, pad_id)
     num_steps = max(1, -(-len(samples) // global_batch_size))
     if trainer.needs_ref:
