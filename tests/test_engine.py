@@ -358,3 +358,15 @@ def test_sampler_rows_use_their_own_settings():
         assert logprobs[0].item() == pytest.approx(math.log(0.5), abs=1e-6)
         seen_row2.add(tokens[2].item())
     assert seen_row2 == {0, 1}
+
+
+def test_greedy_rows_draw_no_random_numbers():
+    """Evaluation (greedy) between rollouts must not shift the random stream that sampling uses."""
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    tokens, logprobs = sample_tokens(logits, [SamplingParams(temperature=0.0)] * 3, [None] * 3)
+    after_greedy = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(after_greedy, torch.rand(4))
+    assert torch.equal(tokens, logits.argmax(dim=-1))
+    assert torch.allclose(logprobs, torch.log_softmax(logits, dim=-1).max(dim=-1).values)

@@ -21,17 +21,15 @@ def sample_tokens(
     log_probs = torch.log_softmax(logits / temperatures[:, None], dim=-1)
     filtered = _truncate(log_probs, params)
     probs = filtered.exp()
-    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
-    shared_rows = [i for i, g in enumerate(generators) if g is None]
+    # Greedy rows take the argmax and draw nothing, so evaluations never shift the random stream of sampling.
+    tokens = log_probs.argmax(dim=-1)
+    shared_rows = [i for i, (g, p) in enumerate(zip(generators, params)) if g is None and p.temperature > 0]
     if shared_rows:
         idx = torch.tensor(shared_rows, device=logits.device)
         tokens[idx] = torch.multinomial(probs[idx], 1).squeeze(1)
-    for i, generator in enumerate(generators):
-        if generator is not None:  # per-request seed: its own stream, independent of batch composition
+    for i, (generator, p) in enumerate(zip(generators, params)):
+        if generator is not None and p.temperature > 0:  # per-request seed: its own stream, batch-independent
             tokens[i] = torch.multinomial(probs[i], 1, generator=generator).squeeze(0)
-    greedy = torch.tensor([p.temperature <= 0 for p in params], device=logits.device)
-    if greedy.any():
-        tokens = torch.where(greedy, log_probs.argmax(dim=-1), tokens)
     return tokens, log_probs.gather(1, tokens[:, None]).squeeze(1)
 
 
