@@ -23,7 +23,7 @@ from sluice.config import (
 # A minimal training run that passes validation; each validation test breaks one thing.
 VALID_TRAINING = [
     "--hf-checkpoint", "models/tiny", "--prompt-data", "data/train.jsonl",
-    "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--rm-type", "math",
+    "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--rm-type", "math", "--label-key", "answer",
 ]
 
 
@@ -328,6 +328,7 @@ def test_valid_training_config_passes() -> None:
 
 @pytest.mark.parametrize(("extra", "flags"), [
     (["--rollout-batch-size", "0"], ["--rollout-batch-size"]),
+    (["--rollout-max-concurrency", "0"], ["--rollout-max-concurrency"]),
     (["--n-samples-per-prompt", "0"], ["--n-samples-per-prompt"]),
     (["--global-batch-size", "3"], ["--global-batch-size", "--rollout-batch-size", "--n-samples-per-prompt"]),
     (["--global-batch-size", "0"], ["--global-batch-size"]),
@@ -473,3 +474,10 @@ def test_default_config_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     save_config(Config(), path)
     assert parse_config(["--config", str(path)]) == Config()
+
+
+def test_builtin_reward_without_label_key_is_an_error() -> None:
+    index = VALID_TRAINING.index("--label-key")
+    config = parse_config(VALID_TRAINING[:index] + VALID_TRAINING[index + 2:])
+    with pytest.raises(ConfigError, match="--rm-type math .*--label-key"):
+        validate(config)

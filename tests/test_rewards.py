@@ -266,3 +266,10 @@ def test_score_samples_bad_return_type_and_timeout(tmp_path, monkeypatch):
     asyncio.run(score_samples(slow, [late], max_concurrency=1, timeout_s=0.05))
     assert late.status is Status.FAILED and late.reward == 0.0
     assert "TimeoutError" in late.metadata["reward_error"]
+
+
+def test_config_and_reward_registry_agree_on_builtin_names():
+    from sluice.config import BUILTIN_REWARDS as CONFIG_NAMES
+    from sluice.rewards import BUILTIN_REWARDS as REGISTRY
+
+    assert set(CONFIG_NAMES) == set(REGISTRY)

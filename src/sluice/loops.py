@@ -21,7 +21,8 @@ class StageTimer:
         self.seconds[stage] = time.perf_counter() - start
 
     def metrics(self) -> dict[str, float]:
-        return {f"perf/{stage}_time_s": s for stage, s in self.seconds.items()}
+        return {**{f"perf/{stage}_time_s": s for stage, s in self.seconds.items()},
+                "perf/step_time_s": sum(self.seconds.values())}
 
 
 def train_sync(run: LocalRun) -> None:

@@ -44,6 +44,8 @@ def _rollout(config: Config) -> Iterator[str]:
         yield f"--num-rollout must be >= 1, got {rollout.num_rollout}"
     if rollout.num_epoch < 1:
         yield f"--num-epoch must be >= 1, got {rollout.num_epoch}"
+    if rollout.rollout_max_concurrency < 1:
+        yield f"--rollout-max-concurrency must be >= 1, got {rollout.rollout_max_concurrency}"
     if config.data.rollout_max_prompt_len is not None and config.data.rollout_max_prompt_len < 1:
         yield f"--rollout-max-prompt-len must be >= 1, got {config.data.rollout_max_prompt_len}"
 
@@ -126,6 +128,8 @@ def _training(config: Config) -> Iterator[str]:
     no_reward = config.reward.rm_type is None and config.reward.custom_rm_path is None
     if config.algorithm.loss_type == "policy_loss" and no_reward:
         yield "--loss-type policy_loss needs a reward: set --rm-type or --custom-rm-path"
+    if config.reward.rm_type is not None and config.data.label_key is None:
+        yield f"--rm-type {config.reward.rm_type} compares responses with a label: set --label-key"
 
 
 _CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (

@@ -149,7 +149,8 @@ class EngineConfig:
     """Settings of our inference engine, given as --sglang-<name> to match SGLang's server flags."""
 
     mem_fraction_static: float = field(default=0.8, metadata=meta(
-        "Fraction of free accelerator memory the engine takes for weights and KV cache."))
+        "Fraction of free accelerator memory for weights and KV cache; read by the paged KV pool. The current "
+        "in-process engine allocates its cache per batch and does not use it yet."))
     dtype: str = field(default="auto", metadata=meta(
         "Engine dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.",
         choices=("auto", "float32", "bfloat16")))
@@ -179,10 +180,6 @@ class Config:
     @property
     def global_batch_size(self) -> int:
         return self.train.global_batch_size or self.samples_per_rollout
-
-    @property
-    def num_steps_per_rollout(self) -> int:
-        return self.samples_per_rollout // self.global_batch_size
 
     @property
     def eval_sets(self) -> list[tuple[str, str]]:

@@ -72,19 +72,20 @@ def run_demo(args, log=print) -> dict:
     files = build_task_files(data_dir, args.num_train, args.num_eval, args.seed, args.teacher_error_rate)
     log(f"built {base_dir} and tasks in {data_dir} ({time.perf_counter() - start:.1f}s)")
 
+    flags = rl_flags(sft_dir, files, out / "rl", args)
+    config = parse_config(flags)
+    validate(config)  # before the warm start: a bad demo flag fails now, not minutes later
+
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     demonstrations, _ = load_prompt_samples(str(files["teacher"]),
                                             DataConfig(label_key="label", apply_chat_template=True), tokenizer)
     log(f"warm start: {args.sft_steps} SFT steps on {files['teacher']} "
         f"(teacher slips on {args.teacher_error_rate:.0%} of answers)")
-    warm_start(str(base_dir), demonstrations, tokenizer, sft_dir, args.sft_steps, batch_size=256, micro_batch_size=64, lr=args.sft_lr,
-               seed=args.seed, device=args.device, log=log)
+    warm_start(str(base_dir), demonstrations, tokenizer, sft_dir, args.sft_steps, batch_size=256,
+               micro_batch_size=64, lr=args.sft_lr, seed=args.seed, device=args.device, log=log)
     sft_seconds = time.perf_counter() - start
 
-    flags = rl_flags(sft_dir, files, out / "rl", args)
     log("RL: sluice train " + shlex.join(flags))
-    config = parse_config(flags)
-    validate(config)
     run = LocalRun(config, log=log)
     try:
         train_sync(run)

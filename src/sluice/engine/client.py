@@ -19,10 +19,17 @@ class InProcessClient:
         future: asyncio.Future = loop.create_future()
 
         def on_done(result):  # called on the engine thread
-            loop.call_soon_threadsafe(_settle, future, result)
+            try:
+                loop.call_soon_threadsafe(_settle, future, result)
+            except RuntimeError:  # the caller's event loop is gone (it stopped waiting): nobody to tell
+                pass
 
         self.engine.submit(request, on_done)
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.engine.abort(request.rid)  # free the engine from work nobody will read
+            raise
 
     async def update_weights(self, weights: NamedTensors | str, version: int) -> None:
         await asyncio.to_thread(self.engine.update_weights, weights, version)

@@ -122,7 +122,7 @@ class LocalEngine:
                 self._generate_batch(batch)
             except Exception as error:  # a failed batch must not hang its callers
                 for entry in batch:
-                    entry.on_done(error)  # type: ignore[arg-type]
+                    _notify(entry, error)
             finally:
                 with self._cond:
                     self._running = []
@@ -198,7 +198,8 @@ class LocalEngine:
         params = entry.request.sampling_params
         if not isinstance(entry.matched_stop, str):
             entry.text = self.tokenizer.decode(entry.output_ids, skip_special_tokens=params.skip_special_tokens)
-        entry.on_done(
+        _notify(
+            entry,
             GenerateResult(
                 rid=entry.request.rid,
                 output_ids=entry.output_ids,
@@ -208,7 +209,7 @@ class LocalEngine:
                 prompt_tokens=len(entry.request.input_ids),
                 text=entry.text,
                 matched_stop=entry.matched_stop,
-            )
+            ),
         )
 
 
@@ -217,3 +218,11 @@ def _eos_ids(config_eos: int | list[int] | None, tokenizer_eos: int | None) -> l
     if tokenizer_eos is not None and tokenizer_eos not in ids:
         ids.append(tokenizer_eos)
     return ids
+
+
+def _notify(entry: _Running, outcome) -> None:
+    """Hand a result (or an error) to the request's callback; a failing callback must not kill the worker."""
+    try:
+        entry.on_done(outcome)
+    except Exception:  # noqa: BLE001 - the callback belongs to a caller that is already gone
+        pass

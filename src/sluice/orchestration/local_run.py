@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
 from pathlib import Path
@@ -13,7 +14,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from sluice.checkpoint.store import find_latest, load_checkpoint, save_checkpoint
-from sluice.config import Config, ConfigError
+from sluice.config import Config, ConfigError, config_to_dict
 from sluice.data import PromptSource, load_prompt_samples
 from sluice.engine.client import InProcessClient
 from sluice.engine.local_engine import LocalEngine
@@ -37,6 +38,7 @@ class LocalRun:
         _check_checkpoint_dir("--hf-checkpoint", checkpoint)
         if config.model.ref_load:
             _check_checkpoint_dir("--ref-load", config.model.ref_load)
+        reward_fn = _load_reward(config)
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         samples, report = load_prompt_samples(config.data.prompt_data, config.data, self.tokenizer)
         self._report_load(config.data.prompt_data, report)
@@ -48,16 +50,16 @@ class LocalRun:
             self.eval_sets[name] = eval_samples
         self.engine = LocalEngine(checkpoint, config.engine)
         try:
-            self._start(config, checkpoint)
+            self._start(config, checkpoint, reward_fn)
         except BaseException:
             self.engine.shutdown()  # its worker thread would otherwise outlive a failed start
             raise
 
-    def _start(self, config: Config, checkpoint: str) -> None:
+    def _start(self, config: Config, checkpoint: str, reward_fn) -> None:
         self.client = InProcessClient(self.engine)
         self.rollout = RolloutManager(
             GenerateContext(self.client, self.tokenizer),
-            get_reward_fn(config.reward.rm_type, config.reward.custom_rm_path),
+            reward_fn,
             max_concurrency=config.rollout.rollout_max_concurrency,
             reward_key=config.reward.reward_key,
         )
@@ -66,6 +68,7 @@ class LocalRun:
         self.num_rollout = config.rollout.num_rollout or self.source.num_rollouts_for_epochs(
             config.rollout.num_epoch, config.rollout.rollout_batch_size)
         self.start_rollout = self._maybe_resume()
+        self.num_rollouts_done = self.start_rollout
         self.metrics = MetricsWriter(config.logging.run_dir)
         self.progress = ProgressReporter(self.num_rollout, enabled=config.logging.progress_bar)
 
@@ -78,7 +81,10 @@ class LocalRun:
     def generate(self) -> list[SampleGroup]:
         rollout = self.config.rollout
         prompts = self.source.next_batch(rollout.rollout_batch_size)
-        return asyncio.run(self.rollout.generate_groups(prompts, rollout.n_samples_per_prompt, self.sampling_params()))
+        first_index = self.num_rollouts_done * self.config.samples_per_rollout  # Sample.index: unique in the run
+        self.num_rollouts_done += 1
+        return asyncio.run(self.rollout.generate_groups(prompts, rollout.n_samples_per_prompt, self.sampling_params(),
+                                                        first_index=first_index))
 
     def train(self, groups: list[SampleGroup]) -> dict[str, float]:
         rewards = [self.rollout.rewards(g) for g in groups]
@@ -116,18 +122,20 @@ class LocalRun:
         return params
 
     # ---- schedule, checkpoints, logging -----------------------------------------------------------
+    def _due(self, interval: int | None, rollout_id: int) -> bool:
+        """Every ``interval`` rollout steps, and after the last one."""
+        done = rollout_id + 1
+        return done == self.num_rollout or bool(interval and done % interval == 0)
+
     def eval_due(self, rollout_id: int) -> bool:
-        interval = self.config.eval.eval_interval
-        last = rollout_id + 1 == self.num_rollout
-        return bool(self.eval_sets) and (last or bool(interval and (rollout_id + 1) % interval == 0))
+        return bool(self.eval_sets) and self._due(self.config.eval.eval_interval, rollout_id)
 
     def eval_before_train(self) -> bool:
         return bool(self.eval_sets) and not self.config.eval.skip_eval_before_train and self.start_rollout == 0
 
     def save_due(self, rollout_id: int) -> bool:
         ckpt = self.config.checkpoint
-        last = rollout_id + 1 == self.num_rollout
-        return bool(ckpt.save) and (last or bool(ckpt.save_interval and (rollout_id + 1) % ckpt.save_interval == 0))
+        return bool(ckpt.save) and self._due(ckpt.save_interval, rollout_id)
 
     def save(self, rollout_id: int) -> Path:
         return save_checkpoint(self.config.checkpoint.save, rollout_id, self.trainer,
@@ -137,18 +145,28 @@ class LocalRun:
         load = self.config.checkpoint.load
         if not load:
             return 0
-        path = find_latest(load) or (Path(load) if (Path(load) / "trainer.pt").exists() else None)
+        try:
+            path = find_latest(load) or (Path(load) if (Path(load) / "trainer.pt").exists() else None)
+        except FileNotFoundError as error:
+            raise ConfigError(f"--load {load}: {error}") from error
         if path is None:
             raise ConfigError(f"--load {load}: no checkpoint there (expected {load}/latest or {load}/trainer.pt)")
         state = load_checkpoint(path, self.trainer)
-        self.source.load_state_dict(state["source"])
+        try:
+            self.source.load_state_dict(state["source"])
+        except ValueError as error:  # the prompt file, shuffle or seed changed since the save
+            raise ConfigError(f"--load {load}: {error}") from error
         self.sync_weights(version=state["rollout_id"] + 1)
         self.log_line(f"resumed from {path} at rollout {state['rollout_id'] + 1}")
         return state["rollout_id"] + 1
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record the metrics of ``step`` completed rollout steps (0: the evaluation before training)."""
         self.metrics.log(metrics, step=step)
-        self.progress.update(step, metrics)
+        if step == 0:
+            self.log_line("before training: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
+        else:
+            self.progress.update(step - 1, metrics)
 
     def close(self) -> Path:
         """Stop the engine, close the metrics file and draw the curves; returns the PNG path."""
@@ -162,3 +180,13 @@ class LocalRun:
 def _check_checkpoint_dir(flag: str, path: str) -> None:
     if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"{flag} {path}: not a Hugging Face checkpoint directory (no config.json there)")
+
+
+def _load_reward(config: Config):
+    """Resolve the reward before anything heavy loads, so a typo fails in a second, naming its flag."""
+    slime_args = argparse.Namespace(**config_to_dict(config))  # for slime-style (args, sample) functions
+    try:
+        return get_reward_fn(config.reward.rm_type, config.reward.custom_rm_path, slime_args=slime_args)
+    except (ValueError, ImportError, TypeError) as error:
+        flag = "--custom-rm-path" if config.reward.custom_rm_path else "--rm-type"
+        raise ConfigError(f"{flag}: {error}") from error

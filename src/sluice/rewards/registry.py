@@ -45,9 +45,8 @@ def _builtin_reward(name: str, builtin: _Builtin) -> RewardFn:
 def get_reward_fn(rm_type: str | None, custom_rm_path: str | None = None, slime_args: Any = None) -> RewardFn:
     """The async reward function for a run.
 
-    ``custom_rm_path`` wins over ``rm_type`` when both are set, as in slime, so a config that keeps a default
-    ``rm_type`` can still switch to a custom function. ``slime_args`` is what a slime-style ``(args, sample)``
-    function receives as ``args`` (None when not given).
+    ``custom_rm_path`` is checked first (``sluice train`` rejects setting both). ``slime_args`` is what a
+    slime-style ``(args, sample)`` function receives as ``args``: the run's flags as a namespace.
     """
     if custom_rm_path:
         return load_custom_reward(custom_rm_path, slime_args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sluice.algorithms import aggregate, kl_estimate, ppo_clip
+from sluice.algorithms import aggregate, kl_estimate, ppo_clip, sft_nll
 from sluice.config import AlgorithmConfig
 from sluice.types import TrainBatch
 
@@ -29,7 +29,7 @@ def micro_batch_loss(
 
     metrics: dict[str, float] = {}
     if config.loss_type == "sft_loss":
-        per_token = -log_probs
+        per_token = sft_nll(log_probs)
     else:
         # Without a separate pass for old logprobs (one optimizer step per rollout, on-policy), the ratio is
         # exactly 1 with the gradient of the current policy: the detached current logprobs are the old ones.

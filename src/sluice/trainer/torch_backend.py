@@ -63,11 +63,10 @@ class TorchTrainer:
         self.model.train()
         num_tokens = max(batch.loss_mask.sum().item(), 1.0)
         metric_sums: dict[str, float] = defaultdict(float)
-        with_entropy = True
         for micro in split_by_length(batch, self.config.micro_batch_size):
             micro = _to_device(micro, self.device)
             log_probs, entropy = token_logprobs(
-                self.model, micro.input_ids, micro.attention_mask, self.temperature, with_entropy
+                self.model, micro.input_ids, micro.attention_mask, self.temperature, with_entropy=True
             )
             loss, metrics = micro_batch_loss(
                 self.algorithm, micro, log_probs, entropy, num_tokens, batch.num_samples
