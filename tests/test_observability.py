@@ -121,7 +121,7 @@ def test_progress_disabled_prints_one_line_per_step(capsys):
 
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3
-    assert lines[0].startswith("step 0 (1/3)")
+    assert lines[0].startswith("step 1/3")
     assert "reward=0.25" in lines[0] and "step_time=2.0s" in lines[0]
     assert "add_acc" not in lines[0]
     assert "add_acc=0.75" in lines[1]
@@ -137,7 +137,7 @@ def test_progress_enabled_but_not_a_tty_also_prints_lines():
         bar.advance()
     reporter.close()
     lines = stream.getvalue().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("step 0 (1/2) reward=1")
+    assert len(lines) == 1 and lines[0].startswith("step 1/2 reward=1")
     assert "step_time=" in lines[0]  # measured when not logged
 
 

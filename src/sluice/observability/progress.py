@@ -115,7 +115,7 @@ class ProgressReporter:
             return
         total = f"/{self.total_steps}" if self.total_steps is not None else ""
         fields = " ".join(f"{name}={value}" for name, value in shown.items())
-        print(f"step {step} ({done}{total}) {fields}".rstrip(), file=self._stream, flush=True)
+        print(f"step {done}{total} {fields}".rstrip(), file=self._stream, flush=True)
 
     def stage(self, name: str, total: int | None) -> StageBar:
         """A transient bar for a stage within a step; a no-op object when bars are off (see class doc)."""
