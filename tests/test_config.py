@@ -361,6 +361,13 @@ def test_valid_training_config_passes() -> None:
     (["--rollout-max-prompt-len", "0"], ["--rollout-max-prompt-len"]),
     (["--sglang-mem-fraction-static", "1.5"], ["--sglang-mem-fraction-static"]),
     (["--sglang-max-running-requests", "0"], ["--sglang-max-running-requests"]),
+    (["--eps-clip-c", "1.0"], ["--eps-clip-c", "> 1"]),
+    (["--advantage-estimator", "cispo", "--eps-clip-c", "3"], ["--eps-clip-c", "cispo"]),
+    (["--use-tis", "--tis-clip", "0.5", "--tis-clip-low", "0.5"], ["--tis-clip", "--tis-clip-low"]),
+    (["--tis-clip-low", "-0.1"], ["--tis-clip-low"]),
+    (["--use-tis", "--use-rollout-logprobs"], ["--use-tis", "--use-rollout-logprobs"]),
+    (["--loss-type", "sft_loss", "--use-tis"], ["--use-tis", "--loss-type"]),
+    (["--loss-type", "sft_loss", "--normalize-advantages"], ["--normalize-advantages", "--loss-type"]),
 ])
 def test_validation_rules_name_flags(extra: list[str], flags: list[str]) -> None:
     config = parse_config(VALID_TRAINING + extra)
@@ -481,3 +488,24 @@ def test_builtin_reward_without_label_key_is_an_error() -> None:
     config = parse_config(VALID_TRAINING[:index] + VALID_TRAINING[index + 2:])
     with pytest.raises(ConfigError, match="--rm-type math .*--label-key"):
         validate(config)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "gspo", "cispo", "rloo", "reinforce_plus_plus_baseline"])
+def test_advantage_estimators_parse_and_pick_their_policy_loss(estimator: str) -> None:
+    config = parse_config(VALID_TRAINING + ["--advantage-estimator", estimator])
+    validate(config)
+    expected = {"gspo": "gspo", "cispo": "cispo"}.get(estimator, "ppo_clip")
+    assert config.algorithm.policy_loss_name == expected
+
+
+def test_algorithm_flags_parse_with_their_defaults() -> None:
+    algo = parse_config(VALID_TRAINING).algorithm
+    assert (algo.eps_clip_c, algo.loss_agg_mode, algo.normalize_advantages) == (None, "token_mean", False)
+    assert (algo.use_rollout_logprobs, algo.use_tis, algo.tis_clip, algo.tis_clip_low) == (False, False, 2.0, 0.0)
+    algo = parse_config(VALID_TRAINING + [
+        "--eps-clip-c", "3", "--loss-agg-mode", "seq_mean_token_sum_norm", "--normalize-advantages",
+        "--use-tis", "--tis-clip", "1.5", "--tis-clip-low", "0.1"]).algorithm
+    assert (algo.eps_clip_c, algo.loss_agg_mode, algo.normalize_advantages) == (3.0, "seq_mean_token_sum_norm", True)
+    assert (algo.use_tis, algo.tis_clip, algo.tis_clip_low) == (True, 1.5, 0.1)
+    with pytest.raises(ConfigError, match="--loss-agg-mode"):
+        parse_config(VALID_TRAINING + ["--loss-agg-mode", "seq_sum"])

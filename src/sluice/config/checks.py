@@ -69,12 +69,33 @@ def _algorithm(config: Config) -> Iterator[str]:
         yield f"--eps-clip must be > 0, got {algo.eps_clip}"
     if algo.eps_clip_high is not None and not algo.eps_clip_high >= 0:
         yield f"--eps-clip-high must be >= 0, got {algo.eps_clip_high}"
+    if algo.eps_clip_c is not None and not algo.eps_clip_c > 1:
+        yield f"--eps-clip-c (dual clip) must be > 1, got {algo.eps_clip_c}"
+    if algo.eps_clip_c is not None and algo.advantage_estimator == "cispo":
+        yield "--eps-clip-c does not apply to --advantage-estimator cispo (its IS weight is already bounded)"
+    yield from _importance_sampling(config)
     if algo.kl_loss_coef < 0:
         yield f"--kl-loss-coef must be >= 0, got {algo.kl_loss_coef}"
     elif algo.use_kl_loss and algo.kl_loss_coef == 0:
         yield "--use-kl-loss with --kl-loss-coef 0 has no effect: set --kl-loss-coef > 0"
     elif not algo.use_kl_loss and algo.kl_loss_coef > 0:
         yield f"--kl-loss-coef {algo.kl_loss_coef} has no effect without --use-kl-loss"
+
+
+def _importance_sampling(config: Config) -> Iterator[str]:
+    algo = config.algorithm
+    if algo.tis_clip_low < 0:
+        yield f"--tis-clip-low must be >= 0, got {algo.tis_clip_low}"
+    if not algo.tis_clip > algo.tis_clip_low:
+        yield f"--tis-clip {algo.tis_clip} must be > --tis-clip-low {algo.tis_clip_low}"
+    if algo.use_tis and algo.use_rollout_logprobs:
+        yield ("--use-tis with --use-rollout-logprobs: the old logprobs would be the rollout ones and the TIS "
+               "weight always 1; drop one")
+    if algo.loss_type == "sft_loss":
+        for flag, on in (("--use-tis", algo.use_tis), ("--use-rollout-logprobs", algo.use_rollout_logprobs),
+                         ("--normalize-advantages", algo.normalize_advantages)):
+            if on:
+                yield f"{flag} has no effect with --loss-type sft_loss"
 
 
 def _reward(config: Config) -> Iterator[str]:

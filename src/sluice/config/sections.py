@@ -92,11 +92,27 @@ class TrainConfig:
 @dataclass
 class AlgorithmConfig:
     advantage_estimator: str = field(default="grpo", metadata=meta(
-        "How rewards become advantages.", choices=("grpo",)))
+        "How rewards become advantages; gspo and cispo use GRPO advantages with their own policy loss.",
+        choices=("grpo", "dr_grpo", "gspo", "cispo", "rloo", "reinforce_plus_plus_baseline")))
     loss_type: str = field(default="policy_loss", metadata=meta(
         "policy_loss (RL) or sft_loss (supervised, on the response tokens).", choices=("policy_loss", "sft_loss")))
     eps_clip: float = field(default=0.2, metadata=meta("PPO clip range below 1 (and above, unless --eps-clip-high)."))
     eps_clip_high: float | None = field(default=None, metadata=meta("PPO clip range above 1 (clip-higher)."))
+    eps_clip_c: float | None = field(default=None, metadata=meta(
+        "Dual clip (> 1): cap the loss of negative-advantage tokens at -A * c (not with cispo)."))
+    loss_agg_mode: str = field(default="token_mean", metadata=meta(
+        "How per-token losses become the step loss; counts are over the whole optimizer step.",
+        choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")))
+    normalize_advantages: bool = field(default=False, metadata=meta(
+        "Whiten token advantages over all trained tokens of the rollout batch, before optimizer steps."))
+    use_rollout_logprobs: bool = field(default=False, metadata=meta(
+        "Use the engine's logprobs as the old (behaviour) logprobs instead of recomputing them."))
+    use_tis: bool = field(default=False, metadata=meta(
+        "Truncated importance sampling: weight each token's policy loss by "
+        "clamp(exp(old_logprob_trainer - rollout_logprob), --tis-clip-low, --tis-clip), correcting the "
+        "engine-vs-trainer logprob mismatch."))
+    tis_clip: float = field(default=2.0, metadata=meta("Upper bound of the TIS weight."))
+    tis_clip_low: float = field(default=0.0, metadata=meta("Lower bound of the TIS weight."))
     use_kl_loss: bool = field(default=False, metadata=meta("Add a KL(policy || reference) term to the loss."))
     kl_loss_coef: float = field(default=0.0, metadata=meta("Weight of the KL loss term."))
     kl_loss_type: str = field(default="k1", metadata=meta(
@@ -104,6 +120,11 @@ class AlgorithmConfig:
     entropy_coef: float = field(default=0.0, metadata=meta("Weight of the entropy bonus (subtracted from the loss)."))
     disable_grpo_std_normalization: bool = field(default=False, metadata=meta(
         "Do not divide GRPO advantages by the group's reward std (Dr.GRPO)."))
+
+    @property
+    def policy_loss_name(self) -> str:
+        """The registered policy loss of this estimator: gspo and cispo have their own, the rest PPO clip."""
+        return self.advantage_estimator if self.advantage_estimator in ("gspo", "cispo") else "ppo_clip"
 
 
 @dataclass

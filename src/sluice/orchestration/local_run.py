@@ -89,7 +89,7 @@ class LocalRun:
     def train(self, groups: list[SampleGroup]) -> dict[str, float]:
         rewards = [self.rollout.rewards(g) for g in groups]
         return update_policy(self.trainer, groups, self.config.algorithm, rewards, self.config.global_batch_size,
-                             self.tokenizer.pad_token_id or 0)
+                             self.tokenizer.pad_token_id or 0, self.config.rollout.rollout_max_response_len)
 
     def sync_weights(self, version: int) -> None:
         asyncio.run(push_weights(self.trainer.named_weights(), [self.client], version))

@@ -1,17 +1,24 @@
-"""The loss of one micro-batch: policy (or SFT) loss + KL - entropy bonus, token-mean over the step.
+"""The loss of one micro-batch: policy (or SFT) loss + KL - entropy bonus, aggregated over the step.
 
-Every term is summed over the micro-batch's masked tokens and divided by the token count of the whole
-optimizer step (``num_tokens``), so the sum of micro-batch losses is the full-batch loss whatever the
-micro-batch size. Metrics are returned as sums with the same divisor, to be added up across micro-batches.
+Every term is reduced with ``aggregate`` (--loss-agg-mode) using counts of the WHOLE optimizer step
+(``num_tokens`` trained tokens, ``num_sequences`` sequences with a trained token, ``max_len`` the rollout's
+max response length), so the sum of micro-batch losses is the full-batch loss whatever the micro-batch
+size. Metrics are token means with the step's token count as divisor, returned as sums to be added up
+across micro-batches.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sluice.algorithms import aggregate, kl_estimate, ppo_clip, sft_nll
+from sluice import algorithms
+from sluice.algorithms import aggregate, kl_estimate, sft_nll
 from sluice.config import AlgorithmConfig
 from sluice.types import TrainBatch
+
+# Bound of the TIS log-weight before exp: past +-20 the weight is clipped anyway, and exp overflows at ~88.
+TIS_LOG_CLAMP = 20.0
+ROLLOUT_LOGPROB_ABS_DIFF = "train/rollout_logprob_abs_diff"
 
 
 def micro_batch_loss(
@@ -21,31 +28,66 @@ def micro_batch_loss(
     entropy: torch.Tensor | None,
     num_tokens: float,
     num_sequences: int,
+    max_len: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     mask = batch.loss_mask
 
-    def reduce(x: torch.Tensor) -> torch.Tensor:
-        return aggregate(x, mask, "token_mean", num_tokens=num_tokens, num_sequences=num_sequences)
+    def token_mean(x: torch.Tensor) -> float:  # metrics: a token mean over the step whatever the agg mode
+        return aggregate(x, mask, "token_mean", num_tokens=num_tokens, num_sequences=num_sequences).item()
 
     metrics: dict[str, float] = {}
-    if config.loss_type == "sft_loss":
+    if config.loss_type == "sft_loss":  # SFT targets come from data, not the engine: no rollout logprobs
         per_token = sft_nll(log_probs)
     else:
-        # Without a separate pass for old logprobs (one optimizer step per rollout, on-policy), the ratio is
-        # exactly 1 with the gradient of the current policy: the detached current logprobs are the old ones.
-        old = batch.old_log_probs if batch.old_log_probs is not None else log_probs.detach()
-        per_token, stats = ppo_clip(log_probs, old, batch.advantages, config.eps_clip, config.eps_clip_high)
-        metrics["train/pg_loss"] = reduce(per_token.detach()).item()
-        metrics["train/clipfrac"] = reduce(stats["clipfrac"].float()).item()
-        metrics["train/ppo_kl"] = reduce(stats["approx_kl"].detach()).item()
+        metrics[ROLLOUT_LOGPROB_ABS_DIFF] = token_mean((log_probs.detach() - batch.rollout_log_probs).abs())
+        per_token = _policy_loss(config, batch, log_probs, token_mean, metrics)
     if config.use_kl_loss:
         kl = kl_estimate(log_probs, batch.ref_log_probs, config.kl_loss_type)
         per_token = per_token + config.kl_loss_coef * kl
-        metrics["train/kl_loss"] = reduce(kl.detach()).item()
+        metrics["train/kl_loss"] = token_mean(kl.detach())
     if entropy is not None:
         if config.entropy_coef:
             per_token = per_token - config.entropy_coef * entropy
-        metrics["train/entropy"] = reduce(entropy.detach()).item()
-    loss = reduce(per_token)
+        metrics["train/entropy"] = token_mean(entropy.detach())
+    loss = aggregate(per_token, mask, config.loss_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences,
+                     max_len=max_len)
     metrics["train/loss"] = loss.item()
     return loss, metrics
+
+
+def _policy_loss(config: AlgorithmConfig, batch: TrainBatch, log_probs: torch.Tensor, token_mean,
+                 metrics: dict[str, float]) -> torch.Tensor:
+    """Per-token policy loss of the estimator's registered loss, TIS-weighted with --use-tis."""
+    # Without a separate pass for old logprobs (one optimizer step per rollout, on-policy), the ratio is
+    # exactly 1 with the gradient of the current policy: the detached current logprobs are the old ones.
+    old = batch.old_log_probs if batch.old_log_probs is not None else log_probs.detach()
+    loss_fn = algorithms.get("policy_loss", config.policy_loss_name)
+    per_token, stats = loss_fn(log_probs, old, batch.advantages, config.eps_clip, config.eps_clip_high,
+                               config.eps_clip_c, loss_mask=batch.loss_mask)
+    if config.use_tis:
+        if batch.old_log_probs is None:
+            raise ValueError("--use-tis needs the trainer's old logprobs (batch.old_log_probs); none were computed")
+        weight, clipped = tis_weight(batch.old_log_probs, batch.rollout_log_probs, config.tis_clip_low,
+                                     config.tis_clip)
+        per_token = per_token * weight
+        metrics["train/tis_weight_mean"] = token_mean(weight)
+        metrics["train/tis_clipfrac"] = token_mean(clipped)
+    metrics["train/pg_loss"] = token_mean(per_token.detach())
+    metrics["train/clipfrac"] = token_mean(stats["clipfrac"].float())
+    metrics["train/ppo_kl"] = token_mean(stats["approx_kl"].detach())
+    if "dual_clipfrac" in stats:
+        metrics["train/dual_clipfrac"] = token_mean(stats["dual_clipfrac"])
+    return per_token
+
+
+def tis_weight(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, low: float, high: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated IS weight ``clamp(exp(old - rollout), low, high)`` (detached) and a 0/1 clipped indicator.
+
+    Why: the engine samples from its own numerics (kernels, precision), so pi_engine != pi_trainer even at
+    the same weights; the weight re-targets the trainer's old policy, truncated to bound the variance.
+    """
+    log_weight = torch.clamp((old_log_probs - rollout_log_probs).detach().float(), -TIS_LOG_CLAMP, TIS_LOG_CLAMP)
+    raw = torch.exp(log_weight)
+    weight = torch.clamp(raw, low, high)
+    return weight, (weight != raw).float()

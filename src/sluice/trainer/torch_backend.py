@@ -58,10 +58,15 @@ class TorchTrainer:
             pieces.append(torch.nn.functional.pad(log_probs.cpu(), (0, batch.input_ids.shape[1] - 1 - log_probs.shape[1])))
         return torch.cat(pieces)
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step over the whole batch, accumulated over micro-batches; returns metrics."""
+    def train_step(self, batch: TrainBatch, max_len: int | None = None) -> dict[str, float]:
+        """One optimizer step over the whole batch, accumulated over micro-batches; returns metrics.
+
+        ``max_len`` (the rollout's max response length) is the constant of --loss-agg-mode
+        seq_mean_token_sum_norm. Token and sequence counts are of this whole step, not of a micro-batch.
+        """
         self.model.train()
         num_tokens = max(batch.loss_mask.sum().item(), 1.0)
+        num_sequences = int((batch.loss_mask.sum(dim=1) > 0).sum().item())
         metric_sums: dict[str, float] = defaultdict(float)
         for micro in split_by_length(batch, self.config.micro_batch_size):
             micro = _to_device(micro, self.device)
@@ -69,7 +74,7 @@ class TorchTrainer:
                 self.model, micro.input_ids, micro.attention_mask, self.temperature, with_entropy=True
             )
             loss, metrics = micro_batch_loss(
-                self.algorithm, micro, log_probs, entropy, num_tokens, batch.num_samples
+                self.algorithm, micro, log_probs, entropy, num_tokens, num_sequences, max_len
             )
             loss.backward()
             for key, value in metrics.items():

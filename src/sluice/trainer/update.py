@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from sluice.algorithms import masked_mean, whiten
 from sluice.config import AlgorithmConfig
 from sluice.trainer.batching import collate, group_advantages
-from sluice.types import SampleGroup, Status
+from sluice.trainer.loss import ROLLOUT_LOGPROB_ABS_DIFF
+from sluice.types import Sample, SampleGroup, Status, TrainBatch
 
 
 def update_policy(trainer, groups: list[SampleGroup], algorithm: AlgorithmConfig, rewards: list[list[float]],
-                  global_batch_size: int, pad_id: int) -> dict[str, float]:
+                  global_batch_size: int, pad_id: int, max_response_len: int | None = None) -> dict[str, float]:
     """Train on every non-failed sample; ``rewards[g][i]`` is the scalar reward of groups[g].samples[i].
 
+    ``max_response_len`` is the constant of --loss-agg-mode seq_mean_token_sum_norm.
     Returns metrics averaged over the optimizer steps of this update.
     """
     kept = [[(s, r) for s, r in zip(g.samples, rs) if s.status != Status.FAILED] for g, rs in zip(groups, rewards)]
@@ -23,17 +26,52 @@ def update_policy(trainer, groups: list[SampleGroup], algorithm: AlgorithmConfig
     advantages = group_advantages(algorithm.advantage_estimator, [[r for _, r in m] for m in kept],
                                   algorithm.disable_grpo_std_normalization)
     batch = collate(samples, advantages, pad_id)
+    if algorithm.normalize_advantages:  # over the whole rollout batch, before it is split into steps
+        batch.advantages = whiten(batch.advantages, batch.loss_mask).to(batch.advantages.dtype)
     num_steps = max(1, -(-len(samples) // global_batch_size))
     if trainer.needs_ref:
         batch.ref_log_probs = trainer.compute_logprobs(batch, reference=True)
-    if num_steps > 1 and algorithm.loss_type == "policy_loss":
-        # Later steps of this rollout see an updated policy: freeze the behaviour logprobs before the first.
-        batch.old_log_probs = trainer.compute_logprobs(batch)
+    recomputed_diff = _set_old_log_probs(trainer, batch, samples, algorithm, num_steps)
     sums: dict[str, float] = defaultdict(float)
+    first_step_diff = None
     for step in range(num_steps):
         rows = slice(step * global_batch_size, (step + 1) * global_batch_size)
-        for key, value in trainer.train_step(batch.select(rows)).items():
+        metrics = trainer.train_step(batch.select(rows), max_len=max_response_len)
+        diff = metrics.pop(ROLLOUT_LOGPROB_ABS_DIFF, None)
+        if step == 0:  # later steps see an updated policy: only the first forward measures the mismatch
+            first_step_diff = diff
+        for key, value in metrics.items():
             sums[key] += value / num_steps
+    diff = recomputed_diff if recomputed_diff is not None else first_step_diff
+    if diff is not None:
+        sums[ROLLOUT_LOGPROB_ABS_DIFF] = diff
     sums["train/num_samples"] = float(len(samples))
     sums["train/num_steps"] = float(num_steps)
     return dict(sums)
+
+
+def _set_old_log_probs(trainer, batch: TrainBatch, samples: list[Sample], algorithm: AlgorithmConfig,
+                       num_steps: int) -> float | None:
+    """Fills ``batch.old_log_probs`` where the loss needs them; returns the mean |trainer - rollout| logprob
+    over trained tokens when the trainer's old logprobs were recomputed, else None.
+
+    Left None for one on-policy step: the loss then uses the detached current logprobs (ratio exactly 1).
+    """
+    if algorithm.loss_type != "policy_loss":
+        return None
+    if algorithm.use_rollout_logprobs or algorithm.use_tis:
+        flag = "--use-rollout-logprobs" if algorithm.use_rollout_logprobs else "--use-tis"
+        for sample in samples:
+            if len(sample.rollout_log_probs) < len(sample.response_tokens):
+                raise ValueError(f"{flag} needs the engine's logprobs, but sample {sample.index} has "
+                                 f"{len(sample.rollout_log_probs)} for {len(sample.response_tokens)} response tokens")
+    if algorithm.use_rollout_logprobs:
+        batch.old_log_probs = batch.rollout_log_probs.clone()
+        return None
+    if num_steps > 1 or algorithm.use_tis:
+        # Later steps of this rollout see an updated policy (and TIS compares the trainer's behaviour
+        # logprobs with the engine's): freeze them before the first step.
+        batch.old_log_probs = trainer.compute_logprobs(batch)
+        abs_diff = (batch.old_log_probs - batch.rollout_log_probs).abs()
+        return masked_mean(abs_diff, batch.loss_mask).item()
+    return None
