@@ -158,3 +158,21 @@ def test_load_from_an_empty_directory_fails_clearly(trained, tmp_path):
                                 "--load", str(tmp_path)))
     with pytest.raises(ConfigError, match="no checkpoint there"):
         LocalRun(config, log=lambda line: None)
+
+
+def test_resumed_run_continues_exactly_like_an_uninterrupted_one(trained, tmp_path):
+    """Stop after 3 rollouts, resume to 6: rollouts 4-6 match a straight 6-rollout run (data, weights, RNG)."""
+    paths, _ = trained
+
+    def rewards(run_dir: Path) -> dict[int, float]:
+        return {r["step"]: r["rollout/reward_mean"] for r in read_metrics(run_dir) if "rollout/reward_mean" in r}
+
+    straight = tmp_path / "straight"
+    run_loop(flags(paths["model"], paths["data"], straight, tmp_path / "ckpt_straight", 6))
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    run_loop(flags(paths["model"], paths["data"], first, tmp_path / "ckpt", 3))
+    run_loop(flags(paths["model"], paths["data"], resumed, tmp_path / "ckpt_resumed", 6, "--load", str(tmp_path / "ckpt")))
+    expected = rewards(straight)
+    assert [rewards(first)[s] for s in (1, 2, 3)] == [expected[s] for s in (1, 2, 3)]
+    assert sorted(rewards(resumed)) == [4, 5, 6]
+    assert [rewards(resumed)[s] for s in (4, 5, 6)] == pytest.approx([expected[s] for s in (4, 5, 6)], abs=1e-6)

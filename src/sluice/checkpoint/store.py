@@ -48,3 +48,17 @@ def load_checkpoint(path: str | Path, trainer) -> dict:
     path = Path(path)
     trainer.load_state_dict(torch.load(path / "trainer.pt", map_location="cpu", weights_only=False))
     return torch.load(path / "run_state.pt", map_location="cpu", weights_only=False)
+
+
+def capture_rng_state() -> dict:
+    """The global torch random streams (CPU and every GPU): engine sampling draws from them."""
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -13,7 +13,13 @@ from pathlib import Path
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from sluice.checkpoint.store import find_latest, load_checkpoint, save_checkpoint
+from sluice.checkpoint.store import (
+    capture_rng_state,
+    find_latest,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from sluice.config import Config, ConfigError, config_to_dict
 from sluice.data import PromptSource, load_prompt_samples
 from sluice.engine.client import InProcessClient
@@ -139,7 +145,7 @@ class LocalRun:
 
     def save(self, rollout_id: int) -> Path:
         return save_checkpoint(self.config.checkpoint.save, rollout_id, self.trainer,
-                               {"source": self.source.state_dict()})
+                               {"source": self.source.state_dict(), "rng": capture_rng_state()})
 
     def _maybe_resume(self) -> int:
         load = self.config.checkpoint.load
@@ -157,6 +163,8 @@ class LocalRun:
         except ValueError as error:  # the prompt file, shuffle or seed changed since the save
             raise ConfigError(f"--load {load}: {error}") from error
         self.sync_weights(version=state["rollout_id"] + 1)
+        if "rng" in state:  # the sampling stream continues where the saved run was, not from --seed again
+            restore_rng_state(state["rng"])
         self.log_line(f"resumed from {path} at rollout {state['rollout_id'] + 1}")
         return state["rollout_id"] + 1
 
