@@ -26,8 +26,14 @@ def save_checkpoint(root: str | Path, rollout_id: int, trainer, extra_state: dic
     torch.save(trainer.state_dict(), staging / "trainer.pt")
     torch.save({"rollout_id": rollout_id, **extra_state}, staging / "run_state.pt")
     trainer.save_hf(staging / "hf")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
+    if final.exists():  # a re-save of the same step: move the old copy aside before the new one lands
+        retired = root / f".{final.name}.old"
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(final, retired)
+        os.replace(staging, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, final)
     (root / f".{LATEST_FILE}.tmp").write_text(final.name + "\n")
     os.replace(root / f".{LATEST_FILE}.tmp", root / LATEST_FILE)
     return final
