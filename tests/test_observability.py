@@ -159,3 +159,14 @@ def test_progress_on_a_tty_draws_a_bar_with_postfix():
     assert "2/4" in text
     assert "reward=0.75" in text and "add_acc=0.9" in text
     assert "generate" in text
+
+
+def test_metrics_writer_resuming_drops_steps_past_the_checkpoint(tmp_path):
+    with MetricsWriter(tmp_path) as writer:
+        for step in range(5):
+            writer.log({"rollout/reward_mean": step / 10}, step=step)
+    with MetricsWriter(tmp_path, resume_after_step=2) as writer:
+        writer.log({"rollout/reward_mean": 0.9}, step=3)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert records[-1]["rollout/reward_mean"] == 0.9

@@ -40,10 +40,14 @@ class MetricsWriter:
     ``tail -f`` sees steps as they happen. The file is opened in append mode so a resumed run continues it.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], resume_after_step: int | None = None) -> None:
+        """``resume_after_step``: drop records past that step first (a resumed run logs those steps again)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
+        if resume_after_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_after_step]
+            self.path.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept), encoding="utf-8")
         self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, Any], step: int) -> dict[str, Any]:

@@ -75,7 +75,8 @@ class LocalRun:
             config.rollout.num_epoch, config.rollout.rollout_batch_size)
         self.start_rollout = self._maybe_resume()
         self.num_rollouts_done = self.start_rollout
-        self.metrics = MetricsWriter(config.logging.run_dir)
+        self.metrics = MetricsWriter(config.logging.run_dir,
+                                     resume_after_step=self.start_rollout if config.checkpoint.load else None)
         self.progress = ProgressReporter(self.num_rollout, enabled=config.logging.progress_bar)
 
     def _report_load(self, path: str, report) -> None:
