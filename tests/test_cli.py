@@ -105,3 +105,25 @@ def test_train_runs_end_to_end(tiny_checkpoint, tmp_path, capsys):
     assert [r["step"] for r in records] == [1]
     assert records[0]["rollout/num_samples"] == 4.0 and records[0]["train/num_samples"] == 4.0
     assert (run_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_train_stops_with_the_cause_when_every_sample_fails(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    (tmp_path / "broken_reward.py").write_text(
+        "def score(sample):\n    raise RuntimeError('the judge is down')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = write_data(tmp_path / "prompts.jsonl")
+    argv = train_flags(tiny_checkpoint, data, tmp_path / "run")
+    index = argv.index("--rm-type")
+    argv = argv[:index] + argv[index + 2:] + ["--custom-rm-path", "broken_reward.score"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "all 4 samples of the rollout failed" in err and "the judge is down" in err
+
+
+def test_unloadable_custom_reward_fails_before_loading_models(tiny_checkpoint, tmp_path, capsys):
+    data = write_data(tmp_path / "prompts.jsonl")
+    argv = train_flags(tiny_checkpoint, data, tmp_path / "run")
+    index = argv.index("--rm-type")
+    argv = argv[:index] + argv[index + 2:] + ["--custom-rm-path", "no_such_module_xyz.score"]
+    assert main(argv) == 2
+    assert "--custom-rm-path" in capsys.readouterr().err

@@ -22,6 +22,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         print(f"sluice {argv[0]}: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from sluice.orchestration.local_run import RolloutFailed
+
+        if not isinstance(error, RolloutFailed):
+            raise
+        print(f"sluice {argv[0]}: error: {error}", file=sys.stderr)
+        return 1
 
 
 def train_command(argv: list[str]) -> int:

@@ -33,7 +33,7 @@ from sluice.rollout.manager import RolloutManager, rollout_metrics
 from sluice.sync.in_process import push_weights
 from sluice.trainer.torch_backend import TorchTrainer
 from sluice.trainer.update import update_policy
-from sluice.types import SampleGroup, SamplingParams
+from sluice.types import SampleGroup, SamplingParams, Status
 
 
 class LocalRun:
@@ -90,11 +90,16 @@ class LocalRun:
         prompts = self.source.next_batch(rollout.rollout_batch_size)
         first_index = self.num_rollouts_done * self.config.samples_per_rollout  # Sample.index: unique in the run
         self.num_rollouts_done += 1
-        return asyncio.run(self.rollout.generate_groups(prompts, rollout.n_samples_per_prompt, self.sampling_params(),
-                                                        first_index=first_index))
+        groups = asyncio.run(self.rollout.generate_groups(prompts, rollout.n_samples_per_prompt,
+                                                          self.sampling_params(), first_index=first_index))
+        _raise_if_all_failed(groups)
+        return groups
 
     def train(self, groups: list[SampleGroup]) -> dict[str, float]:
-        rewards = [self.rollout.rewards(g) for g in groups]
+        try:
+            rewards = [self.rollout.rewards(g) for g in groups]
+        except (ValueError, KeyError) as error:  # dict rewards without (or with a wrong) --reward-key
+            raise ConfigError(f"--reward-key: {error}") from error
         return update_policy(self.trainer, groups, self.config.algorithm, rewards, self.config.global_batch_size,
                              self.tokenizer.pad_token_id or 0, self.config.rollout.rollout_max_response_len)
 
@@ -199,3 +204,14 @@ def _load_reward(config: Config):
     except (ValueError, ImportError, TypeError) as error:
         flag = "--custom-rm-path" if config.reward.custom_rm_path else "--rm-type"
         raise ConfigError(f"{flag}: {error}") from error
+
+
+class RolloutFailed(RuntimeError):
+    """Every sample of a rollout failed: training on nothing would hide the cause."""
+
+
+def _raise_if_all_failed(groups: list[SampleGroup]) -> None:
+    samples = [s for g in groups for s in g.samples]
+    if samples and all(s.status == Status.FAILED for s in samples):
+        errors = samples[0].metadata.get("reward_error") or samples[0].metadata.get("generate_error")
+        raise RolloutFailed(f"all {len(samples)} samples of the rollout failed; the first error: {errors}")
