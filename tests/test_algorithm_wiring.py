@@ -16,7 +16,8 @@ from sluice.trainer.loss import ROLLOUT_LOGPROB_ABS_DIFF, micro_batch_loss
 from sluice.trainer.update import update_policy
 from sluice.types import Sample, SampleGroup, Status, TrainBatch
 from test_train_loop import SHAPE, flags, run_loop
-from test_trainer import PAD, make_trainer, ppo_batch, run_step
+from sluice.trainer.batching import collate
+from test_trainer import PAD, make_trainer, ppo_batch, random_samples, run_step
 
 MAX_LEN = 8  # random_samples' longest response
 
@@ -39,6 +40,9 @@ INVARIANCE_CASES = [
     dict(advantage_estimator="gspo", loss_agg_mode="token_mean"),
     dict(advantage_estimator="cispo", eps_clip=1.0),
     dict(eps_clip_c=1.5, use_tis=True, tis_clip=1.5, loss_agg_mode="seq_mean_token_sum"),
+    *(dict(use_tis=True, tis_mode=mode, tis_clip=1.5, tis_clip_low=0.5, loss_agg_mode=agg)
+      for mode, agg in (("token", "token_mean"), ("sequence", "seq_mean_token_mean"), ("geometric", "token_mean"),
+                        ("icepop", "seq_mean_token_sum"))),
 ]
 
 
@@ -192,11 +196,64 @@ def test_normalize_advantages_whitens_over_the_whole_rollout_batch():
     assert values.std().item() == pytest.approx(1.0, abs=1e-4)
 
 
+class ShiftedTrainer(RecordingTrainer):
+    """Old logprobs log(w_row) above the rollout's on trained tokens: token TIS weight w_row."""
+
+    def __init__(self, row_weights):
+        super().__init__(step_diffs=(0.0, 0.0))
+        self.row_log_weights = torch.tensor(row_weights).log()[:, None]
+
+    def compute_logprobs(self, batch, reference=False):
+        return batch.rollout_log_probs + self.row_log_weights * batch.loss_mask
+
+
+def test_tis_ess_is_over_each_optimizer_step_not_the_rollout():
+    # Response lengths 1, 2 | 1, 2 (two steps of two rows): token weights 1, 2, 2 | 1, 4, 4.
+    trainer = ShiftedTrainer([1.0, 2.0, 1.0, 4.0])
+    metrics = update_policy(trainer, groups_of(REWARDS), AlgorithmConfig(use_tis=True, tis_clip=10.0), REWARDS, 2,
+                            PAD)
+    per_step = (5**2 / (3 * 9), 9**2 / (3 * 33))
+    assert metrics["train/tis_ess"] == pytest.approx(sum(per_step) / 2)
+    assert "train/tis_ess" not in update_policy(RecordingTrainer(), groups_of(REWARDS), AlgorithmConfig(), REWARDS,
+                                                4, PAD)
+
+
 @pytest.mark.parametrize("flag", ["use_tis", "use_rollout_logprobs"])
 def test_missing_engine_logprobs_fail_naming_the_flag(flag):
     with pytest.raises(ValueError, match="--" + flag.replace("_", "-")):
         update_policy(RecordingTrainer(), groups_of(REWARDS, with_logprobs=False), AlgorithmConfig(**{flag: True}),
                       REWARDS, 4, PAD)
+
+
+# --------------------------------------------------------------------------- first-step invariants
+def fresh_batch(trainer) -> TrainBatch:
+    """A batch whose old logprobs are the trainer's own, recomputed as update_policy does before step 1."""
+    samples, advantages = random_samples(8, seed=0)
+    batch = collate(samples, advantages, PAD)
+    batch.old_log_probs = trainer.compute_logprobs(batch)
+    return batch
+
+
+@pytest.mark.parametrize("micro", [8, 3])
+def test_recomputed_old_log_probs_match_the_first_training_forward(small_checkpoint, micro):
+    """At the first step the weights have not moved: ratio exactly 1, so nothing is clipped and ppo_kl is 0.
+    A nonzero value means the logprob pass and the training forward compute different things (padding,
+    micro-batch layout, dropout, dtype)."""
+    trainer = make_trainer(small_checkpoint, micro=micro, lr=1e-3, algorithm=AlgorithmConfig(eps_clip=0.2))
+    metrics = trainer.train_step(fresh_batch(trainer), max_len=MAX_LEN)
+    assert abs(metrics["train/ppo_kl"]) < 1e-7
+    assert metrics["train/clipfrac"] == 0.0
+
+
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+def test_kl_loss_to_the_initial_checkpoint_is_zero_at_the_first_step(small_checkpoint, kl_type):
+    algorithm = AlgorithmConfig(eps_clip=0.2, use_kl_loss=True, kl_loss_coef=0.1, kl_loss_type=kl_type)
+    trainer = make_trainer(small_checkpoint, micro=3, lr=1e-3, algorithm=algorithm)  # reference = same checkpoint
+    batch = fresh_batch(trainer)
+    batch.ref_log_probs = trainer.compute_logprobs(batch, reference=True)
+    metrics = trainer.train_step(batch, max_len=MAX_LEN)
+    assert abs(metrics["train/kl_loss"]) < 1e-7
+    assert abs(metrics["train/ppo_kl"]) < 1e-7
 
 
 # ------------------------------------------------------------------------------------- a few steps learn
@@ -221,7 +278,10 @@ def say7(tmp_path_factory):
     # Two optimizer steps per rollout, TIS, whitened advantages, dual clip, Dr.GRPO's aggregation.
     ["--use-tis", "--normalize-advantages", "--global-batch-size", "32", "--eps-clip-c", "3",
      "--loss-agg-mode", "seq_mean_token_sum_norm"],
-], ids=lambda e: "-".join(a.lstrip("-") for a in e[:2]))
+    # The other off-policy corrections, with two optimizer steps per rollout.
+    ["--use-tis", "--tis-mode", "sequence", "--global-batch-size", "32"],
+    ["--use-tis", "--tis-mode", "icepop", "--tis-clip-low", "0.5", "--global-batch-size", "32"],
+], ids=lambda e: "-".join(a.lstrip("-") for a in e[:3]))
 def test_each_estimator_raises_the_reward(say7, extra):
     root, model, data = say7
     run_dir = root / "-".join(extra).replace("--", "")
@@ -231,3 +291,6 @@ def test_each_estimator_raises_the_reward(say7, extra):
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3
     # The in-process engine samples from the same float32 weights: trainer and engine agree closely.
     assert all(r[ROLLOUT_LOGPROB_ABS_DIFF] < 1e-3 for r in records if ROLLOUT_LOGPROB_ABS_DIFF in r)
+    if "--use-tis" in extra:  # so the importance weights are all ~1: an effective sample size of ~1
+        ess = [r["train/tis_ess"] for r in records if "train/rollout_logprob_abs_diff" in r]
+        assert ess and all(value > 0.99 for value in ess)

@@ -191,6 +191,7 @@ def test_stray_value_is_an_error() -> None:
     (["--rollout-stop-token-ids", "2", "x"], "--rollout-stop-token-ids"),
     (["--kl-loss-type", "k9"], "--kl-loss-type"),
     (["--loss-type", "dpo"], "--loss-type"),
+    (["--tis-mode", "segment"], "--tis-mode"),
     (["--rollout-batch-size"], "--rollout-batch-size"),
 ])
 def test_bad_cli_values_name_flag(argv: list[str], flag: str) -> None:
@@ -345,6 +346,8 @@ def test_valid_training_config_passes() -> None:
     (["--use-kl-loss"], ["--use-kl-loss", "--kl-loss-coef", "no effect"]),
     (["--kl-loss-coef", "0.1"], ["--kl-loss-coef", "--use-kl-loss"]),
     (["--use-kl-loss", "--kl-loss-coef", "-1"], ["--kl-loss-coef"]),
+    (["--kl-loss-type", "k3"], ["--kl-loss-type", "--use-kl-loss", "no effect"]),
+    (["--kl-loss-type", "low_var_kl"], ["--kl-loss-type", "--use-kl-loss", "no effect"]),
     (["--eval-prompt-data", "aime", "data/aime.jsonl", "gsm"], ["--eval-prompt-data"]),
     (["--eval-interval", "0"], ["--eval-interval"]),
     (["--n-samples-per-eval-prompt", "0"], ["--n-samples-per-eval-prompt"]),
@@ -366,6 +369,7 @@ def test_valid_training_config_passes() -> None:
     (["--use-tis", "--tis-clip", "0.5", "--tis-clip-low", "0.5"], ["--tis-clip", "--tis-clip-low"]),
     (["--tis-clip-low", "-0.1"], ["--tis-clip-low"]),
     (["--use-tis", "--use-rollout-logprobs"], ["--use-tis", "--use-rollout-logprobs"]),
+    *((["--tis-mode", mode], ["--tis-mode", "--use-tis", "no effect"]) for mode in ("sequence", "geometric", "icepop")),
     (["--loss-type", "sft_loss", "--use-tis"], ["--use-tis", "--loss-type"]),
     (["--loss-type", "sft_loss", "--normalize-advantages"], ["--normalize-advantages", "--loss-type"]),
 ])
@@ -439,6 +443,7 @@ def test_rollout_batch_size_optional_outside_training() -> None:
 def test_low_var_kl_is_normalised_to_k3() -> None:
     assert parse_config(["--kl-loss-type", "low_var_kl"]).algorithm.kl_loss_type == "k3"
     config = Config()
+    config.algorithm.use_kl_loss, config.algorithm.kl_loss_coef = True, 0.1
     config.algorithm.kl_loss_type = "low_var_kl"
     validate(config, for_training=False)
     assert config.algorithm.kl_loss_type == "k3"

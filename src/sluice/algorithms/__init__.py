@@ -1,7 +1,7 @@
 """Pure-torch RL algorithm pieces: tensors and a few scalars in, tensors (and a metrics dict) out.
 
 Importing this package registers every variant; look them up with ``registry.get(kind, name)``.
-Kinds: "advantage", "token_advantage", "policy_loss", "kl", "aggregation". See docs/numerics.md.
+Kinds: "advantage", "token_advantage", "policy_loss", "kl", "aggregation", "importance". See docs/numerics.md.
 """
 
 from sluice.algorithms.advantages import (
@@ -13,6 +13,7 @@ from sluice.algorithms.advantages import (
 )
 from sluice.algorithms.aggregation import aggregate
 from sluice.algorithms.entropy import entropy_from_logits
+from sluice.algorithms.importance import effective_sample_size, importance_weight
 from sluice.algorithms.kl import kl_estimate
 from sluice.algorithms.logprobs import log_probs_from_logits
 from sluice.algorithms.masked import masked_mean, masked_std, masked_sum, whiten
@@ -22,8 +23,8 @@ from sluice.algorithms.returns import discounted_returns, gae, reinforce_plus_pl
 from sluice.algorithms.sft_loss import sft_nll
 
 __all__ = [
-    "aggregate", "broadcast_to_tokens", "cispo", "discounted_returns", "dr_grpo", "entropy_from_logits",
-    "gae", "get", "grpo", "gspo", "kl_estimate", "log_probs_from_logits", "masked_mean", "masked_std",
+    "aggregate", "broadcast_to_tokens", "cispo", "discounted_returns", "dr_grpo", "effective_sample_size",
+    "entropy_from_logits", "gae", "get", "grpo", "gspo", "importance_weight", "kl_estimate", "log_probs_from_logits", "masked_mean", "masked_std",
     "masked_sum", "names", "ppo_clip", "register", "reinforce_plus_plus", "reinforce_plus_plus_baseline",
     "rloo", "sft_nll", "token_level_rewards", "whiten",
 ]

@@ -80,6 +80,8 @@ def _algorithm(config: Config) -> Iterator[str]:
         yield "--use-kl-loss with --kl-loss-coef 0 has no effect: set --kl-loss-coef > 0"
     elif not algo.use_kl_loss and algo.kl_loss_coef > 0:
         yield f"--kl-loss-coef {algo.kl_loss_coef} has no effect without --use-kl-loss"
+    if not algo.use_kl_loss and algo.kl_loss_type != "k1":  # k1 is the default: any other value was asked for
+        yield f"--kl-loss-type {algo.kl_loss_type} has no effect without --use-kl-loss"
 
 
 def _importance_sampling(config: Config) -> Iterator[str]:
@@ -88,6 +90,8 @@ def _importance_sampling(config: Config) -> Iterator[str]:
         yield f"--tis-clip-low must be >= 0, got {algo.tis_clip_low}"
     if not algo.tis_clip > algo.tis_clip_low:
         yield f"--tis-clip {algo.tis_clip} must be > --tis-clip-low {algo.tis_clip_low}"
+    if algo.tis_mode != "token" and not algo.use_tis:
+        yield f"--tis-mode {algo.tis_mode} has no effect without --use-tis"
     if algo.use_tis and algo.use_rollout_logprobs:
         yield ("--use-tis with --use-rollout-logprobs: the old logprobs would be the rollout ones and the TIS "
                "weight always 1; drop one")

@@ -110,9 +110,13 @@ class AlgorithmConfig:
     use_tis: bool = field(default=False, metadata=meta(
         "Truncated importance sampling: weight each token's policy loss by "
         "clamp(exp(old_logprob_trainer - rollout_logprob), --tis-clip-low, --tis-clip), correcting the "
-        "engine-vs-trainer logprob mismatch."))
-    tis_clip: float = field(default=2.0, metadata=meta("Upper bound of the TIS weight."))
-    tis_clip_low: float = field(default=0.0, metadata=meta("Lower bound of the TIS weight."))
+        "engine-vs-trainer logprob mismatch (variant: --tis-mode)."))
+    tis_mode: str = field(default="token", metadata=meta(
+        "Importance weight of --use-tis: token (per-token TIS), sequence (exp of the summed log-ratio), "
+        "geometric (exp of the mean log-ratio), icepop (drop tokens whose ratio is outside the bounds).",
+        choices=("token", "sequence", "geometric", "icepop")))
+    tis_clip: float = field(default=2.0, metadata=meta("Upper bound of the TIS weight (icepop: of a kept ratio)."))
+    tis_clip_low: float = field(default=0.0, metadata=meta("Lower bound of the TIS weight (icepop: of a kept ratio)."))
     use_kl_loss: bool = field(default=False, metadata=meta("Add a KL(policy || reference) term to the loss."))
     kl_loss_coef: float = field(default=0.0, metadata=meta("Weight of the KL loss term."))
     kl_loss_type: str = field(default="k1", metadata=meta(

@@ -12,12 +12,10 @@ from __future__ import annotations
 import torch
 
 from sluice import algorithms
-from sluice.algorithms import aggregate, kl_estimate, sft_nll
+from sluice.algorithms import aggregate, importance_weight, kl_estimate, sft_nll
 from sluice.config import AlgorithmConfig
 from sluice.types import TrainBatch
 
-# Bound of the TIS log-weight before exp: past +-20 the weight is clipped anyway, and exp overflows at ~88.
-TIS_LOG_CLAMP = 20.0
 ROLLOUT_LOGPROB_ABS_DIFF = "train/rollout_logprob_abs_diff"
 
 
@@ -57,7 +55,7 @@ def micro_batch_loss(
 
 def _policy_loss(config: AlgorithmConfig, batch: TrainBatch, log_probs: torch.Tensor, token_mean,
                  metrics: dict[str, float]) -> torch.Tensor:
-    """Per-token policy loss of the estimator's registered loss, TIS-weighted with --use-tis."""
+    """Per-token policy loss of the estimator's registered loss, weighted by --tis-mode with --use-tis."""
     # Without a separate pass for old logprobs (one optimizer step per rollout, on-policy), the ratio is
     # exactly 1 with the gradient of the current policy: the detached current logprobs are the old ones.
     old = batch.old_log_probs if batch.old_log_probs is not None else log_probs.detach()
@@ -67,11 +65,11 @@ def _policy_loss(config: AlgorithmConfig, batch: TrainBatch, log_probs: torch.Te
     if config.use_tis:
         if batch.old_log_probs is None:
             raise ValueError("--use-tis needs the trainer's old logprobs (batch.old_log_probs); none were computed")
-        weight, clipped = tis_weight(batch.old_log_probs, batch.rollout_log_probs, config.tis_clip_low,
-                                     config.tis_clip)
+        weight, tis_stats = importance_weight(config.tis_mode, batch.old_log_probs, batch.rollout_log_probs,
+                                              batch.loss_mask, config.tis_clip_low, config.tis_clip)
         per_token = per_token * weight
         metrics["train/tis_weight_mean"] = token_mean(weight)
-        metrics["train/tis_clipfrac"] = token_mean(clipped)
+        metrics["train/tis_clipfrac"] = token_mean(tis_stats["clipped"])
     metrics["train/pg_loss"] = token_mean(per_token.detach())
     metrics["train/clipfrac"] = token_mean(stats["clipfrac"].float())
     metrics["train/ppo_kl"] = token_mean(stats["approx_kl"].detach())
@@ -79,15 +77,3 @@ def _policy_loss(config: AlgorithmConfig, batch: TrainBatch, log_probs: torch.Te
         metrics["train/dual_clipfrac"] = token_mean(stats["dual_clipfrac"])
     return per_token
 
-
-def tis_weight(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, low: float, high: float
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated IS weight ``clamp(exp(old - rollout), low, high)`` (detached) and a 0/1 clipped indicator.
-
-    Why: the engine samples from its own numerics (kernels, precision), so pi_engine != pi_trainer even at
-    the same weights; the weight re-targets the trainer's old policy, truncated to bound the variance.
-    """
-    log_weight = torch.clamp((old_log_probs - rollout_log_probs).detach().float(), -TIS_LOG_CLAMP, TIS_LOG_CLAMP)
-    raw = torch.exp(log_weight)
-    weight = torch.clamp(raw, low, high)
-    return weight, (weight != raw).float()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from sluice.algorithms import masked_mean, whiten
+from sluice.algorithms import effective_sample_size, importance_weight, masked_mean, whiten
 from sluice.config import AlgorithmConfig
 from sluice.trainer.batching import collate, group_advantages
 from sluice.trainer.loss import ROLLOUT_LOGPROB_ABS_DIFF
@@ -33,6 +33,8 @@ def update_policy(trainer, groups: list[SampleGroup], algorithm: AlgorithmConfig
         batch.ref_log_probs = trainer.compute_logprobs(batch, reference=True)
     recomputed_diff = _set_old_log_probs(trainer, batch, samples, algorithm, num_steps)
     sums: dict[str, float] = defaultdict(float)
+    if algorithm.use_tis and algorithm.loss_type == "policy_loss":
+        sums["train/tis_ess"] = _mean_step_ess(batch, algorithm, global_batch_size, num_steps)
     first_step_diff = None
     for step in range(num_steps):
         rows = slice(step * global_batch_size, (step + 1) * global_batch_size)
@@ -75,3 +77,19 @@ def _set_old_log_probs(trainer, batch: TrainBatch, samples: list[Sample], algori
         abs_diff = (batch.old_log_probs - batch.rollout_log_probs).abs()
         return masked_mean(abs_diff, batch.loss_mask).item()
     return None
+
+
+def _mean_step_ess(batch: TrainBatch, algorithm: AlgorithmConfig, global_batch_size: int, num_steps: int) -> float:
+    """``train/tis_ess``: the effective sample size fraction of the importance weights over the trained tokens
+    of each optimizer step, averaged over the steps.
+
+    Why here: the ESS is a ratio of sums over the whole step, so per-micro-batch values do not add up; the
+    old and rollout logprobs are both known before the first step, so the weights can be computed up front.
+    """
+    total = 0.0
+    for step in range(num_steps):
+        rows = batch.select(slice(step * global_batch_size, (step + 1) * global_batch_size))
+        weight, _ = importance_weight(algorithm.tis_mode, rows.old_log_probs, rows.rollout_log_probs,
+                                      rows.loss_mask, algorithm.tis_clip_low, algorithm.tis_clip)
+        total += effective_sample_size(weight, rows.loss_mask)
+    return total / num_steps
