@@ -176,3 +176,25 @@ def test_resumed_run_continues_exactly_like_an_uninterrupted_one(trained, tmp_pa
     assert [rewards(first)[s] for s in (1, 2, 3)] == [expected[s] for s in (1, 2, 3)]
     assert sorted(rewards(resumed)) == [4, 5, 6]
     assert [rewards(resumed)[s] for s in (4, 5, 6)] == pytest.approx([expected[s] for s in (4, 5, 6)], abs=1e-6)
+
+
+def test_dynamic_sampling_run_trains_on_groups_with_a_signal_and_the_reward_rises(trained, tmp_path):
+    """DAPO: 12 prompts per round, groups with uniform rewards dropped, until 8 groups (or 8 rounds)."""
+    paths, _ = trained
+    num_rollout = 8
+    argv = flags(paths["model"], paths["data"], tmp_path / "run", tmp_path / "ckpt", num_rollout,
+                 "--dynamic-sampling-filter-path", "sluice.rollout.filters.drop_uniform_rewards",
+                 "--over-sampling-batch-size", "12")
+    run_loop(argv)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    steps = [r for r in records if "rollout/reward_mean" in r]
+    assert len(steps) == num_rollout
+    for record in steps:
+        assert 1 <= record["rollout/num_generation_rounds"] <= 8
+        assert 0 <= record["rollout/num_kept_groups"] <= ROLLOUT_BATCH
+        assert 0 <= record["rollout/filtered_groups_frac"] <= 1
+        assert record["rollout/num_samples"] <= ROLLOUT_BATCH * N_SAMPLES
+    assert any(r["rollout/num_generation_rounds"] > 1 for r in steps)  # groups were dropped and regenerated
+    # rewards of kept groups only (uniform groups are dropped): 0.14 -> 0.88 with seed 0
+    rewards = [r["rollout/reward_mean"] for r in steps]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.4

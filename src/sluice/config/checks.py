@@ -48,6 +48,8 @@ def _rollout(config: Config) -> Iterator[str]:
         yield f"--rollout-max-concurrency must be >= 1, got {rollout.rollout_max_concurrency}"
     if config.data.rollout_max_prompt_len is not None and config.data.rollout_max_prompt_len < 1:
         yield f"--rollout-max-prompt-len must be >= 1, got {config.data.rollout_max_prompt_len}"
+    if rollout.over_sampling_batch_size is not None and rollout.over_sampling_batch_size < 1:
+        yield f"--over-sampling-batch-size must be >= 1, got {rollout.over_sampling_batch_size}"
 
 
 def _sampling(config: Config) -> Iterator[str]:
@@ -108,6 +110,12 @@ def _reward(config: Config) -> Iterator[str]:
         yield "--rm-type and --custom-rm-path are mutually exclusive: give one"
     if reward.rm_type is not None and reward.rm_type not in BUILTIN_REWARDS:
         yield f"--rm-type must be one of {', '.join(BUILTIN_REWARDS)}, got {reward.rm_type!r}"
+    max_len = config.rollout.rollout_max_response_len
+    if reward.overlong_buffer_len is not None and not 0 < reward.overlong_buffer_len < max_len:
+        yield (f"--overlong-buffer-len must be in (0, --rollout-max-response-len {max_len}), "
+               f"got {reward.overlong_buffer_len}")
+    if not reward.overlong_penalty_factor >= 0:
+        yield f"--overlong-penalty-factor must be >= 0, got {reward.overlong_penalty_factor}"
 
 
 def _train(config: Config) -> Iterator[str]:

@@ -68,6 +68,18 @@ class RolloutConfig:
     num_epoch: int = field(default=1, metadata=meta("Passes over the prompt data when --num-rollout is not set."))
     rollout_max_concurrency: int = field(default=256, metadata=meta(
         "Most generate requests in flight at once from the rollout manager."))
+    over_sampling_batch_size: int | None = field(default=None, metadata=meta(
+        "Prompts per generation round of dynamic sampling (DAPO); rounds repeat until --rollout-batch-size "
+        "groups pass --dynamic-sampling-filter-path (at most 8 rounds; extra kept groups are dropped). "
+        "Default: --rollout-batch-size."))
+    dynamic_sampling_filter_path: str | None = field(default=None, metadata=meta(
+        "Dotted path of a group filter f(group_samples) -> bool (or slime's f(args, samples) -> bool | .keep); "
+        "True keeps the group. Built-in: sluice.rollout.filters.drop_uniform_rewards."))
+
+    @property
+    def dynamic_sampling(self) -> bool:
+        """Whether rollouts go through the round-based sampler (either flag set)."""
+        return self.over_sampling_batch_size is not None or self.dynamic_sampling_filter_path is not None
 
 
 @dataclass
@@ -138,6 +150,11 @@ class RewardConfig:
     custom_rm_path: str | None = field(default=None, metadata=meta(
         "Dotted path module.function of an async reward function (sample) -> float | dict."))
     reward_key: str | None = field(default=None, metadata=meta("Key of the scalar to train on when rewards are dicts."))
+    overlong_buffer_len: int | None = field(default=None, metadata=meta(
+        "DAPO soft overlong punishment (off by default): the last L tokens of --rollout-max-response-len M "
+        "are a buffer; a response of n > M - L tokens gets -P * (n - (M - L)) / L added to its float reward."))
+    overlong_penalty_factor: float = field(default=1.0, metadata=meta(
+        "P of --overlong-buffer-len: the penalty at n = M."))
 
 
 @dataclass

@@ -28,6 +28,8 @@ from sluice.observability.metrics import MetricsWriter
 from sluice.observability.plots import plot_curves
 from sluice.observability.progress import ProgressReporter
 from sluice.rewards import get_reward_fn
+from sluice.rewards.overlong import OverlongShaping
+from sluice.rollout.dynamic_sampling import SamplingOutcome, load_group_filter, sample_filtered_groups
 from sluice.rollout.generate import GenerateContext
 from sluice.rollout.manager import RolloutManager, rollout_metrics
 from sluice.sync.in_process import push_weights
@@ -45,6 +47,8 @@ class LocalRun:
         if config.model.ref_load:
             _check_checkpoint_dir("--ref-load", config.model.ref_load)
         reward_fn = _load_reward(config)
+        self.group_filter = _load_group_filter(config)
+        self.last_sampling: SamplingOutcome | None = None  # counts of the latest dynamic-sampling rollout
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         samples, report = load_prompt_samples(config.data.prompt_data, config.data, self.tokenizer)
         self._report_load(config.data.prompt_data, report)
@@ -68,6 +72,7 @@ class LocalRun:
             reward_fn,
             max_concurrency=config.rollout.rollout_max_concurrency,
             reward_key=config.reward.reward_key,
+            overlong=_overlong_shaping(config),
         )
         self.trainer = TorchTrainer(checkpoint, config.train, config.algorithm, config.rollout.rollout_temperature,
                                     config.model.ref_load)
@@ -87,13 +92,27 @@ class LocalRun:
     # ---- stages -------------------------------------------------------------------------------------
     def generate(self) -> list[SampleGroup]:
         rollout = self.config.rollout
-        prompts = self.source.next_batch(rollout.rollout_batch_size)
         first_index = self.num_rollouts_done * self.config.samples_per_rollout  # Sample.index: unique in the run
         self.num_rollouts_done += 1
-        groups = asyncio.run(self.rollout.generate_groups(prompts, rollout.n_samples_per_prompt,
-                                                          self.sampling_params(), first_index=first_index))
+        if rollout.dynamic_sampling:
+            self.last_sampling = asyncio.run(sample_filtered_groups(
+                self.rollout, self.source, rollout.rollout_batch_size,
+                rollout.over_sampling_batch_size or rollout.rollout_batch_size, rollout.n_samples_per_prompt,
+                self.sampling_params(), self.group_filter, first_index=first_index))
+            groups = self.last_sampling.groups
+            self._report_short_batch(self.last_sampling)
+        else:
+            prompts = self.source.next_batch(rollout.rollout_batch_size)
+            groups = asyncio.run(self.rollout.generate_groups(prompts, rollout.n_samples_per_prompt,
+                                                              self.sampling_params(), first_index=first_index))
         _raise_if_all_failed(groups)
         return groups
+
+    def _report_short_batch(self, outcome: SamplingOutcome) -> None:
+        target = self.config.rollout.rollout_batch_size
+        if outcome.num_passed_groups < target:
+            self.log_line(f"dynamic sampling: {outcome.num_passed_groups} of {target} groups passed the filter "
+                          f"in {outcome.num_generation_rounds} rounds; training on {len(outcome.groups)}")
 
     def train(self, groups: list[SampleGroup]) -> dict[str, float]:
         try:
@@ -111,14 +130,18 @@ class LocalRun:
         out: dict[str, float] = {}
         for name, samples in self.eval_sets.items():
             groups = asyncio.run(self.rollout.generate_groups(
-                samples, self.config.eval.n_samples_per_eval_prompt, self.sampling_params(evaluation=True)))
+                samples, self.config.eval.n_samples_per_eval_prompt, self.sampling_params(evaluation=True),
+                shape_rewards=False))
             rewards = [r for g in groups for r in self.rollout.rewards(g)]
             out[f"eval/{name}/reward_mean"] = statistics.fmean(rewards)
             out[f"eval/{name}/accuracy"] = sum(r >= 1.0 for r in rewards) / len(rewards)
         return out
 
     def rollout_metrics(self, groups: list[SampleGroup]) -> dict[str, float]:
-        return rollout_metrics(groups, self.rollout)
+        metrics = rollout_metrics(groups, self.rollout)
+        if self.config.rollout.dynamic_sampling and self.last_sampling is not None:
+            metrics.update(self.last_sampling.metrics())
+        return metrics
 
     def sampling_params(self, evaluation: bool = False) -> SamplingParams:
         rollout, ev = self.config.rollout, self.config.eval
@@ -204,6 +227,25 @@ def _load_reward(config: Config):
     except (ValueError, ImportError, TypeError) as error:
         flag = "--custom-rm-path" if config.reward.custom_rm_path else "--rm-type"
         raise ConfigError(f"{flag}: {error}") from error
+
+
+def _load_group_filter(config: Config):
+    path = config.rollout.dynamic_sampling_filter_path
+    if path is None:
+        return None
+    slime_args = argparse.Namespace(**config_to_dict(config))  # for slime-style (args, samples) filters
+    try:
+        return load_group_filter(path, slime_args)
+    except (ValueError, ImportError, TypeError) as error:
+        raise ConfigError(f"--dynamic-sampling-filter-path: {error}") from error
+
+
+def _overlong_shaping(config: Config) -> OverlongShaping | None:
+    reward = config.reward
+    if reward.overlong_buffer_len is None:
+        return None
+    return OverlongShaping(config.rollout.rollout_max_response_len, reward.overlong_buffer_len,
+                           reward.overlong_penalty_factor)
 
 
 class RolloutFailed(RuntimeError):
