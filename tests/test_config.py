@@ -330,6 +330,8 @@ def test_valid_training_config_passes() -> None:
 @pytest.mark.parametrize(("extra", "flags"), [
     (["--rollout-batch-size", "0"], ["--rollout-batch-size"]),
     (["--rollout-max-concurrency", "0"], ["--rollout-max-concurrency"]),
+    (["--ref-update-interval", "2"], ["--ref-update-interval", "--use-kl-loss"]),
+    (["--use-kl-loss", "--kl-loss-coef", "0.1", "--ref-update-interval", "0"], ["--ref-update-interval"]),
     (["--n-samples-per-prompt", "0"], ["--n-samples-per-prompt"]),
     (["--global-batch-size", "3"], ["--global-batch-size", "--rollout-batch-size", "--n-samples-per-prompt"]),
     (["--global-batch-size", "0"], ["--global-batch-size"]),

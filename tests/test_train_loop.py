@@ -198,3 +198,20 @@ def test_dynamic_sampling_run_trains_on_groups_with_a_signal_and_the_reward_rise
     # rewards of kept groups only (uniform groups are dropped): 0.14 -> 0.88 with seed 0
     rewards = [r["rollout/reward_mean"] for r in steps]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.4
+
+
+def test_ref_update_interval_refreshes_the_reference(trained, tmp_path):
+    """With --ref-update-interval 1 the reference equals the policy that generated each rollout: KL exactly ~0."""
+    paths, _ = trained
+    kl_flags = ("--use-kl-loss", "--kl-loss-coef", "0.1", "--kl-loss-type", "k3")
+    run = run_loop(flags(paths["model"], paths["data"], tmp_path / "every", tmp_path / "ck1", 4, *kl_flags,
+                         "--ref-update-interval", "1"))
+    kls = [r["train/kl_loss"] for r in read_metrics(tmp_path / "every") if "train/kl_loss" in r]
+    assert len(kls) == 4 and max(abs(k) for k in kls) < 1e-6
+    for (name, actor), (_, ref) in zip(run.trainer.model.named_parameters(), run.trainer.ref_model.named_parameters()):
+        assert torch.equal(actor, ref), name
+
+    fixed = run_loop(flags(paths["model"], paths["data"], tmp_path / "fixed", tmp_path / "ck2", 4, *kl_flags))
+    fixed_kls = [r["train/kl_loss"] for r in read_metrics(tmp_path / "fixed") if "train/kl_loss" in r]
+    assert fixed_kls[-1] > 1e-4  # a fixed reference drifts away from the trained policy
+    assert not all(torch.equal(a, r) for a, r in zip(fixed.trainer.model.parameters(), fixed.trainer.ref_model.parameters()))

@@ -36,6 +36,7 @@ def train_sync(run: LocalRun) -> None:
             metrics = run.train(groups)
         with timer("sync"):
             run.sync_weights(version=rollout_id + 1)
+            run.maybe_update_reference(rollout_id)
         if run.eval_due(rollout_id):
             with timer("eval"):
                 metrics.update(run.evaluate())

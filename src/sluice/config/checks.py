@@ -76,6 +76,10 @@ def _algorithm(config: Config) -> Iterator[str]:
     if algo.eps_clip_c is not None and algo.advantage_estimator == "cispo":
         yield "--eps-clip-c does not apply to --advantage-estimator cispo (its IS weight is already bounded)"
     yield from _importance_sampling(config)
+    if algo.ref_update_interval is not None and algo.ref_update_interval < 1:
+        yield f"--ref-update-interval must be >= 1, got {algo.ref_update_interval}"
+    elif algo.ref_update_interval is not None and not algo.use_kl_loss:
+        yield "--ref-update-interval has no effect without --use-kl-loss (no reference model is loaded)"
     if algo.kl_loss_coef < 0:
         yield f"--kl-loss-coef must be >= 0, got {algo.kl_loss_coef}"
     elif algo.use_kl_loss and algo.kl_loss_coef == 0:

@@ -134,6 +134,8 @@ class AlgorithmConfig:
     kl_loss_type: str = field(default="k1", metadata=meta(
         "KL estimator of the loss term (k3 = low_var_kl).", choices=("k1", "k2", "k3", "low_var_kl")))
     entropy_coef: float = field(default=0.0, metadata=meta("Weight of the entropy bonus (subtracted from the loss)."))
+    ref_update_interval: int | None = field(default=None, metadata=meta(
+        "Copy the actor's weights into the KL reference every N rollout steps (default: a fixed reference)."))
     disable_grpo_std_normalization: bool = field(default=False, metadata=meta(
         "Do not divide GRPO advantages by the group's reward std (Dr.GRPO)."))
 

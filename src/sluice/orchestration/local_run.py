@@ -122,6 +122,11 @@ class LocalRun:
         return update_policy(self.trainer, groups, self.config.algorithm, rewards, self.config.global_batch_size,
                              self.tokenizer.pad_token_id or 0, self.config.rollout.rollout_max_response_len)
 
+    def maybe_update_reference(self, rollout_id: int) -> None:
+        interval = self.config.algorithm.ref_update_interval
+        if interval and (rollout_id + 1) % interval == 0:
+            self.trainer.update_reference()
+
     def sync_weights(self, version: int) -> None:
         asyncio.run(push_weights(self.trainer.named_weights(), [self.client], version))
 

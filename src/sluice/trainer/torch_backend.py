@@ -42,6 +42,13 @@ class TorchTrainer:
     def _load(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device)
 
+    @torch.no_grad()
+    def update_reference(self) -> None:
+        """Make the reference model a copy of the current actor (--ref-update-interval)."""
+        if self.ref_model is None:
+            raise RuntimeError("no reference model is loaded (it exists only with --use-kl-loss)")
+        self.ref_model.load_state_dict(self.model.state_dict())
+
     @property
     def needs_ref(self) -> bool:
         return self.ref_model is not None
@@ -100,6 +107,8 @@ class TorchTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "num_optimizer_steps": self.num_optimizer_steps,
+            # The reference changes only with --ref-update-interval; saved so a resume keeps the same one.
+            "ref_model": self.ref_model.state_dict() if self.ref_model is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -107,6 +116,8 @@ class TorchTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.num_optimizer_steps = state["num_optimizer_steps"]
+        if self.ref_model is not None and state.get("ref_model") is not None:
+            self.ref_model.load_state_dict(state["ref_model"])
 
     def save_hf(self, path: str | Path) -> None:
         self.model.save_pretrained(path, safe_serialization=True)
