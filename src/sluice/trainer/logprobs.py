@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sluice.algorithms import entropy_from_logits
+from sluice.algorithms import entropy_from_logits, log_probs_from_logits
 
 
 def token_logprobs(
@@ -22,9 +22,7 @@ def token_logprobs(
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
     logits = logits.float()
     if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, 1:]
-    # log_softmax(x)[y] = x[y] - logsumexp(x): avoids materialising a second [B, T, V] tensor.
-    selected = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        logits = logits / temperature  # once, shared by the logprobs and the entropy
+    selected = log_probs_from_logits(logits, input_ids[:, 1:])
     entropy = entropy_from_logits(logits) if with_entropy else None
     return selected, entropy
