@@ -366,6 +366,8 @@ def test_valid_training_config_passes() -> None:
     (["--rollout-max-prompt-len", "0"], ["--rollout-max-prompt-len"]),
     (["--sglang-mem-fraction-static", "1.5"], ["--sglang-mem-fraction-static"]),
     (["--sglang-max-running-requests", "0"], ["--sglang-max-running-requests"]),
+    (["--sglang-page-size", "6"], ["--sglang-page-size", "power of two"]),
+    (["--sglang-max-total-tokens", "0"], ["--sglang-max-total-tokens"]),
     (["--eps-clip-c", "1.0"], ["--eps-clip-c", "> 1"]),
     (["--advantage-estimator", "cispo", "--eps-clip-c", "3"], ["--eps-clip-c", "cispo"]),
     (["--use-tis", "--tis-clip", "0.5", "--tis-clip-low", "0.5"], ["--tis-clip", "--tis-clip-low"]),

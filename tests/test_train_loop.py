@@ -113,7 +113,7 @@ def test_run_writes_metrics_curves_and_checkpoints(trained):
         torch.testing.assert_close(value, run.trainer.named_weights()[name], atol=0, rtol=0, msg=name)
     # the engine was synced to the trainer after the last step
     assert run.engine.weight_version == NUM_ROLLOUT
-    for name, value in run.engine.model.state_dict().items():
+    for name, value in run.engine.named_weights().items():
         torch.testing.assert_close(value, run.trainer.named_weights()[name], atol=0, rtol=0, msg=name)
 
 
@@ -139,7 +139,7 @@ def test_load_resumes_at_the_next_rollout_with_the_same_data_cursor(trained):
         for name, value in run.trainer.named_weights().items():
             torch.testing.assert_close(value, saved[name], atol=0, rtol=0, msg=name)
         assert run.engine.weight_version == NUM_ROLLOUT
-        for name, value in run.engine.model.state_dict().items():
+        for name, value in run.engine.named_weights().items():
             torch.testing.assert_close(value, saved[name], atol=0, rtol=0, msg=name)
         assert not run.eval_before_train()  # a resumed run does not re-evaluate step 0
         train_sync(run)

@@ -152,6 +152,14 @@ def _engine(config: Config) -> Iterator[str]:
         yield f"--sglang-mem-fraction-static must be in (0, 1], got {engine.mem_fraction_static}"
     if engine.max_running_requests < 1:
         yield f"--sglang-max-running-requests must be >= 1, got {engine.max_running_requests}"
+    if engine.page_size < 1 or engine.page_size & (engine.page_size - 1):
+        yield f"--sglang-page-size must be a power of two, got {engine.page_size}"
+    for flag, value in (("--sglang-max-total-tokens", engine.max_total_tokens),
+                        ("--sglang-context-length", engine.context_length),
+                        ("--sglang-chunked-prefill-size", engine.chunked_prefill_size),
+                        ("--sglang-cuda-graph-max-bs", engine.cuda_graph_max_bs)):
+        if value is not None and value < 1:
+            yield f"{flag} must be >= 1, got {value}"
 
 
 def _training(config: Config) -> Iterator[str]:

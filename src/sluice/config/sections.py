@@ -193,8 +193,22 @@ class EngineConfig:
     """Settings of our inference engine, given as --sglang-<name> to match SGLang's server flags."""
 
     mem_fraction_static: float = field(default=0.8, metadata=meta(
-        "Fraction of free accelerator memory for weights and KV cache; read by the paged KV pool. The current "
-        "in-process engine allocates its cache per batch and does not use it yet."))
+        "Fraction of the accelerator's memory for the weights plus the paged KV pool (what other processes and "
+        "the weights already use is subtracted); the rest is left to activations and CUDA graphs."))
+    max_total_tokens: int | None = field(default=None, metadata=meta(
+        "KV pool size in tokens; overrides --sglang-mem-fraction-static. Default on CPU: 65536 (or context "
+        "length x max running requests if smaller)."))
+    page_size: int = field(default=16, metadata=meta("Tokens per KV page; prefixes are shared in whole pages."))
+    context_length: int | None = field(default=None, metadata=meta(
+        "Longest sequence (prompt + output); default: the model's max_position_embeddings."))
+    chunked_prefill_size: int | None = field(default=None, metadata=meta(
+        "Token budget of one engine step: prompts longer than the budget are prefilled in chunks. Default: 8192 "
+        "on GPU, 4096 on CPU; raised to --sglang-max-running-requests if below it."))
+    disable_radix_cache: bool = field(default=False, metadata=meta(
+        "Turn off prefix caching (the n samples of a group then each prefill their prompt)."))
+    disable_cuda_graph: bool = field(default=False, metadata=meta("Run decode steps eagerly on GPU."))
+    cuda_graph_max_bs: int | None = field(default=None, metadata=meta(
+        "Largest decode batch replayed from a CUDA graph; default min(256, --sglang-max-running-requests)."))
     dtype: str = field(default="auto", metadata=meta(
         "Engine dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.",
         choices=("auto", "float32", "bfloat16")))

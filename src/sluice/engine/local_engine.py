@@ -1,93 +1,129 @@
-"""The in-process engine: a worker thread runs batched generation over a causal LM.
+"""The in-process engine: a worker thread that steps the scheduler and the model runner; control calls from any thread.
 
-Requests queue up; the worker takes up to ``max_running_requests`` of them, prefills them together
-(left-padded) and decodes until each finishes. Weight updates, pause and abort take effect between decode
-steps, never inside one: ``_step_lock`` guards the model during a forward pass.
+Threads and locks:
+- ``_cond`` guards the hand-over lists (new submissions, the rid -> sequence map, pause/closed flags); callers
+  never touch the scheduler directly.
+- ``_step_lock`` is held by the worker for a whole step (schedule, forward, sample, bookkeeping) and by control
+  calls that change the model, the pool or the prefix cache (weight updates, flush, memory release). So weights
+  change between steps, never inside one, and a flush never races an allocation.
+- Callbacks (``on_done``, ``on_update``) run on the worker thread outside both locks.
 """
 
 from __future__ import annotations
 
 import threading
-import warnings
-from dataclasses import dataclass, field
+import time
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoTokenizer
 
 from sluice.config import EngineConfig
 from sluice.device import resolve_device, resolve_dtype
+from sluice.engine.block_manager import BlockManager
+from sluice.engine.kv_pool import KVPool, KVShape, pages_for_memory
+from sluice.engine.model import load_model
+from sluice.engine.model.loading import hf_named_tensors, load_hf_weights
+from sluice.engine.model_runner import ModelRunner
 from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors
 from sluice.engine.sampler import sample_tokens
-from sluice.engine.weights import load_weights
+from sluice.engine.scheduler import Scheduler
+from sluice.engine.sequence import OnDone, OnUpdate, Sequence
+from sluice.engine.stopping import StopChecker
 
-
-# transformers >= 5.2x renames the forward argument `past_key_values` to `cache`; the old name keeps working
-# in every version we support (>= 5.17), so keep it and silence the notice.
-warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*", category=FutureWarning)
-
-
-@dataclass
-class _Running:
-    request: GenerateRequest
-    on_done: Callable[[GenerateResult], None]
-    generator: torch.Generator | None
-    output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
-    finish: FinishReason | None = None
-    matched_stop: int | str | None = None
-    text: str = ""
-    abort_requested: bool = False  # set by abort(), under _cond; honoured before the next decode step
+CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 
 
 class LocalEngine:
     def __init__(self, model_path: str, config: EngineConfig = EngineConfig()):
+        self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()
+        self.model_config = AutoConfig.from_pretrained(model_path)
+        self.model_path = str(model_path)
+        self.model = load_model(model_path, self.device, self.dtype)
+        self.context_len = int(config.context_length or self.model_config.max_position_embeddings)
+        self.stops = StopChecker(self.tokenizer, self.model_config, self.context_len)
+        kv_shape = KVShape(len(self.model.layers), self.model.num_kv_heads, self.model.head_dim, config.page_size, self.dtype)
+        self.pool = KVPool(kv_shape, self._num_pages(kv_shape), self.device)
+        self.blocks = BlockManager(self.pool.num_pages, config.page_size, enable_prefix_cache=not config.disable_radix_cache)
         self.max_running_requests = config.max_running_requests
-        self.context_len = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
-        self.eos_ids = _eos_ids(self.model.config.eos_token_id, self.tokenizer.eos_token_id)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        budget = config.chunked_prefill_size or (8192 if self.device.type == "cuda" else 4096)
+        self.scheduler = Scheduler(self.blocks, config.max_running_requests, max(budget, config.max_running_requests))
+        self.runner = ModelRunner(self.model, self.pool, _attention_backend(self.device), self.context_len)
+        self._use_graphs = self.device.type == "cuda" and not config.disable_cuda_graph
+        if self._use_graphs:
+            self.runner.capture_decode_graphs(min(config.cuda_graph_max_bs or 256, config.max_running_requests))
         self.weight_version = 0
-        self._waiting: list[_Running] = []
-        self._running: list[_Running] = []  # the batch being decoded; set and cleared under _cond
+        self._incoming: list[Sequence] = []
+        self._by_rid: dict[str, list[Sequence]] = {}
         self._paused = False
+        self._released = False
         self._closed = False
         self._cond = threading.Condition()
         self._step_lock = threading.Lock()
+        self.stats = EngineStats()
         self._worker = threading.Thread(target=self._loop, name="sluice-engine", daemon=True)
         self._worker.start()
 
-    # ---- control (any thread) -------------------------------------------------------------------
-    def submit(self, request: GenerateRequest, on_done: Callable[[GenerateResult], None]) -> None:
-        seed = request.sampling_params.seed
+    def _num_pages(self, shape: KVShape) -> int:
+        size = shape.page_size
+        if self.config.max_total_tokens:
+            return -(-self.config.max_total_tokens // size) + 1
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * self.config.mem_fraction_static) - (total - free)
+            pages = pages_for_memory(shape, budget)
+            if pages < 2:
+                raise RuntimeError(
+                    f"--sglang-mem-fraction-static {self.config.mem_fraction_static} leaves no memory for the KV "
+                    f"cache after the weights ({(total - free) / 2**30:.1f} GiB in use of {total / 2**30:.1f} GiB); "
+                    "raise it, or set --sglang-max-total-tokens"
+                )
+            return pages
+        tokens = min(CPU_DEFAULT_MAX_TOTAL_TOKENS, self.context_len * self.config.max_running_requests)
+        return -(-tokens // size) + 1
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.pool.capacity_tokens
+
+    # ---- requests (any thread) ----------------------------------------------------------------------
+    def submit(self, request: GenerateRequest, on_done: OnDone, on_update: OnUpdate | None = None) -> None:
+        """Queue a request; ``on_done`` gets the GenerateResult (or an exception), on the worker thread."""
+        prompt = list(request.input_ids)
+        if not prompt:
+            raise ValueError("input_ids is empty: a request needs at least one prompt token")
+        if len(prompt) >= self.context_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context length {self.context_len}")
+        vocab = self.model_config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}); got {min(prompt)}..{max(prompt)}")
+        if len(prompt) + 1 > self.pool.capacity_tokens:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the KV pool ({self.pool.capacity_tokens} tokens)")
         generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        if request.sampling_params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(request.sampling_params.seed))
+        seq = Sequence(request, on_done, on_update, generator, prompt, len(prompt))
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is shut down")
-            self._waiting.append(_Running(request, on_done, generator))
+            self._incoming.append(seq)
+            self._by_rid.setdefault(request.rid, []).append(seq)
             self._cond.notify_all()
 
-    def update_weights(self, weights: NamedTensors | str, version: int) -> int:
-        """Load new weights between decode steps; returns the number of tensors copied."""
-        with self._step_lock:
-            count = load_weights(self.model, weights)
-            self.weight_version = version
-        return count
-
     def abort(self, rid: str | None = None) -> None:
-        """Abort the submitted requests (all, or those with this rid); later submissions are not affected."""
+        """Abort submitted requests (all, or those with this rid); each returns its partial output."""
         with self._cond:
-            for entry in self._waiting + self._running:
-                if rid is None or entry.request.rid == rid:
-                    entry.abort_requested = True
+            for rid_key, seqs in self._by_rid.items():
+                if rid is None or rid_key == rid:
+                    for seq in seqs:
+                        seq.abort_requested = True
             self._cond.notify_all()
 
     def pause(self) -> None:
+        """Stop stepping; running and queued requests are kept and continue after ``resume``."""
         with self._cond:
             self._paused = True
 
@@ -95,6 +131,68 @@ class LocalEngine:
         with self._cond:
             self._paused = False
             self._cond.notify_all()
+
+    # ---- model and memory (any thread; wait for the current step to end) ----------------------------
+    def update_weights(self, weights: NamedTensors | str, version: int) -> int:
+        """Load HF-named tensors or a checkpoint directory between steps; returns the number of tensors.
+
+        Cached prefixes were computed with the old weights, so the prefix cache is flushed. Requests in flight
+        continue on the new weights.
+        """
+        with self._step_lock:
+            if version < self.weight_version:
+                raise ValueError(f"weight version {version} is older than the engine's {self.weight_version}")
+            count = len(load_hf_weights(self.model, weights))
+            self.blocks.flush()
+            self.weight_version = version
+        return count
+
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """The engine's current weights under HF names (views: copy before changing them)."""
+        return hf_named_tensors(self.model)
+
+    def flush_cache(self) -> bool:
+        """Forget cached prefixes; refused (False) while requests are in flight, as SGLang does."""
+        with self._step_lock:
+            with self._cond:
+                busy = self.scheduler.has_work() or bool(self._incoming)
+            if busy:
+                return False
+            self.blocks.flush()
+            return True
+
+    def release_memory(self) -> None:
+        """Free the KV pool and move the weights to host memory (for a colocated trainer).
+
+        Running requests are preempted (their K/V recomputed later); nothing is stepped until resume_memory.
+        """
+        with self._step_lock:
+            with self._cond:
+                self._released = True
+            for seq in list(self.scheduler.running):
+                self.scheduler.preempt(seq)
+            self.blocks.flush()
+            self.runner.drop_graphs()
+            self.pool.release()
+            self.model.to("cpu")
+
+    def resume_memory(self) -> None:
+        with self._step_lock:
+            self.model.to(self.device)
+            self.pool.allocate()
+            if self._use_graphs:
+                self.runner.capture_decode_graphs(min(self.config.cuda_graph_max_bs or 256, self.max_running_requests))
+            with self._cond:
+                self._released = False
+                self._cond.notify_all()
+
+    def load(self) -> dict:
+        with self._cond:
+            num_waiting = len(self.scheduler.waiting) + len(self._incoming)
+            num_running = len(self.scheduler.running)
+        used_pages = self.pool.num_pages - 1 - self.blocks.num_free
+        return {"num_running": num_running, "num_waiting": num_waiting,
+                "num_tokens": used_pages * self.blocks.page_size, "kv_capacity_tokens": self.pool.capacity_tokens}
 
     def shutdown(self) -> None:
         with self._cond:
@@ -106,123 +204,153 @@ class LocalEngine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._closed or (self._waiting and not self._paused))
-                if self._closed:
-                    batch, self._waiting = self._waiting, []
-                else:
-                    batch = self._waiting[: self.max_running_requests]
-                    self._waiting = self._waiting[len(batch) :]
-                    self._running = batch
-            if self._closed:
-                for entry in batch:
-                    entry.finish = FinishReason.ABORT
-                    self._deliver(entry)
+                self._cond.wait_for(self._can_step)
+                closed = self._closed
+                for seq in self._incoming:
+                    self.scheduler.add(seq)
+                self._incoming.clear()
+            if closed:
+                self._abort_everything()
                 return
+            done: list[Sequence] = []
+            updates: list[Sequence] = []
             try:
-                self._generate_batch(batch)
-            except Exception as error:  # a failed batch must not hang its callers
-                for entry in batch:
-                    _notify(entry, error)
-            finally:
-                with self._cond:
-                    self._running = []
+                with self._step_lock:
+                    self._step(done, updates)
+            except Exception as error:  # a failed step must not hang its callers: fail every request
+                with self._step_lock:
+                    failed = self._drop_everything()
+                for seq in failed:
+                    _call(seq.on_done, error)
+                continue
+            self._notify(done, updates)
 
-    def _check_control(self, running: list[_Running]) -> None:
+    def _can_step(self) -> bool:
+        if self._closed or self._incoming:
+            return True
+        has_abort = any(seq.abort_requested for seqs in self._by_rid.values() for seq in seqs)
+        return has_abort or (self.scheduler.has_work() and not self._paused and not self._released)
+
+    def _step(self, done: list[Sequence], updates: list[Sequence]) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if seq.abort_requested:
+                seq.finish = FinishReason.ABORT
+                self._retire(seq, done)
         with self._cond:
-            self._cond.wait_for(lambda: not self._paused or self._closed)
-            for entry in running:
-                if entry.finish is None and (entry.abort_requested or self._closed):
-                    entry.finish = FinishReason.ABORT
+            if self._paused or self._released:
+                return
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return
+        started = time.perf_counter()
+        logits, rows = self.runner.run(batch)
+        tokens, logprobs = [], []
+        if rows:
+            seqs = [batch.seqs[i] for i in rows]
+            token_t, logprob_t = sample_tokens(logits, [s.request.sampling_params for s in seqs], [s.generator for s in seqs])
+            tokens, logprobs = token_t.tolist(), logprob_t.tolist()
+        self.stats.record(batch, time.perf_counter() - started)
+        for seq, count in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed += count
+        for index, token, logprob in zip(rows, tokens, logprobs):
+            seq = batch.seqs[index]
+            seq.token_ids.append(token)
+            seq.output_logprobs.append(logprob)
+            seq.output_versions.append(self.weight_version)
+            if seq.on_update is not None:
+                updates.append(seq)
+            if self.stops.check(seq):
+                self._retire(seq, done)
+        for seq in batch.seqs:
+            if seq.finish is None:
+                self.blocks.register_computed(seq)
 
-    @torch.no_grad()
-    def _generate_batch(self, running: list[_Running]) -> None:
-        prompts = [entry.request.input_ids for entry in running]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding keeps every row's next token in the last column
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[row, width - len(prompt) :] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        params = [entry.request.sampling_params for entry in running]
-        generators = [entry.generator for entry in running]
-        step_input, step_positions = input_ids, positions
-        while True:
-            self._check_control(running)
-            with self._step_lock:
-                if all(entry.finish is not None for entry in running):
-                    break
-                logits = self.model(
-                    input_ids=step_input, attention_mask=attention_mask, position_ids=step_positions,
-                    past_key_values=cache, use_cache=True,
-                ).logits[:, -1]
-                tokens, logprobs = sample_tokens(logits, params, generators)
-            for entry, token, logprob in zip(running, tokens.tolist(), logprobs.tolist()):
-                if entry.finish is None:
-                    self._append_token(entry, token, logprob)
-            if all(entry.finish is not None for entry in running):
-                break
-            step_input = tokens[:, None]
-            step_positions = step_positions[:, -1:] + 1
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(running), 1))], dim=1)
-        for entry in running:
-            self._deliver(entry)
+    def _retire(self, seq: Sequence, done: list[Sequence]) -> None:
+        if seq.pages:  # its full output pages serve a later turn that starts with this conversation
+            self.blocks.register_computed(seq)
+        self.scheduler.finish(seq)
+        with self._cond:
+            seqs = self._by_rid.get(seq.rid, [])
+            if seq in seqs:
+                seqs.remove(seq)
+            if not seqs:
+                self._by_rid.pop(seq.rid, None)
+        done.append(seq)
 
-    def _append_token(self, entry: _Running, token: int, logprob: float) -> None:
-        params = entry.request.sampling_params
-        entry.output_ids.append(token)
-        entry.output_logprobs.append(logprob)
-        if not params.ignore_eos and token in self.eos_ids:
-            entry.finish, entry.matched_stop = FinishReason.STOP, token
-        elif token in params.stop_token_ids:
-            entry.finish, entry.matched_stop = FinishReason.STOP, token
-        elif params.stop and self._match_stop_string(entry):
-            entry.finish = FinishReason.STOP
-        elif len(entry.output_ids) >= params.max_new_tokens:
-            entry.finish = FinishReason.LENGTH
-        elif len(entry.request.input_ids) + len(entry.output_ids) >= self.context_len:
-            entry.finish = FinishReason.LENGTH
+    def _abort_everything(self) -> None:
+        done: list[Sequence] = []
+        with self._step_lock:
+            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                seq.finish = FinishReason.ABORT
+                self._retire(seq, done)
+        self._notify(done, [])
 
-    def _match_stop_string(self, entry: _Running) -> bool:
-        text = self.tokenizer.decode(entry.output_ids, skip_special_tokens=False)
-        hits = [(text.find(stop), stop) for stop in entry.request.sampling_params.stop if stop in text]
-        if not hits:
-            return False
-        position, stop = min(hits)
-        entry.text, entry.matched_stop = text[:position], stop
-        return True
+    def _drop_everything(self) -> list[Sequence]:
+        failed = list(self.scheduler.running) + list(self.scheduler.waiting)
+        for seq in failed:
+            self.scheduler.finish(seq)
+            with self._cond:
+                self._by_rid.pop(seq.rid, None)
+        return failed
 
-    def _deliver(self, entry: _Running) -> None:
-        params = entry.request.sampling_params
-        if not isinstance(entry.matched_stop, str):
-            entry.text = self.tokenizer.decode(entry.output_ids, skip_special_tokens=params.skip_special_tokens)
-        _notify(
-            entry,
-            GenerateResult(
-                rid=entry.request.rid,
-                output_ids=entry.output_ids,
-                output_logprobs=entry.output_logprobs if entry.request.return_logprob else [],
-                finish_reason=entry.finish or FinishReason.ABORT,
-                weight_version=self.weight_version,
-                prompt_tokens=len(entry.request.input_ids),
-                text=entry.text,
-                matched_stop=entry.matched_stop,
-            ),
+    def _notify(self, done: list[Sequence], updates: list[Sequence]) -> None:
+        for seq in updates:
+            new_ids = seq.output_ids[seq.num_reported :]
+            new_logprobs = seq.output_logprobs[seq.num_reported :]
+            seq.num_reported = len(seq.output_logprobs)
+            if new_ids:
+                _call(seq.on_update, new_ids, new_logprobs)
+        for seq in done:
+            _call(seq.on_done, self._result(seq))
+
+    def _result(self, seq: Sequence) -> GenerateResult:
+        params = seq.request.sampling_params
+        if not isinstance(seq.matched_stop, str):
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
+        return GenerateResult(
+            rid=seq.rid,
+            output_ids=list(seq.output_ids),
+            output_logprobs=list(seq.output_logprobs) if seq.request.return_logprob else [],
+            finish_reason=seq.finish or FinishReason.ABORT,
+            weight_version=self.weight_version,
+            prompt_tokens=seq.num_prompt_tokens,
+            text=seq.text,
+            matched_stop=seq.matched_stop,
+            cached_tokens=seq.cached_tokens,
         )
 
 
-def _eos_ids(config_eos: int | list[int] | None, tokenizer_eos: int | None) -> list[int]:
-    ids = [config_eos] if isinstance(config_eos, int) else list(config_eos or [])
-    if tokenizer_eos is not None and tokenizer_eos not in ids:
-        ids.append(tokenizer_eos)
-    return ids
+class EngineStats:
+    """Counters for /get_server_info and benchmarks: steps, tokens, time in forward passes."""
+
+    def __init__(self):
+        self.num_steps = 0
+        self.num_decode_steps = 0
+        self.num_prefill_tokens = 0
+        self.num_decode_tokens = 0
+        self.forward_seconds = 0.0
+
+    def record(self, batch, seconds: float) -> None:
+        self.num_steps += 1
+        if batch.is_decode:
+            self.num_decode_steps += 1
+            self.num_decode_tokens += batch.num_tokens
+        else:
+            self.num_prefill_tokens += batch.num_tokens
+        self.forward_seconds += seconds
 
 
-def _notify(entry: _Running, outcome) -> None:
-    """Hand a result (or an error) to the request's callback; a failing callback must not kill the worker."""
+def _attention_backend(device: torch.device):
+    if device.type == "cuda":
+        from sluice.engine.attention.triton_backend import paged_attention
+    else:
+        from sluice.engine.attention.reference import paged_attention
+    return paged_attention
+
+
+def _call(callback: Callable, *args) -> None:
+    """Run a caller's callback; one that raises must not kill the worker (its caller is already gone)."""
     try:
-        entry.on_done(outcome)
-    except Exception:  # noqa: BLE001 - the callback belongs to a caller that is already gone
+        callback(*args)
+    except Exception:  # noqa: BLE001
         pass

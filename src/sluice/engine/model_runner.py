@@ -1,0 +1,162 @@
+"""Turns a scheduled batch into the model's input tensors, runs the forward pass, returns logits to sample from.
+
+Decode batches on CUDA replay a captured CUDA graph (one per padded batch size): a decode step of a small
+model is a few hundred tiny kernels, and launching them one by one from Python costs more than running them.
+Padded rows point at the pool's scratch page, so they compute garbage that nobody reads and write nowhere that
+matters.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from sluice.engine.attention import AttentionMetadata
+from sluice.engine.kv_pool import KVPool
+from sluice.engine.model.decoder import AttentionFn, DecoderLM
+from sluice.engine.scheduler import ScheduledBatch
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderLM, pool: KVPool, attend: AttentionFn, context_len: int):
+        self.model = model
+        self.pool = pool
+        self.attend = attend
+        self.device = pool.device
+        self.page_size = pool.shape.page_size
+        self.context_len = context_len
+        self.max_pages_per_seq = -(-context_len // self.page_size)
+        self.graphs: dict[int, "_DecodeGraph"] = {}
+        self.graph_sizes: list[int] = []
+
+    # ---- batch preparation ------------------------------------------------------------------------
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Input ids, positions, attention metadata, and the packed index of each sampling row."""
+        size = self.page_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu_seqlens = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        for seq, count in zip(batch.seqs, batch.num_new_tokens):
+            start, stop = seq.num_computed, seq.num_computed + count
+            input_ids += seq.token_ids[start:stop]
+            span = range(start, stop)
+            positions += span
+            pages = seq.pages
+            slots += [pages[p // size] * size + p % size for p in span]
+            cu_seqlens.append(cu_seqlens[-1] + count)
+            seq_lens.append(stop)
+            if stop == len(seq.token_ids):
+                sample_rows.append(cu_seqlens[-1] - 1)
+        width = max(len(seq.pages) for seq in batch.seqs)
+        tables = [seq.pages + [0] * (width - len(seq.pages)) for seq in batch.seqs]
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots, torch.int64),
+            block_tables=self._tensor(tables, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
+            max_seqlen_q=max(batch.num_new_tokens),
+            max_seqlen_k=max(seq_lens),
+            is_decode=batch.is_decode,
+        )
+        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, sample_rows
+
+    def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    # ---- forward ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Logits [num sampling rows, vocab] (float32) and, for each, its index in ``batch.seqs``."""
+        sampled = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                   if seq.num_computed + n == len(seq.token_ids)]
+        if batch.is_decode and self.graph_sizes and len(batch.seqs) <= self.graph_sizes[-1]:
+            logits = self._replay(batch)
+            return logits[: len(batch.seqs)].float(), sampled
+        input_ids, positions, meta, rows = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta, self.pool.layer_caches(), self.attend)
+        if not rows:
+            return hidden.new_zeros((0, 1)).float(), sampled
+        index = torch.tensor(rows, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, index)).float(), sampled
+
+    # ---- CUDA graphs for decode ------------------------------------------------------------------
+    def capture_decode_graphs(self, max_batch_size: int) -> None:
+        """Capture one decode graph per padded batch size up to ``max_batch_size`` (largest first, so the
+        smaller ones reuse its memory pool)."""
+        sizes = sorted({s for s in [1, 2, 4, 8] + list(range(16, max_batch_size + 1, 16)) if s <= max_batch_size}
+                       | {max_batch_size})
+        pool = None
+        self.graphs.clear()
+        for size in reversed(sizes):
+            graph = _DecodeGraph(self, size, pool)
+            pool = graph.graph.pool()
+            self.graphs[size] = graph
+        self.graph_sizes = sizes
+
+    def drop_graphs(self) -> None:
+        self.graphs.clear()
+        self.graph_sizes = []
+
+    def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
+        size = self.graph_sizes[bisect.bisect_left(self.graph_sizes, len(batch.seqs))]
+        return self.graphs[size].replay(batch)
+
+
+class _DecodeGraph:
+    """Static input buffers of one padded decode batch size, and the graph captured over them."""
+
+    def __init__(self, runner: ModelRunner, batch_size: int, pool):
+        device = runner.device
+        self.runner = runner
+        self.batch_size = batch_size
+        self.input_ids = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.meta = AttentionMetadata(
+            slot_mapping=torch.zeros(batch_size, dtype=torch.int64, device=device),  # scratch page 0, slot 0
+            block_tables=torch.zeros((batch_size, runner.max_pages_per_seq), dtype=torch.int32, device=device),
+            seq_lens=torch.ones(batch_size, dtype=torch.int32, device=device),
+            cu_seqlens_q=torch.arange(batch_size + 1, dtype=torch.int32, device=device),
+            max_seqlen_q=1,
+            max_seqlen_k=runner.context_len,
+            is_decode=True,
+        )
+        self.host = torch.zeros((4, batch_size), dtype=torch.int64).pin_memory()
+        self.host_tables = torch.zeros((batch_size, runner.max_pages_per_seq), dtype=torch.int32).pin_memory()
+        caches = runner.pool.layer_caches()
+        model = runner.model
+        for _ in range(2):  # warm-up outside the graph: lazy inits, Triton autotuning, cuBLAS handles
+            model.compute_logits(model(self.input_ids, self.positions, self.meta, caches, runner.attend))
+        torch.cuda.synchronize(device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            hidden = model(self.input_ids, self.positions, self.meta, caches, runner.attend)
+            self.logits = model.compute_logits(hidden)
+
+    def replay(self, batch: ScheduledBatch) -> torch.Tensor:
+        size = self.runner.page_size
+        count = len(batch.seqs)
+        host = self.host
+        host.zero_()
+        host[3].fill_(1)  # seq_lens of padding rows: one token, on the scratch page
+        self.host_tables.zero_()
+        for row, seq in enumerate(batch.seqs):
+            position = seq.num_computed
+            host[0, row] = seq.token_ids[position]
+            host[1, row] = position
+            host[2, row] = seq.pages[position // size] * size + position % size
+            host[3, row] = position + 1
+            self.host_tables[row, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
+        self.input_ids.copy_(host[0], non_blocking=True)
+        self.positions.copy_(host[1], non_blocking=True)
+        self.meta.slot_mapping.copy_(host[2], non_blocking=True)
+        self.meta.seq_lens.copy_(host[3], non_blocking=True)
+        self.meta.block_tables.copy_(self.host_tables, non_blocking=True)
+        self.graph.replay()
+        return self.logits[:count]

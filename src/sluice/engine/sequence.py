@@ -1,0 +1,56 @@
+"""A request inside the engine: its tokens, how many of them have K/V in the cache, and its pages."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult
+
+OnDone = Callable[["GenerateResult | BaseException"], None]
+OnUpdate = Callable[[list[int], list[float]], None]
+
+
+class SequenceState(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and queued again (its K/V recomputed on return)
+    RUNNING = "running"  # holds pages; prefilling in chunks or decoding one token per step
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: GenerateRequest
+    on_done: OnDone
+    on_update: OnUpdate | None
+    generator: torch.Generator | None
+    token_ids: list[int]  # prompt + generated so far
+    num_prompt_tokens: int
+    num_computed: int = 0  # leading tokens whose K/V are in the cache
+    pages: list[int] = field(default_factory=list)  # the pages holding token_ids, in order
+    page_hashes: list[int] = field(default_factory=list)  # prefix-hash chain of the full pages of token_ids
+    num_registered: int = 0  # leading pages entered into the prefix cache
+    state: SequenceState = SequenceState.WAITING
+    output_logprobs: list[float] = field(default_factory=list)
+    output_versions: list[int] = field(default_factory=list)  # weight version that sampled each output token
+    num_reported: int = 0  # output tokens already passed to on_update
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    admitted_once: bool = False
+    abort_requested: bool = False
+    finish: FinishReason | None = None
+    matched_stop: int | str | None = None
+    text: str = ""
+
+    @property
+    def rid(self) -> str:
+        return self.request.rid
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
