@@ -234,14 +234,20 @@ def fresh_batch(trainer) -> TrainBatch:
     return batch
 
 
-@pytest.mark.parametrize("micro", [8, 3])
-def test_recomputed_old_log_probs_match_the_first_training_forward(small_checkpoint, micro):
+LAYOUTS = {"one-micro-batch": dict(micro=8), "micro-3": dict(micro=3),
+           "packed": dict(micro=1, use_dynamic_batch_size=True, max_tokens_per_gpu=20)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_recomputed_old_log_probs_match_the_first_training_forward(small_checkpoint, layout):
     """At the first step the weights have not moved: ratio exactly 1, so nothing is clipped and ppo_kl is 0.
-    A nonzero value means the logprob pass and the training forward compute different things (padding,
-    micro-batch layout, dropout, dtype)."""
-    trainer = make_trainer(small_checkpoint, micro=micro, lr=1e-3, algorithm=AlgorithmConfig(eps_clip=0.2))
+    The logprob pass runs the training step's micro-batches (same rows, padding or packing), so the two agree
+    bitwise. A nonzero value means they compute different things (layout, dropout, dtype)."""
+    layout = dict(layout)
+    trainer = make_trainer(small_checkpoint, micro=layout.pop("micro"), lr=1e-3,
+                           algorithm=AlgorithmConfig(eps_clip=0.2), **layout)
     metrics = trainer.train_step(fresh_batch(trainer), max_len=MAX_LEN)
-    assert abs(metrics["train/ppo_kl"]) < 1e-7
+    assert metrics["train/ppo_kl"] == 0.0
     assert metrics["train/clipfrac"] == 0.0
 
 
@@ -252,8 +258,8 @@ def test_kl_loss_to_the_initial_checkpoint_is_zero_at_the_first_step(small_check
     batch = fresh_batch(trainer)
     batch.ref_log_probs = trainer.compute_logprobs(batch, reference=True)
     metrics = trainer.train_step(batch, max_len=MAX_LEN)
-    assert abs(metrics["train/kl_loss"]) < 1e-7
-    assert abs(metrics["train/ppo_kl"]) < 1e-7
+    assert metrics["train/kl_loss"] == 0.0
+    assert metrics["train/ppo_kl"] == 0.0
 
 
 # ------------------------------------------------------------------------------------- a few steps learn
@@ -272,6 +278,11 @@ def say7(tmp_path_factory):
     ["--advantage-estimator", "dr_grpo"],
     ["--advantage-estimator", "rloo"],
     ["--advantage-estimator", "reinforce_plus_plus_baseline"],
+    ["--advantage-estimator", "reinforce_plus_plus", "--kl-coef", "0.01"],
+    ["--advantage-estimator", "ppo", "--critic-lr", "1e-2", "--lambd", "0.95"],
+    # The KL penalty in the reward of a group estimator, and packed micro-batches by token budget.
+    ["--advantage-estimator", "grpo", "--kl-coef", "0.05"],
+    ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "64"],
     # One response token: the sequence ratio is the token ratio, so PPO's clip range fits.
     ["--advantage-estimator", "gspo", "--loss-agg-mode", "seq_mean_token_mean"],
     ["--advantage-estimator", "cispo", "--eps-clip", "1.0", "--eps-clip-high", "0.28"],

@@ -281,3 +281,107 @@ def test_micro_batch_sums_equal_full_batch(mode, batch):
     bounds = [0, *cuts, b]
     parts = sum(A.aggregate(x[i:j], mask[i:j], mode, **kw) for i, j in zip(bounds, bounds[1:]))
     close(parts, full, 1e-5)
+
+
+# ------------------------------------------------------------------------------ properties (hypothesis)
+_REWARD = st.floats(-100, 100, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def _groups(draw, distinct: bool):
+    """[num_groups, n] float64 rewards; with ``distinct`` every reward of a group differs."""
+    n, num_groups = draw(st.integers(2, 8)), draw(st.integers(1, 4))
+    rows = [draw(st.lists(_REWARD, min_size=n, max_size=n, unique=distinct)) for _ in range(num_groups)]
+    return T(rows, dtype=torch.float64)
+
+
+@given(_groups(distinct=True))
+@settings(max_examples=60, deadline=None)
+def test_grpo_advantages_sum_to_zero_in_each_group(rewards):
+    for name in ("grpo", "dr_grpo", "rloo"):
+        adv, _ = registry.get("advantage", name)(rewards)
+        scale = 1.0 + adv.abs().max().item()
+        assert torch.all(adv.sum(dim=1).abs() <= 1e-9 * scale * rewards.shape[1]), name
+
+
+@given(value=_REWARD, n=st.integers(1, 8), num_groups=st.integers(1, 3))
+@settings(max_examples=60, deadline=None)
+def test_a_group_of_equal_rewards_gets_exactly_zero_advantage(value, n, num_groups):
+    rewards = torch.full((num_groups, n), value, dtype=torch.float64)
+    for name in registry.names("advantage"):
+        adv, _ = registry.get("advantage", name)(rewards)
+        assert torch.equal(adv, torch.zeros_like(adv)), name
+
+
+@given(_groups(distinct=False))
+@settings(max_examples=60, deadline=None)
+def test_rloo_is_the_reward_minus_the_mean_of_the_others(rewards):
+    adv, _ = A.rloo(rewards)
+    n = rewards.shape[1]
+    for g in range(rewards.shape[0]):
+        for i in range(n):
+            others = [rewards[g, j].item() for j in range(n) if j != i]
+            expected = rewards[g, i].item() - sum(others) / len(others)
+            assert adv[g, i].item() == pytest.approx(expected, abs=1e-9 * (1 + abs(expected)) + 1e-10)
+
+
+# ------------------------------------------------------------------------ token estimators, by hand
+def test_gae_hand_values_with_a_masked_hole():
+    # Row 0: r = [0, 0, 1], V = [0.5, 0.6, 0.8], gamma 0.9, lambda 0.8 (gamma * lambda = 0.72):
+    #   d2 = 1 - 0.8 = 0.2                 A2 = 0.2
+    #   d1 = 0.9 * 0.8 - 0.6 = 0.12        A1 = 0.12 + 0.72 * 0.2 = 0.264
+    #   d0 = 0.9 * 0.6 - 0.5 = 0.04        A0 = 0.04 + 0.72 * 0.264 = 0.23008
+    # Row 1: token 1 is masked (tool output: its 9 and 7 must not count), r = [0, -, 2], V = [1, -, 0.5]:
+    #   d2 = 2 - 0.5 = 1.5                 A2 = 1.5
+    #   d0 = 0.9 * 0.5 - 1 = -0.55         A0 = -0.55 + 0.72 * 1.5 = 0.53
+    rewards, values = T([[0.0, 0.0, 1.0], [0.0, 9.0, 2.0]]), T([[0.5, 0.6, 0.8], [1.0, 7.0, 0.5]])
+    mask = T([[1, 1, 1], [1, 0, 1]])
+    adv, returns = A.gae(rewards, values, mask, gamma=0.9, lambd=0.8)
+    close(adv, [[0.23008, 0.264, 0.2], [0.53, 0.0, 1.5]])
+    close(returns, [[0.73008, 0.864, 1.0], [1.53, 0.0, 2.0]])  # A + V on trained tokens
+
+
+def test_reinforce_plus_plus_hand_values_with_kl_penalty():
+    # rewards [1, 0], kl_coef 0.1, k1 per token [[0.5, 1.0], [2.0, -]] (row 1 has one trained token), gamma 0.5:
+    #   token rewards: [[-0.05, -0.1 + 1], [-0.2, -]] -> returns [[-0.05 + 0.5 * 0.9, 0.9], [-0.2, -]]
+    mask = T([[1, 1], [1, 0]])
+    token_rewards = A.token_level_rewards(T([1.0, 0.0]), mask, kl=T([[0.5, 1.0], [2.0, 5.0]]), kl_coef=0.1)
+    close(token_rewards, [[-0.05, 0.9], [-0.2, 0.0]])
+    returns = [0.4, 0.9, -0.2]
+    mean = sum(returns) / 3
+    std = math.sqrt(sum((g - mean) ** 2 for g in returns) / 2)  # unbiased, over all trained tokens of the batch
+    adv, metrics = A.reinforce_plus_plus(token_rewards, mask, gamma=0.5)
+    close(adv, [[(0.4 - mean) / (std + EPS), (0.9 - mean) / (std + EPS)], [(-0.2 - mean) / (std + EPS), 0.0]])
+    close(metrics["return_mean"], mean)
+
+
+def test_kl_penalized_rewards_subtract_the_summed_kl_of_trained_tokens():
+    kl = T([[0.5, 1.0, 9.0], [2.0, 0.1, 9.0]])
+    mask = T([[1, 1, 0], [1, 1, 0]])
+    close(A.kl_penalized_rewards(T([1.0, 0.0]), kl, mask, 0.1), [1.0 - 0.15, 0.0 - 0.21])
+
+
+# ---------------------------------------------------------------------------------------- value loss
+def test_clipped_value_loss_hand_values_and_gradient():
+    # old 0.5 everywhere, value_clip 0.2 (values may move to [0.3, 0.7] before the clip bites):
+    #   a: V 1.0 -> clipped 0.7, R 2.0: max((1-2)^2, (0.7-2)^2) = 1.69 from the clipped branch: gradient 0
+    #   b: V 0.1 -> clipped 0.3, R 0.0: max(0.01, 0.09) = 0.09 clipped: gradient 0
+    #   c: V 0.5 (not moved),   R 0.6: 0.01 either way: gradient V - R = -0.1
+    #   d: V 0.9 -> clipped 0.7, R 0.75: max(0.0225, 0.0025): the unclipped branch, gradient V - R = 0.15
+    values = T([1.0, 0.1, 0.5, 0.9], requires_grad=True)
+    loss, stats = A.clipped_value_loss(values, torch.full((4,), 0.5), T([2.0, 0.0, 0.6, 0.75]), 0.2)
+    close(loss, [0.5 * 1.69, 0.5 * 0.09, 0.5 * 0.01, 0.5 * 0.0225])
+    close(stats["clipfrac"], [1.0, 1.0, 0.0, 0.0])
+    loss.sum().backward()
+    close(values.grad, [0.0, 0.0, -0.1, 0.15])
+    with pytest.raises(ValueError, match="value_clip"):
+        A.clipped_value_loss(values, values, values, 0.0)
+
+
+def test_explained_variance_hand_values():
+    mask = T([[1, 1, 1, 0]])
+    returns = T([[1.0, 3.0, 2.0, 100.0]])  # the masked 100 must not count
+    # residual R - V = [0, 0.5, -0.5]: sum of squares about its mean 0.5; R about its mean 2: 2 -> 1 - 0.5 / 2
+    assert A.explained_variance(T([[1.0, 2.5, 2.5, -7.0]]), returns, mask) == pytest.approx(0.75)
+    assert A.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert A.explained_variance(T([[0.0, 0.0, 0.0, 0.0]]), T([[1.0, 1.0, 1.0, 5.0]]), mask) == 0.0  # Var(R) = 0

@@ -376,6 +376,34 @@ def test_valid_training_config_passes() -> None:
     *((["--tis-mode", mode], ["--tis-mode", "--use-tis", "no effect"]) for mode in ("sequence", "geometric", "icepop")),
     (["--loss-type", "sft_loss", "--use-tis"], ["--use-tis", "--loss-type"]),
     (["--loss-type", "sft_loss", "--normalize-advantages"], ["--normalize-advantages", "--loss-type"]),
+    # KL as a reward penalty, the token-level estimators and the critic
+    (["--kl-coef", "-0.1"], ["--kl-coef", ">= 0"]),
+    (["--loss-type", "sft_loss", "--kl-coef", "0.1"], ["--kl-coef", "--loss-type sft_loss", "no effect"]),
+    (["--gamma", "0.9"], ["--gamma", "--advantage-estimator grpo", "no effect"]),
+    (["--kl-coef", "0.1", "--n-samples-per-prompt", "1"], ["--kl-coef", "--n-samples-per-prompt 1", "no effect"]),
+    (["--advantage-estimator", "ppo", "--gamma", "1.5"], ["--gamma", "[0, 1]"]),
+    (["--advantage-estimator", "ppo", "--lambd", "-0.1"], ["--lambd", "[0, 1]"]),
+    (["--advantage-estimator", "reinforce_plus_plus", "--lambd", "0.9"], ["--lambd", "only ppo"]),
+    (["--value-clip", "0.5"], ["--value-clip", "only ppo"]),
+    (["--num-critic-only-steps", "2"], ["--num-critic-only-steps", "only ppo"]),
+    (["--critic-lr", "1e-5"], ["--critic-lr", "only ppo"]),
+    (["--critic-load", "some/critic"], ["--critic-load", "only ppo"]),
+    (["--advantage-estimator", "ppo", "--value-clip", "0"], ["--value-clip", "> 0"]),
+    (["--advantage-estimator", "ppo", "--num-critic-only-steps", "-1"], ["--num-critic-only-steps"]),
+    (["--advantage-estimator", "ppo", "--critic-lr", "-1"], ["--critic-lr"]),
+    (["--advantage-estimator", "ppo", "--loss-type", "sft_loss"], ["--advantage-estimator ppo", "sft_loss"]),
+    (["--ref-update-interval", "2", "--kl-coef", "0"], ["--ref-update-interval", "--kl-coef"]),
+    (["--advantage-estimator", "ppo", "--disable-rewards-normalization"], ["--disable-rewards-normalization"]),
+    (["--disable-rewards-normalization", "--disable-grpo-std-normalization"],
+     ["--disable-grpo-std-normalization", "--disable-rewards-normalization"]),
+    # custom losses
+    (["--loss-type", "custom_loss"], ["--loss-type custom_loss", "--custom-loss-function-path"]),
+    (["--custom-loss-function-path", "my.loss"], ["--custom-loss-function-path", "--loss-type custom_loss"]),
+    (["--loss-type", "custom_loss", "--custom-loss-function-path", "my.loss", "--use-tis"], ["--use-tis", "custom"]),
+    # packing
+    (["--use-dynamic-batch-size"], ["--use-dynamic-batch-size", "--max-tokens-per-gpu"]),
+    (["--max-tokens-per-gpu", "512"], ["--max-tokens-per-gpu", "--use-dynamic-batch-size", "no effect"]),
+    (["--use-dynamic-batch-size", "--max-tokens-per-gpu", "1"], ["--max-tokens-per-gpu", ">= 2"]),
 ])
 def test_validation_rules_name_flags(extra: list[str], flags: list[str]) -> None:
     config = parse_config(VALID_TRAINING + extra)
@@ -499,7 +527,8 @@ def test_builtin_reward_without_label_key_is_an_error() -> None:
         validate(config)
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "gspo", "cispo", "rloo", "reinforce_plus_plus_baseline"])
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "gspo", "cispo", "rloo", "reinforce_plus_plus",
+                                       "reinforce_plus_plus_baseline", "ppo"])
 def test_advantage_estimators_parse_and_pick_their_policy_loss(estimator: str) -> None:
     config = parse_config(VALID_TRAINING + ["--advantage-estimator", estimator])
     validate(config)
@@ -518,3 +547,31 @@ def test_algorithm_flags_parse_with_their_defaults() -> None:
     assert (algo.use_tis, algo.tis_clip, algo.tis_clip_low) == (True, 1.5, 0.1)
     with pytest.raises(ConfigError, match="--loss-agg-mode"):
         parse_config(VALID_TRAINING + ["--loss-agg-mode", "seq_sum"])
+
+
+@pytest.mark.parametrize("extra", [
+    ["--kl-coef", "0.05"],  # a reward penalty works with every estimator
+    ["--advantage-estimator", "rloo", "--kl-coef", "0.05", "--kl-loss-type", "k3", "--ref-update-interval", "4"],
+    ["--advantage-estimator", "reinforce_plus_plus", "--kl-coef", "0.01", "--gamma", "0.99"],
+    ["--advantage-estimator", "ppo", "--gamma", "0.99", "--lambd", "0.95", "--value-clip", "0.5",
+     "--num-critic-only-steps", "2", "--critic-lr", "1e-5", "--critic-load", "ckpt/critic"],
+    ["--loss-type", "custom_loss", "--custom-loss-function-path", "my_losses.py:loss"],
+    ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "4096"],
+    ["--advantage-estimator", "rloo", "--disable-rewards-normalization", "--kl-coef", "0.1"],
+    ["--advantage-estimator", "reinforce_plus_plus", "--kl-coef", "0.1", "--n-samples-per-prompt", "1"],
+])
+def test_algorithm_combinations_that_take_effect_are_valid(extra: list[str]) -> None:
+    config = parse_config(VALID_TRAINING + extra)
+    validate(config)
+
+
+def test_token_level_and_critic_flags_parse_with_slime_defaults() -> None:
+    config = parse_config(VALID_TRAINING)
+    algo, train = config.algorithm, config.train
+    assert (algo.kl_coef, algo.gamma, algo.lambd) == (0.0, 1.0, 1.0)
+    assert (algo.value_clip, algo.num_critic_only_steps) == (0.2, 0)
+    assert (train.critic_load, train.critic_lr, train.use_dynamic_batch_size, train.max_tokens_per_gpu) == (
+        None, None, False, None)
+    assert not algo.needs_reference and not algo.uses_critic
+    algo = parse_config(VALID_TRAINING + ["--advantage-estimator", "ppo", "--kl-coef", "0.1"]).algorithm
+    assert algo.needs_reference and algo.uses_critic and algo.policy_loss_name == "ppo_clip"

@@ -33,7 +33,7 @@ def train_sync(run: LocalRun) -> None:
         with timer("rollout"):
             groups = run.generate()  # generation and rewards
         with timer("train"):
-            metrics = run.train(groups)
+            metrics = run.train(groups, rollout_id)
         with timer("sync"):
             run.sync_weights(version=rollout_id + 1)
             run.maybe_update_reference(rollout_id)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sluice.algorithms.masked import masked_mean, whiten
+from sluice.algorithms.masked import masked_mean, masked_sum, whiten
 from sluice.algorithms.registry import register
 
 KIND = "token_advantage"
@@ -40,6 +40,18 @@ def token_level_rewards(
     rows = torch.nonzero(last >= 0).squeeze(1)
     out[rows, last[rows]] += rewards.reshape(-1).to(dtype)[rows]
     return out
+
+
+def kl_penalized_rewards(rewards: Tensor, kl: Tensor, loss_mask: Tensor, kl_coef: float) -> Tensor:
+    """Sequence-level KL shaping for the group estimators: ``r_i - kl_coef * sum_t kl_{i,t}`` over trained tokens.
+
+    The summed per-token estimate is the KL of the whole response (k1 sums to the sequence log-ratio), so the
+    group estimator then sees the KL-regularised return ``r - beta * KL`` as the reward and normalises it like
+    any reward (RLOO, Ahmadian et al. 2024, shapes the reward this way). ``rewards [B]``, ``kl [B, T]``.
+    """
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    total = masked_sum(kl.detach().to(dtype), loss_mask, dim=-1)
+    return rewards.reshape(-1).to(dtype) - kl_coef * total
 
 
 def discounted_returns(token_rewards: Tensor, loss_mask: Tensor, gamma: float = 1.0) -> Tensor:

@@ -76,18 +76,82 @@ def _algorithm(config: Config) -> Iterator[str]:
     if algo.eps_clip_c is not None and algo.advantage_estimator == "cispo":
         yield "--eps-clip-c does not apply to --advantage-estimator cispo (its IS weight is already bounded)"
     yield from _importance_sampling(config)
+    yield from _kl(config)
+    yield from _estimator(config)
+    yield from _loss_type(config)
+
+
+# The token-level estimators: they read --gamma (ppo also --lambd and the critic settings) and no group statistics.
+_DISCOUNTED = ("reinforce_plus_plus", "ppo")
+
+
+def _kl(config: Config) -> Iterator[str]:
+    algo = config.algorithm
     if algo.ref_update_interval is not None and algo.ref_update_interval < 1:
         yield f"--ref-update-interval must be >= 1, got {algo.ref_update_interval}"
-    elif algo.ref_update_interval is not None and not algo.use_kl_loss:
-        yield "--ref-update-interval has no effect without --use-kl-loss (no reference model is loaded)"
+    elif algo.ref_update_interval is not None and not algo.needs_reference:
+        yield ("--ref-update-interval has no effect without --use-kl-loss or --kl-coef (no reference model is "
+               "loaded)")
     if algo.kl_loss_coef < 0:
         yield f"--kl-loss-coef must be >= 0, got {algo.kl_loss_coef}"
     elif algo.use_kl_loss and algo.kl_loss_coef == 0:
         yield "--use-kl-loss with --kl-loss-coef 0 has no effect: set --kl-loss-coef > 0"
     elif not algo.use_kl_loss and algo.kl_loss_coef > 0:
         yield f"--kl-loss-coef {algo.kl_loss_coef} has no effect without --use-kl-loss"
-    if not algo.use_kl_loss and algo.kl_loss_type != "k1":  # k1 is the default: any other value was asked for
-        yield f"--kl-loss-type {algo.kl_loss_type} has no effect without --use-kl-loss"
+    if not algo.needs_reference and algo.kl_loss_type != "k1":  # k1 is the default: any other value was asked for
+        yield f"--kl-loss-type {algo.kl_loss_type} has no effect without --use-kl-loss or --kl-coef"
+    if algo.kl_coef < 0:
+        yield f"--kl-coef must be >= 0, got {algo.kl_coef}"
+    elif algo.kl_coef > 0 and algo.loss_type == "sft_loss":
+        yield "--kl-coef (a reward penalty) has no effect with --loss-type sft_loss, which uses no rewards"
+    elif (algo.kl_coef > 0 and config.rollout.n_samples_per_prompt == 1 and not algo.disable_rewards_normalization
+          and algo.advantage_estimator not in _DISCOUNTED):
+        yield (f"--kl-coef has no effect with --advantage-estimator {algo.advantage_estimator} and "
+               "--n-samples-per-prompt 1: a group of one sample always has advantage 0")
+
+
+def _estimator(config: Config) -> Iterator[str]:
+    algo, train = config.algorithm, config.train
+    estimator = algo.advantage_estimator
+    for flag, value in (("--gamma", algo.gamma), ("--lambd", algo.lambd)):
+        if not 0 <= value <= 1:
+            yield f"{flag} must be in [0, 1], got {value}"
+    if algo.gamma != 1.0 and estimator not in _DISCOUNTED:
+        yield (f"--gamma {algo.gamma} has no effect with --advantage-estimator {estimator} "
+               "(only reinforce_plus_plus and ppo discount)")
+    if not algo.value_clip > 0:
+        yield f"--value-clip must be > 0, got {algo.value_clip}"
+    if algo.num_critic_only_steps < 0:
+        yield f"--num-critic-only-steps must be >= 0, got {algo.num_critic_only_steps}"
+    if train.critic_lr is not None and not train.critic_lr >= 0:
+        yield f"--critic-lr must be >= 0, got {train.critic_lr}"
+    if estimator != "ppo":
+        given = [flag for flag, on in (
+            ("--lambd", algo.lambd != 1.0), ("--value-clip", algo.value_clip != 0.2),
+            ("--num-critic-only-steps", algo.num_critic_only_steps > 0), ("--critic-load", train.critic_load),
+            ("--critic-lr", train.critic_lr is not None)) if on]
+        for flag in given:
+            yield f"{flag} has no effect with --advantage-estimator {estimator}: only ppo trains a critic"
+    elif algo.loss_type == "sft_loss":
+        yield "--advantage-estimator ppo trains a critic for RL; it has no effect with --loss-type sft_loss"
+    if algo.disable_rewards_normalization and estimator in _DISCOUNTED:
+        yield (f"--disable-rewards-normalization has no effect with --advantage-estimator {estimator}: "
+               "only the group estimators normalise rewards")
+    if algo.disable_rewards_normalization and algo.disable_grpo_std_normalization:
+        yield ("--disable-grpo-std-normalization has no effect with --disable-rewards-normalization "
+               "(no group statistics are used at all)")
+
+
+def _loss_type(config: Config) -> Iterator[str]:
+    algo = config.algorithm
+    if algo.loss_type == "custom_loss" and not algo.custom_loss_function_path:
+        yield "--loss-type custom_loss needs --custom-loss-function-path (the loss function to call)"
+    if algo.custom_loss_function_path and algo.loss_type != "custom_loss":
+        yield (f"--custom-loss-function-path has no effect with --loss-type {algo.loss_type}: "
+               "set --loss-type custom_loss")
+    if algo.loss_type == "custom_loss" and algo.use_tis:
+        yield ("--use-tis has no effect with --loss-type custom_loss: the TIS weight multiplies the built-in policy "
+               "loss (the custom function gets the old and rollout logprobs and can weigh them itself)")
 
 
 def _importance_sampling(config: Config) -> Iterator[str]:
@@ -130,6 +194,12 @@ def _train(config: Config) -> Iterator[str]:
         yield f"--clip-grad must be >= 0 (0: off), got {train.clip_grad}"
     if train.lr_warmup_iters < 0:
         yield f"--lr-warmup-iters must be >= 0, got {train.lr_warmup_iters}"
+    if train.use_dynamic_batch_size and train.max_tokens_per_gpu is None:
+        yield "--use-dynamic-batch-size needs --max-tokens-per-gpu (the token budget of a micro-batch)"
+    if train.max_tokens_per_gpu is not None and not train.use_dynamic_batch_size:
+        yield "--max-tokens-per-gpu has no effect without --use-dynamic-batch-size"
+    if train.max_tokens_per_gpu is not None and train.max_tokens_per_gpu < 2:
+        yield f"--max-tokens-per-gpu must be >= 2, got {train.max_tokens_per_gpu}"
 
 
 def _eval_and_checkpoint(config: Config) -> Iterator[str]:
@@ -171,8 +241,8 @@ def _training(config: Config) -> Iterator[str]:
     if config.rollout.rollout_batch_size is None:
         yield "--rollout-batch-size is required for training"
     no_reward = config.reward.rm_type is None and config.reward.custom_rm_path is None
-    if config.algorithm.loss_type == "policy_loss" and no_reward:
-        yield "--loss-type policy_loss needs a reward: set --rm-type or --custom-rm-path"
+    if config.algorithm.loss_type != "sft_loss" and no_reward:
+        yield f"--loss-type {config.algorithm.loss_type} needs a reward: set --rm-type or --custom-rm-path"
     if config.reward.rm_type is not None and config.data.label_key is None:
         yield f"--rm-type {config.reward.rm_type} compares responses with a label: set --label-key"
 

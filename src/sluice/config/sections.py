@@ -99,15 +99,41 @@ class TrainConfig:
         "Device of the trainer: auto (cuda if present), cpu or cuda[:N]."))
     train_dtype: str = field(default="float32", metadata=meta(
         "Parameter dtype of the trainer; bfloat16 halves memory on GPUs.", choices=("float32", "bfloat16")))
+    use_dynamic_batch_size: bool = field(default=False, metadata=meta(
+        "Form micro-batches by token budget (--max-tokens-per-gpu) instead of --micro-batch-size, each packed "
+        "into one row (sequences back to back, position ids restarting per sequence, attention kept within "
+        "each sequence): no compute on padding. Does not change the result."))
+    max_tokens_per_gpu: int | None = field(default=None, metadata=meta(
+        "Token budget of one packed micro-batch with --use-dynamic-batch-size (a longer sequence goes alone)."))
+    critic_load: str | None = field(default=None, metadata=meta(
+        "Hugging Face checkpoint to initialise the PPO critic from: a causal LM (its backbone gets a new scalar "
+        "head, starting at 0) or a saved critic (*ForTokenClassification, 1 label). Default: --hf-checkpoint."))
+    critic_lr: float | None = field(default=None, metadata=meta("Learning rate of the PPO critic; default: --lr."))
 
 
 @dataclass
 class AlgorithmConfig:
     advantage_estimator: str = field(default="grpo", metadata=meta(
         "How rewards become advantages; gspo and cispo use GRPO advantages with their own policy loss.",
-        choices=("grpo", "dr_grpo", "gspo", "cispo", "rloo", "reinforce_plus_plus_baseline")))
+        choices=("grpo", "dr_grpo", "gspo", "cispo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline",
+                 "ppo")))
     loss_type: str = field(default="policy_loss", metadata=meta(
-        "policy_loss (RL) or sft_loss (supervised, on the response tokens).", choices=("policy_loss", "sft_loss")))
+        "policy_loss (RL), sft_loss (supervised, on the response tokens) or custom_loss (the function of "
+        "--custom-loss-function-path replaces the policy loss).", choices=("policy_loss", "sft_loss", "custom_loss")))
+    custom_loss_function_path: str | None = field(default=None, metadata=meta(
+        "With --loss-type custom_loss: 'pkg.module.fn', 'pkg.module:fn' or 'path/to/file.py:fn', a function "
+        "fn(inputs: sluice.trainer.custom_loss.LossInputs) -> (loss, metrics); see docs/algorithms.md."))
+    kl_coef: float = field(default=0.0, metadata=meta(
+        "KL penalty in the reward: -kl_coef * KL(policy || reference) per token (estimator --kl-loss-type) for "
+        "reinforce_plus_plus and ppo; summed over the response and subtracted from the reward for the group "
+        "estimators."))
+    gamma: float = field(default=1.0, metadata=meta(
+        "Discount of the token-level returns (reinforce_plus_plus, ppo)."))
+    lambd: float = field(default=1.0, metadata=meta("GAE lambda (ppo)."))
+    value_clip: float = field(default=0.2, metadata=meta(
+        "Clip of the critic's value change around its rollout-time value, in reward units (ppo)."))
+    num_critic_only_steps: int = field(default=0, metadata=meta(
+        "The first N rollout steps train only the critic; the policy stays fixed (ppo)."))
     eps_clip: float = field(default=0.2, metadata=meta("PPO clip range below 1 (and above, unless --eps-clip-high)."))
     eps_clip_high: float | None = field(default=None, metadata=meta("PPO clip range above 1 (clip-higher)."))
     eps_clip_c: float | None = field(default=None, metadata=meta(
@@ -132,12 +158,25 @@ class AlgorithmConfig:
     use_kl_loss: bool = field(default=False, metadata=meta("Add a KL(policy || reference) term to the loss."))
     kl_loss_coef: float = field(default=0.0, metadata=meta("Weight of the KL loss term."))
     kl_loss_type: str = field(default="k1", metadata=meta(
-        "KL estimator of the loss term (k3 = low_var_kl).", choices=("k1", "k2", "k3", "low_var_kl")))
+        "KL estimator of the loss term and of the --kl-coef reward penalty (k3 = low_var_kl).",
+        choices=("k1", "k2", "k3", "low_var_kl")))
     entropy_coef: float = field(default=0.0, metadata=meta("Weight of the entropy bonus (subtracted from the loss)."))
     ref_update_interval: int | None = field(default=None, metadata=meta(
         "Copy the actor's weights into the KL reference every N rollout steps (default: a fixed reference)."))
     disable_grpo_std_normalization: bool = field(default=False, metadata=meta(
         "Do not divide GRPO advantages by the group's reward std (Dr.GRPO)."))
+    disable_rewards_normalization: bool = field(default=False, metadata=meta(
+        "Group estimators: use the (KL-shaped) reward itself as the advantage, no group baseline or scaling."))
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a KL term (loss or reward penalty) needs the reference model's logprobs."""
+        return self.use_kl_loss or self.kl_coef > 0
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether a value model is trained alongside the policy (PPO's GAE)."""
+        return self.advantage_estimator == "ppo"
 
     @property
     def policy_loss_name(self) -> str:

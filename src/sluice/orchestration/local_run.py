@@ -33,6 +33,7 @@ from sluice.rollout.dynamic_sampling import SamplingOutcome, load_group_filter, 
 from sluice.rollout.generate import GenerateContext
 from sluice.rollout.manager import RolloutManager, rollout_metrics
 from sluice.sync.in_process import push_weights
+from sluice.trainer.custom_loss import load_custom_loss
 from sluice.trainer.torch_backend import TorchTrainer
 from sluice.trainer.update import update_policy
 from sluice.types import SampleGroup, SamplingParams, Status
@@ -47,6 +48,7 @@ class LocalRun:
         if config.model.ref_load:
             _check_checkpoint_dir("--ref-load", config.model.ref_load)
         reward_fn = _load_reward(config)
+        self.custom_loss = _load_custom_loss(config)
         self.group_filter = _load_group_filter(config)
         self.last_sampling: SamplingOutcome | None = None  # counts of the latest dynamic-sampling rollout
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -75,7 +77,7 @@ class LocalRun:
             overlong=_overlong_shaping(config),
         )
         self.trainer = TorchTrainer(checkpoint, config.train, config.algorithm, config.rollout.rollout_temperature,
-                                    config.model.ref_load)
+                                    config.model.ref_load, custom_loss=self.custom_loss)
         self.num_rollout = config.rollout.num_rollout or self.source.num_rollouts_for_epochs(
             config.rollout.num_epoch, config.rollout.rollout_batch_size)
         self.start_rollout = self._maybe_resume()
@@ -114,13 +116,16 @@ class LocalRun:
             self.log_line(f"dynamic sampling: {outcome.num_passed_groups} of {target} groups passed the filter "
                           f"in {outcome.num_generation_rounds} rounds; training on {len(outcome.groups)}")
 
-    def train(self, groups: list[SampleGroup]) -> dict[str, float]:
+    def train(self, groups: list[SampleGroup], rollout_id: int) -> dict[str, float]:
+        """Update the policy (and critic) on a rollout; the first --num-critic-only-steps train the critic only."""
         try:
             rewards = [self.rollout.rewards(g) for g in groups]
         except (ValueError, KeyError) as error:  # dict rewards without (or with a wrong) --reward-key
             raise ConfigError(f"--reward-key: {error}") from error
-        return update_policy(self.trainer, groups, self.config.algorithm, rewards, self.config.global_batch_size,
-                             self.tokenizer.pad_token_id or 0, self.config.rollout.rollout_max_response_len)
+        algorithm = self.config.algorithm
+        return update_policy(self.trainer, groups, algorithm, rewards, self.config.global_batch_size,
+                             self.tokenizer.pad_token_id or 0, self.config.rollout.rollout_max_response_len,
+                             train_actor=rollout_id >= algorithm.num_critic_only_steps)
 
     def maybe_update_reference(self, rollout_id: int) -> None:
         interval = self.config.algorithm.ref_update_interval
@@ -191,7 +196,10 @@ class LocalRun:
             raise ConfigError(f"--load {load}: {error}") from error
         if path is None:
             raise ConfigError(f"--load {load}: no checkpoint there (expected {load}/latest or {load}/trainer.pt)")
-        state = load_checkpoint(path, self.trainer)
+        try:
+            state = load_checkpoint(path, self.trainer)
+        except ValueError as error:  # e.g. a ppo run resuming from a checkpoint without a critic
+            raise ConfigError(f"--load {load}: {error}") from error
         try:
             self.source.load_state_dict(state["source"])
         except ValueError as error:  # the prompt file, shuffle or seed changed since the save
@@ -232,6 +240,17 @@ def _load_reward(config: Config):
     except (ValueError, ImportError, TypeError) as error:
         flag = "--custom-rm-path" if config.reward.custom_rm_path else "--rm-type"
         raise ConfigError(f"{flag}: {error}") from error
+
+
+def _load_custom_loss(config: Config):
+    """Load --custom-loss-function-path before anything heavy, so a bad path or signature fails in a second."""
+    path = config.algorithm.custom_loss_function_path
+    if config.algorithm.loss_type != "custom_loss" or path is None:
+        return None
+    try:
+        return load_custom_loss(path)
+    except (ValueError, ImportError, TypeError) as error:
+        raise ConfigError(str(error)) from error
 
 
 def _load_group_filter(config: Config):

@@ -1,1 +1,1 @@
-"""The trainer: actor (and reference) models, per-token logprobs, the loss step and the optimizer."""
+"""The trainer: actor, reference and (for PPO) critic models, per-token logprobs, the loss step, the optimizer."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from sluice import algorithms
+from sluice.config import TrainConfig
+from sluice.trainer.packing import token_budget_rows
 from sluice.types import Sample, TrainBatch
 
 
@@ -54,6 +56,21 @@ def split_by_length(batch: TrainBatch, micro_batch_size: int) -> list[TrainBatch
     lengths = batch.attention_mask.sum(dim=1)
     order = torch.argsort(lengths, descending=True, stable=True)
     return [batch.select(order[i : i + micro_batch_size]) for i in range(0, batch.num_samples, micro_batch_size)]
+
+
+def micro_batch_rows(attention_mask: torch.Tensor, config: TrainConfig) -> list[torch.Tensor]:
+    """Row indices of each micro-batch of a step: packed by token budget with --use-dynamic-batch-size, else
+    --micro-batch-size rows of similar length, longest first (less padding to compute through).
+
+    Every forward pass of the trainer (old, reference and training logprobs, critic values) uses this one
+    layout, so the passes see identical inputs and agree bitwise. Results are scattered back by row index.
+    """
+    lengths = attention_mask.sum(dim=1)
+    if config.use_dynamic_batch_size:
+        return token_budget_rows(lengths, config.max_tokens_per_gpu)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    size = config.micro_batch_size
+    return [order[i : i + size] for i in range(0, order.numel(), size)]
 
 
 def group_advantages(estimator: str, rewards: list[list[float]], disable_std_normalization: bool = False) -> list[float]:

@@ -1,4 +1,4 @@
-"""The loss of one micro-batch: policy (or SFT) loss + KL - entropy bonus, aggregated over the step.
+"""The loss of one micro-batch: policy (SFT, or custom) loss + KL - entropy bonus, aggregated over the step.
 
 Every term is reduced with ``aggregate`` (--loss-agg-mode) using counts of the WHOLE optimizer step
 (``num_tokens`` trained tokens, ``num_sequences`` sequences with a trained token, ``max_len`` the rollout's
@@ -14,6 +14,7 @@ import torch
 from sluice import algorithms
 from sluice.algorithms import aggregate, importance_weight, kl_estimate, sft_nll
 from sluice.config import AlgorithmConfig
+from sluice.trainer.custom_loss import CustomLossFn, LossInputs, call_custom_loss
 from sluice.types import TrainBatch
 
 ROLLOUT_LOGPROB_ABS_DIFF = "train/rollout_logprob_abs_diff"
@@ -27,18 +28,35 @@ def micro_batch_loss(
     num_tokens: float,
     num_sequences: int,
     max_len: int | None = None,
+    custom_loss: CustomLossFn | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The scalar loss of one micro-batch (its share of the step's loss) and its metrics (shares, to be summed).
+
+    ``custom_loss`` is the loaded --custom-loss-function-path function, needed with --loss-type custom_loss.
+    """
     mask = batch.loss_mask
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:  # --loss-agg-mode over the step's counts
+        return aggregate(x, mask, config.loss_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences,
+                         max_len=max_len)
 
     def token_mean(x: torch.Tensor) -> float:  # metrics: a token mean over the step whatever the agg mode
         return aggregate(x, mask, "token_mean", num_tokens=num_tokens, num_sequences=num_sequences).item()
 
     metrics: dict[str, float] = {}
+    custom = torch.zeros(())
+    per_token = torch.zeros_like(log_probs)
     if config.loss_type == "sft_loss":  # SFT targets come from data, not the engine: no rollout logprobs
         per_token = sft_nll(log_probs)
     else:
         metrics[ROLLOUT_LOGPROB_ABS_DIFF] = token_mean((log_probs.detach() - batch.rollout_log_probs).abs())
-        per_token = _policy_loss(config, batch, log_probs, token_mean, metrics)
+        if config.loss_type == "custom_loss":
+            if custom_loss is None:
+                raise ValueError("--loss-type custom_loss needs the loaded --custom-loss-function-path function")
+            custom, custom_metrics = call_custom_loss(custom_loss, LossInputs(log_probs, entropy, batch, reduce))
+            metrics.update(custom_metrics)
+        else:
+            per_token = _policy_loss(config, batch, log_probs, token_mean, metrics)
     if config.use_kl_loss:
         kl = kl_estimate(log_probs, batch.ref_log_probs, config.kl_loss_type)
         per_token = per_token + config.kl_loss_coef * kl
@@ -47,8 +65,7 @@ def micro_batch_loss(
         if config.entropy_coef:
             per_token = per_token - config.entropy_coef * entropy
         metrics["train/entropy"] = token_mean(entropy.detach())
-    loss = aggregate(per_token, mask, config.loss_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences,
-                     max_len=max_len)
+    loss = reduce(per_token) + custom.to(log_probs.device)
     metrics["train/loss"] = loss.item()
     return loss, metrics
 

@@ -6,42 +6,51 @@ from collections import defaultdict
 
 from sluice.algorithms import effective_sample_size, importance_weight, masked_mean, whiten
 from sluice.config import AlgorithmConfig
-from sluice.trainer.batching import collate, group_advantages
+from sluice.trainer.advantages import Advantages, compute_advantages
+from sluice.trainer.batching import collate
 from sluice.trainer.loss import ROLLOUT_LOGPROB_ABS_DIFF
 from sluice.types import Sample, SampleGroup, Status, TrainBatch
 
 
 def update_policy(trainer, groups: list[SampleGroup], algorithm: AlgorithmConfig, rewards: list[list[float]],
-                  global_batch_size: int, pad_id: int, max_response_len: int | None = None) -> dict[str, float]:
+                  global_batch_size: int, pad_id: int, max_response_len: int | None = None,
+                  train_actor: bool = True) -> dict[str, float]:
     """Train on every non-failed sample; ``rewards[g][i]`` is the scalar reward of groups[g].samples[i].
 
-    ``max_response_len`` is the constant of --loss-agg-mode seq_mean_token_sum_norm.
-    Returns metrics averaged over the optimizer steps of this update.
+    ``max_response_len`` is the constant of --loss-agg-mode seq_mean_token_sum_norm. ``train_actor=False``
+    (the first --num-critic-only-steps rollouts) trains only the critic. Returns metrics averaged over the
+    optimizer steps of this update.
     """
     kept = [[(s, r) for s, r in zip(g.samples, rs) if s.status != Status.FAILED] for g, rs in zip(groups, rewards)]
     kept = [members for members in kept if members]
     samples = [s for members in kept for s, _ in members]
     if not samples:
         return {"train/num_samples": 0.0}
-    advantages = group_advantages(algorithm.advantage_estimator, [[r for _, r in m] for m in kept],
-                                  algorithm.disable_grpo_std_normalization)
-    batch = collate(samples, advantages, pad_id)
-    if algorithm.normalize_advantages:  # over the whole rollout batch, before it is split into steps
-        batch.advantages = whiten(batch.advantages, batch.loss_mask).to(batch.advantages.dtype)
+    batch = collate(samples, [0.0] * len(samples), pad_id)
     num_steps = max(1, -(-len(samples) // global_batch_size))
     if trainer.needs_ref:
         batch.ref_log_probs = trainer.compute_logprobs(batch, reference=True)
     recomputed_diff = _set_old_log_probs(trainer, batch, samples, algorithm, num_steps)
-    sums: dict[str, float] = defaultdict(float)
+    advantages = Advantages(batch.advantages)
+    if algorithm.loss_type != "sft_loss":
+        advantages = compute_advantages(trainer, batch, algorithm, [[r for _, r in m] for m in kept])
+        batch.advantages = advantages.token_advantages
+    if algorithm.normalize_advantages:  # over the whole rollout batch, before it is split into steps
+        batch.advantages = whiten(batch.advantages, batch.loss_mask).to(batch.advantages.dtype)
+    sums: dict[str, float] = defaultdict(float, advantages.metrics)
     if algorithm.use_tis and algorithm.loss_type == "policy_loss":
         sums["train/tis_ess"] = _mean_step_ess(batch, algorithm, global_batch_size, num_steps)
     first_step_diff = None
     for step in range(num_steps):
         rows = slice(step * global_batch_size, (step + 1) * global_batch_size)
-        metrics = trainer.train_step(batch.select(rows), max_len=max_response_len)
-        diff = metrics.pop(ROLLOUT_LOGPROB_ABS_DIFF, None)
-        if step == 0:  # later steps see an updated policy: only the first forward measures the mismatch
-            first_step_diff = diff
+        metrics: dict[str, float] = {}
+        if train_actor:
+            metrics = trainer.train_step(batch.select(rows), max_len=max_response_len)
+            diff = metrics.pop(ROLLOUT_LOGPROB_ABS_DIFF, None)
+            if step == 0:  # later steps see an updated policy: only the first forward measures the mismatch
+                first_step_diff = diff
+        if advantages.value_batch is not None:
+            metrics.update(trainer.train_critic_step(advantages.value_batch.select(rows), max_response_len))
         for key, value in metrics.items():
             sums[key] += value / num_steps
     diff = recomputed_diff if recomputed_diff is not None else first_step_diff
@@ -49,6 +58,8 @@ def update_policy(trainer, groups: list[SampleGroup], algorithm: AlgorithmConfig
         sums[ROLLOUT_LOGPROB_ABS_DIFF] = diff
     sums["train/num_samples"] = float(len(samples))
     sums["train/num_steps"] = float(num_steps)
+    if not train_actor:
+        sums["train/critic_only"] = 1.0
     return dict(sums)
 
 
@@ -59,7 +70,7 @@ def _set_old_log_probs(trainer, batch: TrainBatch, samples: list[Sample], algori
 
     Left None for one on-policy step: the loss then uses the detached current logprobs (ratio exactly 1).
     """
-    if algorithm.loss_type != "policy_loss":
+    if algorithm.loss_type == "sft_loss":
         return None
     if algorithm.use_rollout_logprobs or algorithm.use_tis:
         flag = "--use-rollout-logprobs" if algorithm.use_rollout_logprobs else "--use-tis"

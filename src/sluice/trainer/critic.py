@@ -1,0 +1,133 @@
+"""The PPO critic: a value model on the actor's backbone class, trained by clipped value regression.
+
+The critic is the Hugging Face ``*ForTokenClassification`` model of the checkpoint's architecture with one label:
+the same backbone as the actor (e.g. ``Qwen2Model``) and a linear scalar head (``score``). Loaded from a causal
+LM checkpoint, the backbone weights come from it and the head is new; the head then starts at exactly 0 (weight
+and bias), so the first values are 0 and the first advantages are the plain returns, whatever the seed. A
+saved critic (``save_pretrained`` of this model) loads with its head. The classifier dropout is set to 0: a
+value model must be deterministic, or the clip anchor (the rollout-time value) would not match the training
+forward at the first step.
+
+The value of target position t (aligned with ``input_ids[:, 1:]``, like logprobs) is the head's output at
+position t: the state before the token at t + 1 is chosen.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForTokenClassification
+from transformers.utils import logging as hf_logging
+
+from sluice.algorithms import aggregate, clipped_value_loss
+from sluice.config import AlgorithmConfig, TrainConfig
+from sluice.trainer.batching import micro_batch_rows
+from sluice.trainer.optimizer import build_optimizer, optimizer_step
+from sluice.trainer.packing import pack_rows
+
+
+@dataclass
+class ValueBatch:
+    """What one critic step trains on; rows and target positions as in ``TrainBatch``."""
+
+    input_ids: Tensor  # [B, T] int64, right-padded
+    attention_mask: Tensor  # [B, T] 1 for real tokens
+    loss_mask: Tensor  # [B, T-1] 1 where the target token is a trained response token
+    old_values: Tensor  # [B, T-1] the critic's values when the rollout was scored: the clip anchor
+    returns: Tensor  # [B, T-1] GAE returns (advantages + old values): the regression target
+
+    @property
+    def num_samples(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: slice | Tensor) -> "ValueBatch":
+        """A sub-batch with padding columns past its longest row cut (as ``TrainBatch.select``)."""
+        attention_mask = self.attention_mask[rows]
+        width = max(int(attention_mask.sum(dim=1).max().item()) if attention_mask.numel() else 1, 2)
+        return ValueBatch(self.input_ids[rows, :width], attention_mask[:, :width], self.loss_mask[rows, : width - 1],
+                          self.old_values[rows, : width - 1], self.returns[rows, : width - 1])
+
+    def to(self, device: torch.device) -> "ValueBatch":
+        return ValueBatch(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
+
+
+def load_value_model(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The token-classification model (1 label, no dropout) of the checkpoint at ``path``; a new head is zeroed."""
+    config = AutoConfig.from_pretrained(path, num_labels=1)
+    config.classifier_dropout = 0.0
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialised score head" report is expected here, not news
+    try:
+        model, info = AutoModelForTokenClassification.from_pretrained(
+            path, config=config, dtype=dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if any(key.startswith("score.") for key in info["missing_keys"]):
+        with torch.no_grad():
+            for param in model.score.parameters():
+                param.zero_()
+    return model
+
+
+def token_values(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, packed: bool = False) -> Tensor:
+    """Values ``[B, T-1]`` in float32 at each target position (0 past each row's end when ``packed``)."""
+    if packed:
+        packing = pack_rows(input_ids, attention_mask)
+        out = model(input_ids=packing.input_ids, position_ids=packing.position_ids, attention_mask=None,
+                    use_cache=False).logits[0, :-1, 0]
+        return packing.unpack(out.float())
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1, 0].float()
+
+
+class Critic:
+    """Value model + its own AdamW (``--critic-lr``, default ``--lr``; warmup and clipping as the actor)."""
+
+    def __init__(self, path: str, train: TrainConfig, algorithm: AlgorithmConfig, device: torch.device):
+        self.config, self.algorithm, self.device = train, algorithm, device
+        self.model = load_value_model(path, getattr(torch, train.train_dtype)).to(device).train()
+        self.optimizer, self.scheduler = build_optimizer(self.model, train, lr=train.critic_lr)
+
+    @torch.no_grad()
+    def compute_values(self, batch) -> Tensor:
+        """Values ``[B, T-1]`` (CPU) of a ``TrainBatch`` or ``ValueBatch``, in the training layout."""
+        out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
+        for rows in micro_batch_rows(batch.attention_mask, self.config):
+            micro = batch.select(rows)
+            values = token_values(self.model, micro.input_ids.to(self.device), micro.attention_mask.to(self.device),
+                                  self.config.use_dynamic_batch_size)
+            out[rows, : values.shape[1]] = values.cpu()
+        return out
+
+    def train_step(self, batch: ValueBatch, max_len: int | None = None) -> dict[str, float]:
+        """One optimizer step of clipped value regression over ``batch``, reduced like the policy loss
+        (--loss-agg-mode with the step's counts), so micro-batching does not change it."""
+        self.model.train()
+        num_tokens = max(batch.loss_mask.sum().item(), 1.0)
+        num_sequences = int((batch.loss_mask.sum(dim=1) > 0).sum().item())
+        mode = self.algorithm.loss_agg_mode
+        sums: dict[str, float] = defaultdict(float)
+        for rows in micro_batch_rows(batch.attention_mask, self.config):
+            micro = batch.select(rows).to(self.device)
+            values = token_values(self.model, micro.input_ids, micro.attention_mask, self.config.use_dynamic_batch_size)
+            per_token, stats = clipped_value_loss(values, micro.old_values, micro.returns, self.algorithm.value_clip)
+            loss = aggregate(per_token, micro.loss_mask, mode, num_tokens=num_tokens, num_sequences=num_sequences,
+                             max_len=max_len)
+            loss.backward()
+            counts = dict(num_tokens=num_tokens, num_sequences=num_sequences)
+            sums["train/value_loss"] += loss.item()
+            sums["train/value_clipfrac"] += aggregate(stats["clipfrac"], micro.loss_mask, "token_mean", **counts).item()
+            sums["train/value_mean"] += aggregate(values.detach(), micro.loss_mask, "token_mean", **counts).item()
+        grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.clip_grad)
+        return {**sums, "train/critic_grad_norm": grad_norm, "train/critic_lr": self.scheduler.get_last_lr()[0]}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
