@@ -60,7 +60,7 @@ def test_unknown_command_exits_2(capsys):
     assert main(["trian", "--lr", "1"]) == 2
     err = capsys.readouterr().err
     assert "unknown command 'trian'" in err
-    assert "train, demo, plot" in err
+    assert "train, serve, bench, demo, plot" in err
 
 
 def test_no_command_exits_2_and_help_exits_0(capsys):

@@ -1,4 +1,4 @@
-"""The `sluice` command: train, demo, plot."""
+"""The `sluice` command: train, serve, bench, demo, plot."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from sluice.data import DataError
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train_command, "demo": demo_command, "plot": plot_command}
+    commands = {"train": train_command, "serve": serve_command, "bench": bench_command, "demo": demo_command,
+                "plot": plot_command}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"sluice: unknown command {argv[0]!r}; choose one of {', '.join(commands)}", file=sys.stderr)
-        print("usage: sluice {train,demo,plot} [flags]   (sluice COMMAND --help for its flags)", file=sys.stderr)
+        print("usage: sluice {train,serve,bench,demo,plot} [flags]   (sluice COMMAND --help for its flags)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return commands[argv[0]](argv[1:])
@@ -45,6 +46,24 @@ def train_command(argv: list[str]) -> int:
         png = run.close()
     print(f"metrics: {config.logging.run_dir}/metrics.jsonl  curves: {png}")
     return 0
+
+
+def serve_command(argv: list[str]) -> int:
+    """`sluice serve --model DIR [--port N] [--sglang-* flags]`: the engine behind SGLang's HTTP API."""
+    from sluice.engine.server import parse_serve_args, run_server
+
+    return run_server(parse_serve_args(argv))
+
+
+def bench_command(argv: list[str]) -> int:
+    """`sluice bench rollout [flags]`: benchmarks that print one JSON line."""
+    benches = {"rollout": "sluice.bench.rollout"}
+    if not argv or argv[0] not in benches:
+        print(f"usage: sluice bench {{{','.join(benches)}}} [flags]", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    return importlib.import_module(benches[argv[0]]).main(argv[1:])
 
 
 def demo_command(argv: list[str]) -> int:

@@ -246,6 +246,8 @@ class EngineConfig:
     disable_radix_cache: bool = field(default=False, metadata=meta(
         "Turn off prefix caching (the n samples of a group then each prefill their prompt)."))
     disable_cuda_graph: bool = field(default=False, metadata=meta("Run decode steps eagerly on GPU."))
+    skip_tokenizer_init: bool = field(default=False, metadata=meta(
+        "Serve token ids only: no tokenizer is loaded, outputs carry no text, stop strings are refused."))
     cuda_graph_max_bs: int | None = field(default=None, metadata=meta(
         "Largest decode batch replayed from a CUDA graph; default min(256, --sglang-max-running-requests)."))
     dtype: str = field(default="auto", metadata=meta(

@@ -39,7 +39,7 @@ class LocalEngine:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(model_path)
         self.model_config = AutoConfig.from_pretrained(model_path)
         self.model_path = str(model_path)
         self.model = load_model(model_path, self.device, self.dtype)
@@ -102,6 +102,8 @@ class LocalEngine:
             raise ValueError(f"input_ids must lie in [0, {vocab}); got {min(prompt)}..{max(prompt)}")
         if len(prompt) + 1 > self.pool.capacity_tokens:
             raise ValueError(f"prompt of {len(prompt)} tokens exceeds the KV pool ({self.pool.capacity_tokens} tokens)")
+        if self.tokenizer is None and request.sampling_params.stop:
+            raise ValueError("stop strings need a tokenizer; this engine runs with --sglang-skip-tokenizer-init")
         generator = None
         if request.sampling_params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(request.sampling_params.seed))
@@ -305,7 +307,7 @@ class LocalEngine:
 
     def _result(self, seq: Sequence) -> GenerateResult:
         params = seq.request.sampling_params
-        if not isinstance(seq.matched_stop, str):
+        if not isinstance(seq.matched_stop, str) and self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
         return GenerateResult(
             rid=seq.rid,
@@ -329,12 +331,14 @@ class EngineStats:
         self.num_prefill_tokens = 0
         self.num_decode_tokens = 0
         self.forward_seconds = 0.0
+        self.decode_seconds = 0.0
 
     def record(self, batch, seconds: float) -> None:
         self.num_steps += 1
         if batch.is_decode:
             self.num_decode_steps += 1
             self.num_decode_tokens += batch.num_tokens
+            self.decode_seconds += seconds
         else:
             self.num_prefill_tokens += batch.num_tokens
         self.forward_seconds += seconds

@@ -129,6 +129,7 @@ class _DecodeGraph:
         )
         self.host = torch.zeros((4, batch_size), dtype=torch.int64).pin_memory()
         self.host_tables = torch.zeros((batch_size, runner.max_pages_per_seq), dtype=torch.int32).pin_memory()
+        self.host_np, self.host_tables_np = self.host.numpy(), self.host_tables.numpy()
         caches = runner.pool.layer_caches()
         model = runner.model
         for _ in range(2):  # warm-up outside the graph: lazy inits, Triton autotuning, cuBLAS handles
@@ -140,23 +141,27 @@ class _DecodeGraph:
             self.logits = model.compute_logits(hidden)
 
     def replay(self, batch: ScheduledBatch) -> torch.Tensor:
+        # The host buffers are pinned and copied asynchronously. Rewriting them here is safe because the
+        # previous step's copies have completed: its sampled tokens were read back (a sync) before this call.
         size = self.runner.page_size
         count = len(batch.seqs)
-        host = self.host
-        host.zero_()
-        host[3].fill_(1)  # seq_lens of padding rows: one token, on the scratch page
-        self.host_tables.zero_()
+        host, tables = self.host_np, self.host_tables_np
+        host[:, count:] = 0
+        host[3, count:] = 1  # seq_lens of padding rows: one token, on the scratch page
+        positions = [seq.num_computed for seq in batch.seqs]
+        host[0, :count] = [seq.token_ids[p] for seq, p in zip(batch.seqs, positions)]
+        host[1, :count] = positions
+        host[2, :count] = [seq.pages[p // size] * size + p % size for seq, p in zip(batch.seqs, positions)]
+        host[3, :count] = [p + 1 for p in positions]
+        tables[count:, 0] = 0  # padding rows read the scratch page; stale entries past a row's length are never read
+        width = 1
         for row, seq in enumerate(batch.seqs):
-            position = seq.num_computed
-            host[0, row] = seq.token_ids[position]
-            host[1, row] = position
-            host[2, row] = seq.pages[position // size] * size + position % size
-            host[3, row] = position + 1
-            self.host_tables[row, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
-        self.input_ids.copy_(host[0], non_blocking=True)
-        self.positions.copy_(host[1], non_blocking=True)
-        self.meta.slot_mapping.copy_(host[2], non_blocking=True)
-        self.meta.seq_lens.copy_(host[3], non_blocking=True)
-        self.meta.block_tables.copy_(self.host_tables, non_blocking=True)
+            tables[row, : len(seq.pages)] = seq.pages
+            width = max(width, len(seq.pages))
+        self.input_ids.copy_(self.host[0], non_blocking=True)
+        self.positions.copy_(self.host[1], non_blocking=True)
+        self.meta.slot_mapping.copy_(self.host[2], non_blocking=True)
+        self.meta.seq_lens.copy_(self.host[3], non_blocking=True)
+        self.meta.block_tables[:, :width].copy_(self.host_tables[:, :width], non_blocking=True)
         self.graph.replay()
         return self.logits[:count]

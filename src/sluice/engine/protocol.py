@@ -28,6 +28,9 @@ class GenerateRequest:
     sampling_params: SamplingParams
     return_logprob: bool = True
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Requests sharing a key (the samples of one GRPO group, the turns of one conversation) go to the same
+    # engine behind a MultiEngineClient, so they share its prefix cache; None: route by the prompt's tokens.
+    group_key: str | None = None
 
 
 @dataclass

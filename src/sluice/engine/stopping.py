@@ -16,7 +16,8 @@ class StopChecker:
     def __init__(self, tokenizer, model_config: PretrainedConfig, context_len: int):
         self.tokenizer = tokenizer
         self.context_len = context_len
-        self.eos_ids = set(eos_ids(getattr(model_config, "eos_token_id", None), tokenizer.eos_token_id))
+        tokenizer_eos = tokenizer.eos_token_id if tokenizer is not None else None
+        self.eos_ids = set(eos_ids(getattr(model_config, "eos_token_id", None), tokenizer_eos))
 
     def check(self, seq: Sequence) -> bool:
         """Set ``seq.finish`` (and ``matched_stop``) if the token just appended ends it; True if it does."""

@@ -32,26 +32,33 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: PretrainedConfig, head_dim: int, max_positions: int):
         super().__init__()
-        params = dict(getattr(config, "rope_parameters", None) or {})
-        rope_type = params.get("rope_type", "default")
-        if rope_type == "default":
-            theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-            inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-            scaling = 1.0
-        else:
-            if rope_type not in ROPE_INIT_FUNCTIONS:
-                raise ValueError(f"rope_type {rope_type!r} is not supported; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
-        # float32 products, as transformers computes them: the trainer's logprobs see the same angles.
-        angles = torch.arange(max_positions).float()[:, None] * inv_freq.float()[None, :]
-        self.register_buffer("cos", angles.cos() * scaling, persistent=False)
-        self.register_buffer("sin", angles.sin() * scaling, persistent=False)
+        target = torch.get_default_device()
+        with torch.device("cpu"):  # rope init functions mix explicit-CPU and default-device tensors
+            cos, sin = _rope_tables(config, head_dim, max_positions)
+        self.register_buffer("cos", cos.to(target), persistent=False)
+        self.register_buffer("sin", sin.to(target), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, Hq, D] and k [T, Hk, D] (rotate-half layout, as HF checkpoints expect)."""
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rope_tables(config: PretrainedConfig, head_dim: int, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        scaling = 1.0
+    elif rope_type in ROPE_INIT_FUNCTIONS:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    else:
+        raise ValueError(f"rope_type {rope_type!r} is not supported; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+    # float32 products, as transformers computes them: the trainer's logprobs see the same angles.
+    angles = torch.arange(max_positions).float()[:, None] * inv_freq.float()[None, :]
+    return angles.cos() * scaling, angles.sin() * scaling
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""`sluice bench ...`: benchmark scripts that print one JSON line each (never timed tests)."""

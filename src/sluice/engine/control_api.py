@@ -1,0 +1,221 @@
+"""SGLang's control endpoints: health, info, load, cache, abort, pause, memory and weight updates.
+
+Calls that wait for the engine (weight updates, memory moves, joining a process group, receiving broadcasts) run
+in worker threads, so the event loop keeps answering /health and streaming while they block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+import sluice
+from sluice.device import resolve_device
+from sluice.engine.http_errors import RequestError, read_body
+from sluice.engine.native_schema import (
+    AbortBody,
+    DestroyGroupBody,
+    DiskUpdateBody,
+    DistributedUpdateBody,
+    InitGroupBody,
+    MemoryBody,
+    PauseBody,
+)
+from sluice.engine.protocol import GenerateRequest
+from sluice.engine.server_context import ServerContext
+from sluice.engine.weight_group import join_weight_group, parse_dtype, receive_weights
+from sluice.types import SamplingParams
+
+HEALTH_GENERATE_TIMEOUT_S = 20.0
+GROUP_JOIN_TIMEOUT = timedelta(minutes=5)
+
+
+def control_router(ctx: ServerContext) -> APIRouter:
+    router = APIRouter()
+    _add_info_routes(router, ctx)
+    _add_scheduling_routes(router, ctx)
+    _add_weight_routes(router, ctx)
+    return router
+
+
+def _add_info_routes(router: APIRouter, ctx: ServerContext) -> None:
+    @router.get("/health")
+    async def health():
+        return {}
+
+    @router.get("/health_generate")
+    async def health_generate():
+        """A one-token generation: proves the engine loop runs, not just the HTTP server."""
+        probe = GenerateRequest([_probe_token(ctx)], SamplingParams(temperature=0.0, max_new_tokens=1),
+                                return_logprob=False)
+        try:
+            await asyncio.wait_for(ctx.async_engine.generate(probe), HEALTH_GENERATE_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - any failure means unhealthy
+            return JSONResponse({"error": {"message": f"generation failed: {error!r}"}}, status_code=503)
+        return {}
+
+    @router.get("/get_model_info")
+    @router.get("/model_info")  # the newer SGLang name, which sglang-router asks for first
+    async def model_info():
+        config = ctx.engine.model_config
+        return {"model_path": ctx.model_path, "tokenizer_path": ctx.model_path, "is_generation": True,
+                "served_model_name": ctx.served_model_name, "model_type": getattr(config, "model_type", None),
+                "architectures": getattr(config, "architectures", None), "weight_version": str(ctx.engine.weight_version),
+                "has_image_understanding": False, "has_audio_understanding": False,
+                "preferred_sampling_params": None}
+
+    @router.get("/get_server_info")
+    @router.get("/server_info")
+    async def server_info():
+        config = ctx.engine_config
+        return {"model_path": ctx.model_path, "tokenizer_path": ctx.model_path,
+                "served_model_name": ctx.served_model_name, "host": ctx.host, "port": ctx.port,
+                "version": sluice.__version__, "engine": "sluice",
+                "context_length": ctx.context_len, "tp_size": 1, "dp_size": 1,
+                "max_running_requests": config.max_running_requests, "mem_fraction_static": config.mem_fraction_static,
+                "dtype": config.dtype, "device": config.device, "weight_version": str(ctx.engine.weight_version),
+                "internal_states": [{"load": ctx.engine.load()}]}
+
+    @router.get("/get_load")
+    async def load():
+        """Per data-parallel rank (one here); ``load`` is what sglang-router's power-of-two policy compares."""
+        stats = ctx.engine.load()
+        return [{"dp_rank": 0, "load": stats["num_running"] + stats["num_waiting"], "num_reqs": stats["num_running"],
+                 "num_waiting_reqs": stats["num_waiting"], "num_tokens": stats["num_tokens"]}]
+
+    @router.get("/get_weight_version")
+    async def weight_version():
+        return {"weight_version": str(ctx.engine.weight_version)}
+
+
+def _add_scheduling_routes(router: APIRouter, ctx: ServerContext) -> None:
+    @router.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        if ctx.engine.flush_cache():
+            return PlainTextResponse("Cache flushed.\n")
+        return PlainTextResponse("Cache not flushed: requests are running; retry when idle.\n", status_code=400)
+
+    @router.post("/abort_request")
+    async def abort_request(request: Request):
+        body = await read_body(request, AbortBody)
+        if not body.abort_all and not body.rid:
+            raise RequestError("rid", "give the request id to abort, or abort_all: true")
+        ctx.engine.abort(None if body.abort_all else body.rid)
+        return {}
+
+    @router.post("/pause_generation")
+    async def pause_generation(request: Request):
+        mode = (await read_body(request, PauseBody, optional=True)).mode
+        if mode == "abort":  # abort first: aborted requests are answered even while paused
+            ctx.engine.abort(None)
+        ctx.engine.pause()
+        return {"message": f"Generation paused (mode {mode})."}
+
+    @router.post("/continue_generation")
+    async def continue_generation():
+        ctx.engine.resume()
+        return {"message": "Generation continued."}
+
+    @router.post("/release_memory_occupation")
+    async def release_memory(request: Request):
+        await read_body(request, MemoryBody, optional=True)
+        await asyncio.to_thread(ctx.engine.release_memory)
+        return {}
+
+    @router.post("/resume_memory_occupation")
+    async def resume_memory(request: Request):
+        await read_body(request, MemoryBody, optional=True)
+        await asyncio.to_thread(ctx.engine.resume_memory)
+        return {}
+
+
+def _add_weight_routes(router: APIRouter, ctx: ServerContext) -> None:
+    @router.post("/update_weights_from_disk")
+    async def update_from_disk(request: Request):
+        body = await read_body(request, DiskUpdateBody)
+        version = _weight_version(body.weight_version, ctx.engine.weight_version)
+        if body.abort_all_requests:
+            ctx.engine.abort(None)
+        async with ctx.weights_lock:
+            return await _apply_weights(ctx, body.model_path, version)
+
+    @router.post("/init_weights_update_group")
+    async def init_group(request: Request):
+        body = await read_body(request, InitGroupBody)
+        if body.rank_offset >= body.world_size:
+            raise RequestError("rank_offset", f"{body.rank_offset} is outside a group of {body.world_size}")
+        if body.group_name in ctx.weight_groups:
+            raise RequestError("group_name", f"group {body.group_name!r} already exists; destroy it first")
+        device = resolve_device(ctx.engine_config.device)
+        async with ctx.weights_lock:
+            try:
+                group = await asyncio.to_thread(
+                    join_weight_group, body.master_address, body.master_port, body.rank_offset, body.world_size,
+                    body.group_name, body.backend, device, GROUP_JOIN_TIMEOUT)
+            except Exception as error:  # noqa: BLE001 - reported to the trainer, the server stays up
+                return _failure(f"joining group {body.group_name!r} failed: {error}")
+        ctx.weight_groups[body.group_name] = group
+        return {"success": True, "message": f"joined {body.group_name!r} as rank {body.rank_offset}"}
+
+    @router.post("/update_weights_from_distributed")
+    async def update_from_distributed(request: Request):
+        body = await read_body(request, DistributedUpdateBody)
+        group = ctx.weight_groups.get(body.group_name)
+        if group is None:
+            raise RequestError("group_name", f"no weight update group {body.group_name!r}; call "
+                                             "/init_weights_update_group first")
+        dtypes = [_dtype(i, name) for i, name in enumerate(body.dtypes)]
+        version = _weight_version(body.weight_version, ctx.engine.weight_version)
+        if body.abort_all_requests:
+            ctx.engine.abort(None)
+        async with ctx.weights_lock:
+            try:
+                tensors = await asyncio.to_thread(receive_weights, group, body.names, dtypes, body.shapes)
+            except Exception as error:  # noqa: BLE001 - a broken group; the trainer must build a new one
+                return _failure(f"receiving broadcast weights failed: {error}")
+            return await _apply_weights(ctx, tensors, version)
+
+    @router.post("/destroy_weights_update_group")
+    async def destroy_group(request: Request):
+        body = await read_body(request, DestroyGroupBody, optional=True)
+        if ctx.weight_groups.pop(body.group_name, None) is None:
+            raise RequestError("group_name", f"no weight update group {body.group_name!r}")
+        return {"success": True, "message": f"left {body.group_name!r}"}
+
+
+async def _apply_weights(ctx: ServerContext, weights, version: int):
+    try:
+        count = await asyncio.to_thread(ctx.engine.update_weights, weights, version)
+    except (ValueError, KeyError, OSError, TypeError) as error:  # bad path, names, shapes or version
+        return _failure(f"weight update failed: {error}")
+    return {"success": True, "message": f"loaded {count} tensors; weight version {version}",
+            "num_paused_requests": 0}
+
+
+def _failure(message: str) -> JSONResponse:
+    return JSONResponse({"success": False, "message": message}, status_code=400)
+
+
+def _weight_version(value: str | int | None, current: int) -> int:
+    """SGLang versions are strings; ours are integers, so a given version must read as one."""
+    if value is None:
+        return current
+    try:
+        return int(value)
+    except ValueError:
+        raise RequestError("weight_version", f"{value!r} is not an integer; sluice numbers weight versions") from None
+
+
+def _dtype(index: int, name: str):
+    try:
+        return parse_dtype(name)
+    except ValueError as error:
+        raise RequestError(f"dtypes[{index}]", str(error)) from None
+
+
+def _probe_token(ctx: ServerContext) -> int:
+    token = getattr(ctx.tokenizer, "eos_token_id", None)
+    return token if token is not None and 0 <= token < ctx.vocab_size else 0

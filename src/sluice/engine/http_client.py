@@ -1,0 +1,217 @@
+"""``EngineClient`` over SGLang's native HTTP API: talks to ``sluice serve`` or to a real SGLang server alike.
+
+Connections are pooled and bounded. A request that never reached the server (connect error or timeout) is
+retried with exponential backoff, whatever it was; one that may have reached it is retried only when repeating
+it is harmless (abort, pause, resume, version reads, loading the same weights again), never a generate.
+
+The httpx client belongs to the event loop that first used it; a call from another loop gets a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+
+from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors
+from sluice.types import SamplingParams
+
+
+@dataclass(frozen=True)
+class HttpClientOptions:
+    max_connections: int = 512  # concurrent requests to one engine; more wait for a free connection
+    connect_timeout_s: float = 10.0
+    generate_timeout_s: float | None = None  # a long generation is not an error: no read limit by default
+    control_timeout_s: float = 1800.0  # loading weights from disk can take minutes on large models
+    max_retries: int = 5
+    backoff_s: float = 0.2  # first retry delay; doubles each time, with jitter
+    max_backoff_s: float = 5.0
+
+
+class EngineHTTPError(RuntimeError):
+    """The engine answered with an error status (or ``success: false``)."""
+
+    def __init__(self, url: str, status: int, message: str):
+        super().__init__(f"{url}: HTTP {status}: {message}")
+        self.status = status
+
+
+class HttpEngineClient:
+    def __init__(self, base_url: str, options: HttpClientOptions = HttpClientOptions()):
+        self.base_url = base_url.rstrip("/")
+        self.options = options
+        self._client: httpx.AsyncClient | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+        self._last_version = 0  # for servers whose responses carry no weight version
+        self._background: set[asyncio.Task] = set()
+
+    # ---- EngineClient ---------------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        payload = {"input_ids": list(request.input_ids), "sampling_params": wire_sampling_params(request.sampling_params),
+                   "return_logprob": request.return_logprob, "rid": request.rid}
+        try:
+            body = await self._send("POST", "/generate", payload, False, self.options.generate_timeout_s)
+        except asyncio.CancelledError:
+            self._in_background(self.abort(request.rid))  # the engine should not decode for nobody
+            raise
+        result = parse_generate_response(body, request, self._last_version)
+        self._last_version = max(self._last_version, result.weight_version)
+        return result
+
+    async def update_weights(self, weights: NamedTensors | str, version: int) -> None:
+        if isinstance(weights, Mapping):
+            raise TypeError("HttpEngineClient cannot send named tensors over HTTP: use the distributed path "
+                            "(/init_weights_update_group + /update_weights_from_distributed, see "
+                            "sluice.engine.weight_group) or save a checkpoint and pass its directory")
+        body = await self._post("/update_weights_from_disk", {"model_path": str(weights), "weight_version": str(version)},
+                                idempotent=True)
+        if body.get("success") is False:
+            raise EngineHTTPError(self.base_url, 400, body.get("message", "weight update failed"))
+        self._last_version = version
+
+    async def abort(self, rid: str | None = None) -> None:
+        await self._post("/abort_request", {"abort_all": True} if rid is None else {"rid": rid}, idempotent=True)
+
+    async def pause(self) -> None:
+        """Hold generation; running requests keep their state and continue on resume (SGLang's in_place mode)."""
+        await self._post("/pause_generation", {"mode": "in_place"}, idempotent=True)
+
+    async def resume(self) -> None:
+        await self._post("/continue_generation", {}, idempotent=True)
+
+    async def weight_version(self) -> int:
+        body = await self._send("GET", "/get_weight_version", None, True, self.options.control_timeout_s)
+        return parse_weight_version(body.get("weight_version"), self._last_version)
+
+    # ---- extras -----------------------------------------------------------------------------------------
+    async def health(self) -> bool:
+        try:
+            response = await self._http().get(self.base_url + "/health", timeout=self.options.connect_timeout_s)
+        except httpx.TransportError:
+            return False
+        return response.status_code == 200
+
+    async def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Poll /health until the server answers (it may still be loading the model)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not await self.health():
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{self.base_url} did not become healthy within {timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
+
+    async def aclose(self) -> None:
+        if self._client is not None and self._client_loop is asyncio.get_running_loop():
+            await self._client.aclose()
+        self._client = None
+
+    # ---- transport ----------------------------------------------------------------------------------------
+    def _http(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            limits = httpx.Limits(max_connections=self.options.max_connections,
+                                  max_keepalive_connections=self.options.max_connections)
+            self._client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(
+                self.options.control_timeout_s, connect=self.options.connect_timeout_s))
+            self._client_loop = loop
+        return self._client
+
+    async def _post(self, path: str, payload: dict, idempotent: bool) -> dict:
+        """A control call, under the control timeout."""
+        return await self._send("POST", path, payload, idempotent, self.options.control_timeout_s)
+
+    async def _send(self, method: str, path: str, payload: dict | None, idempotent: bool,
+                    read_timeout_s: float | None) -> dict:
+        """One call, retried as the module docstring says; ``read_timeout_s`` None: no read limit."""
+        timeouts = httpx.Timeout(read_timeout_s, connect=self.options.connect_timeout_s)
+        url = self.base_url + path
+        for attempt in range(self.options.max_retries + 1):
+            try:
+                response = await self._http().request(method, url, json=payload, timeout=timeouts)
+                return _json_or_raise(url, response)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                failure, retry = error, True  # the request never reached the server
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as error:
+                failure, retry = error, idempotent  # it may have reached the server: repeat only what is harmless
+            if not retry or attempt == self.options.max_retries:
+                raise failure
+            delay = min(self.options.max_backoff_s, self.options.backoff_s * 2**attempt)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        raise AssertionError("unreachable")
+
+    def _in_background(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(lambda t: (self._background.discard(t), t.cancelled() or t.exception()))
+
+
+def _json_or_raise(url: str, response: httpx.Response) -> dict:
+    if response.status_code >= 400:
+        raise EngineHTTPError(url, response.status_code, _error_message(response))
+    try:
+        return response.json()
+    except ValueError:
+        return {"message": response.text}
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message", error))
+    if isinstance(body, dict):
+        return str(body.get("message") or body.get("detail") or body)
+    return str(body)
+
+
+def wire_sampling_params(params: SamplingParams) -> dict:
+    """Our SamplingParams as SGLang's ``sampling_params`` (the field names already match, except the seed)."""
+    wire = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "min_p": params.min_p,
+            "max_new_tokens": params.max_new_tokens, "stop": list(params.stop),
+            "stop_token_ids": list(params.stop_token_ids), "ignore_eos": params.ignore_eos,
+            "skip_special_tokens": params.skip_special_tokens}
+    if params.seed is not None:
+        wire["sampling_seed"] = params.seed
+    return wire
+
+
+def parse_weight_version(value, fallback: int) -> int:
+    """SGLang reports versions as strings, "default" before any update; ours are integers."""
+    if value is None or value == "default":
+        return fallback
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"weight_version {value!r} from the engine is not an integer") from None
+
+
+def parse_generate_response(body: dict, request: GenerateRequest, fallback_version: int) -> GenerateResult:
+    """A native /generate response -> GenerateResult; raises ValueError naming a missing or odd field."""
+    meta = body.get("meta_info")
+    if not isinstance(meta, dict):
+        raise ValueError(f"/generate response without meta_info: {str(body)[:200]}")
+    triples = meta.get("output_token_logprobs") or []
+    output_ids = body.get("output_ids")
+    if output_ids is None:  # older SGLang: the ids ride in the logprob triples
+        output_ids = [int(t[1]) for t in triples]
+    finish = meta.get("finish_reason") or {"type": "abort"}
+    try:
+        reason = FinishReason(finish.get("type"))
+    except ValueError:
+        raise ValueError(f"meta_info.finish_reason.type {finish.get('type')!r} is not stop, length or abort") from None
+    return GenerateResult(
+        rid=str(meta.get("id", request.rid)),
+        output_ids=list(output_ids),
+        output_logprobs=[float(t[0]) for t in triples] if request.return_logprob else [],
+        finish_reason=reason,
+        weight_version=parse_weight_version(meta.get("weight_version"), fallback_version),
+        prompt_tokens=int(meta.get("prompt_tokens", len(request.input_ids))),
+        text=body.get("text", ""),
+        matched_stop=finish.get("matched"),
+        cached_tokens=int(meta.get("cached_tokens", 0)),
+    )

@@ -1,0 +1,252 @@
+"""Request bodies of SGLang's native API, validated at the boundary (strict types, unknown keys refused).
+
+SGLang options our engine does not implement (penalties, constrained decoding, ...) are declared so that a
+client sending their neutral value still works, and any other value is refused by name rather than ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from sluice.engine.http_errors import RequestError
+from sluice.types import SamplingParams
+
+STRICT = ConfigDict(extra="forbid", strict=True)
+SGLANG_DEFAULT_MAX_NEW_TOKENS = 128
+
+# SGLang sampling options kept only at these values: anything else would silently change the distribution.
+UNSUPPORTED_SAMPLING = {
+    "n": 1, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_new_tokens": 0,
+    "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None, "stop_regex": None,
+    "logit_bias": None, "custom_params": None,
+}
+
+
+def require_neutral(value, neutral):
+    """For options the engine does not implement: the neutral value passes, anything else is refused."""
+    if value != neutral and value not in ({}, []):
+        raise ValueError(f"{value!r} is not supported by sluice's engine (only {neutral!r})")
+    return value
+
+# Fields of SGLang's GenerateReqInput for features our engine lacks (multimodal, LoRA, hidden states,
+# disaggregation, ...); sglang-router fills several of them in with these neutral values on every request.
+UNSUPPORTED_GENERATE = {
+    "return_hidden_states": False, "return_entropy": False, "return_bytes": False, "return_routed_experts": False,
+    "background": False, "lora_path": None, "image_data": None, "audio_data": None, "video_data": None,
+    "session_params": None, "custom_logit_processor": None, "token_ids_logprob": None, "bootstrap_host": None,
+    "bootstrap_port": None, "bootstrap_room": None,
+}
+
+
+class WireSamplingParams(BaseModel):
+    """SGLang's ``sampling_params`` object."""
+
+    model_config = STRICT
+
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    min_p: float = Field(0.0, ge=0, le=1)
+    max_new_tokens: int | None = Field(SGLANG_DEFAULT_MAX_NEW_TOKENS, ge=1)  # None: up to the context length
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    # Fast tokenizers never put spaces between special tokens, so both values decode the same.
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    sampling_seed: int | None = None
+    n: int = 1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    structural_tag: str | None = None
+    stop_regex: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    custom_params: dict | None = None
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError("must be -1 (no cut) or at least 1")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @field_validator(*UNSUPPORTED_SAMPLING)
+    @classmethod
+    def _neutral_only(cls, value, info: ValidationInfo):
+        return require_neutral(value, UNSUPPORTED_SAMPLING[info.field_name])
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def to_sampling_params(self, max_new_tokens_cap: int) -> SamplingParams:
+        """Our engine's record; ``max_new_tokens_cap`` (room left in the context) replaces a None limit."""
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else max_new_tokens_cap,
+            stop=self.stop_list, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens, seed=self.sampling_seed,
+        )
+
+
+class GenerateBody(BaseModel):
+    """``POST /generate``: one prompt, or a batch (lists of prompts, optionally per-prompt parameters)."""
+
+    model_config = STRICT
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: WireSamplingParams | list[WireSamplingParams] = Field(default_factory=WireSamplingParams)
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] = -1  # accepted; only output-token logprobs are returned
+    top_logprobs_num: Literal[0] = 0
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    rid: str | list[str] | None = None
+    model: str | None = None  # one model is served; the name is not checked
+    log_metrics: bool = True  # no effect: the engine keeps no per-request metrics log
+    no_logs: bool = False  # no effect: requests are not logged
+    data_parallel_rank: Literal[0] | None = None  # one rank per server
+    return_hidden_states: bool = False
+    return_entropy: bool = False
+    return_bytes: bool = False
+    return_routed_experts: bool = False
+    background: bool = False
+    lora_path: Any = None
+    image_data: Any = None
+    audio_data: Any = None
+    video_data: Any = None
+    session_params: Any = None
+    custom_logit_processor: Any = None
+    token_ids_logprob: Any = None
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
+
+    @field_validator(*UNSUPPORTED_GENERATE)
+    @classmethod
+    def _neutral_only(cls, value, info: ValidationInfo):
+        return require_neutral(value, UNSUPPORTED_GENERATE[info.field_name])
+
+    @model_validator(mode="after")
+    def _one_prompt_field(self) -> "GenerateBody":
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of text or input_ids")
+        return self
+
+    @property
+    def is_batch(self) -> bool:
+        prompts = self.text if self.text is not None else self.input_ids
+        return isinstance(self.text, list) or (bool(prompts) and isinstance(prompts[0], list))
+
+    def items(self) -> list["GenerateItem"]:
+        """One item per prompt, with per-item fields broadcast; refuses lists whose lengths disagree."""
+        field = "text" if self.text is not None else "input_ids"
+        prompts = getattr(self, field) if self.is_batch else [getattr(self, field)]
+        if self.is_batch and self.stream:
+            raise RequestError("stream", "streaming takes one prompt, not a batch")
+        count = len(prompts)
+        if count == 0:
+            raise RequestError(field, "the batch is empty")
+        params = _per_item(self.sampling_params, count, "sampling_params")
+        logprob = _per_item(self.return_logprob, count, "return_logprob")
+        rids = _per_item(self.rid, count, "rid")
+        return [GenerateItem(f"{field}[{i}]" if self.is_batch else field, prompts[i], params[i], logprob[i], rids[i])
+                for i in range(count)]
+
+
+@dataclass
+class GenerateItem:
+    """One prompt of a /generate call, before tokenization."""
+
+    field: str  # where the prompt sits in the body, for error messages
+    prompt: str | list[int]
+    sampling_params: WireSamplingParams
+    return_logprob: bool
+    rid: str | None
+
+
+def _per_item(value, count: int, name: str) -> list:
+    if not isinstance(value, list):
+        return [value] * count
+    if len(value) != count:
+        raise RequestError(name, f"{len(value)} entries for {count} prompts")
+    return value
+
+
+class AbortBody(BaseModel):
+    model_config = STRICT
+    rid: str = ""
+    abort_all: bool = False
+
+
+class PauseBody(BaseModel):
+    """SGLang's modes: ``abort`` (default) aborts in-flight requests; ``in_place``/``retract`` keep them waiting."""
+
+    model_config = STRICT
+    mode: Literal["abort", "in_place", "retract"] = "abort"
+
+
+class MemoryBody(BaseModel):
+    model_config = STRICT
+    tags: list[str] | None = None  # SGLang releases weights and KV cache by tag; ours releases both together
+
+
+class DiskUpdateBody(BaseModel):
+    model_config = STRICT
+    model_path: str
+    weight_version: str | int | None = None  # None keeps the current version, as SGLang does
+    load_format: str | None = None
+    abort_all_requests: bool = False
+    flush_cache: bool = True  # our engine always drops cached prefixes computed with the old weights
+
+
+class InitGroupBody(BaseModel):
+    model_config = STRICT
+    master_address: str
+    master_port: int = Field(ge=1, le=65535)
+    rank_offset: int = Field(ge=1)  # rank 0 is the trainer that broadcasts
+    world_size: int = Field(ge=2)
+    group_name: str = "weight_update_group"
+    backend: Literal["gloo", "nccl"] = "nccl"
+
+
+class DistributedUpdateBody(BaseModel):
+    model_config = STRICT
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    weight_version: str | int | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    load_format: str | None = None
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> "DistributedUpdateBody":
+        if not (len(self.names) == len(self.dtypes) == len(self.shapes)):
+            raise ValueError(f"names, dtypes and shapes differ in length "
+                             f"({len(self.names)}, {len(self.dtypes)}, {len(self.shapes)})")
+        return self
+
+
+class DestroyGroupBody(BaseModel):
+    model_config = STRICT
+    group_name: str = "weight_update_group"

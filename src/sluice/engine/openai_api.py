@@ -1,0 +1,186 @@
+"""The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions (plain and streamed).
+
+Each choice is one engine request (n choices x prompts). Responses carry, besides OpenAI's fields, the raw
+``token_ids`` of each choice and the ``prompt_token_ids`` (as vLLM and SGLang do), so an RL client gets exact
+tokens and logprobs without re-tokenizing. Streamed choices are interleaved as their tokens come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from sluice.engine.async_engine import TokenDelta, merge_streams
+from sluice.engine.http_errors import RequestError, read_body
+from sluice.engine.native_api import SSE_DONE, output_text, sse
+from sluice.engine.openai_schema import ChatRequest, CompletionRequest, OpenAIRequest
+from sluice.engine.protocol import GenerateRequest, GenerateResult
+from sluice.engine.server_context import ServerContext
+from sluice.engine.stream_text import IncrementalText
+
+
+@dataclass
+class Call:
+    """One /v1 request after tokenization: what is common to its choices."""
+
+    body: OpenAIRequest
+    chat: bool
+    prompts: list[list[int]]  # token ids per prompt
+    requests: list[GenerateRequest]  # prompt-major: choice k is prompt k // n, sample k % n
+    id: str
+    created: int
+
+    @property
+    def object_name(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    def want_logprobs(self) -> bool:
+        return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
+
+
+def openai_router(ctx: ServerContext) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": ctx.served_model_name, "object": "model", "created": int(ctx.started_at),
+                                            "owned_by": "sluice", "root": ctx.model_path, "max_model_len": ctx.context_len}]}
+
+    @router.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request, CompletionRequest)
+        prompts = [(field, ctx.encode(field, p) if isinstance(p, str) else p) for field, p in body.prompts()]
+        return await _serve(ctx, _make_call(ctx, body, prompts, chat=False))
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request, ChatRequest)
+        return await _serve(ctx, _make_call(ctx, body, [("messages", _chat_prompt(ctx, body))], chat=True))
+
+    return router
+
+
+def _chat_prompt(ctx: ServerContext, body: ChatRequest) -> list[int]:
+    tokenizer = ctx.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("messages", "no chat template (none in the checkpoint, or no tokenizer loaded); "
+                                       "use /v1/completions with a templated prompt")
+    try:
+        text = tokenizer.apply_chat_template(
+            [m.for_template() for m in body.messages], tokenize=False,
+            add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
+            continue_final_message=body.continue_final_message, **(body.chat_template_kwargs or {}))
+    except Exception as error:  # noqa: BLE001 - template errors (raise_exception, bad roles) are the caller's
+        raise RequestError("messages", f"the chat template failed: {error}") from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _make_call(ctx: ServerContext, body: OpenAIRequest, prompts: list[tuple[str, list[int]]], chat: bool) -> Call:
+    requests = []
+    single = len(prompts) * body.n == 1
+    for field, ids in prompts:
+        for index in range(body.n):
+            params = body.sampling_params(max(ctx.context_len - len(ids), 1), index)
+            rid = body.rid if single or body.rid is None else f"{body.rid}-{len(requests)}"
+            requests.append(ctx.make_request(field, ids, params, return_logprob=True, rid=rid))
+    prefix = "chatcmpl" if chat else "cmpl"
+    return Call(body, chat, [ids for _, ids in prompts], requests, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+
+
+async def _serve(ctx: ServerContext, call: Call):
+    if call.body.stream:
+        try:
+            streams = [ctx.async_engine.open_stream(r) for r in call.requests]
+        except ValueError as error:
+            raise RequestError("prompt", str(error)) from None
+        return StreamingResponse(_stream(ctx, call, streams), media_type="text/event-stream")
+    try:
+        results = await asyncio.gather(*(ctx.async_engine.generate(r) for r in call.requests))
+    except ValueError as error:  # refused by the engine after our own checks passed
+        raise RequestError("prompt", str(error)) from None
+    choices = [_choice(ctx, call, k, result) for k, result in enumerate(results)]
+    response = {"id": call.id, "object": call.object_name, "created": call.created, "model": ctx.served_model_name,
+                "choices": choices, "usage": _usage(call, results)}
+    if call.chat:
+        response["prompt_token_ids"] = call.prompts[0]
+    return response
+
+
+def _usage(call: Call, results: list[GenerateResult]) -> dict:
+    prompt_tokens = sum(len(p) for p in call.prompts)  # each prompt counted once, however many choices
+    completion_tokens = sum(len(r.output_ids) for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _choice(ctx: ServerContext, call: Call, index: int, result: GenerateResult) -> dict:
+    text = output_text(result, call.body.no_stop_trim)
+    logprobs = _logprobs(ctx, call, result.output_ids, result.output_logprobs) if call.want_logprobs() else None
+    choice = {"index": index, "logprobs": logprobs, "finish_reason": result.finish_reason.value,
+              "matched_stop": result.matched_stop, "token_ids": list(result.output_ids)}
+    if call.chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+        choice["prompt_token_ids"] = call.prompts[index // call.body.n]
+    return choice
+
+
+def _logprobs(ctx: ServerContext, call: Call, ids: list[int], logprobs: list[float], offset: int = 0) -> dict:
+    """OpenAI's shapes: chat ``{"content": [{token, logprob, bytes, top_logprobs}]}``; completions parallel lists."""
+    pieces = [ctx.decode_token(t) for t in ids]
+    if call.chat:
+        return {"content": [{"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8")), "top_logprobs": []}
+                            for piece, lp in zip(pieces, logprobs)]}
+    offsets, position = [], offset
+    for piece in pieces:
+        offsets.append(position)
+        position += len(piece)
+    return {"tokens": pieces, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+
+
+async def _stream(ctx: ServerContext, call: Call, streams) -> AsyncIterator[str]:
+    texts = [IncrementalText(ctx.tokenizer, r.sampling_params.skip_special_tokens, r.sampling_params.stop)
+             for r in call.requests]
+    results: list[GenerateResult | None] = [None] * len(streams)
+    if call.chat:
+        for index in range(len(streams)):
+            yield sse(_chunk(ctx, call, index, {"delta": {"role": "assistant", "content": ""}, "token_ids": []}))
+    try:
+        async for index, event in merge_streams(streams):
+            if isinstance(event, TokenDelta):
+                piece = texts[index].push(event.output_ids)
+                yield sse(_chunk(ctx, call, index, _delta(ctx, call, piece, event.output_ids, event.output_logprobs)))
+            else:
+                results[index] = event
+                piece = texts[index].finish(output_text(event, call.body.no_stop_trim))
+                yield sse(_chunk(ctx, call, index, _delta(ctx, call, piece, [], [], event.finish_reason.value)))
+    except Exception as error:  # noqa: BLE001 - headers are sent; report in-band
+        yield sse({"error": {"message": f"generation failed: {error}", "type": "server_error", "code": 500}})
+    if call.body.stream_options and call.body.stream_options.include_usage and all(results):
+        yield sse({"id": call.id, "object": f"{call.object_name}.chunk", "created": call.created,
+                   "model": ctx.served_model_name, "choices": [], "usage": _usage(call, results)})
+    yield SSE_DONE
+
+
+def _delta(ctx: ServerContext, call: Call, piece: str, ids: list[int], logprobs: list[float],
+           finish_reason: str | None = None) -> dict:
+    fields = {"finish_reason": finish_reason, "token_ids": ids,
+              "logprobs": _logprobs(ctx, call, ids, logprobs) if call.want_logprobs() and ids else None}
+    if call.chat:
+        fields["delta"] = {"content": piece} if piece or finish_reason is None else {}
+    else:
+        fields["text"] = piece
+    return fields
+
+
+def _chunk(ctx: ServerContext, call: Call, index: int, fields: dict) -> dict:
+    choice = {"index": index, "logprobs": None, "finish_reason": None, **fields}
+    return {"id": call.id, "object": f"{call.object_name}.chunk", "created": call.created,
+            "model": ctx.served_model_name, "choices": [choice]}
