@@ -19,7 +19,7 @@ from sluice.engine.scheduler import Scheduler
 from sluice.engine.sequence import Sequence
 from sluice.types import SamplingParams
 
-COMMON = dict(vocab_size=102, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+COMMON = dict(vocab_size=102, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, pad_token_id=0)
 CONFIGS = {
     "qwen2": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True),
@@ -286,3 +286,22 @@ def test_scheduler_chunks_long_prompts_and_decodes_running_sequences_first():
     assert [s.rid for s in batch.seqs] == ["s", "l"] and batch.num_new_tokens == [1, 7]
     with pytest.raises(ValueError, match="token budget"):
         Scheduler(blocks, max_running_requests=16, max_batched_tokens=8)
+
+
+def test_scheduler_admits_new_sequences_in_batches_while_others_decode():
+    blocks = BlockManager(num_pages=256, page_size=4)
+    scheduler = Scheduler(blocks, max_running_requests=16, max_batched_tokens=64)  # admits 2 at a time
+    for index in range(16):
+        scheduler.add(make_seq([1, 2, 3], f"r{index}"))
+    batch = scheduler.schedule()
+    assert len(batch.seqs) == 16
+    for seq, count in zip(batch.seqs, batch.num_new_tokens):
+        seq.num_computed += count
+        seq.token_ids.append(7)
+    late = [make_seq([4, 5], "late0"), make_seq([4, 6], "late1")]
+    for seq in late:
+        scheduler.add(seq)
+    scheduler.finish(scheduler.running[0])  # one slot free: not worth an eager prefill step yet
+    assert all(s.rid != "late0" for s in scheduler.schedule().seqs)
+    scheduler.finish(scheduler.running[0])  # two free: both come in together
+    assert {"late0", "late1"} <= {s.rid for s in scheduler.schedule().seqs}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -48,6 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--mem-fraction-static", type=float, default=0.8)
     parser.add_argument("--disable-cuda-graph", action="store_true")
     parser.add_argument("--disable-radix-cache", action="store_true")
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=1024)
     return parser.parse_args(argv)
 
 
@@ -118,6 +120,8 @@ def _sync(device) -> None:
 
 
 def _commit() -> str:
+    if os.environ.get("SLUICE_COMMIT"):  # a copy of the tree without its git history (the GPU machine)
+        return os.environ["SLUICE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
@@ -139,7 +143,7 @@ def bench_rollout(argv: list[str]) -> dict:
                                      mem_fraction_static=args.mem_fraction_static,
                                      disable_cuda_graph=args.disable_cuda_graph,
                                      disable_radix_cache=args.disable_radix_cache,
-                                     cuda_graph_max_bs=min(running, 512))
+                                     cuda_graph_max_bs=min(running, args.cuda_graph_max_bs))
         started = time.perf_counter()
         engine = LocalEngine(str(path), engine_config)
         startup = time.perf_counter() - started
@@ -173,7 +177,8 @@ def bench_rollout(argv: list[str]) -> dict:
             "max_running_requests": running, "preemptions": preemptions, "memory": memory,
             "decode_steps": stats.num_decode_steps,
             "mean_decode_batch": round(stats.num_decode_tokens / max(1, stats.num_decode_steps), 1),
-            "forward_s": round(stats.forward_seconds, 3),
+            "step_s": {"total": round(stats.forward_seconds, 3), "launch": round(stats.launch_seconds, 3),
+                       "sample_and_sync": round(stats.sync_seconds, 3), "bookkeeping": round(stats.bookkeeping_seconds, 3)},
         }
         report.update(_roofline(config, stats, prompts, output_lens, dtype))
         if args.compare_hf:

@@ -249,7 +249,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = field(default=False, metadata=meta(
         "Serve token ids only: no tokenizer is loaded, outputs carry no text, stop strings are refused."))
     cuda_graph_max_bs: int | None = field(default=None, metadata=meta(
-        "Largest decode batch replayed from a CUDA graph; default min(256, --sglang-max-running-requests)."))
+        "Largest decode batch replayed from a CUDA graph; default min(512, --sglang-max-running-requests)."))
     dtype: str = field(default="auto", metadata=meta(
         "Engine dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.",
         choices=("auto", "float32", "bfloat16")))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -51,10 +52,11 @@ class LocalEngine:
         self.max_running_requests = config.max_running_requests
         budget = config.chunked_prefill_size or (8192 if self.device.type == "cuda" else 4096)
         self.scheduler = Scheduler(self.blocks, config.max_running_requests, max(budget, config.max_running_requests))
-        self.runner = ModelRunner(self.model, self.pool, _attention_backend(self.device), self.context_len)
-        self._use_graphs = self.device.type == "cuda" and not config.disable_cuda_graph
+        attend, graphable = _attention_backend(self.device, self.model.head_dim)
+        self.runner = ModelRunner(self.model, self.pool, attend, self.context_len, config.max_running_requests)
+        self._use_graphs = graphable and not config.disable_cuda_graph
         if self._use_graphs:
-            self.runner.capture_decode_graphs(min(config.cuda_graph_max_bs or 256, config.max_running_requests))
+            self.runner.capture_decode_graphs(min(config.cuda_graph_max_bs or 512, config.max_running_requests))
         self.weight_version = 0
         self._incoming: list[Sequence] = []
         self._by_rid: dict[str, list[Sequence]] = {}
@@ -183,7 +185,7 @@ class LocalEngine:
             self.model.to(self.device)
             self.pool.allocate()
             if self._use_graphs:
-                self.runner.capture_decode_graphs(min(self.config.cuda_graph_max_bs or 256, self.max_running_requests))
+                self.runner.capture_decode_graphs(min(self.config.cuda_graph_max_bs or 512, self.max_running_requests))
             with self._cond:
                 self._released = False
                 self._cond.notify_all()
@@ -197,10 +199,14 @@ class LocalEngine:
                 "num_tokens": used_pages * self.blocks.page_size, "kv_capacity_tokens": self.pool.capacity_tokens}
 
     def shutdown(self) -> None:
+        """Abort what is in flight, stop the worker, and give the KV pool and graphs' memory back."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._worker.join(timeout=30)
+        with self._step_lock:
+            self.runner.drop_graphs()
+            self.pool.release()
 
     # ---- worker thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -246,12 +252,13 @@ class LocalEngine:
             return
         started = time.perf_counter()
         logits, rows = self.runner.run(batch)
+        launched = time.perf_counter()
         tokens, logprobs = [], []
         if rows:
             seqs = [batch.seqs[i] for i in rows]
             token_t, logprob_t = sample_tokens(logits, [s.request.sampling_params for s in seqs], [s.generator for s in seqs])
-            tokens, logprobs = token_t.tolist(), logprob_t.tolist()
-        self.stats.record(batch, time.perf_counter() - started)
+            tokens, logprobs = token_t.tolist(), logprob_t.tolist()  # the step's one host sync
+        synced = time.perf_counter()
         for seq, count in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += count
         for index, token, logprob in zip(rows, tokens, logprobs):
@@ -263,9 +270,11 @@ class LocalEngine:
                 updates.append(seq)
             if self.stops.check(seq):
                 self._retire(seq, done)
+        page_size = self.blocks.page_size
         for seq in batch.seqs:
-            if seq.finish is None:
+            if seq.finish is None and seq.num_computed // page_size > seq.num_registered:  # a page just filled
                 self.blocks.register_computed(seq)
+        self.stats.record(batch, launched - started, synced - launched, time.perf_counter() - synced)
 
     def _retire(self, seq: Sequence, done: list[Sequence]) -> None:
         if seq.pages:  # its full output pages serve a later turn that starts with this conversation
@@ -330,10 +339,16 @@ class EngineStats:
         self.num_decode_steps = 0
         self.num_prefill_tokens = 0
         self.num_decode_tokens = 0
-        self.forward_seconds = 0.0
+        self.forward_seconds = 0.0  # whole steps: the three parts below
         self.decode_seconds = 0.0
+        self.launch_seconds = 0.0
+        self.sync_seconds = 0.0
+        self.bookkeeping_seconds = 0.0
 
-    def record(self, batch, seconds: float) -> None:
+    def record(self, batch, launch_s: float, sync_s: float, bookkeeping_s: float) -> None:
+        """``launch_s``: input preparation and kernel launches; ``sync_s``: sampling and waiting for the device;
+        ``bookkeeping_s``: appending tokens, stop checks, prefix-cache registration."""
+        seconds = launch_s + sync_s + bookkeeping_s
         self.num_steps += 1
         if batch.is_decode:
             self.num_decode_steps += 1
@@ -342,14 +357,25 @@ class EngineStats:
         else:
             self.num_prefill_tokens += batch.num_tokens
         self.forward_seconds += seconds
+        self.launch_seconds += launch_s
+        self.sync_seconds += sync_s
+        self.bookkeeping_seconds += bookkeeping_s
 
 
-def _attention_backend(device: torch.device):
-    if device.type == "cuda":
-        from sluice.engine.attention.triton_backend import paged_attention
-    else:
-        from sluice.engine.attention.reference import paged_attention
-    return paged_attention
+def _attention_backend(device: torch.device, head_dim: int) -> tuple[Callable, bool]:
+    """The paged attention function for this device and head size, and whether decode may use CUDA graphs."""
+    from sluice.engine.attention import reference
+
+    if device.type != "cuda":
+        return reference.paged_attention, False
+    from sluice.engine.attention import triton_backend
+
+    if triton_backend.supports_head_dim(head_dim):
+        return triton_backend.paged_attention, True
+    # The reference gathers every page up to max_seqlen_k; inside a graph that is the whole context: eager only.
+    warnings.warn(f"head_dim {head_dim} is not supported by the Triton kernels; using the PyTorch reference "
+                  "attention without CUDA graphs (slower)", stacklevel=2)
+    return reference.paged_attention, False
 
 
 def _call(callback: Callable, *args) -> None:

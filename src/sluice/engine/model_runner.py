@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import bisect
 
+import numpy as np
+
 import torch
 
 from sluice.engine.attention import AttentionMetadata
@@ -19,7 +21,7 @@ from sluice.engine.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderLM, pool: KVPool, attend: AttentionFn, context_len: int):
+    def __init__(self, model: DecoderLM, pool: KVPool, attend: AttentionFn, context_len: int, max_running: int):
         self.model = model
         self.pool = pool
         self.attend = attend
@@ -27,8 +29,12 @@ class ModelRunner:
         self.page_size = pool.shape.page_size
         self.context_len = context_len
         self.max_pages_per_seq = -(-context_len // self.page_size)
+        # Block-table rows of the running sequences (row = Sequence.slot), written as pages are added, so a step
+        # gathers its table with one indexing op instead of rebuilding every row from Python lists.
+        self.table = np.zeros((max_running, self.max_pages_per_seq), dtype=np.int32)
         self.graphs: dict[int, "_DecodeGraph"] = {}
         self.graph_sizes: list[int] = []
+        self.graph_logits: torch.Tensor | None = None
 
     # ---- batch preparation ------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
@@ -52,10 +58,9 @@ class ModelRunner:
             if stop == len(seq.token_ids):
                 sample_rows.append(cu_seqlens[-1] - 1)
         width = max(len(seq.pages) for seq in batch.seqs)
-        tables = [seq.pages + [0] * (width - len(seq.pages)) for seq in batch.seqs]
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots, torch.int64),
-            block_tables=self._tensor(tables, torch.int32),
+            block_tables=self._tensor(self.table_rows(batch.seqs, width), torch.int32),
             seq_lens=self._tensor(seq_lens, torch.int32),
             cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
             max_seqlen_q=max(batch.num_new_tokens),
@@ -64,8 +69,19 @@ class ModelRunner:
         )
         return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, sample_rows
 
+    def table_rows(self, seqs, width: int) -> np.ndarray:
+        """The block tables of ``seqs`` ([len(seqs), width]); entries past a sequence's pages are stale, never read."""
+        table = self.table
+        for seq in seqs:
+            count = len(seq.pages)
+            if seq.num_table_pages != count:
+                start = seq.num_table_pages if seq.num_table_pages < count else 0
+                table[seq.slot, start:count] = seq.pages[start:]
+                seq.num_table_pages = count
+        return table[[seq.slot for seq in seqs], :width]
+
     def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.tensor(values, dtype=dtype)
+        tensor = torch.as_tensor(values, dtype=dtype) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
@@ -87,13 +103,18 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, index)).float(), sampled
 
     # ---- CUDA graphs for decode ------------------------------------------------------------------
+    @torch.inference_mode()
     def capture_decode_graphs(self, max_batch_size: int) -> None:
         """Capture one decode graph per padded batch size up to ``max_batch_size`` (largest first, so the
         smaller ones reuse its memory pool)."""
-        sizes = sorted({s for s in [1, 2, 4, 8] + list(range(16, max_batch_size + 1, 16)) if s <= max_batch_size}
-                       | {max_batch_size})
+        steps = [1, 2, 4, 8, *range(16, 257, 16), *range(320, max_batch_size + 1, 64)]
+        sizes = sorted({s for s in steps if s <= max_batch_size} | {max_batch_size})
         pool = None
         self.graphs.clear()
+        # One logits buffer for every graph: each graph's output would otherwise stay allocated (V floats a row).
+        weight = self.model.embed_tokens.weight
+        self.graph_logits = torch.empty((max(sizes), self.model.config.vocab_size), dtype=weight.dtype,
+                                        device=self.device)
         for size in reversed(sizes):
             graph = _DecodeGraph(self, size, pool)
             pool = graph.graph.pool()
@@ -103,6 +124,7 @@ class ModelRunner:
     def drop_graphs(self) -> None:
         self.graphs.clear()
         self.graph_sizes = []
+        self.graph_logits = None
 
     def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
         size = self.graph_sizes[bisect.bisect_left(self.graph_sizes, len(batch.seqs))]
@@ -138,7 +160,7 @@ class _DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             hidden = model(self.input_ids, self.positions, self.meta, caches, runner.attend)
-            self.logits = model.compute_logits(hidden)
+            self.logits = model.compute_logits(hidden, out=runner.graph_logits[:batch_size])
 
     def replay(self, batch: ScheduledBatch) -> torch.Tensor:
         # The host buffers are pinned and copied asynchronously. Rewriting them here is safe because the
@@ -153,11 +175,9 @@ class _DecodeGraph:
         host[1, :count] = positions
         host[2, :count] = [seq.pages[p // size] * size + p % size for seq, p in zip(batch.seqs, positions)]
         host[3, :count] = [p + 1 for p in positions]
-        tables[count:, 0] = 0  # padding rows read the scratch page; stale entries past a row's length are never read
-        width = 1
-        for row, seq in enumerate(batch.seqs):
-            tables[row, : len(seq.pages)] = seq.pages
-            width = max(width, len(seq.pages))
+        width = max(len(seq.pages) for seq in batch.seqs)
+        tables[:count, :width] = self.runner.table_rows(batch.seqs, width)
+        tables[count:, 0] = 0  # padding rows read the scratch page
         self.input_ids.copy_(self.host[0], non_blocking=True)
         self.positions.copy_(self.host[1], non_blocking=True)
         self.meta.slot_mapping.copy_(self.host[2], non_blocking=True)

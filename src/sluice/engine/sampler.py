@@ -12,25 +12,48 @@ import torch
 from sluice.types import SamplingParams
 
 
+_TINY = torch.finfo(torch.float32).tiny
+
+
 def sample_tokens(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] float -> (token ids [B], logprobs [B])."""
+    """logits [B, V] float -> (token ids [B], logprobs [B]).
+
+    A token is drawn as argmax(p / E) with E ~ Exp(1) per vocabulary entry (the exponential race, equivalent to
+    drawing from p): two elementwise passes and an argmax on the device, no sort or cumulative sum.
+    """
     logits = logits.float()
-    temperatures = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
-    log_probs = torch.log_softmax(logits / temperatures[:, None], dim=-1)
-    filtered = _truncate(log_probs, params)
-    probs = filtered.exp()
-    # Greedy rows take the argmax and draw nothing, so evaluations never shift the random stream of sampling.
-    tokens = log_probs.argmax(dim=-1)
-    shared_rows = [i for i, (g, p) in enumerate(zip(generators, params)) if g is None and p.temperature > 0]
-    if shared_rows:
-        idx = torch.tensor(shared_rows, device=logits.device)
-        tokens[idx] = torch.multinomial(probs[idx], 1).squeeze(1)
-    for i, (generator, p) in enumerate(zip(generators, params)):
-        if generator is not None and p.temperature > 0:  # per-request seed: its own stream, batch-independent
-            tokens[i] = torch.multinomial(probs[i], 1, generator=generator).squeeze(0)
+    temperatures = [p.temperature if p.temperature > 0 else 1.0 for p in params]
+    if len(set(temperatures)) == 1:  # the usual RL batch: one scalar, no host-to-device copy
+        log_probs = torch.log_softmax(logits / temperatures[0], dim=-1)
+    else:
+        scale = torch.tensor(temperatures, device=logits.device, dtype=logits.dtype)
+        log_probs = torch.log_softmax(logits / scale[:, None], dim=-1)
+    tokens = _draw(log_probs, params, generators)
     return tokens, log_probs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _draw(log_probs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not sampled:  # greedy rows draw no random numbers, so evaluations never shift the sampling stream
+        return log_probs.argmax(dim=-1)
+    filtered = _truncate(log_probs, params)
+    shared = [i for i in sampled if generators[i] is None]
+    if len(shared) == len(params):  # every row samples from the shared stream: one pass over the batch
+        noise = torch.empty_like(filtered).exponential_().clamp_min_(_TINY)  # E = 0 would make 0/0 = NaN win
+        return (filtered.exp() / noise).argmax(dim=-1)
+    tokens = log_probs.argmax(dim=-1)
+    if shared:
+        rows = torch.tensor(shared, device=log_probs.device)
+        noise = torch.empty((len(shared), log_probs.shape[1]), device=log_probs.device).exponential_().clamp_min_(_TINY)
+        tokens[rows] = (filtered[rows].exp() / noise).argmax(dim=-1)
+    for i in sampled:  # per-request seed: its own stream, independent of the batch around it
+        if generators[i] is not None:
+            noise = torch.empty(log_probs.shape[1], device=log_probs.device).exponential_(generator=generators[i])
+            noise.clamp_min_(_TINY)
+            tokens[i] = (filtered[i].exp() / noise).argmax()
+    return tokens
 
 
 def _truncate(log_probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -45,6 +45,8 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.free_slots = list(range(max_running_requests - 1, -1, -1))  # block-table rows for running sequences
+        self.min_admission = max(1, max_running_requests // 8)
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -77,6 +79,8 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        if self.running and not self._worth_admitting():
+            return
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             seq = self.waiting[0]
@@ -97,15 +101,23 @@ class Scheduler:
                 seq.admitted_once = True
             self.blocks.reserve(seq, count)
             seq.state = SequenceState.RUNNING
+            seq.slot = self.free_slots.pop()
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(count)
             budget -= count
         self.waiting.extendleft(reversed(skipped))
 
+    def _worth_admitting(self) -> bool:
+        """Admit in batches: a step that prefills new sequences runs eagerly (no CUDA graph), so while others
+        decode, wait until an eighth of the running slots (or every waiting sequence) can come in at once.
+        Decode steps are then graph replays almost always; the queue stays first-in first-out."""
+        free = self.max_running_requests - len(self.running)
+        return free >= min(self.min_admission, len(self.waiting))
+
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.release(seq)
+        self._leave(seq)
         seq.state = SequenceState.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -114,7 +126,12 @@ class Scheduler:
         """Release a finished (or aborted) sequence, running or still waiting."""
         if seq.state == SequenceState.RUNNING:
             self.running.remove(seq)
-            self.blocks.release(seq)
+            self._leave(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.state = SequenceState.FINISHED
+
+    def _leave(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
+        self.free_slots.append(seq.slot)
+        seq.slot, seq.num_table_pages = -1, 0

@@ -33,6 +33,8 @@ class Sequence:
     page_hashes: list[int] = field(default_factory=list)  # prefix-hash chain of the full pages of token_ids
     num_registered: int = 0  # leading pages entered into the prefix cache
     state: SequenceState = SequenceState.WAITING
+    slot: int = -1  # row of the runner's block table while running
+    num_table_pages: int = 0  # leading pages already written to that row
     output_logprobs: list[float] = field(default_factory=list)
     output_versions: list[int] = field(default_factory=list)  # weight version that sampled each output token
     num_reported: int = 0  # output tokens already passed to on_update

@@ -18,7 +18,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from sluice.engine.attention import AttentionMetadata, store_kv
-from sluice.engine.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from sluice.engine.model.fused import EAGER_OPS, DecoderOps
+from sluice.engine.model.layers import RMSNorm, RotaryEmbedding
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
 
@@ -37,15 +38,16 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
 
-    def forward(self, hidden, positions, rotary, meta, k_cache, v_cache, attend: AttentionFn):
+    def forward(self, hidden, positions, rotary, meta, k_cache, v_cache, attend: AttentionFn, ops: DecoderOps):
         tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+            q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+            k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        q, k = ops.rotary(positions, q, k, rotary.cos, rotary.sin)
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = attend(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
@@ -58,8 +60,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(hidden)))
+    def forward(self, hidden: torch.Tensor, ops: DecoderOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(hidden)))
 
 
 class DecoderLayer(nn.Module):
@@ -70,9 +72,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, hidden, positions, rotary, meta, k_cache, v_cache, attend):
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, rotary, meta, k_cache, v_cache, attend)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden, residual, positions, rotary, meta, k_cache, v_cache, attend, ops: DecoderOps):
+        """(sublayer output, residual stream): the residual add is fused into the next norm."""
+        norm = self.input_layernorm
+        if residual is None:
+            residual, hidden = hidden, ops.rms_norm(hidden, norm.weight, norm.eps)
+        else:
+            hidden, residual = ops.add_rms_norm(hidden, residual, norm.weight, norm.eps)
+        hidden = self.self_attn(hidden, positions, rotary, meta, k_cache, v_cache, attend, ops)
+        norm = self.post_attention_layernorm
+        hidden, residual = ops.add_rms_norm(hidden, residual, norm.weight, norm.eps)
+        return self.mlp(hidden, ops), residual
 
 
 class DecoderLM(nn.Module):
@@ -88,6 +98,7 @@ class DecoderLM(nn.Module):
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         head_dim = self.layers[0].self_attn.head_dim
         self.rotary = RotaryEmbedding(config, head_dim, max_positions)
+        self.ops: DecoderOps = EAGER_OPS  # build_model swaps in the compiled ops on GPU
 
     @property
     def num_kv_heads(self) -> int:
@@ -105,11 +116,11 @@ class DecoderLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         attend: AttentionFn,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            hidden = layer(hidden, positions, self.rotary, meta, k_cache, v_cache, attend)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, positions, self.rotary, meta, k_cache, v_cache, attend, self.ops)
+        return self.ops.add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ weight.t()
+        return torch.matmul(hidden, weight.t(), out=out)

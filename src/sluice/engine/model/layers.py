@@ -1,4 +1,4 @@
-"""Small building blocks of the dense decoder: RMSNorm, rotary embedding, the gated MLP activation."""
+"""Parameter holders of the dense decoder: RMSNorm weights and the rotary cos/sin tables (the math is in fused.py)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,12 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and cast back before the weight, the order HF uses (bf16 parity)."""
+    """Holds the weight; the math is ``fused.rms_norm`` / ``fused.add_rms_norm``, picked by the model's ops."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -38,12 +32,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos.to(target), persistent=False)
         self.register_buffer("sin", sin.to(target), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q [T, Hq, D] and k [T, Hk, D] (rotate-half layout, as HF checkpoints expect)."""
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
 
 def _rope_tables(config: PretrainedConfig, head_dim: int, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -59,20 +47,3 @@ def _rope_tables(config: PretrainedConfig, head_dim: int, max_positions: int) ->
     # float32 products, as transformers computes them: the trainer's logprobs see the same angles.
     angles = torch.arange(max_positions).float()[:, None] * inv_freq.float()[None, :]
     return angles.cos() * scaling, angles.sin() * scaling
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # HF applies rope in the activation dtype with cos/sin cast to it; doing the same keeps bf16 parity.
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos_full = torch.cat([cos, cos], dim=-1)
-    sin_full = torch.cat([sin, sin], dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos_full + rotated * sin_full
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU: silu(gate) * up on the fused [.., 2 * intermediate] projection."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from sluice.engine.model.decoder import DecoderLM
+from sluice.engine.model.fused import decoder_ops
 from sluice.engine.weights import iter_safetensors, safetensors_shapes
 
 
@@ -54,9 +55,12 @@ def build_model(config: PretrainedConfig, device: torch.device, dtype: torch.dty
             o_bias=attention_bias if switches.o_bias is None else switches.o_bias,
             max_positions=int(config.max_position_embeddings),
         )
-    # The rotary tables stay float32; everything that is a parameter takes the engine dtype.
+    # The rotary tables stay float32; everything that is a parameter takes the engine dtype. No parameter needs
+    # a gradient: autograd would otherwise keep every activation of a captured CUDA graph alive.
     for parameter in model.parameters():
         parameter.data = parameter.data.to(dtype)
+        parameter.requires_grad_(False)
+    model.ops = decoder_ops(device)
     return model.eval()
 
 
