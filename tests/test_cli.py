@@ -81,9 +81,11 @@ def test_plot_writes_a_png(tmp_path, capsys):
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert str(png) in capsys.readouterr().out
 
-    other = tmp_path / "elsewhere" / "plot.png"
+    other = tmp_path / "elsewhere"
     assert main(["plot", str(run_dir), "--out", str(other)]) == 0
-    assert other.read_bytes()[:8] == PNG_MAGIC
+    assert (other / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert (other / "plots" / "reward.png").read_bytes()[:8] == PNG_MAGIC
+    assert (other / "summary.html").read_text().startswith("<!DOCTYPE html>")
 
 
 def test_plot_of_a_directory_without_metrics_exits_2(tmp_path, capsys):

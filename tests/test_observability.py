@@ -1,4 +1,5 @@
-"""metrics.jsonl round trips, curve plots, and the console progress reporter."""
+"""metrics.jsonl round trips, TensorBoard and W&B backends, curve plots and the HTML report, and the console
+progress reporter."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from sluice.observability import MetricsWriter, ProgressReporter, plot_curves, read_metrics
+from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
+from test_train_loop import flags, run_loop
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -170,3 +173,131 @@ def test_metrics_writer_resuming_drops_steps_past_the_checkpoint(tmp_path):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     assert records[-1]["rollout/reward_mean"] == 0.9
+
+
+# ---- TensorBoard, W&B, every per-step metric, the report -----------------------------------------------
+
+
+def test_tensorboard_event_files_read_back_and_a_resume_purges_the_steps_it_redoes(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sluice.observability.tensorboard_writer import TensorBoardWriter
+
+    writer = TensorBoardWriter(tmp_path / "tb")
+    for step in range(1, 6):
+        writer.log({"train/loss": 1.0 / step, "rollout/lengths": [1, 2], "note": "text"}, step=step)
+    writer.close()
+    resumed = TensorBoardWriter(tmp_path / "tb", resume_after_step=3)  # steps 4 and 5 are logged again
+    for step in (4, 5):
+        resumed.log({"train/loss": torch.tensor(10.0 * step)}, step=step)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["train/loss"]
+    points = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert points == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, 40.0), (5, 50.0)]
+
+
+def read_wandb_records(path):
+    """The records of a .wandb file: a LevelDB-style log (7-byte header, 32 KiB blocks, each record a CRC,
+    a length, a type, then protobuf bytes; FIRST/MIDDLE/LAST pieces join records split over blocks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, position, pieces, records = 32768, 7, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # too little room left in the block for a header: padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        if kind == 0:
+            break
+        pieces += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            records.append(record)
+            pieces = b""
+    return records
+
+
+def test_a_run_logs_every_metric_to_jsonl_tensorboard_and_offline_wandb(say7, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    root, model, data = say7
+    run_dir = tmp_path / "run"
+    run_loop(flags(model, data, run_dir, tmp_path / "ckpt", 2, "--use-tensorboard", "--use-wandb",
+                   "--wandb-mode", "offline", "--wandb-project", "sluice-test", "--eval-prompt-data", "say7",
+                   str(data), "--eval-temperature", "0"))
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    step = records[-1]
+    expected = [
+        "perf/rollout_time_s", "perf/train_time_s", "perf/sync_time_s", "perf/eval_time_s", "perf/step_time_s",
+        "perf/rollout_tokens_per_s", "perf/train_tokens_per_s", "perf/eval_tokens_per_s",
+        "rollout/reward_mean", "rollout/reward_std", "rollout/accuracy", "eval/say7/accuracy",
+        "rollout/response_len_mean", "rollout/response_len_min", "rollout/response_len_max",
+        "rollout/response_len_p50", "rollout/response_len_p90", "rollout/response_len_p99",
+        "train/ppo_kl", "train/entropy", "train/clipfrac", "train/grad_norm", "train/rollout_logprob_abs_diff",
+        "rollout/staleness_mean", "rollout/staleness_max", "train/nonfinite_skipped_steps",
+        "train/nonfinite_skipped_total",
+    ]
+    assert [k for k in expected if not isinstance(step.get(k), (int, float))] == []
+    assert step["rollout/staleness_max"] == 0 and step["train/nonfinite_skipped_total"] == 0
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert set(expected) <= set(events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("rollout/reward_mean")] == [
+        (r["step"], pytest.approx(r["rollout/reward_mean"])) for r in records[1:]]
+
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+    (log_file,) = wandb_run.glob("run-*.wandb")
+    history = {}
+    for record in read_wandb_records(log_file):
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history[record.history.step.num] = items
+    assert sorted(history) == [0, 1, 2]
+    assert history[2]["rollout/reward_mean"] == pytest.approx(step["rollout/reward_mean"])
+    assert set(expected) <= set(history[2])
+
+
+def test_sluice_plot_renders_every_panel_and_an_html_summary(tmp_path, capsys):
+    from sluice.cli import main
+
+    run_dir = tmp_path / "run"
+    with MetricsWriter(run_dir) as writer:
+        writer.log({"eval/add/accuracy": 0.1, "eval/add/reward_mean": 0.1}, step=0)
+        for step in range(1, 6):
+            writer.log({"rollout/reward_mean": step / 10, "rollout/accuracy": step / 10, "train/loss": 1 / step,
+                        "rollout/response_len_mean": 4.0 + step, "rollout/response_len_min": 1.0,
+                        "rollout/response_len_max": 9.0 + step, "rollout/response_len_p50": 4.0,
+                        "rollout/response_len_p90": 8.0, "rollout/response_len_p99": 9.0, "train/ppo_kl": 0.01 * step,
+                        "train/entropy": 2.0 - step / 10, "train/grad_norm": 0.5, "train/clipfrac": 0.1,
+                        "perf/rollout_time_s": 1.0, "perf/train_time_s": 2.0, "perf/sync_time_s": 0.1,
+                        "perf/step_time_s": 3.1, "perf/rollout_tokens_per_s": 100.0 * step,
+                        "perf/train_tokens_per_s": 300.0, "eval/add/accuracy": step / 5}, step=step)
+    assert main(["plot", str(run_dir)]) == 0
+    printed = capsys.readouterr().out.split()
+    names = ["reward.png", "response_length.png", "kl_entropy.png", "optimization.png", "throughput.png",
+             "stage_time.png"]
+    for name in names:
+        png = run_dir / "plots" / name
+        assert str(png) in printed
+        assert png.read_bytes()[:8] == PNG_MAGIC and len(png.read_bytes()) > 5000, name
+    page = (run_dir / "summary.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.count('src="data:image/png;base64,') == len(names) + 1  # + the overview
+    for name in names:
+        assert f'href="plots/{name}"' in page
+    # the table holds each metric's latest value and the step it was logged at
+    assert "<tr><td>eval/add/accuracy</td><td class=\"num\">5</td><td class=\"num\">1</td></tr>" in page
+    assert "<tr><td>eval/add/reward_mean</td><td class=\"num\">0</td><td class=\"num\">0.1</td></tr>" in page
+    from html.parser import HTMLParser
+
+    HTMLParser().feed(page)  # parses

@@ -24,18 +24,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sluice {argv[0]}: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:
-        from sluice.orchestration.local_run import RolloutFailed
-
-        if not isinstance(error, RolloutFailed):
+        if not _is_run_stop(error):
             raise
         print(f"sluice {argv[0]}: error: {error}", file=sys.stderr)
         return 1
+
+
+def _is_run_stop(error: RuntimeError) -> bool:
+    """Errors that end a run with a message of their own (no traceback needed): a rollout with no sample
+    left, diverged training, out of memory (the message names the flags to turn)."""
+    import torch
+
+    from sluice.orchestration.local_run import RolloutFailed
+    from sluice.trainer.guards import NonFiniteTraining
+
+    return isinstance(error, (RolloutFailed, NonFiniteTraining, torch.OutOfMemoryError))
 
 
 def train_command(argv: list[str]) -> int:
     """`sluice train --hf-checkpoint DIR --prompt-data FILE ...`: the synchronous RL loop."""
     from sluice.loops import train_sync
     from sluice.orchestration.local_run import LocalRun
+
+    from sluice.observability.report import render_report
 
     config = parse_config(argv)
     validate(config)
@@ -44,7 +55,8 @@ def train_command(argv: list[str]) -> int:
         train_sync(run)
     finally:
         png = run.close()
-    print(f"metrics: {config.logging.run_dir}/metrics.jsonl  curves: {png}")
+    report = render_report(config.logging.run_dir)
+    print(f"metrics: {config.logging.run_dir}/metrics.jsonl  curves: {png}  summary: {report.html}")
     return 0
 
 
@@ -95,20 +107,25 @@ def demo_command(argv: list[str]) -> int:
 
 
 def plot_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sluice plot", allow_abbrev=False,
-                                     description="Draw reward and eval curves of a run.")
+    parser = argparse.ArgumentParser(
+        prog="sluice plot", allow_abbrev=False,
+        description="Draw a run's curves from its metrics.jsonl: curves.png (overview), plots/*.png (reward and "
+                    "eval, response length, KL and entropy, optimization, throughput, stage times) and "
+                    "summary.html (every plot and a table of the latest metrics).")
     parser.add_argument("run_dir", help="A run directory holding metrics.jsonl.")
-    parser.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png).")
+    parser.add_argument("--out", default=None, help="Directory for the PNGs and the HTML page (default: RUN_DIR).")
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from sluice.observability.plots import plot_curves
+    from sluice.observability.report import render_report
 
     metrics = Path(args.run_dir) / "metrics.jsonl"
     if not metrics.is_file():
         print(f"sluice plot: error: {metrics}: no such file (is {args.run_dir} a run directory?)", file=sys.stderr)
         return 2
-    print(plot_curves(metrics, args.out or Path(args.run_dir) / "curves.png"))
+    report = render_report(args.run_dir, args.out)
+    for path in (report.curves, *report.panels, report.html):
+        print(path)
     return 0
 
 

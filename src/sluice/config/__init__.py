@@ -9,6 +9,7 @@ from sluice.config.sections import (
     CheckpointConfig,
     Config,
     DataConfig,
+    DebugConfig,
     EngineConfig,
     EvalConfig,
     LoggingConfig,
@@ -20,7 +21,7 @@ from sluice.config.sections import (
 from sluice.config.yaml_file import config_to_dict, save_config
 
 __all__ = [
-    "AlgorithmConfig", "CheckpointConfig", "Config", "DataConfig", "EngineConfig", "EvalConfig",
+    "AlgorithmConfig", "CheckpointConfig", "Config", "DataConfig", "DebugConfig", "EngineConfig", "EvalConfig",
     "LoggingConfig", "ModelConfig", "RewardConfig", "RolloutConfig", "TrainConfig",
     "BUILTIN_REWARDS", "ConfigError", "build_parser", "config_to_dict", "parse_config", "save_config",
     "validate",

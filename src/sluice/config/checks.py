@@ -200,6 +200,9 @@ def _train(config: Config) -> Iterator[str]:
         yield "--max-tokens-per-gpu has no effect without --use-dynamic-batch-size"
     if train.max_tokens_per_gpu is not None and train.max_tokens_per_gpu < 2:
         yield f"--max-tokens-per-gpu must be >= 2, got {train.max_tokens_per_gpu}"
+    if train.max_consecutive_nonfinite_steps < 0:
+        yield ("--max-consecutive-nonfinite-steps must be >= 0 (0: never stop), got "
+               f"{train.max_consecutive_nonfinite_steps}")
 
 
 def _eval_and_checkpoint(config: Config) -> Iterator[str]:
@@ -210,10 +213,61 @@ def _eval_and_checkpoint(config: Config) -> Iterator[str]:
         yield f"--eval-interval must be > 0, got {ev.eval_interval}"
     if ev.n_samples_per_eval_prompt < 1:
         yield f"--n-samples-per-eval-prompt must be >= 1, got {ev.n_samples_per_eval_prompt}"
-    if ckpt.save_interval is not None and ckpt.save is None:
-        yield "--save-interval needs --save (the directory to save to)"
+    if ckpt.save_interval is not None and ckpt.save is None and ckpt.save_hf is None:
+        yield "--save-interval needs --save (the directory to save to) or --save-hf"
     if ckpt.save_interval is not None and ckpt.save_interval <= 0:
         yield f"--save-interval must be > 0, got {ckpt.save_interval}"
+    if ckpt.keep_checkpoints is not None and ckpt.keep_checkpoints < 1:
+        yield f"--keep-checkpoints must be >= 1, got {ckpt.keep_checkpoints}"
+    elif ckpt.keep_checkpoints is not None and ckpt.save is None:
+        yield "--keep-checkpoints has no effect without --save"
+    if not ckpt.save_optim and ckpt.save is None:
+        yield "--no-save-optim has no effect without --save"
+    yield from _path_template("--save-hf", ckpt.save_hf)
+
+
+def _path_template(flag: str, template: str | None) -> Iterator[str]:
+    """A path with ``{rollout_id}`` placeholders: any other brace field would fail only at the first save."""
+    if template is None:
+        return
+    try:
+        template.format(rollout_id=0)
+    except (KeyError, IndexError, ValueError) as error:
+        yield (f"{flag} {template!r}: only {{rollout_id}} may appear in braces ({type(error).__name__}: {error}); "
+               "write a literal brace as {{ or }}")
+
+
+def _logging(config: Config) -> Iterator[str]:
+    logging = config.logging
+    if logging.tensorboard_dir is not None and not logging.use_tensorboard:
+        yield "--tensorboard-dir has no effect without --use-tensorboard"
+    if not logging.use_wandb:
+        for flag, value in (("--wandb-project", logging.wandb_project), ("--wandb-group", logging.wandb_group),
+                            ("--wandb-mode", logging.wandb_mode)):
+            if value is not None:
+                yield f"{flag} has no effect without --use-wandb"
+
+
+def _debug(config: Config) -> Iterator[str]:
+    debug, ckpt = config.debug, config.checkpoint
+    yield from _path_template("--save-debug-rollout-data", debug.save_debug_rollout_data)
+    yield from _path_template("--load-debug-rollout-data", debug.load_debug_rollout_data)
+    template = debug.save_debug_rollout_data
+    if template is not None and "{rollout_id}" not in template and config.rollout.num_rollout != 1:
+        yield (f"--save-debug-rollout-data {template!r} has no {{rollout_id}}: every rollout would overwrite the "
+               "same file")
+    if debug.debug_rollout_only and debug.debug_train_only:
+        yield "--debug-rollout-only and --debug-train-only are mutually exclusive: give one"
+    if debug.debug_train_only and debug.load_debug_rollout_data is None:
+        yield "--debug-train-only needs --load-debug-rollout-data (the saved rollouts to train on)"
+    if debug.debug_train_only and config.eval.eval_prompt_data:
+        yield "--eval-prompt-data needs an engine, which --debug-train-only does not start"
+    if debug.debug_rollout_only:
+        if debug.load_debug_rollout_data is not None:
+            yield "--load-debug-rollout-data replays rollouts into training, which --debug-rollout-only skips"
+        for flag, value in (("--save", ckpt.save), ("--load", ckpt.load), ("--save-hf", ckpt.save_hf)):
+            if value is not None:
+                yield f"{flag} has no effect with --debug-rollout-only (no trainer is built)"
 
 
 def _engine(config: Config) -> Iterator[str]:
@@ -248,7 +302,8 @@ def _training(config: Config) -> Iterator[str]:
 
 
 _CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
-    _batches, _rollout, _sampling, _algorithm, _reward, _train, _eval_and_checkpoint, _engine)
+    _batches, _rollout, _sampling, _algorithm, _reward, _train, _eval_and_checkpoint, _logging, _debug,
+    _engine)
 
 
 def validate(config: Config, *, for_training: bool = True) -> None:

@@ -109,6 +109,10 @@ class TrainConfig:
         "Hugging Face checkpoint to initialise the PPO critic from: a causal LM (its backbone gets a new scalar "
         "head, starting at 0) or a saved critic (*ForTokenClassification, 1 label). Default: --hf-checkpoint."))
     critic_lr: float | None = field(default=None, metadata=meta("Learning rate of the PPO critic; default: --lr."))
+    max_consecutive_nonfinite_steps: int = field(default=3, metadata=meta(
+        "An optimizer step whose loss or gradient norm is NaN or infinite is skipped (warning; counted in "
+        "train/nonfinite_skipped_steps); this many skipped steps in a row stop the run with an error "
+        "(0: never stop)."))
 
 
 @dataclass
@@ -215,16 +219,66 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: str | None = field(default=None, metadata=meta("Directory to save checkpoints to."))
-    load: str | None = field(default=None, metadata=meta("Checkpoint directory to resume from."))
-    save_interval: int | None = field(default=None, metadata=meta("Save every N rollout steps (and at the end)."))
+    save: str | None = field(default=None, metadata=meta(
+        "Directory to save checkpoints to: SAVE/rollout_<id>/ holds the model, optimizer and LR schedule, the "
+        "reference and critic models where used, the data cursor, RNG states, step, weight version, config "
+        "(config.yaml) and an hf/ export; SAVE/latest names the newest. Each save is atomic: a crash during one "
+        "leaves the previous checkpoint intact."))
+    load: str | None = field(default=None, metadata=meta(
+        "Resume from a checkpoint: a --save directory (its latest) or one rollout_<id> directory. The same "
+        "directory as --save may hold no checkpoint yet (the run then starts fresh), so one command line can be "
+        "relaunched after a crash. A checkpoint of an incompatible config (data, batch sizes, estimator, loss "
+        "type, trainer dtype, model shape) is refused, naming the fields."))
+    save_interval: int | None = field(default=None, metadata=meta(
+        "Save (and --save-hf export) every N rollout steps, and after the last one."))
+    save_optim: bool = field(default=True, metadata=meta(
+        "Save the optimizer state (AdamW moments, twice the model's size) with checkpoints. --no-save-optim "
+        "leaves it out: a resume then restarts the moments from zero (the LR schedule position is kept)."))
+    keep_checkpoints: int | None = field(default=None, metadata=meta(
+        "Keep only the N newest checkpoints in --save, deleting older ones after each save (default: keep all)."))
+    save_hf: str | None = field(default=None, metadata=meta(
+        "Export the actor as a Hugging Face checkpoint (safetensors, config.json, tokenizer) whenever a save is "
+        "due; {rollout_id} in the path becomes the rollout id (0-based, as in rollout_<id>), e.g. "
+        "out/hf_{rollout_id}. Loads with transformers' from_pretrained and with sluice serve --model."))
 
 
 @dataclass
 class LoggingConfig:
     run_dir: str = field(default="runs/latest", metadata=meta(
-        "Where metrics.jsonl, the curves PNG and samples are written."))
-    progress_bar: bool = field(default=True, metadata=meta("Show progress bars (off: one log line per step)."))
+        "Where metrics.jsonl (always written, one JSON object per step), the curves PNG and, with --use-wandb, "
+        "the wandb/ directory go."))
+    progress_bar: bool = field(default=True, metadata=meta(
+        "Show progress bars with ETA for the run and for each rollout (off, or when stdout is not a terminal: "
+        "one log line per step, with an ETA)."))
+    use_tensorboard: bool = field(default=False, metadata=meta(
+        "Also write every step's metrics as TensorBoard event files (to --tensorboard-dir)."))
+    tensorboard_dir: str | None = field(default=None, metadata=meta(
+        "Directory of the TensorBoard event files; default: RUN_DIR/tensorboard."))
+    use_wandb: bool = field(default=False, metadata=meta(
+        "Also log every step's metrics and the config to Weights & Biases (pip install 'sluice[wandb]')."))
+    wandb_project: str | None = field(default=None, metadata=meta("W&B project; default: sluice."))
+    wandb_group: str | None = field(default=None, metadata=meta("W&B group of the run."))
+    wandb_mode: str | None = field(default=None, metadata=meta(
+        "W&B mode: online, offline (written under RUN_DIR/wandb with no network; upload later with `wandb sync`) "
+        "or disabled; default: the WANDB_MODE environment variable, else online.",
+        choices=("online", "offline", "disabled")))
+
+
+@dataclass
+class DebugConfig:
+    debug_rollout_only: bool = field(default=False, metadata=meta(
+        "Generate, score and evaluate rollouts without training or weight sync (no trainer is built): the engine "
+        "keeps the initial weights. Combine with --save-debug-rollout-data to record rollouts."))
+    debug_train_only: bool = field(default=False, metadata=meta(
+        "Train on rollouts replayed from --load-debug-rollout-data with no engine at all (no generation, weight "
+        "sync or evaluation)."))
+    save_debug_rollout_data: str | None = field(default=None, metadata=meta(
+        "Write each rollout's scored samples as JSON to this path; {rollout_id} becomes the rollout id "
+        "(0-based), e.g. debug/rollout_{rollout_id}.json."))
+    load_debug_rollout_data: str | None = field(default=None, metadata=meta(
+        "Replay rollouts written by --save-debug-rollout-data (the same path template) instead of generating: "
+        "rollout id k trains on the samples saved for k. Training from the same starting point reproduces the "
+        "same steps."))
 
 
 @dataclass
@@ -270,6 +324,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property

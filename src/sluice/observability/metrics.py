@@ -45,9 +45,12 @@ class MetricsWriter:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
+        self.continues_file = self.path.exists()  # appending to an earlier run's (or attempt's) records
+        self.last_step = -1  # the highest step written (-1: none; earlier records count only on a resume)
         if resume_after_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_after_step]
             self.path.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept), encoding="utf-8")
+            self.last_step = max((r.get("step", 0) for r in kept), default=-1)
         self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, Any], step: int) -> dict[str, Any]:
@@ -58,6 +61,7 @@ class MetricsWriter:
         record.update((k, v) for k, v in json_safe(dict(metrics)).items() if k != "step")
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+        self.last_step = max(self.last_step, record["step"])
         return record
 
     def close(self) -> None:

@@ -25,6 +25,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``: short enough for a log line."""
+    seconds = max(int(round(seconds)), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class StageBar:
     """Progress of one stage inside a step (e.g. generating the rollout's samples); a no-op when disabled.
 
@@ -53,24 +63,29 @@ class StageBar:
 
 
 class ProgressReporter:
-    """Shows training progress with a few key metrics: reward, eval accuracies, step time.
+    """Shows training progress with a few key metrics: reward, eval accuracies, step time, and an ETA.
 
-    On a terminal (and ``enabled``) this is a tqdm bar with the metrics in its postfix. When disabled, or
-    when the stream is not a TTY (a log file, a job scheduler), tqdm's carriage-return redraws would fill the
-    log with fragments, so each step prints one compact line instead. Eval accuracies are remembered between
-    updates because evals run only every few steps and should stay visible in between.
+    On a terminal (and ``enabled``) this is a tqdm bar (its ETA after ``<``) with the metrics in its postfix.
+    When disabled, or when the stream is not a TTY (a log file, a job scheduler), tqdm's carriage-return
+    redraws would fill the log with fragments, so each step prints one compact line instead, ending in
+    ``eta=``. Eval accuracies are remembered between updates because evals run only every few steps and
+    should stay visible in between. ``initial_step``: steps already done (a resumed run); the ETA counts
+    only the steps of this process.
     """
 
-    def __init__(self, total_steps: int | None, enabled: bool = True, stream: TextIO | None = None) -> None:
+    def __init__(self, total_steps: int | None, enabled: bool = True, stream: TextIO | None = None,
+                 initial_step: int = 0) -> None:
         self._total_steps = total_steps
         self.enabled = enabled
         self._stream = stream if stream is not None else sys.stdout
         self._use_bar = enabled and _is_tty(self._stream)
         self._bar = (
-            tqdm(total=total_steps, desc="steps", file=self._stream, dynamic_ncols=True) if self._use_bar else None
+            tqdm(total=total_steps, initial=initial_step, desc="steps", file=self._stream, dynamic_ncols=True)
+            if self._use_bar else None
         )
         self._eval_acc: dict[str, Any] = {}
         self._last_update = time.monotonic()
+        self._start = (time.monotonic(), initial_step)
 
     @property
     def total_steps(self) -> int | None:
@@ -114,8 +129,18 @@ class ProgressReporter:
             self._bar.update(done - self._bar.n)
             return
         total = f"/{self.total_steps}" if self.total_steps is not None else ""
+        eta = self._eta(done)
+        if eta is not None:
+            shown["eta"] = format_duration(eta)
         fields = " ".join(f"{name}={value}" for name, value in shown.items())
         print(f"step {done}{total} {fields}".rstrip(), file=self._stream, flush=True)
+
+    def _eta(self, done: int) -> float | None:
+        """Seconds left at this process's mean step time, or None without a known total."""
+        started_at, first = self._start
+        if self.total_steps is None or done <= first:
+            return None
+        return (time.monotonic() - started_at) / (done - first) * max(self.total_steps - done, 0)
 
     def stage(self, name: str, total: int | None) -> StageBar:
         """A transient bar for a stage within a step; a no-op object when bars are off (see class doc)."""

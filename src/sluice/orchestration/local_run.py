@@ -1,32 +1,33 @@
 """A run on one machine, in one process: engine, rollout manager, trainer, data, metrics.
 
-``LocalRun`` owns the parts and gives the loop one verb per stage; the loop itself lives in loops.py.
+``LocalRun`` owns the parts and gives the loop one verb per stage; the loop itself lives in loops.py. Debug
+modes leave parts out: --debug-rollout-only builds no trainer, --debug-train-only starts no engine and
+replays rollouts saved by --save-debug-rollout-data.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import statistics
 from pathlib import Path
 
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from sluice.checkpoint.store import (
-    capture_rng_state,
-    find_latest,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from sluice.checkpoint.rollout_data import load_rollout_data, rollout_data_path, save_rollout_data
 from sluice.config import Config, ConfigError, config_to_dict
 from sluice.data import PromptSource, load_prompt_samples
 from sluice.engine.client import InProcessClient
 from sluice.engine.local_engine import LocalEngine
-from sluice.observability.metrics import MetricsWriter
 from sluice.observability.plots import plot_curves
 from sluice.observability.progress import ProgressReporter
+from sluice.observability.step_metrics import response_metrics
+from sluice.observability.trackers import Trackers
+from sluice.orchestration.checkpointing import RunCheckpoints
+from sluice.orchestration.oom import explain_oom, raise_if_engine_ran_out
+from sluice.orchestration.resume import read_model_shape
 from sluice.rewards import get_reward_fn
 from sluice.rewards.overlong import OverlongShaping
 from sluice.rollout.dynamic_sampling import SamplingOutcome, load_group_filter, sample_filtered_groups
@@ -52,6 +53,7 @@ class LocalRun:
         self.group_filter = _load_group_filter(config)
         self.last_sampling: SamplingOutcome | None = None  # counts of the latest dynamic-sampling rollout
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.model_shape = read_model_shape(checkpoint)
         samples, report = load_prompt_samples(config.data.prompt_data, config.data, self.tokenizer)
         self._report_load(config.data.prompt_data, report)
         self.source = PromptSource(samples, config.data.rollout_shuffle, config.data.rollout_seed)
@@ -60,15 +62,19 @@ class LocalRun:
             eval_samples, eval_report = load_prompt_samples(path, config.data, self.tokenizer)
             self._report_load(path, eval_report)
             self.eval_sets[name] = eval_samples
-        self.engine = LocalEngine(checkpoint, config.engine)
+        self.engine: LocalEngine | None = None
+        if not config.debug.debug_train_only:
+            with explain_oom(config, "engine start"):
+                self.engine = LocalEngine(checkpoint, config.engine)
         try:
             self._start(config, checkpoint, reward_fn)
         except BaseException:
-            self.engine.shutdown()  # its worker thread would otherwise outlive a failed start
+            if self.engine is not None:
+                self.engine.shutdown()  # its worker thread would otherwise outlive a failed start
             raise
 
     def _start(self, config: Config, checkpoint: str, reward_fn) -> None:
-        self.client = InProcessClient(self.engine)
+        self.client = InProcessClient(self.engine) if self.engine is not None else None
         self.rollout = RolloutManager(
             GenerateContext(self.client, self.tokenizer),
             reward_fn,
@@ -76,15 +82,33 @@ class LocalRun:
             reward_key=config.reward.reward_key,
             overlong=_overlong_shaping(config),
         )
-        self.trainer = TorchTrainer(checkpoint, config.train, config.algorithm, config.rollout.rollout_temperature,
-                                    config.model.ref_load, custom_loss=self.custom_loss)
+        self.trainer: TorchTrainer | None = None
+        if self.trains:
+            with explain_oom(config, "train"):
+                self.trainer = TorchTrainer(checkpoint, config.train, config.algorithm,
+                                            config.rollout.rollout_temperature, config.model.ref_load,
+                                            custom_loss=self.custom_loss)
         self.num_rollout = config.rollout.num_rollout or self.source.num_rollouts_for_epochs(
             config.rollout.num_epoch, config.rollout.rollout_batch_size)
-        self.start_rollout = self._maybe_resume()
+        self.checkpoints = RunCheckpoints(config, self.tokenizer, self.model_shape, self.log_line)
+        resumed = self._maybe_resume()
+        self.start_rollout = resumed["rollout_id"] + 1 if resumed else 0
         self.num_rollouts_done = self.start_rollout
-        self.metrics = MetricsWriter(config.logging.run_dir,
-                                     resume_after_step=self.start_rollout if config.checkpoint.load else None)
-        self.progress = ProgressReporter(self.num_rollout, enabled=config.logging.progress_bar)
+        # A resume drops the records past its checkpoint; --load with nothing saved yet drops a failed attempt's.
+        resume_after_step = self.start_rollout if resumed else (-1 if config.checkpoint.load else None)
+        self.trackers = Trackers(config.logging, config_to_dict(config), resume_after_step,
+                                 wandb_run_id=(resumed or {}).get("trackers", {}).get("wandb_run_id"))
+        self.progress = ProgressReporter(self.num_rollout, enabled=config.logging.progress_bar,
+                                         initial_step=self.start_rollout)
+        unlogged = (resumed or {}).get("step_metrics")
+        metrics_file = self.trackers.jsonl
+        if unlogged is not None and metrics_file.continues_file and metrics_file.last_step < self.start_rollout:
+            self.trackers.log(unlogged, step=self.start_rollout)  # the run was killed after its save, before its log
+
+    @property
+    def trains(self) -> bool:
+        """Whether this run trains (everything but --debug-rollout-only)."""
+        return not self.config.debug.debug_rollout_only
 
     def _report_load(self, path: str, report) -> None:
         if report.num_dropped_too_long:
@@ -93,22 +117,46 @@ class LocalRun:
 
     # ---- stages -------------------------------------------------------------------------------------
     def generate(self) -> list[SampleGroup]:
-        rollout = self.config.rollout
-        first_index = self.num_rollouts_done * self.config.samples_per_rollout  # Sample.index: unique in the run
+        """The next rollout's scored groups: generated, or replayed with --load-debug-rollout-data."""
+        rollout_id = self.num_rollouts_done
         self.num_rollouts_done += 1
-        if rollout.dynamic_sampling:
-            self.last_sampling = asyncio.run(sample_filtered_groups(
-                self.rollout, self.source, rollout.rollout_batch_size,
-                rollout.over_sampling_batch_size or rollout.rollout_batch_size, rollout.n_samples_per_prompt,
-                self.sampling_params(), self.group_filter, first_index=first_index))
-            groups = self.last_sampling.groups
-            self._report_short_batch(self.last_sampling)
+        debug = self.config.debug
+        if debug.load_debug_rollout_data:
+            groups = self._replay(rollout_id)
         else:
-            prompts = self.source.next_batch(rollout.rollout_batch_size)
-            groups = asyncio.run(self.rollout.generate_groups(prompts, rollout.n_samples_per_prompt,
-                                                              self.sampling_params(), first_index=first_index))
-        _raise_if_all_failed(groups)
+            with explain_oom(self.config, "rollout"):
+                groups = self._generate(rollout_id)
+            raise_if_engine_ran_out(groups, self.config)
+            _raise_if_all_failed(groups)
+        if debug.save_debug_rollout_data:
+            save_rollout_data(rollout_data_path(debug.save_debug_rollout_data, rollout_id), rollout_id, groups)
         return groups
+
+    def _generate(self, rollout_id: int) -> list[SampleGroup]:
+        rollout = self.config.rollout
+        first_index = rollout_id * self.config.samples_per_rollout  # Sample.index: unique in the run
+        total = None if rollout.dynamic_sampling else self.config.samples_per_rollout
+        with self.progress.stage("rollout", total=total) as bar:
+            manager = _counting(self.rollout, bar)
+            if rollout.dynamic_sampling:
+                self.last_sampling = asyncio.run(sample_filtered_groups(
+                    manager, self.source, rollout.rollout_batch_size,
+                    rollout.over_sampling_batch_size or rollout.rollout_batch_size, rollout.n_samples_per_prompt,
+                    self.sampling_params(), self.group_filter, first_index=first_index))
+                self._report_short_batch(self.last_sampling)
+                return self.last_sampling.groups
+            prompts = self.source.next_batch(rollout.rollout_batch_size)
+            return asyncio.run(manager.generate_groups(prompts, rollout.n_samples_per_prompt, self.sampling_params(),
+                                                       first_index=first_index))
+
+    def _replay(self, rollout_id: int) -> list[SampleGroup]:
+        """The groups --save-debug-rollout-data wrote for ``rollout_id`` (the prompt cursor does not move)."""
+        template = self.config.debug.load_debug_rollout_data
+        try:
+            return load_rollout_data(rollout_data_path(template, rollout_id),
+                                     rollout_id if "{rollout_id}" in template else None)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--load-debug-rollout-data: {error}") from error
 
     def _report_short_batch(self, outcome: SamplingOutcome) -> None:
         target = self.config.rollout.rollout_batch_size
@@ -123,9 +171,16 @@ class LocalRun:
         except (ValueError, KeyError) as error:  # dict rewards without (or with a wrong) --reward-key
             raise ConfigError(f"--reward-key: {error}") from error
         algorithm = self.config.algorithm
-        return update_policy(self.trainer, groups, algorithm, rewards, self.config.global_batch_size,
-                             self.tokenizer.pad_token_id or 0, self.config.rollout.rollout_max_response_len,
-                             train_actor=rollout_id >= algorithm.num_critic_only_steps)
+        skipped_before = self.trainer.guard.num_skipped
+        with explain_oom(self.config, "train"):
+            metrics = update_policy(self.trainer, groups, algorithm, rewards, self.config.global_batch_size,
+                                    self.tokenizer.pad_token_id or 0, self.config.rollout.rollout_max_response_len,
+                                    train_actor=rollout_id >= algorithm.num_critic_only_steps)
+        metrics["train/num_tokens"] = float(sum(len(s.tokens) for g in groups for s in g.samples
+                                                if s.status != Status.FAILED))
+        metrics["train/nonfinite_skipped_steps"] = float(self.trainer.guard.num_skipped - skipped_before)
+        metrics["train/nonfinite_skipped_total"] = float(self.trainer.guard.num_skipped)
+        return metrics
 
     def maybe_update_reference(self, rollout_id: int) -> None:
         interval = self.config.algorithm.ref_update_interval
@@ -133,22 +188,32 @@ class LocalRun:
             self.trainer.update_reference()
 
     def sync_weights(self, version: int) -> None:
-        asyncio.run(push_weights(self.trainer.named_weights(), [self.client], version))
+        """Push the trainer's weights to the engine (a no-op without one: --debug-train-only)."""
+        if self.engine is not None:
+            asyncio.run(push_weights(self.trainer.named_weights(), [self.client], version))
 
     def evaluate(self) -> dict[str, float]:
         """Mean reward and accuracy (fraction of samples with reward >= 1) per eval set."""
         out: dict[str, float] = {}
+        num_tokens = 0
         for name, samples in self.eval_sets.items():
-            groups = asyncio.run(self.rollout.generate_groups(
-                samples, self.config.eval.n_samples_per_eval_prompt, self.sampling_params(evaluation=True),
-                shape_rewards=False))
+            with explain_oom(self.config, "eval"):
+                groups = asyncio.run(self.rollout.generate_groups(
+                    samples, self.config.eval.n_samples_per_eval_prompt, self.sampling_params(evaluation=True),
+                    shape_rewards=False))
+            raise_if_engine_ran_out(groups, self.config)
             rewards = [r for g in groups for r in self.rollout.rewards(g)]
             out[f"eval/{name}/reward_mean"] = statistics.fmean(rewards)
             out[f"eval/{name}/accuracy"] = sum(r >= 1.0 for r in rewards) / len(rewards)
+            num_tokens += sum(s.response_length for g in groups for s in g.samples)
+        out["eval/response_tokens"] = float(num_tokens)
         return out
 
-    def rollout_metrics(self, groups: list[SampleGroup]) -> dict[str, float]:
+    def rollout_metrics(self, groups: list[SampleGroup], rollout_id: int) -> dict[str, float]:
+        """Rewards, accuracy, length distribution and staleness of the rollout ``rollout_id``."""
         metrics = rollout_metrics(groups, self.rollout)
+        rewards = [self.rollout.rewards(g) for g in groups]
+        metrics.update(response_metrics(groups, rewards, policy_version=rollout_id))
         if self.config.rollout.dynamic_sampling and self.last_sampling is not None:
             metrics.update(self.last_sampling.metrics())
         return metrics
@@ -180,51 +245,49 @@ class LocalRun:
 
     def save_due(self, rollout_id: int) -> bool:
         ckpt = self.config.checkpoint
-        return bool(ckpt.save) and self._due(ckpt.save_interval, rollout_id)
+        return bool(ckpt.save or ckpt.save_hf) and self.trains and self._due(ckpt.save_interval, rollout_id)
 
-    def save(self, rollout_id: int) -> Path:
-        return save_checkpoint(self.config.checkpoint.save, rollout_id, self.trainer,
-                               {"source": self.source.state_dict(), "rng": capture_rng_state()})
+    def save(self, rollout_id: int, step_metrics: dict | None = None, after_write=None) -> Path | None:
+        """The checkpoint (--save) and HF export (--save-hf) after rollout ``rollout_id``; see RunCheckpoints."""
+        return self.checkpoints.save(rollout_id, self.trainer, self.source, self.trackers.state_dict(), step_metrics,
+                                     after_write)
 
-    def _maybe_resume(self) -> int:
-        load = self.config.checkpoint.load
-        if not load:
-            return 0
-        try:
-            path = find_latest(load) or (Path(load) if (Path(load) / "trainer.pt").exists() else None)
-        except FileNotFoundError as error:
-            raise ConfigError(f"--load {load}: {error}") from error
-        if path is None:
-            raise ConfigError(f"--load {load}: no checkpoint there (expected {load}/latest or {load}/trainer.pt)")
-        try:
-            state = load_checkpoint(path, self.trainer)
-        except ValueError as error:  # e.g. a ppo run resuming from a checkpoint without a critic
-            raise ConfigError(f"--load {load}: {error}") from error
-        try:
-            self.source.load_state_dict(state["source"])
-        except ValueError as error:  # the prompt file, shuffle or seed changed since the save
-            raise ConfigError(f"--load {load}: {error}") from error
-        self.sync_weights(version=state["rollout_id"] + 1)
-        if "rng" in state:  # the sampling stream continues where the saved run was, not from --seed again
-            restore_rng_state(state["rng"])
-        self.log_line(f"resumed from {path} at rollout {state['rollout_id'] + 1}")
-        return state["rollout_id"] + 1
+    def _maybe_resume(self) -> dict | None:
+        """Restore the run from --load; returns the checkpoint's run state, or None for a fresh start."""
+        state = self.checkpoints.resume(self.trainer, self.source)
+        if state is not None and self.trainer is not None:
+            self.sync_weights(version=state.get("weight_version", state["rollout_id"] + 1))
+        return state
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record the metrics of ``step`` completed rollout steps (0: the evaluation before training)."""
-        self.metrics.log(metrics, step=step)
+        self.trackers.log(metrics, step=step)
         if step == 0:
             self.log_line("before training: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
         else:
             self.progress.update(step - 1, metrics)
 
     def close(self) -> Path:
-        """Stop the engine, close the metrics file and draw the curves; returns the PNG path."""
+        """Stop the engine, close the trackers and draw the curves; returns the PNG path."""
         self.progress.close()
-        self.metrics.close()
-        self.engine.shutdown()
+        self.trackers.close()
+        if self.engine is not None:
+            self.engine.shutdown()
         run_dir = Path(self.config.logging.run_dir)
         return plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+
+
+def _counting(manager: RolloutManager, bar) -> RolloutManager:
+    """``manager`` with a generate function that advances ``bar`` as each sample finishes."""
+    inner = manager.generate_fn
+
+    async def generate_and_count(sample, sampling_params, ctx):
+        try:
+            return await inner(sample, sampling_params, ctx)
+        finally:
+            bar.advance()
+
+    return dataclasses.replace(manager, generate_fn=generate_and_count)
 
 
 def _check_checkpoint_dir(flag: str, path: str) -> None:

@@ -14,6 +14,7 @@ position t: the state before the token at t + 1 is chosen.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -120,14 +121,19 @@ class Critic:
             sums["train/value_loss"] += loss.item()
             sums["train/value_clipfrac"] += aggregate(stats["clipfrac"], micro.loss_mask, "token_mean", **counts).item()
             sums["train/value_mean"] += aggregate(values.detach(), micro.loss_mask, "token_mean", **counts).item()
-        grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.clip_grad)
-        return {**sums, "train/critic_grad_norm": grad_norm, "train/critic_lr": self.scheduler.get_last_lr()[0]}
+        loss = sums["train/value_loss"]
+        # A non-finite value loss or gradient skips the critic's step (the actor's guard decides when to stop).
+        grad_norm, applied = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.clip_grad,
+                                            accept=lambda norm: math.isfinite(loss) and math.isfinite(norm))
+        return {**sums, "train/critic_grad_norm": grad_norm, "train/critic_lr": self.scheduler.get_last_lr()[0],
+                "train/critic_nonfinite_skipped_frac": float(not applied)}
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+    def state_dict(self, with_optimizer: bool = True) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict() if with_optimizer else None,
                 "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 from sluice.config import TrainConfig
@@ -23,11 +26,19 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float | Non
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   scheduler: torch.optim.lr_scheduler.LRScheduler, clip_grad: float) -> float:
-    """Clip the global gradient norm to ``clip_grad`` (0: off), step, clear the gradients; returns the norm."""
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, clip_grad: float,
+                   accept: Callable[[float], bool] = math.isfinite) -> tuple[float, bool]:
+    """Clip the global gradient norm to ``clip_grad`` (0: off) and step, unless ``accept(grad_norm)`` refuses;
+    clear the gradients either way. Returns (grad norm, whether the step was applied).
+
+    The default refuses a NaN/inf norm: AdamW would otherwise write NaN into every weight and both moments.
+    A refused step leaves the weights, the moments and the LR schedule untouched.
+    """
     max_norm = clip_grad if clip_grad > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    optimizer.step()
-    scheduler.step()
+    applied = accept(grad_norm)
+    if applied:
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, applied

@@ -9,10 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sluice.config import AlgorithmConfig, TrainConfig
+from sluice.checkpoint.hf_export import export_hf
 from sluice.device import resolve_device
 from sluice.trainer.batching import micro_batch_rows
 from sluice.trainer.critic import Critic, ValueBatch
 from sluice.trainer.custom_loss import CustomLossFn, load_custom_loss
+from sluice.trainer.guards import NonFiniteGuard
 from sluice.trainer.logprobs import token_logprobs
 from sluice.trainer.loss import micro_batch_loss
 from sluice.trainer.optimizer import build_optimizer, optimizer_step
@@ -47,6 +49,7 @@ class TorchTrainer:
         self.custom_loss = custom_loss
         self.optimizer, self.scheduler = build_optimizer(self.model, train)
         self.num_optimizer_steps = 0
+        self.guard = NonFiniteGuard(train.max_consecutive_nonfinite_steps)
 
     def _load(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device)
@@ -114,30 +117,38 @@ class TorchTrainer:
             loss.backward()
             for key, value in metrics.items():
                 metric_sums[key] += value
-        grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.clip_grad)
-        self.num_optimizer_steps += 1
+        loss = metric_sums["train/loss"]
+        grad_norm, applied = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.clip_grad,
+                                            accept=lambda norm: self.guard.accept(loss, norm))
+        self.num_optimizer_steps += int(applied)
         return {**metric_sums, "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """The actor's weights by HF name (detached views, no copy)."""
         return {name: p.detach() for name, p in self.model.state_dict().items()}
 
-    def state_dict(self) -> dict:
+    def state_dict(self, with_optimizer: bool = True) -> dict:
+        """Everything a resume needs; ``with_optimizer=False`` (--no-save-optim) leaves out the AdamW moments."""
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if with_optimizer else None,
             "scheduler": self.scheduler.state_dict(),
             "num_optimizer_steps": self.num_optimizer_steps,
+            "guard": self.guard.state_dict(),
             # The reference changes only with --ref-update-interval; saved so a resume keeps the same one.
             "ref_model": self.ref_model.state_dict() if self.ref_model is not None else None,
-            "critic": self.critic.state_dict() if self.critic is not None else None,
+            "critic": self.critic.state_dict(with_optimizer) if self.critic is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict``; without saved optimizer state the moments restart from zero."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.num_optimizer_steps = state["num_optimizer_steps"]
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
         if self.ref_model is not None and state.get("ref_model") is not None:
             self.ref_model.load_state_dict(state["ref_model"])
         if self.critic is not None:
@@ -146,8 +157,9 @@ class TorchTrainer:
                                  "resume from it; start a new ppo run from its hf/ export instead")
             self.critic.load_state_dict(state["critic"])
 
-    def save_hf(self, path: str | Path) -> None:
-        self.model.save_pretrained(path, safe_serialization=True)
+    def save_hf(self, path: str | Path, tokenizer=None) -> None:
+        """The actor as a Hugging Face model directory (with ``tokenizer``'s files when given)."""
+        export_hf(self.model, tokenizer, path, atomic=False)
 
 
 def _to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
