@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from sluice.engine.client import settle_future as _settle
 from sluice.engine.protocol import GenerateRequest, GenerateResult
 
 
@@ -117,11 +118,3 @@ def _post(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
     except RuntimeError:
         pass
 
-
-def _settle(future: asyncio.Future, outcome) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)

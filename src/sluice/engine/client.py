@@ -20,7 +20,7 @@ class InProcessClient:
 
         def on_done(result):  # called on the engine thread
             try:
-                loop.call_soon_threadsafe(_settle, future, result)
+                loop.call_soon_threadsafe(settle_future, future, result)
             except RuntimeError:  # the caller's event loop is gone (it stopped waiting): nobody to tell
                 pass
 
@@ -47,7 +47,8 @@ class InProcessClient:
         return self.engine.weight_version
 
 
-def _settle(future: asyncio.Future, result) -> None:
+def settle_future(future: asyncio.Future, result) -> None:
+    """Resolve ``future`` with a result or an exception, unless its waiter already gave up."""
     if future.done():
         return
     if isinstance(result, BaseException):

@@ -41,6 +41,20 @@ UNSUPPORTED_GENERATE = {
 }
 
 
+
+def check_top_k(value: int) -> int:
+    """top_k: -1 (no cut) or a positive count; shared by the native and OpenAI request schemas."""
+    if value != -1 and value < 1:
+        raise ValueError("must be -1 (no cut) or at least 1")
+    return value
+
+
+def check_stop(value):
+    """stop: a string or a list of non-empty strings."""
+    if any(not s for s in ([value] if isinstance(value, str) else value or [])):
+        raise ValueError("stop strings must not be empty")
+    return value
+
 class WireSamplingParams(BaseModel):
     """SGLang's ``sampling_params`` object."""
 
@@ -75,17 +89,12 @@ class WireSamplingParams(BaseModel):
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, value: int) -> int:
-        if value != -1 and value < 1:
-            raise ValueError("must be -1 (no cut) or at least 1")
-        return value
+        return check_top_k(value)
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, value):
-        stops = [value] if isinstance(value, str) else value or []
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return value
+        return check_stop(value)
 
     @field_validator(*UNSUPPORTED_SAMPLING)
     @classmethod

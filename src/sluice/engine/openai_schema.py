@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from sluice.engine.native_schema import STRICT, require_neutral
+from sluice.engine.native_schema import STRICT, check_stop, check_top_k, require_neutral
 from sluice.types import SamplingParams
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -68,16 +68,12 @@ class OpenAIRequest(BaseModel):
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, value: int) -> int:
-        if value != -1 and value < 1:
-            raise ValueError("must be -1 (no cut) or at least 1")
-        return value
+        return check_top_k(value)
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, value):
-        if any(not s for s in ([value] if isinstance(value, str) else value or [])):
-            raise ValueError("stop strings must not be empty")
-        return value
+        return check_stop(value)
 
     @field_validator(*_NEUTRAL, check_fields=False)
     @classmethod
