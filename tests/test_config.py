@@ -437,11 +437,13 @@ def test_custom_reward_alone_is_valid() -> None:
 
 @pytest.mark.parametrize("rm_type", BUILTIN_REWARDS)
 def test_builtin_rewards_are_valid(rm_type: str) -> None:
-    validate(parse_config(VALID_TRAINING + ["--rm-type", rm_type]))
+    url = ["--rm-url", "http://127.0.0.1:8000/score"] if rm_type == "remote_rm" else []
+    validate(parse_config(VALID_TRAINING + ["--rm-type", rm_type] + url))
 
 
 def test_builtin_rewards_list() -> None:
-    assert set(BUILTIN_REWARDS) == {"exact", "math", "boxed_exact", "boxed_math"}
+    assert set(BUILTIN_REWARDS) == {"exact", "math", "f1", "deepscaler", "boxed_exact", "boxed_math", "boxed_f1",
+                                    "remote_rm", "random"}
 
 
 @pytest.mark.parametrize("extra", [

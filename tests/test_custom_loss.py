@@ -75,10 +75,10 @@ def test_every_path_form_loads(plugin, form):
 
 
 @pytest.mark.parametrize(("target", "message"), [
-    ("my_losses.no_args", "must take one argument"),
+    ("my_losses.no_args", r"takes \(\); expected sluice's fn\(inputs: LossInputs\)"),
     ("my_losses.two", r"takes \(inputs, extra\)"),
     ("my_losses.slime_style", "slime's"),
-    ("my_losses.keyword_only", "must take one argument"),
+    ("my_losses.keyword_only", "required keyword-only parameters"),
     ("my_losses.asynchronous", "synchronous"),
     ("my_losses.NOT_A_FUNCTION", "not a function"),
     ("my_losses.missing", "has no attribute 'missing'"),

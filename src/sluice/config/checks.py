@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from sluice.config.errors import ConfigError
-from sluice.config.sections import BUILTIN_REWARDS, Config
+from sluice.config.sections import BUILTIN_REWARDS, DEFAULT_MAX_TURNS, LABEL_FREE_REWARDS, Config
 
 # kl_loss_type spellings that name the same estimator; the loss code only knows the canonical one.
 KL_LOSS_ALIASES = {"low_var_kl": "k3"}
@@ -184,6 +184,45 @@ def _reward(config: Config) -> Iterator[str]:
                f"got {reward.overlong_buffer_len}")
     if not reward.overlong_penalty_factor >= 0:
         yield f"--overlong-penalty-factor must be >= 0, got {reward.overlong_penalty_factor}"
+    if reward.group_rm and reward.custom_rm_path is None:
+        yield "--group-rm needs --custom-rm-path (the group reward function)"
+    if reward.rm_type == "remote_rm" and not reward.rm_url:
+        yield "--rm-type remote_rm needs --rm-url (the reward service's URL)"
+    if reward.rm_url and reward.rm_type is not None and reward.rm_type != "remote_rm":
+        yield f"--rm-url has no effect with --rm-type {reward.rm_type} (only remote_rm posts to it)"
+    if not reward.reward_timeout >= 0:
+        yield f"--reward-timeout must be >= 0 (0: no limit), got {reward.reward_timeout}"
+    if not reward.rm_timeout > 0:
+        yield f"--rm-timeout must be > 0, got {reward.rm_timeout}"
+    if reward.rm_max_retries < 0:
+        yield f"--rm-max-retries must be >= 0, got {reward.rm_max_retries}"
+    if reward.rm_max_connections < 1:
+        yield f"--rm-max-connections must be >= 1, got {reward.rm_max_connections}"
+
+
+def _hooks(config: Config) -> Iterator[str]:
+    """Plug-in flags that contradict each other or have nothing to act on (loading is checked at start-up)."""
+    rollout, algo = config.rollout, config.algorithm
+    if not 0 <= rollout.max_failed_sample_ratio <= 1:
+        yield f"--max-failed-sample-ratio must be in [0, 1], got {rollout.max_failed_sample_ratio}"
+    if rollout.max_turns < 1:
+        yield f"--max-turns must be >= 1, got {rollout.max_turns}"
+    elif rollout.max_turns != DEFAULT_MAX_TURNS and not (rollout.tools or rollout.custom_generate_function_path):
+        yield "--max-turns has no effect without --tools (or a --custom-generate-function-path that reads it)"
+    if rollout.tools and not config.data.apply_chat_template:
+        yield "--tools needs --apply-chat-template: the tools are described to the model by the chat template"
+    if rollout.agent_function_path and (rollout.tools or rollout.custom_generate_function_path):
+        other = "--tools" if rollout.tools else "--custom-generate-function-path"
+        yield (f"--agent-function-path and {other} both choose how samples are generated: give one (an agent "
+               "passes its tools in its own chat requests)")
+    if rollout.rollout_function_path and rollout.dynamic_sampling:
+        yield ("--rollout-function-path replaces the whole rollout step, so --over-sampling-batch-size and "
+               "--dynamic-sampling-filter-path would have no effect; drop them or apply them in the function")
+    if algo.custom_advantage_function_path and algo.advantage_estimator == "ppo":
+        yield ("--custom-advantage-function-path cannot replace --advantage-estimator ppo, whose critic needs GAE "
+               "returns; choose a group estimator")
+    if algo.custom_advantage_function_path and algo.loss_type == "sft_loss":
+        yield "--custom-advantage-function-path has no effect with --loss-type sft_loss (no advantages are used)"
 
 
 def _train(config: Config) -> Iterator[str]:
@@ -290,19 +329,21 @@ def _training(config: Config) -> Iterator[str]:
     """What a training run needs on top of a consistent config: a model, prompts and a reward."""
     if config.model.hf_checkpoint is None:
         yield "--hf-checkpoint is required for training"
-    if config.data.prompt_data is None:
-        yield "--prompt-data is required for training"
+    if config.data.prompt_data is None and config.data.data_source_path is None:
+        yield "--prompt-data is required for training (or a --data-source-path)"
     if config.rollout.rollout_batch_size is None:
         yield "--rollout-batch-size is required for training"
     no_reward = config.reward.rm_type is None and config.reward.custom_rm_path is None
-    if config.algorithm.loss_type != "sft_loss" and no_reward:
+    rewards_elsewhere = config.rollout.rollout_function_path or config.rollout.agent_function_path
+    if config.algorithm.loss_type != "sft_loss" and no_reward and not rewards_elsewhere:
         yield f"--loss-type {config.algorithm.loss_type} needs a reward: set --rm-type or --custom-rm-path"
-    if config.reward.rm_type is not None and config.data.label_key is None:
-        yield f"--rm-type {config.reward.rm_type} compares responses with a label: set --label-key"
+    rm_type = config.reward.rm_type
+    if rm_type is not None and rm_type not in LABEL_FREE_REWARDS and config.data.label_key is None:
+        yield f"--rm-type {rm_type} compares responses with a label: set --label-key"
 
 
 _CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
-    _batches, _rollout, _sampling, _algorithm, _reward, _train, _eval_and_checkpoint, _logging, _debug,
+    _batches, _rollout, _sampling, _algorithm, _reward, _hooks, _train, _eval_and_checkpoint, _logging, _debug,
     _engine)
 
 

@@ -11,8 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Built-in reward functions, selectable with --rm-type; the reward module implements exactly these.
-BUILTIN_REWARDS: tuple[str, ...] = ("exact", "math", "boxed_exact", "boxed_math")
+# Built-in reward functions, selectable with --rm-type; the reward registry implements exactly these.
+BUILTIN_REWARDS: tuple[str, ...] = ("exact", "math", "f1", "deepscaler", "boxed_exact", "boxed_math", "boxed_f1",
+                                    "remote_rm", "random")
+# Built-in rewards that do not compare with a label (--label-key is optional for them).
+LABEL_FREE_REWARDS: tuple[str, ...] = ("remote_rm", "random")
+DEFAULT_MAX_TURNS = 4
 
 
 def meta(help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None, metavar: str | None = None):
@@ -50,6 +54,10 @@ class DataConfig:
     rollout_seed: int = field(default=42, metadata=meta("Seed of the prompt shuffle and of sampling."))
     rollout_max_prompt_len: int | None = field(default=None, metadata=meta(
         "Drop prompts longer than this many tokens (the count dropped is reported)."))
+    data_source_path: str | None = field(default=None, metadata=meta(
+        "Replaces the prompt source: a factory fn(prompts: list[Sample], seed: int) returning an object with "
+        "next_batch(n) -> list[Sample] (state_dict()/load_state_dict() for resume), or slime's data source class "
+        "Cls(args) with get_samples(n). See docs/customization.md."))
 
 
 @dataclass
@@ -75,6 +83,29 @@ class RolloutConfig:
     dynamic_sampling_filter_path: str | None = field(default=None, metadata=meta(
         "Dotted path of a group filter f(group_samples) -> bool (or slime's f(args, samples) -> bool | .keep); "
         "True keeps the group. Built-in: sluice.rollout.filters.drop_uniform_rewards."))
+
+    rollout_function_path: str | None = field(default=None, metadata=meta(
+        "Replaces the rollout of a step: async fn(request: sluice.rollout.RolloutRequest) -> list[SampleGroup] "
+        "| RolloutOutput, or slime's generate_rollout(args, rollout_id, data_source, evaluation=False)."))
+    custom_generate_function_path: str | None = field(default=None, metadata=meta(
+        "Replaces the generate function: async fn(sample, sampling_params, ctx) -> Sample | list[Sample], or "
+        "slime's async fn(args, sample, sampling_params). Built-in: sluice.rollout.multi_turn.generate_with_tools."))
+    buffer_filter_path: str | None = field(default=None, metadata=meta(
+        "Picks which finished groups of a rollout are trained: fn(groups: list[SampleGroup], num_groups: int) -> "
+        "list[SampleGroup], or slime's fn(args, rollout_id, buffer, num_samples). The rest are dropped."))
+    tools: list[str] = field(default_factory=list, metadata=meta(
+        "Tool functions for multi-turn generation, by path ('pkg.mod:calculator', 'file.py:fn'): plain typed "
+        "Python functions whose calls the model writes in the chat template's tool format. Selects the built-in "
+        "multi-turn generate function; needs --apply-chat-template.", metavar="PATH"))
+    max_turns: int = field(default=DEFAULT_MAX_TURNS, metadata=meta(
+        "Most assistant turns per sample in multi-turn generation (--tools)."))
+    agent_function_path: str | None = field(default=None, metadata=meta(
+        "An agent program run once per sample against the OpenAI-compatible gateway: fn(task: "
+        "sluice.rollout.AgentTask) -> float | dict | None (its reward; None: score with the reward function), "
+        "sync or async. Its chat completions are recorded token for token and trained."))
+    max_failed_sample_ratio: float = field(default=0.5, metadata=meta(
+        "Stop the run when more than this fraction of a rollout's samples failed (generate or reward raised or "
+        "timed out); failed samples below it are dropped from training and logged."))
 
     @property
     def dynamic_sampling(self) -> bool:
@@ -124,6 +155,9 @@ class AlgorithmConfig:
     loss_type: str = field(default="policy_loss", metadata=meta(
         "policy_loss (RL), sft_loss (supervised, on the response tokens) or custom_loss (the function of "
         "--custom-loss-function-path replaces the policy loss).", choices=("policy_loss", "sft_loss", "custom_loss")))
+    custom_advantage_function_path: str | None = field(default=None, metadata=meta(
+        "Replaces the advantage estimator: fn(inputs: sluice.trainer.custom_advantage.AdvantageInputs) -> "
+        "Tensor [B, T-1], or slime's fn(args, rollout_data) setting rollout_data['advantages']."))
     custom_loss_function_path: str | None = field(default=None, metadata=meta(
         "With --loss-type custom_loss: 'pkg.module.fn', 'pkg.module:fn' or 'path/to/file.py:fn', a function "
         "fn(inputs: sluice.trainer.custom_loss.LossInputs) -> (loss, metrics); see docs/algorithms.md."))
@@ -191,9 +225,21 @@ class AlgorithmConfig:
 @dataclass
 class RewardConfig:
     rm_type: str | None = field(default=None, metadata=meta(
-        "Built-in reward: exact, math; a 'boxed_' prefix first extracts the last \\boxed{...} answer."))
+        "Built-in reward: exact, math (math-verify), f1 (token F1), deepscaler (the answer after </think>), "
+        "remote_rm (HTTP, --rm-url), random (seeded by --rollout-seed); a 'boxed_' prefix (boxed_exact, "
+        "boxed_math, boxed_f1) first extracts the last \\boxed{...} answer."))
     custom_rm_path: str | None = field(default=None, metadata=meta(
-        "Dotted path module.function of an async reward function (sample) -> float | dict."))
+        "A reward function by path: [async] fn(sample) -> float | dict, or slime's fn(args, sample)."))
+    group_rm: bool = field(default=False, metadata=meta(
+        "--custom-rm-path scores a whole prompt group per call: fn(samples) -> list[float | dict] "
+        "(slime: fn(args, samples))."))
+    reward_timeout: float = field(default=120.0, metadata=meta(
+        "Seconds one reward call may take; a slower call fails its sample (0: no limit)."))
+    rm_url: str | None = field(default=None, metadata=meta("URL the remote_rm reward POSTs each sample to."))
+    rm_timeout: float = field(default=30.0, metadata=meta("Seconds per remote_rm HTTP request."))
+    rm_max_retries: int = field(default=3, metadata=meta(
+        "Retries of a remote_rm request after a connection error, timeout, 429 or 5xx (exponential backoff)."))
+    rm_max_connections: int = field(default=64, metadata=meta("Most remote_rm requests in flight at once."))
     reward_key: str | None = field(default=None, metadata=meta("Key of the scalar to train on when rewards are dicts."))
     overlong_buffer_len: int | None = field(default=None, metadata=meta(
         "DAPO soft overlong punishment (off by default): the last L tokens of --rollout-max-response-len M "
@@ -215,6 +261,9 @@ class EvalConfig:
     eval_max_response_len: int | None = field(default=None, metadata=meta(
         "Eval max new tokens; default: --rollout-max-response-len."))
     skip_eval_before_train: bool = field(default=False, metadata=meta("Do not evaluate before the first step."))
+    eval_function_path: str | None = field(default=None, metadata=meta(
+        "Replaces evaluation: async fn(request: sluice.rollout.EvalRequest) -> dict[str, float] (metrics), or "
+        "slime's fn(args, rollout_id, data_source, evaluation=True)."))
 
 
 @dataclass

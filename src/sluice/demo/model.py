@@ -23,11 +23,15 @@ class TinyModelShape:
     max_position_embeddings: int = 256
 
 
-def build_checkpoint(out_dir: str | Path, shape: TinyModelShape = TinyModelShape(), seed: int = 0) -> Path:
-    """Write config.json, model.safetensors and the tokenizer files to ``out_dir``; same seed, same bytes."""
+def build_checkpoint(out_dir: str | Path, shape: TinyModelShape = TinyModelShape(), seed: int = 0,
+                     with_tools: bool = False) -> Path:
+    """Write config.json, model.safetensors and the tokenizer files to ``out_dir``; same seed, same bytes.
+
+    ``with_tools``: a tokenizer with tool markup tokens and a tool-calling chat template (demo/tokenizer.py).
+    """
     out = Path(out_dir)
-    vocab_size = save_tokenizer(out)
-    tokenizer = build_tokenizer()
+    vocab_size = save_tokenizer(out, with_tools)
+    tokenizer = build_tokenizer(with_tools)
     config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=shape.hidden_size,

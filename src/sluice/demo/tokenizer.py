@@ -28,22 +28,72 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Qwen's tool markup as whole tokens, as in Qwen2.5's vocabulary (added, not special: they are decoded).
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 
-def build_tokenizer() -> Tokenizer:
-    """Specials first (ids 0..2), then one id per character; BPE with no merges splits into characters."""
+# Qwen2.5's tool conventions in a compact form for a tiny model: the tools are listed by name in a system turn;
+# an assistant's calls are <tool_call>{"name": ..., "arguments": {...}}</tool_call>; consecutive tool results go
+# into one user turn, each inside <tool_response>...</tool_response>. Without tools it renders like CHAT_TEMPLATE.
+# Assistant turns are marked {% generation %} (transformers' return_assistant_tokens_mask): what a model writes.
+TOOL_CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n' }}{%- endif %}"
+    "{{- 'tools:' }}{%- for tool in tools %}{{- ' ' + (tool['function'] or tool)['name'] }}{%- endfor %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\n' }}"
+    "{%- generation %}"
+    "{%- if message['content'] %}{{- message['content'] }}{%- endif %}"
+    "{%- for call in message['tool_calls'] or [] %}"
+    "{%- set call = call['function'] or call %}"
+    "{{- '<tool_call>{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+    "{%- if call['arguments'] is string %}{{- call['arguments'] }}"
+    "{%- else %}{{- call['arguments'] | tojson }}{%- endif %}"
+    "{{- '}</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>' }}"
+    "{%- endgeneration %}"
+    "{{- '\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+def build_tokenizer(with_tools: bool = False) -> Tokenizer:
+    """Specials first (ids 0..2), then one id per character; BPE with no merges splits into characters.
+
+    ``with_tools`` adds Qwen's tool markup tokens after the role tokens (the default vocabulary is unchanged).
+    """
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer.add_tokens([AddedToken(role, normalized=False, special=False) for role in ROLE_TOKENS])
+    extra = ROLE_TOKENS + (TOOL_TOKENS if with_tools else ())
+    tokenizer.add_tokens([AddedToken(token, normalized=False, special=False) for token in extra])
     tokenizer.decoder = decoders.Fuse()  # join characters without the spaces a plain decode would insert
     return tokenizer
 
 
-def save_tokenizer(out_dir: str | Path) -> int:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; return the vocab size."""
+def save_tokenizer(out_dir: str | Path, with_tools: bool = False) -> int:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; return the vocab size.
+
+    ``with_tools``: the tool markup tokens and ``TOOL_CHAT_TEMPLATE`` (tool calls and results, Qwen-style).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(with_tools)
     tokenizer.save(str(out / "tokenizer.json"))
     added = {
         str(tokenizer.token_to_id(tok)): {
@@ -61,7 +111,7 @@ def save_tokenizer(out_dir: str | Path) -> int:
         "unk_token": None,
         "model_max_length": 4096,
         "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": TOOL_CHAT_TEMPLATE if with_tools else CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}, indent=2))

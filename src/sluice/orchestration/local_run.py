@@ -7,7 +7,6 @@ replays rollouts saved by --save-debug-rollout-data.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import statistics
@@ -28,13 +27,14 @@ from sluice.observability.trackers import Trackers
 from sluice.orchestration.checkpointing import RunCheckpoints
 from sluice.orchestration.oom import explain_oom, raise_if_engine_ran_out
 from sluice.orchestration.resume import read_model_shape
-from sluice.rewards import get_reward_fn
-from sluice.rewards.overlong import OverlongShaping
-from sluice.rollout.dynamic_sampling import SamplingOutcome, load_group_filter, sample_filtered_groups
-from sluice.rollout.generate import GenerateContext
+from sluice.orchestration.hooks import load_hooks
+from sluice.orchestration.rollout_setup import build_rollout, pick_trained_groups, prompt_data_config
+from sluice.rollout.dynamic_sampling import SamplingOutcome, sample_filtered_groups
+from sluice.rollout.evaluation import EvalRequest
+from sluice.rollout.failures import RolloutFailed, check_failure_budget  # noqa: F401 (cli.py imports it from here)
 from sluice.rollout.manager import RolloutManager, rollout_metrics
+from sluice.rollout.step import RolloutRequest
 from sluice.sync.in_process import push_weights
-from sluice.trainer.custom_loss import load_custom_loss
 from sluice.trainer.torch_backend import TorchTrainer
 from sluice.trainer.update import update_policy
 from sluice.types import SampleGroup, SamplingParams, Status
@@ -48,18 +48,25 @@ class LocalRun:
         _check_checkpoint_dir("--hf-checkpoint", checkpoint)
         if config.model.ref_load:
             _check_checkpoint_dir("--ref-load", config.model.ref_load)
-        reward_fn = _load_reward(config)
-        self.custom_loss = _load_custom_loss(config)
-        self.group_filter = _load_group_filter(config)
+        self.hooks = load_hooks(config)  # every plug-in, checked before anything heavy loads
         self.last_sampling: SamplingOutcome | None = None  # counts of the latest dynamic-sampling rollout
+        self.last_step_metrics: dict[str, float] = {}  # from a --rollout-function-path and --buffer-filter-path
+        self.gateway = None
         self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.model_shape = read_model_shape(checkpoint)
-        samples, report = load_prompt_samples(config.data.prompt_data, config.data, self.tokenizer)
-        self._report_load(config.data.prompt_data, report)
-        self.source = PromptSource(samples, config.data.rollout_shuffle, config.data.rollout_seed)
+        data = prompt_data_config(config, self.hooks)
+        samples = []
+        if config.data.prompt_data is not None:
+            samples, report = load_prompt_samples(config.data.prompt_data, data, self.tokenizer)
+            self._report_load(config.data.prompt_data, report)
+        if self.hooks.data_source is not None:
+            self.source = self.hooks.data_source(samples, config.data.rollout_seed, data, self.tokenizer,
+                                                 self.hooks.slime_args)
+        else:
+            self.source = PromptSource(samples, config.data.rollout_shuffle, config.data.rollout_seed)
         self.eval_sets = {}
         for name, path in config.eval_sets:
-            eval_samples, eval_report = load_prompt_samples(path, config.data, self.tokenizer)
+            eval_samples, eval_report = load_prompt_samples(path, data, self.tokenizer)
             self._report_load(path, eval_report)
             self.eval_sets[name] = eval_samples
         self.engine: LocalEngine | None = None
@@ -67,27 +74,24 @@ class LocalRun:
             with explain_oom(config, "engine start"):
                 self.engine = LocalEngine(checkpoint, config.engine)
         try:
-            self._start(config, checkpoint, reward_fn)
+            self._start(config, checkpoint)
         except BaseException:
+            if self.gateway is not None:
+                self.gateway.stop()
             if self.engine is not None:
                 self.engine.shutdown()  # its worker thread would otherwise outlive a failed start
             raise
 
-    def _start(self, config: Config, checkpoint: str, reward_fn) -> None:
+    def _start(self, config: Config, checkpoint: str) -> None:
         self.client = InProcessClient(self.engine) if self.engine is not None else None
-        self.rollout = RolloutManager(
-            GenerateContext(self.client, self.tokenizer),
-            reward_fn,
-            max_concurrency=config.rollout.rollout_max_concurrency,
-            reward_key=config.reward.reward_key,
-            overlong=_overlong_shaping(config),
-        )
+        context_len = self.engine.context_len if self.engine is not None else 0
+        self.rollout, self.gateway = build_rollout(config, self.hooks, self.client, self.tokenizer, context_len)
         self.trainer: TorchTrainer | None = None
         if self.trains:
             with explain_oom(config, "train"):
                 self.trainer = TorchTrainer(checkpoint, config.train, config.algorithm,
                                             config.rollout.rollout_temperature, config.model.ref_load,
-                                            custom_loss=self.custom_loss)
+                                            custom_loss=self.hooks.loss)
         self.num_rollout = config.rollout.num_rollout or self.source.num_rollouts_for_epochs(
             config.rollout.num_epoch, config.rollout.rollout_batch_size)
         self.checkpoints = RunCheckpoints(config, self.tokenizer, self.model_shape, self.log_line)
@@ -127,7 +131,7 @@ class LocalRun:
             with explain_oom(self.config, "rollout"):
                 groups = self._generate(rollout_id)
             raise_if_engine_ran_out(groups, self.config)
-            _raise_if_all_failed(groups)
+            check_failure_budget(groups, self.config.rollout.max_failed_sample_ratio)
         if debug.save_debug_rollout_data:
             save_rollout_data(rollout_data_path(debug.save_debug_rollout_data, rollout_id), rollout_id, groups)
         return groups
@@ -138,16 +142,26 @@ class LocalRun:
         total = None if rollout.dynamic_sampling else self.config.samples_per_rollout
         with self.progress.stage("rollout", total=total) as bar:
             manager = _counting(self.rollout, bar)
-            if rollout.dynamic_sampling:
+            self.last_step_metrics = {}
+            request = RolloutRequest(rollout_id, rollout.rollout_batch_size, rollout.n_samples_per_prompt,
+                                     self.sampling_params(), first_index, self.source, manager)
+            if self.hooks.rollout is not None:
+                output = asyncio.run(self.hooks.rollout(request))
+                groups, self.last_step_metrics = output.groups, dict(output.metrics)
+            elif rollout.dynamic_sampling:
                 self.last_sampling = asyncio.run(sample_filtered_groups(
                     manager, self.source, rollout.rollout_batch_size,
                     rollout.over_sampling_batch_size or rollout.rollout_batch_size, rollout.n_samples_per_prompt,
-                    self.sampling_params(), self.group_filter, first_index=first_index))
+                    self.sampling_params(), self.hooks.group_filter, first_index=first_index))
                 self._report_short_batch(self.last_sampling)
-                return self.last_sampling.groups
-            prompts = self.source.next_batch(rollout.rollout_batch_size)
-            return asyncio.run(manager.generate_groups(prompts, rollout.n_samples_per_prompt, self.sampling_params(),
-                                                       first_index=first_index))
+                groups = self.last_sampling.groups
+            else:
+                prompts = self.source.next_batch(rollout.rollout_batch_size)
+                groups = asyncio.run(manager.generate_groups(prompts, rollout.n_samples_per_prompt,
+                                                             self.sampling_params(), first_index=first_index))
+        groups, dropped = pick_trained_groups(self.hooks, groups, request)
+        self.last_step_metrics.update(dropped)
+        return groups
 
     def _replay(self, rollout_id: int) -> list[SampleGroup]:
         """The groups --save-debug-rollout-data wrote for ``rollout_id`` (the prompt cursor does not move)."""
@@ -175,7 +189,8 @@ class LocalRun:
         with explain_oom(self.config, "train"):
             metrics = update_policy(self.trainer, groups, algorithm, rewards, self.config.global_batch_size,
                                     self.tokenizer.pad_token_id or 0, self.config.rollout.rollout_max_response_len,
-                                    train_actor=rollout_id >= algorithm.num_critic_only_steps)
+                                    train_actor=rollout_id >= algorithm.num_critic_only_steps,
+                                    advantage_fn=self.hooks.advantage)
         metrics["train/num_tokens"] = float(sum(len(s.tokens) for g in groups for s in g.samples
                                                 if s.status != Status.FAILED))
         metrics["train/nonfinite_skipped_steps"] = float(self.trainer.guard.num_skipped - skipped_before)
@@ -193,7 +208,11 @@ class LocalRun:
             asyncio.run(push_weights(self.trainer.named_weights(), [self.client], version))
 
     def evaluate(self) -> dict[str, float]:
-        """Mean reward and accuracy (fraction of samples with reward >= 1) per eval set."""
+        """Mean reward and accuracy (fraction of samples with reward >= 1) per eval set (or --eval-function-path)."""
+        if self.hooks.evaluate is not None:
+            request = EvalRequest(self.num_rollouts_done, self.eval_sets, self.config.eval.n_samples_per_eval_prompt,
+                                  self.sampling_params(evaluation=True), self.rollout, self.source)
+            return asyncio.run(self.hooks.evaluate(request))
         out: dict[str, float] = {}
         num_tokens = 0
         for name, samples in self.eval_sets.items():
@@ -216,6 +235,7 @@ class LocalRun:
         metrics.update(response_metrics(groups, rewards, policy_version=rollout_id))
         if self.config.rollout.dynamic_sampling and self.last_sampling is not None:
             metrics.update(self.last_sampling.metrics())
+        metrics.update(self.last_step_metrics)
         return metrics
 
     def sampling_params(self, evaluation: bool = False) -> SamplingParams:
@@ -271,6 +291,8 @@ class LocalRun:
         """Stop the engine, close the trackers and draw the curves; returns the PNG path."""
         self.progress.close()
         self.trackers.close()
+        if self.gateway is not None:
+            self.gateway.stop()
         if self.engine is not None:
             self.engine.shutdown()
         run_dir = Path(self.config.logging.run_dir)
@@ -293,54 +315,3 @@ def _counting(manager: RolloutManager, bar) -> RolloutManager:
 def _check_checkpoint_dir(flag: str, path: str) -> None:
     if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"{flag} {path}: not a Hugging Face checkpoint directory (no config.json there)")
-
-
-def _load_reward(config: Config):
-    """Resolve the reward before anything heavy loads, so a typo fails in a second, naming its flag."""
-    slime_args = argparse.Namespace(**config_to_dict(config))  # for slime-style (args, sample) functions
-    try:
-        return get_reward_fn(config.reward.rm_type, config.reward.custom_rm_path, slime_args=slime_args)
-    except (ValueError, ImportError, TypeError) as error:
-        flag = "--custom-rm-path" if config.reward.custom_rm_path else "--rm-type"
-        raise ConfigError(f"{flag}: {error}") from error
-
-
-def _load_custom_loss(config: Config):
-    """Load --custom-loss-function-path before anything heavy, so a bad path or signature fails in a second."""
-    path = config.algorithm.custom_loss_function_path
-    if config.algorithm.loss_type != "custom_loss" or path is None:
-        return None
-    try:
-        return load_custom_loss(path)
-    except (ValueError, ImportError, TypeError) as error:
-        raise ConfigError(str(error)) from error
-
-
-def _load_group_filter(config: Config):
-    path = config.rollout.dynamic_sampling_filter_path
-    if path is None:
-        return None
-    slime_args = argparse.Namespace(**config_to_dict(config))  # for slime-style (args, samples) filters
-    try:
-        return load_group_filter(path, slime_args)
-    except (ValueError, ImportError, TypeError) as error:
-        raise ConfigError(f"--dynamic-sampling-filter-path: {error}") from error
-
-
-def _overlong_shaping(config: Config) -> OverlongShaping | None:
-    reward = config.reward
-    if reward.overlong_buffer_len is None:
-        return None
-    return OverlongShaping(config.rollout.rollout_max_response_len, reward.overlong_buffer_len,
-                           reward.overlong_penalty_factor)
-
-
-class RolloutFailed(RuntimeError):
-    """Every sample of a rollout failed: training on nothing would hide the cause."""
-
-
-def _raise_if_all_failed(groups: list[SampleGroup]) -> None:
-    samples = [s for g in groups for s in g.samples]
-    if samples and all(s.status == Status.FAILED for s in samples):
-        errors = samples[0].metadata.get("reward_error") or samples[0].metadata.get("generate_error")
-        raise RolloutFailed(f"all {len(samples)} samples of the rollout failed; the first error: {errors}")

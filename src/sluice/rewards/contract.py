@@ -1,4 +1,4 @@
-"""The one shape every reward function has once loaded, whatever form the user wrote it in."""
+"""The shapes every reward function has once loaded, whatever form the user wrote it in."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from sluice.types import Sample
 RewardValue = float | dict[str, float]
 # Async so that rewards which call a remote judge or sandbox overlap with each other and with generation.
 RewardFn = Callable[[Sample], Awaitable[RewardValue]]
+# --group-rm: one call per prompt group, one value per sample in the order given.
+GroupRewardFn = Callable[[list[Sample]], Awaitable[list[RewardValue]]]
 
 
 def as_reward_value(value: object, source: str) -> RewardValue:
@@ -16,7 +18,7 @@ def as_reward_value(value: object, source: str) -> RewardValue:
 
     User functions return ints, bools, numpy scalars or 0-d tensors as often as floats; those are converted
     here once, so downstream code (advantages, metrics) can rely on plain floats. Anything else is a bug in
-    the reward function and raises with its name, which ``score_samples`` records on the sample.
+    the reward function and raises with its name, which the rollout records on the sample.
     """
     if isinstance(value, dict):
         out: dict[str, float] = {}

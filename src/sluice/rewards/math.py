@@ -16,7 +16,7 @@ def _timeout_for_this_thread(timeout_s: int | None) -> int | None:
 
     math_verify times out with ``signal.alarm``, which only works in the main thread; elsewhere it raises
     inside math_verify, which then reports "not equal" for every answer. Reward functions normally run in
-    worker threads (``asyncio.to_thread``), so there we turn the timeout off; a caller that must bound the
+    worker threads (``sluice.plugins.call_in_thread``), so there we turn the timeout off; a caller that must bound the
     time per sample does it around the call (``score_samples(..., timeout_s=...)``).
     """
     if threading.current_thread() is threading.main_thread():
@@ -39,6 +39,11 @@ def math_reward(response: str, label: Any, *, timeout_s: int | None = DEFAULT_TI
     Any error while parsing or comparing scores 0.0: a malformed model answer must never crash a rollout.
     A missing label is the one exception, raised, since it is a data/config mistake rather than a wrong answer.
     Safe to call from any thread (see ``_timeout_for_this_thread``).
+
+    >>> math_reward("The answer is $\\\\frac{1}{2}$", "0.5"), math_reward("so it is 1/2", "\\\\frac{1}{2}")
+    (1.0, 1.0)
+    >>> math_reward("$0.5$", "1/2"), math_reward("$x^2 + 1$", "x^2+1"), math_reward("$1/3$", "0.5")
+    (1.0, 1.0, 0.0)
     """
     if label is None:
         raise ValueError("math_reward needs a label, got None (is --label-key set?)")

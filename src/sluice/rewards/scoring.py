@@ -1,12 +1,51 @@
-"""Scoring many samples concurrently without letting one bad sample take down the rollout."""
+"""Scoring samples concurrently without letting one bad sample (or one hung scorer) take down the rollout.
+
+Every reward call runs under a timeout. A call that raises or times out fails only its own sample: reward 0.0,
+status FAILED (training drops it), the error in ``metadata['reward_error']`` and one log line naming the
+sample. A timeout frees the rollout but cannot stop a sync scorer's worker thread, which runs on in the
+background; a coroutine is cancelled.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
-from sluice.rewards.contract import RewardFn
+from sluice.rewards.contract import GroupRewardFn, RewardFn
 from sluice.types import Sample, Status
+
+log = logging.getLogger("sluice.rewards")
+
+
+def fail_reward(sample: Sample, error: BaseException) -> None:
+    """Mark ``sample`` FAILED by its reward function, with the error recorded and logged."""
+    text = "TimeoutError: the reward call timed out" if isinstance(error, TimeoutError) and not str(error) \
+        else f"{type(error).__name__}: {error}"
+    sample.reward = 0.0
+    sample.status = Status.FAILED
+    sample.metadata["reward_error"] = text
+    log.warning("reward failed for sample %d (group %d): %s", sample.index, sample.group_index, text)
+
+
+async def score_sample(reward_fn: RewardFn, sample: Sample, timeout_s: float | None = None) -> None:
+    """Set ``sample.reward``; failures and timeouts fail the sample (see the module docstring)."""
+    try:
+        sample.reward = await asyncio.wait_for(reward_fn(sample), timeout_s)
+    except Exception as error:  # noqa: BLE001 - any user-code error is confined to its sample
+        fail_reward(sample, error)
+
+
+async def score_group(group_fn: GroupRewardFn, samples: list[Sample], timeout_s: float | None = None) -> None:
+    """``--group-rm``: one call for the group's samples; a failure fails every sample of the group."""
+    try:
+        values = await asyncio.wait_for(group_fn(samples), timeout_s)
+    except Exception as error:  # noqa: BLE001
+        for sample in samples:
+            fail_reward(sample, error)
+        return
+    for sample, value in zip(samples, values):
+        sample.reward = value
 
 
 async def score_samples(
@@ -17,10 +56,6 @@ async def score_samples(
 ) -> Sequence[Sample]:
     """Set ``sample.reward`` on every sample, at most ``max_concurrency`` reward calls in flight.
 
-    A reward function that raises (or exceeds ``timeout_s``) fails only its own sample: reward 0.0, status
-    FAILED (so training drops it) and the error text in ``metadata['reward_error']`` for debugging. The
-    timeout exists because math_verify cannot time itself out in worker threads; note that it frees the
-    rollout but cannot stop a sync function's thread, which runs on to completion in the background.
     Returns ``samples`` for chaining.
     """
     if max_concurrency < 1:
@@ -29,12 +64,7 @@ async def score_samples(
 
     async def score_one(sample: Sample) -> None:
         async with gate:
-            try:
-                sample.reward = await asyncio.wait_for(reward_fn(sample), timeout_s)
-            except Exception as exc:  # noqa: BLE001 - any user-code error is confined to its sample
-                sample.reward = 0.0
-                sample.status = Status.FAILED
-                sample.metadata["reward_error"] = f"{type(exc).__name__}: {exc}"
+            await score_sample(reward_fn, sample, timeout_s)
 
     await asyncio.gather(*(score_one(sample) for sample in samples))
     return samples

@@ -1,20 +1,35 @@
-"""The default single-turn generate function and the context every generate function receives.
+"""The generate-function contract, the default single-turn generate function, and loading a custom one.
 
-Contract (plug-ins follow it too): ``async generate(sample, sampling_params, ctx) -> Sample | list[Sample]``.
-It must set ``tokens``, ``response``, ``response_length``, ``loss_mask``, ``rollout_log_probs``,
-``weight_versions`` and ``status`` of the returned sample(s).
+Contract (``--custom-generate-function-path``): ``async generate(sample, sampling_params, ctx) -> Sample |
+list[Sample]``. It must set ``tokens`` (prompt + response), ``response``, ``response_length``, ``loss_mask`` (per
+response token, 0 for tokens the model did not generate), ``rollout_log_probs`` (per response token) and
+``status`` of the returned sample(s); it may set ``reward`` (then no reward function is called for it) and
+``metadata[SAMPLE_METRICS_KEY]`` (numbers averaged into the rollout metrics). A list is a fan-out: every sample
+of it is trained, in the group of the prompt. slime's ``async generate(args, sample, sampling_params: dict)`` is
+accepted too (told apart by its first parameter, named ``args``); it reaches the engine through the gateway's
+SGLang-style ``/generate`` at ``args.sglang_router_ip:args.sglang_router_port``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from sluice.engine.protocol import EngineClient, FinishReason, GenerateRequest
+from sluice.plugins import Contract, load_plugin
 from sluice.types import Sample, SamplingParams, Status
 
-_STATUS_OF_FINISH = {
+if TYPE_CHECKING:
+    from sluice.rollout.tools import ToolBox
+
+SAMPLE_METRICS_KEY = "metrics"  # sample.metadata[...]: {name: number}, averaged as rollout/<name>
+FLAG = "--custom-generate-function-path"
+CONTRACT = Contract(FLAG, "async fn(sample: Sample, sampling_params: SamplingParams, ctx: GenerateContext) -> "
+                          "Sample | list[Sample]", 3,
+                    "async fn(args, sample, sampling_params: dict) -> Sample | list[Sample]", 3)
+
+STATUS_OF_FINISH = {
     FinishReason.STOP: Status.COMPLETED,
     FinishReason.LENGTH: Status.TRUNCATED,
     FinishReason.ABORT: Status.ABORTED,
@@ -27,6 +42,9 @@ class GenerateContext:
 
     client: EngineClient
     tokenizer: Any
+    tools: ToolBox | None = None  # --tools, for multi-turn generation
+    max_turns: int = 1  # --max-turns
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # --apply-chat-template-kwargs
 
 
 async def generate_single_turn(sample: Sample, sampling_params: SamplingParams, ctx: GenerateContext) -> Sample:
@@ -39,5 +57,61 @@ async def generate_single_turn(sample: Sample, sampling_params: SamplingParams, 
     sample.loss_mask = [1] * sample.response_length
     sample.rollout_log_probs = list(result.output_logprobs)
     sample.weight_versions.append(result.weight_version)
-    sample.status = _STATUS_OF_FINISH[result.finish_reason]
+    sample.status = STATUS_OF_FINISH[result.finish_reason]
     return sample
+
+
+def sglang_sampling_params(params: SamplingParams) -> dict[str, Any]:
+    """``params`` under SGLang's names, as slime's generate functions receive them."""
+    out = dataclasses.asdict(params)
+    out["sampling_seed"] = out.pop("seed")
+    return {key: value for key, value in out.items() if value is not None}
+
+
+def check_generated(sample: Sample, source: str) -> Sample:
+    """Refuse a sample a custom generate function left inconsistent, naming the field (fails only that sample)."""
+    prompt = list(sample.prompt_tokens)
+    if list(sample.tokens[: len(prompt)]) != prompt:
+        raise ValueError(f"{source}: sample {sample.index}: tokens must start with prompt_tokens")
+    num_response = len(sample.tokens) - len(prompt)
+    if sample.response_length != num_response:
+        raise ValueError(f"{source}: sample {sample.index}: response_length {sample.response_length} != "
+                         f"len(tokens) - len(prompt_tokens) = {num_response}")
+    for name in ("loss_mask", "rollout_log_probs"):
+        values = getattr(sample, name)
+        if values and len(values) != num_response:
+            raise ValueError(f"{source}: sample {sample.index}: {name} has {len(values)} entries for "
+                             f"{num_response} response tokens")
+    if not isinstance(sample.status, Status):  # slime's Sample.Status members carry the same string values
+        sample.status = Status(getattr(sample.status, "value", sample.status))
+    return sample
+
+
+def load_generate_fn(path: str, slime_args: Any = None):
+    """The generate function at ``path`` as sluice's ``(sample, sampling_params, ctx)``; errors name the flag."""
+    plugin = load_plugin(path, CONTRACT)
+    if not plugin.is_async:
+        raise_not_async(path)
+    fn = plugin.fn
+
+    async def generate(sample: Sample, sampling_params: SamplingParams, ctx: GenerateContext):
+        if plugin.slime_form:
+            out = await fn(slime_args, sample, sglang_sampling_params(sampling_params))
+        else:
+            out = await fn(sample, sampling_params, ctx)
+        produced = out if isinstance(out, list) else [out]
+        for item in produced:
+            if not isinstance(item, Sample):
+                raise TypeError(f"{path}: returned a {type(item).__name__}; expected Sample or list[Sample]")
+            check_generated(item, path)
+        return out
+
+    generate.__name__ = generate.__qualname__ = plugin.name
+    generate.slime_form = plugin.slime_form  # the run starts the gateway for slime's HTTP calls
+    return generate
+
+
+def raise_not_async(path: str) -> None:
+    from sluice.plugins import PluginSignatureError
+
+    raise PluginSignatureError(f"{FLAG} {path!r}: the function is not async; expected {CONTRACT.expected()}")

@@ -1,70 +1,140 @@
-"""RolloutManager: turns prompt samples into scored groups of responses through the engine client."""
+"""RolloutManager: turns prompt samples into scored groups of responses through the engine client.
+
+Each sample is a pipeline of its own: generate (at most ``max_concurrency`` generate calls in flight), then
+score (at most ``max_concurrency`` reward calls in flight, each under ``reward_timeout_s``), so rewards of early
+samples overlap with the generation of later ones. With a group reward (``--group-rm``) a group is scored once
+all its samples are generated. ``generate_groups`` waits for every group; ``stream_groups`` yields groups as they
+finish and, when the caller stops reading (the batch is full), cancels whatever is still generating or scoring:
+engine requests are aborted and reward coroutines cancelled, never awaited to their timeouts.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import statistics
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from sluice.rewards import RewardFn, score_samples
+from sluice.rewards import GroupRewardFn, RewardFn, score_group, score_sample
 from sluice.rewards.overlong import OverlongShaping
-from sluice.rollout.generate import GenerateContext, generate_single_turn
+from sluice.rollout.generate import SAMPLE_METRICS_KEY, GenerateContext, generate_single_turn
 from sluice.types import Sample, SampleGroup, SamplingParams, Status
 
 GenerateFn = Callable[[Sample, SamplingParams, GenerateContext], Awaitable["Sample | list[Sample]"]]
+log = logging.getLogger("sluice.rollout")
+
+
+@dataclass
+class _Gates:
+    """The concurrency bounds of one generate_groups / stream_groups call (created on its event loop)."""
+
+    generate: asyncio.Semaphore
+    reward: asyncio.Semaphore
 
 
 @dataclass
 class RolloutManager:
     ctx: GenerateContext
-    reward_fn: RewardFn
+    reward_fn: RewardFn | None  # None: the generate function sets every reward itself (an agent's own score)
     max_concurrency: int = 256
     generate_fn: GenerateFn = generate_single_turn
     reward_key: str | None = None
     overlong: OverlongShaping | None = None  # DAPO soft overlong punishment of training rollouts
+    group_reward_fn: GroupRewardFn | None = None  # --group-rm: replaces reward_fn, one call per group
+    reward_timeout_s: float | None = None  # per reward call; None: no limit
 
     async def generate_groups(
         self, prompts: list[Sample], n_samples: int, sampling_params: SamplingParams, first_index: int = 0,
         shape_rewards: bool = True,
     ) -> list[SampleGroup]:
-        """n_samples responses per prompt, generated concurrently and scored; one group per prompt.
+        """n_samples responses per prompt, generated concurrently and scored; one group per prompt, in order.
 
         ``shape_rewards=False`` (evaluation) leaves the rewards as scored, without the overlong penalty.
         """
-        gate = asyncio.Semaphore(self.max_concurrency)
+        gates = self._gates()
+        return list(await asyncio.gather(*(
+            self._group(prompt, group_index, n_samples, sampling_params, first_index, shape_rewards, gates)
+            for group_index, prompt in enumerate(prompts))))
 
-        async def run_one(sample: Sample) -> list[Sample]:
-            async with gate:
-                try:
-                    out = await self.generate_fn(sample, sampling_params, self.ctx)
-                except Exception as error:  # a broken generate call fails its sample, not the rollout
-                    sample.status = Status.FAILED
-                    sample.metadata["generate_error"] = f"{type(error).__name__}: {error}"
-                    return [sample]
-            return out if isinstance(out, list) else [out]
+    async def stream_groups(
+        self, prompts: list[Sample], n_samples: int, sampling_params: SamplingParams, first_index: int = 0,
+        shape_rewards: bool = True,
+    ) -> AsyncIterator[SampleGroup]:
+        """Groups in the order they finish; ``group_index`` is the prompt's position in ``prompts``.
 
-        groups = []
-        for group_index, prompt in enumerate(prompts):
-            members = []
-            for k in range(n_samples):
-                sample = copy.deepcopy(prompt)
-                sample.group_index, sample.index = group_index, first_index + group_index * n_samples + k
-                members.append(sample)
-            groups.append(members)
-        outputs = await asyncio.gather(*(run_one(s) for members in groups for s in members))
-        flat = [s for out in outputs for s in out]
-        await score_samples(self.reward_fn, [s for s in flat if s.status != Status.FAILED], self.max_concurrency)
+        Close the iterator (``contextlib.aclosing``) to stop early: groups still in flight are cancelled.
+        """
+        gates = self._gates()
+        tasks = [asyncio.ensure_future(self._group(prompt, group_index, n_samples, sampling_params, first_index,
+                                                   shape_rewards, gates))
+                 for group_index, prompt in enumerate(prompts)]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                yield await finished
+        finally:
+            await cancel_tasks(tasks)
+
+    def _gates(self) -> _Gates:
+        return _Gates(asyncio.Semaphore(self.max_concurrency), asyncio.Semaphore(self.max_concurrency))
+
+    async def _group(self, prompt: Sample, group_index: int, n_samples: int, params: SamplingParams,
+                     first_index: int, shape_rewards: bool, gates: _Gates) -> SampleGroup:
+        members = []
+        for k in range(n_samples):
+            sample = copy.deepcopy(prompt)
+            sample.group_index, sample.index = group_index, first_index + group_index * n_samples + k
+            members.append(sample)
+        outputs = await asyncio.gather(*(self._sample(s, params, gates) for s in members))
+        samples = [s for out in outputs for s in out]
+        for sample in samples:  # fan-out siblings belong to the group of the prompt that made them
+            sample.group_index = group_index
+        if self.group_reward_fn is not None:
+            pending = [s for s in samples if s.status != Status.FAILED and s.reward is None]
+            if pending:
+                async with gates.reward:
+                    await score_group(self.group_reward_fn, pending, self.reward_timeout_s)
         if shape_rewards and self.overlong is not None:
-            self.overlong.apply(flat)
-        by_group: dict[int, list[Sample]] = {}
-        for sample in flat:
-            by_group.setdefault(sample.group_index, []).append(sample)
-        return [SampleGroup(by_group[i]) for i in sorted(by_group)]
+            self.overlong.apply(samples)
+        return SampleGroup(samples)
+
+    async def _sample(self, sample: Sample, params: SamplingParams, gates: _Gates) -> list[Sample]:
+        async with gates.generate:
+            try:
+                out = await self.generate_fn(sample, params, self.ctx)
+            except Exception as error:  # a broken generate call fails its sample, not the rollout
+                sample.status = Status.FAILED
+                sample.metadata["generate_error"] = f"{type(error).__name__}: {error}"
+                log.warning("generate failed for sample %d (group %d): %s", sample.index, sample.group_index,
+                            sample.metadata["generate_error"])
+                return [sample]
+        produced = out if isinstance(out, list) else [out]
+        if self.group_reward_fn is None:
+            await asyncio.gather(*(self._score(s, gates) for s in produced))
+        return produced
+
+    async def _score(self, sample: Sample, gates: _Gates) -> None:
+        if sample.status == Status.FAILED or sample.reward is not None:  # failed, or scored by the generate fn
+            return
+        if self.reward_fn is None:
+            sample.status = Status.FAILED
+            sample.metadata["reward_error"] = "no reward: the generate function set none and no reward function is set"
+            log.warning("sample %d: %s", sample.index, sample.metadata["reward_error"])
+            return
+        async with gates.reward:
+            await score_sample(self.reward_fn, sample, self.reward_timeout_s)
 
     def rewards(self, group: SampleGroup) -> list[float]:
         return [s.scalar_reward(self.reward_key) if s.reward is not None else 0.0 for s in group.samples]
+
+
+async def cancel_tasks(tasks: list[asyncio.Future]) -> None:
+    """Cancel what is still running and wait only for the cancellations (immediate: nothing shields them)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def rollout_metrics(groups: list[SampleGroup], manager: RolloutManager, prefix: str = "rollout") -> dict[str, float]:
@@ -82,4 +152,11 @@ def rollout_metrics(groups: list[SampleGroup], manager: RolloutManager, prefix: 
     if manager.overlong is not None:
         penalties = [s.metadata["overlong_penalty"] for s in samples if "overlong_penalty" in s.metadata]
         out[f"{prefix}/overlong_penalty_mean"] = statistics.fmean(penalties) if penalties else 0.0
+    # Per-sample numbers a generate function reports (tool calls, turns): averaged over the samples that have them.
+    reported: dict[str, list[float]] = {}
+    for sample in samples:
+        for key, value in sample.metadata.get(SAMPLE_METRICS_KEY, {}).items():
+            reported.setdefault(key, []).append(float(value))
+    for key, values in reported.items():
+        out[f"{prefix}/{key}"] = statistics.fmean(values)
     return out

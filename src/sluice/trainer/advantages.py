@@ -33,6 +33,7 @@ from sluice.algorithms import (
 )
 from sluice.config import AlgorithmConfig
 from sluice.trainer.batching import group_advantages
+from sluice.trainer.custom_advantage import AdvantageFn, AdvantageInputs
 from sluice.trainer.critic import ValueBatch
 from sluice.types import TrainBatch
 
@@ -49,12 +50,19 @@ class Advantages:
 
 
 def compute_advantages(trainer, batch: TrainBatch, algorithm: AlgorithmConfig,
-                       rewards: list[list[float]]) -> Advantages:
+                       rewards: list[list[float]], custom: tuple[AdvantageFn, AdvantageInputs] | None = None,
+                       ) -> Advantages:
     """Advantages of ``batch`` (rows in group order); ``rewards[g][i]`` is the reward of group g's i-th row.
 
     Needs ``batch.ref_log_probs`` with --kl-coef; uses ``batch.old_log_probs`` when set, else asks the trainer
-    for the current logprobs. With ppo, the trainer's critic provides the values.
+    for the current logprobs. With ppo, the trainer's critic provides the values. ``custom``
+    (--custom-advantage-function-path) replaces the estimator: the function and its inputs.
     """
+    if custom is not None:
+        fn, inputs = custom
+        advantages = fn(inputs)
+        mean = masked_mean(advantages, batch.loss_mask).item()
+        return Advantages(advantages, metrics={"train/custom_advantage_mean": mean})
     mask = batch.loss_mask
     flat = torch.tensor([r for group in rewards for r in group], dtype=torch.float64)
     metrics: dict[str, float] = {}

@@ -18,22 +18,19 @@ slime's ``f(args, batch, logits, reducer)`` form is not supported: its batch is 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from sluice.plugins import Contract, PluginSignatureError, load_plugin, resolve
 from sluice.types import TrainBatch
 
 FLAG = "--custom-loss-function-path"
-_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+CONTRACT = Contract(FLAG, "fn(inputs: LossInputs) -> (loss, metrics)", 1, sync_only=True)
 
 
 @dataclass
@@ -49,66 +46,28 @@ class LossInputs:
 CustomLossFn = Callable[[LossInputs], tuple[Tensor, dict[str, float]]]
 
 
-def _import_target(path: str) -> tuple[Any, str]:
-    """(module, attribute path) for ``pkg.mod.fn``, ``pkg.mod:fn`` or ``file.py:fn``."""
-    if path.endswith(".py"):
-        raise ValueError(f"{FLAG} {path!r}: name the function too, as 'path/to/file.py:fn'")
-    if ":" in path:
-        module_part, _, attr = path.partition(":")
-    else:
-        module_part, _, attr = path.rpartition(".")
-    if not module_part or not attr:
-        raise ValueError(f"{FLAG} {path!r} must look like 'pkg.module.fn', 'pkg.module:fn' or 'path/to/file.py:fn'")
-    if module_part.endswith(".py") or "/" in module_part:
-        file = Path(module_part)
-        if not file.is_file():
-            raise ImportError(f"{FLAG} {path!r}: no such file {module_part}")
-        name = f"sluice_custom_loss_{file.stem}"
-        spec = importlib.util.spec_from_file_location(name, file)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses and pickling look the module up by name
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            raise ImportError(f"{FLAG} {path!r}: importing {module_part} failed: {type(exc).__name__}: {exc}") from exc
-        return module, attr
-    try:
-        return importlib.import_module(module_part), attr
-    except Exception as exc:  # ImportError, or anything the module raises while importing
-        raise ImportError(f"{FLAG} {path!r}: cannot import {module_part!r}: {type(exc).__name__}: {exc}") from exc
-
-
 def load_custom_loss(path: str) -> CustomLossFn:
-    """Import the function at ``path`` and check it takes one ``LossInputs``; errors name the flag and the path."""
-    module, attr = _import_target(path)
-    fn: Any = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ImportError(f"{FLAG} {path!r}: {module.__name__} has no attribute {attr!r}")
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise TypeError(f"{FLAG} {path!r}: {attr!r} is a {type(fn).__name__}, not a function")
-    if inspect.iscoroutinefunction(fn):
-        raise TypeError(f"{FLAG} {path!r}: the loss function must be synchronous (it runs inside backward passes)")
-    _check_signature(fn, path)
-    return fn
+    """Import the function at ``path`` and check it takes one ``LossInputs``; errors name the flag and the path.
 
-
-def _check_signature(fn: Callable, path: str) -> None:
+    slime's ``f(args, batch, logits, reducer)`` is refused with a hint: its batch is Megatron's dict.
+    """
     try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{FLAG} {path!r}: cannot read the function's signature: {exc}") from exc
-    required = [p for p in params if p.kind in _POSITIONAL and p.default is inspect.Parameter.empty]
-    takes_one = len(required) == 1 or (not required and any(
-        p.kind in _POSITIONAL or p.kind is inspect.Parameter.VAR_POSITIONAL for p in params))
-    required_keywords = [p.name for p in params
-                         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty]
-    if not takes_one or required_keywords:
-        shown = f"({', '.join(p.name for p in params)})"
-        hint = " (slime's (args, batch, logits, reducer) form is not supported)" if len(required) == 4 else ""
-        raise TypeError(f"{FLAG} {path!r}: the function takes {shown}; it must take one argument, "
-                        f"fn(inputs: LossInputs) -> (loss, metrics){hint}")
+        return load_plugin(path, CONTRACT).fn
+    except PluginSignatureError as error:
+        fn = resolve(path, FLAG)
+        if callable(fn) and _num_required(fn) == 4:
+            raise PluginSignatureError(f"{error} (slime's (args, batch, logits, reducer) form is not supported: "
+                                       "port it to LossInputs)") from None
+        raise
+
+
+def _num_required(fn: Callable) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return -1
+    return sum(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in params)
 
 
 def call_custom_loss(fn: CustomLossFn, inputs: LossInputs) -> tuple[Tensor, dict[str, float]]:

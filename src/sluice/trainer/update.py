@@ -8,18 +8,20 @@ from sluice.algorithms import effective_sample_size, importance_weight, masked_m
 from sluice.config import AlgorithmConfig
 from sluice.trainer.advantages import Advantages, compute_advantages
 from sluice.trainer.batching import collate
+from sluice.trainer.custom_advantage import AdvantageFn, AdvantageInputs
 from sluice.trainer.loss import ROLLOUT_LOGPROB_ABS_DIFF
 from sluice.types import Sample, SampleGroup, Status, TrainBatch
 
 
 def update_policy(trainer, groups: list[SampleGroup], algorithm: AlgorithmConfig, rewards: list[list[float]],
                   global_batch_size: int, pad_id: int, max_response_len: int | None = None,
-                  train_actor: bool = True) -> dict[str, float]:
+                  train_actor: bool = True, advantage_fn: AdvantageFn | None = None) -> dict[str, float]:
     """Train on every non-failed sample; ``rewards[g][i]`` is the scalar reward of groups[g].samples[i].
 
     ``max_response_len`` is the constant of --loss-agg-mode seq_mean_token_sum_norm. ``train_actor=False``
-    (the first --num-critic-only-steps rollouts) trains only the critic. Returns metrics averaged over the
-    optimizer steps of this update.
+    (the first --num-critic-only-steps rollouts) trains only the critic. ``advantage_fn``
+    (--custom-advantage-function-path) replaces the estimator. Returns metrics averaged over the optimizer
+    steps of this update.
     """
     kept = [[(s, r) for s, r in zip(g.samples, rs) if s.status != Status.FAILED] for g, rs in zip(groups, rewards)]
     kept = [members for members in kept if members]
@@ -33,7 +35,10 @@ def update_policy(trainer, groups: list[SampleGroup], algorithm: AlgorithmConfig
     recomputed_diff = _set_old_log_probs(trainer, batch, samples, algorithm, num_steps)
     advantages = Advantages(batch.advantages)
     if algorithm.loss_type != "sft_loss":
-        advantages = compute_advantages(trainer, batch, algorithm, [[r for _, r in m] for m in kept])
+        kept_rewards = [[r for _, r in m] for m in kept]
+        custom = None if advantage_fn is None else (advantage_fn, AdvantageInputs(
+            kept_rewards, batch, [len(s.prompt_tokens) - 1 for s in samples], [s.response_length for s in samples]))
+        advantages = compute_advantages(trainer, batch, algorithm, kept_rewards, custom)
         batch.advantages = advantages.token_advantages
     if algorithm.normalize_advantages:  # over the whole rollout batch, before it is split into steps
         batch.advantages = whiten(batch.advantages, batch.loss_mask).to(batch.advantages.dtype)

@@ -1,0 +1,1 @@
+"""Reference plug-ins for every sluice hook; docs/customization.md shows each, tests load them by path."""

@@ -1,0 +1,71 @@
+"""Wiring the run's hooks into the rollout: the generate context and function, the gateway, the manager.
+
+Which generate function runs, in order: ``--custom-generate-function-path``; ``--agent-function-path`` (through
+the gateway); the built-in multi-turn tool generate with ``--tools``; else single-turn. The gateway is started
+when an agent or a slime-style plug-in needs HTTP; slime plug-ins then find it at ``args.sglang_router_ip/port``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from sluice.config import Config, DataConfig
+from sluice.engine.protocol import EngineClient
+from sluice.orchestration.hooks import Hooks
+from sluice.rewards.overlong import OverlongShaping
+from sluice.rollout.agent import load_agent_generate
+from sluice.rollout.gateway import AgentGateway
+from sluice.rollout.generate import GenerateContext, generate_single_turn
+from sluice.rollout.manager import RolloutManager
+from sluice.rollout.multi_turn import generate_with_tools
+from sluice.rollout.step import RolloutRequest
+from sluice.types import SampleGroup
+
+
+def prompt_data_config(config: Config, hooks: Hooks) -> DataConfig:
+    """The data settings prompts are rendered with: with --tools, the chat template also gets the tool schemas."""
+    if hooks.tools is None:
+        return config.data
+    kwargs = {**config.data.apply_chat_template_kwargs, "tools": hooks.tools.schemas()}
+    return dataclasses.replace(config.data, apply_chat_template_kwargs=kwargs)
+
+
+def build_rollout(config: Config, hooks: Hooks, client: EngineClient, tokenizer: Any,
+                  context_len: int) -> tuple[RolloutManager, AgentGateway | None]:
+    """The rollout manager of the run and, where needed, the started gateway (stop it when the run ends)."""
+    template_kwargs = prompt_data_config(config, hooks).apply_chat_template_kwargs
+    ctx = GenerateContext(client, tokenizer, tools=hooks.tools, max_turns=config.rollout.max_turns,
+                          chat_template_kwargs=dict(template_kwargs))
+    gateway = None
+    if hooks.needs_gateway:
+        gateway = AgentGateway(client, tokenizer, context_len,
+                               chat_template_kwargs=config.data.apply_chat_template_kwargs)
+        gateway.start()
+        hooks.slime_args.sglang_router_ip, hooks.slime_args.sglang_router_port = gateway.host, gateway.port
+    if hooks.generate is not None:
+        generate_fn = hooks.generate
+    elif hooks.agent is not None:
+        generate_fn = load_agent_generate(hooks.agent.path, gateway)
+    elif hooks.tools is not None:
+        generate_fn = generate_with_tools
+    else:
+        generate_fn = generate_single_turn
+    reward = config.reward
+    overlong = None
+    if reward.overlong_buffer_len is not None:
+        overlong = OverlongShaping(config.rollout.rollout_max_response_len, reward.overlong_buffer_len,
+                                   reward.overlong_penalty_factor)
+    manager = RolloutManager(ctx, hooks.reward, max_concurrency=config.rollout.rollout_max_concurrency,
+                             generate_fn=generate_fn, reward_key=reward.reward_key, overlong=overlong,
+                             group_reward_fn=hooks.group_reward, reward_timeout_s=reward.reward_timeout or None)
+    return manager, gateway
+
+
+def pick_trained_groups(hooks: Hooks, groups: list[SampleGroup], request: RolloutRequest) -> tuple[list[SampleGroup],
+                                                                                                   dict[str, float]]:
+    """--buffer-filter-path: the groups to train on, and how many it dropped."""
+    if hooks.buffer_filter is None:
+        return groups, {}
+    chosen = hooks.buffer_filter(groups, request.num_groups, request.rollout_id)
+    return chosen, {"rollout/buffer_dropped_groups": float(len(groups) - len(chosen))}
