@@ -29,7 +29,7 @@ from sluice.engine.model_runner import ModelRunner
 from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors
 from sluice.engine.sampler import sample_tokens
 from sluice.engine.scheduler import Scheduler
-from sluice.engine.sequence import OnDone, OnUpdate, Sequence
+from sluice.engine.sequence import OnDone, OnUpdate, Sequence, SequenceState
 from sluice.engine.stopping import StopChecker
 
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
@@ -60,6 +60,7 @@ class LocalEngine:
         self.weight_version = 0
         self._incoming: list[Sequence] = []
         self._by_rid: dict[str, list[Sequence]] = {}
+        self._to_abort: list[Sequence] = []  # abort() hands these to the worker; checked once per step
         self._paused = False
         self._released = False
         self._closed = False
@@ -120,10 +121,11 @@ class LocalEngine:
     def abort(self, rid: str | None = None) -> None:
         """Abort submitted requests (all, or those with this rid); each returns its partial output."""
         with self._cond:
-            for rid_key, seqs in self._by_rid.items():
-                if rid is None or rid_key == rid:
-                    for seq in seqs:
-                        seq.abort_requested = True
+            if rid is None:
+                targets = [seq for seqs in self._by_rid.values() for seq in seqs]
+            else:
+                targets = list(self._by_rid.get(rid, []))
+            self._to_abort.extend(targets)
             self._cond.notify_all()
 
     def pause(self) -> None:
@@ -236,17 +238,18 @@ class LocalEngine:
     def _can_step(self) -> bool:
         if self._closed or self._incoming:
             return True
-        has_abort = any(seq.abort_requested for seqs in self._by_rid.values() for seq in seqs)
-        return has_abort or (self.scheduler.has_work() and not self._paused and not self._released)
+        return bool(self._to_abort) or (self.scheduler.has_work() and not self._paused and not self._released)
 
     def _step(self, done: list[Sequence], updates: list[Sequence]) -> None:
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            if seq.abort_requested:
+        with self._cond:
+            to_abort, self._to_abort = self._to_abort, []
+            idle = self._paused or self._released
+        for seq in to_abort:
+            if seq.state != SequenceState.FINISHED:
                 seq.finish = FinishReason.ABORT
                 self._retire(seq, done)
-        with self._cond:
-            if self._paused or self._released:
-                return
+        if idle:
+            return
         batch = self.scheduler.schedule()
         if batch is None:
             return

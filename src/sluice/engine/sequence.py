@@ -40,7 +40,6 @@ class Sequence:
     num_reported: int = 0  # output tokens already passed to on_update
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted_once: bool = False
-    abort_requested: bool = False
     finish: FinishReason | None = None
     matched_stop: int | str | None = None
     text: str = ""
