@@ -15,11 +15,11 @@ import shlex
 import time
 from pathlib import Path
 
-from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from sluice.config import DataConfig, parse_config, validate
 from sluice.data import load_prompt_samples
+from sluice.data.tokenizer import load_tokenizer
 from sluice.demo.model import TinyModelShape, build_checkpoint
 from sluice.demo.tasks import read_prompts, write_task_file, write_teacher_file
 from sluice.demo.warm_start import warm_start
@@ -76,7 +76,7 @@ def run_demo(args, log=print) -> dict:
     config = parse_config(flags)
     validate(config)  # before the warm start: a bad demo flag fails now, not minutes later
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = load_tokenizer(base_dir)
     demonstrations, _ = load_prompt_samples(str(files["teacher"]),
                                             DataConfig(label_key="label", apply_chat_template=True), tokenizer)
     log(f"warm start: {args.sft_steps} SFT steps on {files['teacher']} "

@@ -17,9 +17,10 @@ import warnings
 from typing import Callable
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from sluice.config import EngineConfig
+from sluice.data.tokenizer import load_tokenizer
 from sluice.device import resolve_device, resolve_dtype
 from sluice.engine.block_manager import BlockManager
 from sluice.engine.kv_pool import KVPool, KVShape, pages_for_memory
@@ -40,7 +41,7 @@ class LocalEngine:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.tokenizer = None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(model_path)
         self.model_config = AutoConfig.from_pretrained(model_path)
         self.model_path = str(model_path)
         self.model = load_model(model_path, self.device, self.dtype)

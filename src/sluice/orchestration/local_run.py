@@ -12,12 +12,12 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from sluice.checkpoint.rollout_data import load_rollout_data, rollout_data_path, save_rollout_data
 from sluice.config import Config, ConfigError, config_to_dict
 from sluice.data import PromptSource, load_prompt_samples
+from sluice.data.tokenizer import load_tokenizer
 from sluice.engine.client import InProcessClient
 from sluice.engine.local_engine import LocalEngine
 from sluice.observability.plots import plot_curves
@@ -52,7 +52,7 @@ class LocalRun:
         self.last_sampling: SamplingOutcome | None = None  # counts of the latest dynamic-sampling rollout
         self.last_step_metrics: dict[str, float] = {}  # from a --rollout-function-path and --buffer-filter-path
         self.gateway = None
-        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.tokenizer = load_tokenizer(checkpoint)
         self.model_shape = read_model_shape(checkpoint)
         data = prompt_data_config(config, self.hooks)
         samples = []
