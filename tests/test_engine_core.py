@@ -305,3 +305,29 @@ def test_scheduler_admits_new_sequences_in_batches_while_others_decode():
     assert all(s.rid != "late0" for s in scheduler.schedule().seqs)
     scheduler.finish(scheduler.running[0])  # two free: both come in together
     assert {"late0", "late1"} <= {s.rid for s in scheduler.schedule().seqs}
+
+
+def test_each_output_token_carries_the_weight_version_that_sampled_it(lively_checkpoint, lively_checkpoint_other):
+    engine = LocalEngine(lively_checkpoint, EngineConfig(device="cpu", dtype="float32", page_size=4))
+    try:
+        first_token = threading.Event()
+        done = threading.Event()
+        box = []
+
+        def on_update(ids, logprobs):  # on the worker thread, between steps: pause before the next one
+            if not first_token.is_set():
+                engine.pause()
+                first_token.set()
+
+        engine.pause()
+        engine.submit(GenerateRequest([5, 6, 7], greedy(12)), lambda r: (box.append(r), done.set()), on_update)
+        engine.resume()
+        assert first_token.wait(30)  # paused after the first token: swap the weights, then go on
+        engine.update_weights(lively_checkpoint_other, version=3)
+        engine.resume()
+        assert done.wait(30)
+        versions = box[0].weight_versions
+        assert len(versions) == 12 and versions[0] == 0 and versions[1:] == [3] * 11
+        assert box[0].weight_version == 3
+    finally:
+        engine.shutdown()

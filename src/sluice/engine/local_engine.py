@@ -332,6 +332,7 @@ class LocalEngine:
             text=seq.text,
             matched_stop=seq.matched_stop,
             cached_tokens=seq.cached_tokens,
+            weight_versions=list(seq.output_versions),
         )
 
 

@@ -44,6 +44,9 @@ class GenerateResult:
     text: str = ""  # decoded output, stop string trimmed
     matched_stop: int | str | None = None
     cached_tokens: int = 0
+    # weight version that sampled each output token: a request that lives through a weight update (continuing
+    # on the new weights) shows where the change happened; empty from engines that do not report it (HTTP)
+    weight_versions: list[int] = field(default_factory=list)
 
 
 NamedTensors = Mapping[str, torch.Tensor]
