@@ -108,6 +108,9 @@ def test_run_writes_metrics_curves_and_checkpoints(trained):
     state = torch.load(final / "run_state.pt", weights_only=False)
     assert state["rollout_id"] == NUM_ROLLOUT - 1
     assert state["source"]["num_consumed"] == NUM_ROLLOUT * ROLLOUT_BATCH
+    buffer_state = state["buffer"]  # the Data Buffer's: the same cursor, nothing left in flight or untrained
+    assert buffer_state["source"] == state["source"] and buffer_state["requeued"] == buffer_state["finished"] == []
+    assert buffer_state["weight_version"] == NUM_ROLLOUT
     exported = AutoModelForCausalLM.from_pretrained(final / "hf", dtype=torch.float32)
     for name, value in exported.state_dict().items():
         torch.testing.assert_close(value, run.trainer.named_weights()[name], atol=0, rtol=0, msg=name)
@@ -128,6 +131,7 @@ def test_load_resumes_at_the_next_rollout_with_the_same_data_cursor(trained):
     try:
         assert run.start_rollout == NUM_ROLLOUT
         assert run.source.state_dict() == original.source.state_dict()
+        assert run.buffer.state_dict() == original.buffer.state_dict()
         # the next prompts are those the original run would have handed out next (shuffled, mid-epoch)
         assert NUM_ROLLOUT * ROLLOUT_BATCH % 12 != 0
         resumed_next = [s.prompt for s in copy.deepcopy(run.source).next_batch(ROLLOUT_BATCH)]

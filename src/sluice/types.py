@@ -62,6 +62,11 @@ class Sample:
     def response_tokens(self) -> list[int]:
         return self.tokens[len(self.prompt_tokens) :]
 
+    @property
+    def policy_version(self) -> int | None:
+        """The oldest weight version that produced any of this sample's tokens; None before generation."""
+        return min(self.weight_versions) if self.weight_versions else None
+
     def scalar_reward(self, key: str | None = None) -> float:
         """The reward as one float; ``key`` picks from a dict reward (--reward-key)."""
         if self.reward is None:
@@ -80,10 +85,17 @@ class SampleGroup:
     """The ``n_samples_per_prompt`` samples of one prompt; GRPO normalises rewards within it."""
 
     samples: list[Sample]
+    group_id: int = -1  # set by the Data Buffer when it hands the group out; -1: not from a buffer
 
     @property
     def prompt(self):
         return self.samples[0].prompt
+
+    @property
+    def policy_version(self) -> int | None:
+        """The oldest weight version behind any sample of the group (what staleness is measured by)."""
+        versions = [s.policy_version for s in self.samples if s.policy_version is not None]
+        return min(versions) if versions else None
 
 
 @dataclass

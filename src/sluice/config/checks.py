@@ -50,6 +50,8 @@ def _rollout(config: Config) -> Iterator[str]:
         yield f"--rollout-max-prompt-len must be >= 1, got {config.data.rollout_max_prompt_len}"
     if rollout.over_sampling_batch_size is not None and rollout.over_sampling_batch_size < 1:
         yield f"--over-sampling-batch-size must be >= 1, got {rollout.over_sampling_batch_size}"
+    if rollout.max_staleness < 0:
+        yield f"--max-staleness must be >= 0 (0: on-policy), got {rollout.max_staleness}"
 
 
 def _sampling(config: Config) -> Iterator[str]:

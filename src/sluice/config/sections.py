@@ -103,6 +103,9 @@ class RolloutConfig:
         "An agent program run once per sample against the OpenAI-compatible gateway: fn(task: "
         "sluice.rollout.AgentTask) -> float | dict | None (its reward; None: score with the reward function), "
         "sync or async. Its chat completions are recorded token for token and trained."))
+    max_staleness: int = field(default=0, metadata=meta(
+        "Most policy versions a trained group may lag behind the trainer (0: on-policy). The Data Buffer "
+        "regenerates an older finished group from its prompt instead of training on it."))
     max_failed_sample_ratio: float = field(default=0.5, metadata=meta(
         "Stop the run when more than this fraction of a rollout's samples failed (generate or reward raised or "
         "timed out); failed samples below it are dropped from training and logged."))

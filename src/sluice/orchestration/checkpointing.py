@@ -19,6 +19,7 @@ from sluice.checkpoint.store import (
     restore_rng_state,
     save_checkpoint,
 )
+from sluice.buffer.data_buffer import FORMAT as BUFFER_FORMAT
 from sluice.config import Config, ConfigError, config_to_dict, save_config
 from sluice.orchestration.resume import check_resumable, resume_checkpoint
 
@@ -44,7 +45,7 @@ class RunCheckpoints:
         if not ckpt.save:
             return None
         state = {
-            "source": data_source.state_dict() if hasattr(data_source, "state_dict") else None,
+            **_data_states(data_source),
             "rng": capture_rng_state(),
             "weight_version": rollout_id + 1,
             "config": config_to_dict(self.config),
@@ -74,7 +75,8 @@ class RunCheckpoints:
             load_checkpoint(path, trainer)
         except ValueError as error:  # e.g. a ppo run resuming from a checkpoint without a critic
             raise ConfigError(f"--load {ckpt.load}: {error}") from error
-        self._restore_data(data_source, state.get("source"), ckpt.load)
+        # "buffer" since the Data Buffer; an older checkpoint's "source" (the cursor alone) still loads into it
+        self._restore_data(data_source, state.get("buffer", state.get("source")), ckpt.load)
         if "rng" in state:  # the sampling stream continues where the saved run was, not from --seed again
             restore_rng_state(state["rng"])
         self.log(f"resumed from {path} at rollout {state['rollout_id'] + 1}"
@@ -87,7 +89,19 @@ class RunCheckpoints:
         if saved is None or not hasattr(data_source, "load_state_dict"):
             self.log(f"--load {load}: the data source has no saved state; it starts from its beginning")
             return
+        if saved.get("format") == BUFFER_FORMAT and saved.get("source") is None:
+            self.log(f"--load {load}: the data source has no saved state; it starts from its beginning "
+                     "(the buffer's requeued and finished groups are restored)")
         try:
             data_source.load_state_dict(saved)
         except ValueError as error:  # the prompt file, shuffle or seed changed since the save
             raise ConfigError(f"--load {load}: {error}") from error
+
+
+def _data_states(data_source) -> dict[str, Any]:
+    """``source``: the prompt cursor (what a checkpoint held before the Data Buffer, and what tools read);
+    ``buffer``: the Data Buffer's whole state, cursor included, when ``data_source`` is one."""
+    state = data_source.state_dict() if hasattr(data_source, "state_dict") else None
+    if state is not None and state.get("format") == BUFFER_FORMAT:
+        return {"source": state["source"], "buffer": state}
+    return {"source": state}

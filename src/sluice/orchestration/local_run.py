@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from sluice.buffer import DataBuffer
 from sluice.checkpoint.rollout_data import load_rollout_data, rollout_data_path, save_rollout_data
 from sluice.config import Config, ConfigError, config_to_dict
 from sluice.data import PromptSource, load_prompt_samples
@@ -64,6 +65,11 @@ class LocalRun:
                                                  self.hooks.slime_args)
         else:
             self.source = PromptSource(samples, config.data.rollout_shuffle, config.data.rollout_seed)
+        # Every rollout draws its prompts through the buffer, and checkpoints save the buffer (cursor included).
+        # The sync loop holds one step's groups at a time; max_staleness more steps' worth leaves room to lag.
+        rollout = config.rollout
+        self.buffer = DataBuffer(self.source, rollout.n_samples_per_prompt, rollout.max_staleness,
+                                 max_held_groups=(rollout.rollout_batch_size or 1) * (rollout.max_staleness + 1))
         self.eval_sets = {}
         for name, path in config.eval_sets:
             eval_samples, eval_report = load_prompt_samples(path, data, self.tokenizer)
@@ -144,24 +150,35 @@ class LocalRun:
             manager = _counting(self.rollout, bar)
             self.last_step_metrics = {}
             request = RolloutRequest(rollout_id, rollout.rollout_batch_size, rollout.n_samples_per_prompt,
-                                     self.sampling_params(), first_index, self.source, manager)
+                                     self.sampling_params(), first_index, self.buffer, manager)
             if self.hooks.rollout is not None:
                 output = asyncio.run(self.hooks.rollout(request))
                 groups, self.last_step_metrics = output.groups, dict(output.metrics)
             elif rollout.dynamic_sampling:
                 self.last_sampling = asyncio.run(sample_filtered_groups(
-                    manager, self.source, rollout.rollout_batch_size,
+                    manager, self.buffer, rollout.rollout_batch_size,
                     rollout.over_sampling_batch_size or rollout.rollout_batch_size, rollout.n_samples_per_prompt,
                     self.sampling_params(), self.hooks.group_filter, first_index=first_index))
                 self._report_short_batch(self.last_sampling)
                 groups = self.last_sampling.groups
             else:
-                prompts = self.source.next_batch(rollout.rollout_batch_size)
-                groups = asyncio.run(manager.generate_groups(prompts, rollout.n_samples_per_prompt,
-                                                             self.sampling_params(), first_index=first_index))
+                groups = self._generate_through_buffer(manager, first_index)
         groups, dropped = pick_trained_groups(self.hooks, groups, request)
         self.last_step_metrics.update(dropped)
         return groups
+
+    def _generate_through_buffer(self, manager: RolloutManager, first_index: int) -> list[SampleGroup]:
+        """One step's groups: handed out by the buffer, generated, put back, and taken within the staleness bound."""
+        num_groups = self.config.rollout.rollout_batch_size
+        handed = self.buffer.get_prompt_groups(num_groups)
+        # The sync loop never aborts a group, so each handed-out group is a pending one: its first sample is the prompt.
+        generated = asyncio.run(manager.generate_groups([g.samples[0] for g in handed],
+                                                        self.config.rollout.n_samples_per_prompt,
+                                                        self.sampling_params(), first_index=first_index))
+        for handed_group, group in zip(handed, generated):
+            group.group_id = handed_group.group_id
+        self.buffer.put_finished(generated)
+        return self.buffer.take_train_groups(num_groups, trainer_version=self.buffer.weight_version)
 
     def _replay(self, rollout_id: int) -> list[SampleGroup]:
         """The groups --save-debug-rollout-data wrote for ``rollout_id`` (the prompt cursor does not move)."""
@@ -204,6 +221,7 @@ class LocalRun:
 
     def sync_weights(self, version: int) -> None:
         """Push the trainer's weights to the engine (a no-op without one: --debug-train-only)."""
+        self.buffer.set_weight_version(version)
         if self.engine is not None:
             asyncio.run(push_weights(self.trainer.named_weights(), [self.client], version))
 
@@ -269,14 +287,16 @@ class LocalRun:
 
     def save(self, rollout_id: int, step_metrics: dict | None = None, after_write=None) -> Path | None:
         """The checkpoint (--save) and HF export (--save-hf) after rollout ``rollout_id``; see RunCheckpoints."""
-        return self.checkpoints.save(rollout_id, self.trainer, self.source, self.trackers.state_dict(), step_metrics,
+        return self.checkpoints.save(rollout_id, self.trainer, self.buffer, self.trackers.state_dict(), step_metrics,
                                      after_write)
 
     def _maybe_resume(self) -> dict | None:
         """Restore the run from --load; returns the checkpoint's run state, or None for a fresh start."""
-        state = self.checkpoints.resume(self.trainer, self.source)
+        state = self.checkpoints.resume(self.trainer, self.buffer)
         if state is not None and self.trainer is not None:
             self.sync_weights(version=state.get("weight_version", state["rollout_id"] + 1))
+        elif state is not None:  # --debug-rollout-only pushes nothing: the engine keeps the weights it started with
+            self.buffer.set_weight_version(self.engine.weight_version if self.engine is not None else 0)
         return state
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
