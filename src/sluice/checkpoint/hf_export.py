@@ -7,11 +7,12 @@ byte for byte, so a load gives back exactly the trained tensors.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from sluice.checkpoint.atomic import move_into_place
 
 
 def hf_export_path(template: str, rollout_id: int) -> Path:
@@ -34,12 +35,5 @@ def export_hf(model: torch.nn.Module, tokenizer, path: str | Path, atomic: bool 
     if tokenizer is not None:
         tokenizer.save_pretrained(target)
     if atomic:
-        if path.exists():
-            retired = path.parent / f".{path.name}.old"
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(path, retired)
-            os.replace(target, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(target, path)
+        move_into_place(target, path)
     return path

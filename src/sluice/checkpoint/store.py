@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from sluice.checkpoint.atomic import fsync_dir, move_into_place
 from sluice.checkpoint.hf_export import export_hf
 
 LATEST_FILE = "latest"
@@ -61,12 +62,12 @@ def save_checkpoint(root: str | Path, rollout_id: int, trainer, extra_state: dic
             write_config(staging / CONFIG_FILE)
             _fsync_file(staging / CONFIG_FILE)
             notify(CONFIG_FILE)
-        _fsync_dir(staging)
+        fsync_dir(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a failed write (disk full, ...) leaves nothing behind
         raise
     notify("staged")
-    _move_into_place(staging, final)
+    move_into_place(staging, final)
     notify("renamed")
     _point_latest(root, final.name)
     notify(LATEST_FILE)
@@ -89,42 +90,12 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (created or renamed files); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _move_into_place(staging: Path, final: Path) -> None:
-    """Rename ``staging`` to ``final``; an existing ``final`` (a re-save of the step) is moved aside first.
-
-    A crash between the two renames leaves only ``.<name>.old``; ``find_latest`` moves it back.
-    """
-    if final.exists():
-        retired = final.parent / f".{final.name}.old"
-        shutil.rmtree(retired, ignore_errors=True)
-        os.replace(final, retired)
-        os.replace(staging, final)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, final)
-    _fsync_dir(final.parent)
-
-
 def _point_latest(root: Path, name: str) -> None:
     marker = root / f".{LATEST_FILE}.tmp"
     marker.write_text(name + "\n")
     _fsync_file(marker)
     os.replace(marker, root / LATEST_FILE)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
