@@ -95,17 +95,22 @@ class BackgroundServer:
         asyncio.run(self.server.serve(sockets=[self.listener]))
 
     def start(self, timeout_s: float = 30.0) -> "BackgroundServer":
-        self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the HTTP server at {self.url} did not start")
-            time.sleep(0.01)
+        start_in_thread(self.server, self.thread, f"the HTTP server at {self.url}", timeout_s)
         return self
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def start_in_thread(server: uvicorn.Server, thread: threading.Thread, what: str, timeout_s: float) -> None:
+    """Start ``thread`` (which runs ``server``) and wait until it accepts connections; raise if it dies first."""
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.01)
 
 
 # ---- command line -----------------------------------------------------------------------------------------

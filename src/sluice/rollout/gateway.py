@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sluice.engine.http_errors import RequestError, install_error_handlers, read_body
 from sluice.engine.native_schema import WireSamplingParams
 from sluice.engine.protocol import EngineClient, FinishReason, GenerateRequest, GenerateResult
-from sluice.engine.server import bind_listener
+from sluice.engine.server import bind_listener, start_in_thread
 from sluice.rollout.chat_turns import continuation_ids
 from sluice.rollout.sessions import Session, SessionTable, Turn, continued_turn, current_segment
 from sluice.rollout.tool_calls import parse_tool_calls
@@ -79,12 +79,7 @@ class AgentGateway:
 
     # ---- lifecycle (rollout thread) -----------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> "AgentGateway":
-        self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the agent gateway at {self.url} did not start")
-            time.sleep(0.01)
+        start_in_thread(self.server, self.thread, f"the agent gateway at {self.url}", timeout_s)
         return self
 
     def stop(self) -> None:
