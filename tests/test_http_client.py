@@ -172,9 +172,8 @@ def test_connection_errors_are_retried_with_backoff(engine, lively_checkpoint):
     starter.start()
     patient = HttpEngineClient(f"http://127.0.0.1:{port}", HttpClientOptions(max_retries=8, backoff_s=0.1))
     try:
-        started = time.monotonic()
         result = run(patient.generate(request(ids)))  # connect errors: safe to retry even a generate
-        assert time.monotonic() - started >= 0.4
+        assert "server" in late  # it answered only once the late server existed: the refused attempts were retried
         assert result.output_ids == reference(engine, ids).output_ids
     finally:
         starter.join()
