@@ -344,9 +344,44 @@ def _training(config: Config) -> Iterator[str]:
         yield f"--rm-type {rm_type} compares responses with a label: set --label-key"
 
 
+def _cluster(config: Config) -> Iterator[str]:
+    cluster = config.cluster
+    for flag, value in (("--actor-num-nodes", cluster.actor_num_nodes),
+                        ("--actor-num-gpus-per-node", cluster.actor_num_gpus_per_node),
+                        ("--rollout-num-gpus-per-engine", cluster.rollout_num_gpus_per_engine)):
+        if value < 1:
+            yield f"{flag} must be >= 1, got {value}"
+    if cluster.rollout_num_gpus is not None and cluster.rollout_num_gpus < 1:
+        yield f"--rollout-num-gpus must be >= 1, got {cluster.rollout_num_gpus}"
+    elif cluster.rollout_num_gpus_per_engine >= 1 and cluster.rollout_slots % cluster.rollout_num_gpus_per_engine:
+        yield (f"--rollout-num-gpus {cluster.rollout_slots} must be a multiple of --rollout-num-gpus-per-engine "
+               f"{cluster.rollout_num_gpus_per_engine}")
+    if (cluster.offload or cluster.offload_train or cluster.offload_rollout) and not cluster.colocate:
+        yield "--offload/--offload-train/--offload-rollout free memory for the other pool: they need --colocate"
+    if cluster.orchestrator == "local" and (cluster.train_world_size > 1 or cluster.num_engines > 1):
+        yield (f"--orchestrator local runs one trainer and one engine in one process; the pool flags ask for "
+               f"{cluster.train_world_size} trainers and {cluster.num_engines} engines (use --orchestrator ray)")
+
+
+def _sync(config: Config) -> Iterator[str]:
+    sync = config.sync
+    if sync.update_weights_interval < 1:
+        yield f"--update-weights-interval must be >= 1, got {sync.update_weights_interval}"
+    if sync.update_weight_buffer_size < 1:
+        yield f"--update-weight-buffer-size must be >= 1 byte, got {sync.update_weight_buffer_size}"
+    if not sync.update_weights_timeout > 0:
+        yield f"--update-weights-timeout must be > 0 seconds, got {sync.update_weights_timeout}"
+    rollout = config.rollout
+    if (rollout.partial_rollout or sync.update_weights_interval > 1) and not sync.async_train:
+        flag = "--partial-rollout" if rollout.partial_rollout else "--update-weights-interval"
+        yield f"{flag} applies to the asynchronous loop: add --async"
+    if rollout.mask_offpolicy_in_partial_rollout and not rollout.partial_rollout:
+        yield "--mask-offpolicy-in-partial-rollout needs --partial-rollout"
+
+
 _CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
     _batches, _rollout, _sampling, _algorithm, _reward, _hooks, _train, _eval_and_checkpoint, _logging, _debug,
-    _engine)
+    _engine, _cluster, _sync)
 
 
 def validate(config: Config, *, for_training: bool = True) -> None:
