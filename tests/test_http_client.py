@@ -15,7 +15,8 @@ import pytest
 
 from sluice.config import EngineConfig
 from sluice.engine.client import InProcessClient
-from sluice.engine.http_client import EngineHTTPError, HttpClientOptions, HttpEngineClient
+from sluice.engine.http_client import EngineHTTPError, HttpClientOptions, HttpEngineClient, parse_generate_response
+from sluice.engine.native_api import version_runs
 from sluice.engine.local_engine import LocalEngine
 from sluice.engine.protocol import FinishReason, GenerateRequest
 from sluice.engine.router import MultiEngineClient
@@ -86,6 +87,8 @@ def test_generate_matches_the_in_process_engine(servers, engine):
     assert result.output_logprobs == pytest.approx(expected.output_logprobs, abs=1e-5)
     assert result.finish_reason is FinishReason.LENGTH and result.prompt_tokens == len(ids)
     assert result.weight_version == engine.weight_version
+    # sluice's per-token versions survive the trip (run-length encoded in meta_info.weight_version_runs)
+    assert result.weight_versions == expected.weight_versions == [engine.weight_version] * len(result.output_ids)
 
 
 def test_stop_string_and_http_errors(servers, engine):
@@ -132,6 +135,17 @@ def test_abort_pause_resume_and_weight_updates(servers, engine, lively_checkpoin
     assert finished.output_ids == before
     assert changed_version == version and changed_ids != before
     assert restored.output_ids == before and restored.weight_version == version + 1
+    assert restored.weight_versions == [version + 1] * len(restored.output_ids)
+
+
+def test_weight_version_runs_round_trip():
+    versions = [3, 3, 4, 4, 4, 5]
+    runs = version_runs(versions)
+    assert runs == [[3, 2], [4, 3], [5, 1]]
+    body = {"output_ids": list(range(6)), "meta_info": {"weight_version": "5", "weight_version_runs": runs}}
+    assert parse_generate_response(body, request([1]), 0).weight_versions == versions
+    body["meta_info"]["weight_version_runs"] = [[3, 2]]  # does not cover the output: not trusted
+    assert parse_generate_response(body, request([1]), 0).weight_versions == []
 
 
 def test_a_cancelled_generate_is_aborted_on_the_server(servers, engine):

@@ -42,8 +42,8 @@ def _is_run_stop(error: RuntimeError) -> bool:
 
 
 def train_command(argv: list[str]) -> int:
-    """`sluice train --hf-checkpoint DIR --prompt-data FILE ...`: the synchronous RL loop."""
-    from sluice.loops import train_sync
+    """`sluice train --hf-checkpoint DIR --prompt-data FILE ...`: the RL loop (synchronous, or --async)."""
+    from sluice.loops import train
     from sluice.orchestration.local_run import LocalRun
 
     from sluice.observability.report import render_report
@@ -52,7 +52,7 @@ def train_command(argv: list[str]) -> int:
     validate(config)
     run = LocalRun(config)
     try:
-        train_sync(run)
+        train(run)
     finally:
         png = run.close()
     report = render_report(config.logging.run_dir)

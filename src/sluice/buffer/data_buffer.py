@@ -65,6 +65,7 @@ class DataBuffer:
         self.max_held_groups = max_held_groups
         self.weight_version = 0  # of the newest weights pushed to the engines (set_weight_version)
         self.num_stale_requeued = 0  # finished groups regenerated for being too stale, over the run
+        self.num_dropped = 0  # in-flight groups dropped by a dynamic filter, over the run
         self._next_group_id = 0
         self._requeued: deque[SampleGroup] = deque()  # waiting to be handed out again, before new prompts
         self._in_flight: dict[int, SampleGroup] = {}  # group_id -> a copy of the group as it was handed out
@@ -89,6 +90,11 @@ class DataBuffer:
     def num_free_slots(self) -> int:
         """Groups that may still be handed out before the memory bound is reached."""
         return self.max_held_groups - self.num_in_flight - self.num_finished
+
+    def counts(self) -> dict[str, int]:
+        """The counts above in one call (what a producer asks a buffer actor for)."""
+        return {"in_flight": self.num_in_flight, "finished": self.num_finished, "requeued": self.num_requeued,
+                "free": self.num_free_slots}
 
     # ---- rollout side ---------------------------------------------------------------------------------
     def get_prompt_groups(self, num_groups: int) -> list[SampleGroup]:
@@ -140,6 +146,16 @@ class DataBuffer:
             del self._handed_version[group.group_id]
             self._requeued.append(group)
 
+    def drop(self, groups: list[SampleGroup]) -> None:
+        """Let go of in-flight groups that will not be trained (a dynamic filter rejected them): their prompts
+        count as used, as in a sync run's dynamic sampling."""
+        self._check_in_flight(groups)
+        for group in groups:
+            del self._in_flight[group.group_id]
+            del self._handed_version[group.group_id]
+            del self._prompts[group.group_id]
+        self.num_dropped += len(groups)
+
     def set_weight_version(self, version: int) -> None:
         """The engines now generate with weights ``version`` (called after every weight sync)."""
         self.weight_version = int(version)
@@ -174,6 +190,7 @@ class DataBuffer:
             "weight_version": self.weight_version,
             "next_group_id": self._next_group_id,
             "num_stale_requeued": self.num_stale_requeued,
+            "num_dropped": self.num_dropped,
             "requeued": [group_to_state(g) for g in [*in_flight, *self._requeued]],
             "finished": [group_to_state(g) for g in self._finished],
             "prompts": [[group_id, sample_to_state(p)] for group_id, p in sorted(self._prompts.items())],
@@ -195,6 +212,7 @@ class DataBuffer:
         self.weight_version = int(state["weight_version"])
         self._next_group_id = int(state["next_group_id"])
         self.num_stale_requeued = int(state["num_stale_requeued"])
+        self.num_dropped = int(state.get("num_dropped", 0))
         self._requeued = deque(group_from_state(g) for g in state["requeued"])
         self._finished = deque(group_from_state(g) for g in state["finished"])
         self._prompts = {int(group_id): sample_from_state(p) for group_id, p in state["prompts"]}

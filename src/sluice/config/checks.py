@@ -50,7 +50,7 @@ def _rollout(config: Config) -> Iterator[str]:
         yield f"--rollout-max-prompt-len must be >= 1, got {config.data.rollout_max_prompt_len}"
     if rollout.over_sampling_batch_size is not None and rollout.over_sampling_batch_size < 1:
         yield f"--over-sampling-batch-size must be >= 1, got {rollout.over_sampling_batch_size}"
-    if rollout.max_staleness < 0:
+    if rollout.max_staleness is not None and rollout.max_staleness < 0:
         yield f"--max-staleness must be >= 0 (0: on-policy), got {rollout.max_staleness}"
 
 
@@ -377,6 +377,30 @@ def _sync(config: Config) -> Iterator[str]:
         yield f"{flag} applies to the asynchronous loop: add --async"
     if rollout.mask_offpolicy_in_partial_rollout and not rollout.partial_rollout:
         yield "--mask-offpolicy-in-partial-rollout needs --partial-rollout"
+    if sync.async_train:
+        yield from _async_loop(config)
+
+
+def _async_loop(config: Config) -> Iterator[str]:
+    rollout, sync, debug = config.rollout, config.sync, config.debug
+    interval = sync.update_weights_interval
+    if rollout.max_staleness is not None and 0 <= rollout.max_staleness < interval:
+        yield (f"--max-staleness {rollout.max_staleness} is below --update-weights-interval {interval}: with --async "
+               f"the engines generate with weights up to {interval} version(s) behind the trainer, so every group "
+               "would be regenerated; raise --max-staleness or drop --async")
+    for flag, value in (("--rollout-function-path", rollout.rollout_function_path),
+                        ("--buffer-filter-path", rollout.buffer_filter_path)):
+        if value:
+            yield (f"{flag} works on a whole step's rollout; --async streams groups one at a time (use a generate "
+                   "function, a reward function or --dynamic-sampling-filter-path)")
+    if rollout.over_sampling_batch_size is not None:
+        yield ("--over-sampling-batch-size sets the round size of the sync loop's dynamic sampling; with --async "
+               "groups stream until enough pass --dynamic-sampling-filter-path: drop it")
+    for flag, value in (("--debug-rollout-only", debug.debug_rollout_only),
+                        ("--debug-train-only", debug.debug_train_only),
+                        ("--load-debug-rollout-data", debug.load_debug_rollout_data)):
+        if value:
+            yield f"{flag} runs the synchronous loop: drop --async"
 
 
 _CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (

@@ -103,9 +103,10 @@ class RolloutConfig:
         "An agent program run once per sample against the OpenAI-compatible gateway: fn(task: "
         "sluice.rollout.AgentTask) -> float | dict | None (its reward; None: score with the reward function), "
         "sync or async. Its chat completions are recorded token for token and trained."))
-    max_staleness: int = field(default=0, metadata=meta(
+    max_staleness: int | None = field(default=None, metadata=meta(
         "Most policy versions a trained group may lag behind the trainer (0: on-policy). The Data Buffer "
-        "regenerates an older finished group from its prompt instead of training on it."))
+        "regenerates an older finished group from its prompt instead of training on it. Default: 0, or "
+        "--update-weights-interval with --async (the least the overlap needs)."))
     partial_rollout: bool = field(default=False, metadata=meta(
         "With --async: at a weight update, abort the requests in flight, keep their tokens, and resume them "
         "later (on the new weights) instead of letting them continue across the update."))
@@ -457,6 +458,13 @@ class Config:
     @property
     def global_batch_size(self) -> int:
         return self.train.global_batch_size or self.samples_per_rollout
+
+    @property
+    def staleness_bound(self) -> int:
+        """--max-staleness, or its default: 0 for the sync loop, --update-weights-interval for --async."""
+        if self.rollout.max_staleness is not None:
+            return self.rollout.max_staleness
+        return self.sync.update_weights_interval if self.sync.async_train else 0
 
     @property
     def eval_sets(self) -> list[tuple[str, str]]:

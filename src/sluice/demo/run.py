@@ -23,7 +23,7 @@ from sluice.data.tokenizer import load_tokenizer
 from sluice.demo.model import TinyModelShape, build_checkpoint
 from sluice.demo.tasks import read_prompts, write_task_file, write_teacher_file
 from sluice.demo.warm_start import warm_start
-from sluice.loops import train_sync
+from sluice.loops import train
 from sluice.orchestration.local_run import LocalRun
 
 TASK_NAMES = ("add", "reverse")
@@ -88,7 +88,7 @@ def run_demo(args, log=print) -> dict:
     log("RL: sluice train " + shlex.join(flags))
     run = LocalRun(config, log=log)
     try:
-        train_sync(run)
+        train(run)
     finally:
         png = run.close()
     summary = summarize(out / "rl" / "metrics.jsonl", time.perf_counter() - start, sft_seconds)

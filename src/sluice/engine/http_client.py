@@ -214,4 +214,16 @@ def parse_generate_response(body: dict, request: GenerateRequest, fallback_versi
         text=body.get("text", ""),
         matched_stop=finish.get("matched"),
         cached_tokens=int(meta.get("cached_tokens", 0)),
+        weight_versions=_expand_version_runs(meta.get("weight_version_runs"), len(output_ids)),
     )
+
+
+def _expand_version_runs(runs, num_tokens: int) -> list[int]:
+    """sluice's ``weight_version_runs`` back to one version per output token; [] when absent or not matching."""
+    if not isinstance(runs, list):
+        return []
+    try:
+        versions = [int(version) for version, count in runs for _ in range(int(count))]
+    except (TypeError, ValueError):
+        raise ValueError(f"meta_info.weight_version_runs {str(runs)[:100]} is not a list of [version, count]") from None
+    return versions if len(versions) == num_tokens else []

@@ -95,10 +95,23 @@ def native_output(ctx: ServerContext, result: GenerateResult, item: GenerateItem
         "weight_version": str(result.weight_version),
         "e2e_latency": time.perf_counter() - started,
     }
+    if result.weight_versions:  # sluice's extension: which weights sampled which tokens, as [version, count] runs
+        meta["weight_version_runs"] = version_runs(result.weight_versions)
     if item.return_logprob:
         meta["output_token_logprobs"] = _logprob_triples(ctx, result.output_ids, result.output_logprobs, with_text)
     text = output_text(result, item.sampling_params.no_stop_trim)
     return {"text": text, "output_ids": list(result.output_ids), "meta_info": meta}
+
+
+def version_runs(versions: list[int]) -> list[list[int]]:
+    """``[3, 3, 4]`` -> ``[[3, 2], [4, 1]]``: per-token weight versions, run-length encoded."""
+    runs: list[list[int]] = []
+    for version in versions:
+        if runs and runs[-1][0] == version:
+            runs[-1][1] += 1
+        else:
+            runs.append([version, 1])
+    return runs
 
 
 def _partial_output(ctx: ServerContext, request: GenerateRequest, text: str, ids: list[int],

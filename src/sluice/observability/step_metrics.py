@@ -44,6 +44,18 @@ def response_metrics(groups: list[SampleGroup], rewards: list[list[float]], poli
     staleness = [policy_version - min(s.weight_versions) for s in samples if s.weight_versions]
     out[f"{prefix}/staleness_mean"] = float(np.mean(staleness)) if staleness else 0.0
     out[f"{prefix}/staleness_max"] = float(max(staleness)) if staleness else 0.0
+    for lag in sorted(set(staleness)):  # the distribution: the fraction of samples this many versions behind
+        out[f"{prefix}/staleness_frac_{lag}"] = staleness.count(lag) / len(staleness)
+    return out
+
+
+def idle_fractions(rollout_s: float | None, train_s: float | None, step_s: float) -> dict[str, float]:
+    """The fraction of the step each pool spent not doing its work (generating; training). None: not known here
+    (the async loop's producer measures the rollout pool's own idle time)."""
+    out = {}
+    for pool, busy in (("rollout", rollout_s), ("train", train_s)):
+        if busy is not None and step_s > 0:
+            out[f"perf/{pool}_idle_frac"] = max(0.0, 1.0 - busy / step_s)
     return out
 
 

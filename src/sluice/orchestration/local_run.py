@@ -35,6 +35,7 @@ from sluice.rollout.evaluation import EvalRequest
 from sluice.rollout.failures import RolloutFailed, check_failure_budget  # noqa: F401 (cli.py imports it from here)
 from sluice.rollout.manager import RolloutManager, rollout_metrics
 from sluice.rollout.step import RolloutRequest
+from sluice.rollout.streaming import LocalBufferHandle, StreamingRollout
 from sluice.sync.in_process import push_weights
 from sluice.trainer.torch_backend import TorchTrainer
 from sluice.trainer.update import update_policy
@@ -66,10 +67,8 @@ class LocalRun:
         else:
             self.source = PromptSource(samples, config.data.rollout_shuffle, config.data.rollout_seed)
         # Every rollout draws its prompts through the buffer, and checkpoints save the buffer (cursor included).
-        # The sync loop holds one step's groups at a time; max_staleness more steps' worth leaves room to lag.
-        rollout = config.rollout
-        self.buffer = DataBuffer(self.source, rollout.n_samples_per_prompt, rollout.max_staleness,
-                                 max_held_groups=(rollout.rollout_batch_size or 1) * (rollout.max_staleness + 1))
+        self.buffer = DataBuffer(self.source, config.rollout.n_samples_per_prompt, config.staleness_bound,
+                                 max_held_groups=held_groups(config))
         self.eval_sets = {}
         for name, path in config.eval_sets:
             eval_samples, eval_report = load_prompt_samples(path, data, self.tokenizer)
@@ -214,6 +213,43 @@ class LocalRun:
         metrics["train/nonfinite_skipped_total"] = float(self.trainer.guard.num_skipped)
         return metrics
 
+    # ---- the async loop's verbs (called on its event loop) --------------------------------------------------
+    def start_producer(self) -> StreamingRollout:
+        """The producer that keeps the engine generating; it stops once the run's remaining steps are covered."""
+        rollout = self.config.rollout
+        producer = StreamingRollout(
+            self.rollout, LocalBufferHandle(self.buffer), self.sampling_params(),
+            groups_to_train=(self.num_rollout - self.start_rollout) * rollout.rollout_batch_size,
+            partial_rollout=rollout.partial_rollout, mask_offpolicy=rollout.mask_offpolicy_in_partial_rollout,
+            group_filter=self.hooks.group_filter)
+        producer.start()
+        return producer
+
+    async def take_groups(self, producer: StreamingRollout, rollout_id: int) -> list[SampleGroup]:
+        """The batch of step ``rollout_id``: finished groups at most --max-staleness versions behind it."""
+        self.num_rollouts_done = rollout_id + 1
+        groups = await producer.take(self.config.rollout.rollout_batch_size, trainer_version=rollout_id)
+        for group_index, group in enumerate(groups):
+            for sample in group.samples:
+                sample.group_index = group_index
+        raise_if_engine_ran_out(groups, self.config)
+        check_failure_budget(groups, self.config.rollout.max_failed_sample_ratio)
+        if self.config.debug.save_debug_rollout_data:
+            save_rollout_data(rollout_data_path(self.config.debug.save_debug_rollout_data, rollout_id), rollout_id,
+                              groups)
+        return groups
+
+    def sync_due(self, rollout_id: int) -> bool:
+        """Weights go to the engines every --update-weights-interval steps, and after the last one."""
+        return self._due(self.config.sync.update_weights_interval, rollout_id)
+
+    async def push_weights(self, version: int) -> None:
+        """The async loop's weight sync: the engine takes the weights between its steps; the buffer then hands
+        out groups under the new version."""
+        if self.engine is not None:
+            await push_weights(self.trainer.named_weights(), [self.client], version)
+        self.buffer.set_weight_version(version)
+
     def maybe_update_reference(self, rollout_id: int) -> None:
         interval = self.config.algorithm.ref_update_interval
         if interval and (rollout_id + 1) % interval == 0:
@@ -317,6 +353,15 @@ class LocalRun:
             self.engine.shutdown()
         run_dir = Path(self.config.logging.run_dir)
         return plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+
+
+def held_groups(config: Config) -> int:
+    """The buffer's memory bound, in groups. The sync loop holds one step's groups at a time (max_staleness more
+    steps' worth leaves room to lag). The async loop generates ahead of the trainer: as many steps as the staleness
+    bound allows, since groups generated further ahead would be too stale when their turn came."""
+    batch = config.rollout.rollout_batch_size or 1
+    bound = config.staleness_bound
+    return batch * max(bound, 1) if config.sync.async_train else batch * (bound + 1)
 
 
 def _counting(manager: RolloutManager, bar) -> RolloutManager:

@@ -48,17 +48,36 @@ class GenerateContext:
 
 
 async def generate_single_turn(sample: Sample, sampling_params: SamplingParams, ctx: GenerateContext) -> Sample:
-    """One engine call: the response is every generated token, all trained (loss mask 1)."""
+    """One engine call: the response is every generated token, all trained (loss mask 1).
+
+    A sample aborted part-way (--partial-rollout) continues where it stopped: the engine is given the prompt and
+    the response so far, and the new tokens, logprobs and mask entries are appended (the earlier ones keep
+    theirs). Stop strings are matched in the new text only.
+    """
+    resumed = sample.status == Status.ABORTED and len(sample.tokens) > len(sample.prompt_tokens)
     params = dataclasses.replace(sampling_params)
-    result = await ctx.client.generate(GenerateRequest(list(sample.prompt_tokens), params, return_logprob=True))
-    sample.tokens = list(sample.prompt_tokens) + result.output_ids
-    sample.response = result.text
-    sample.response_length = len(result.output_ids)
-    sample.loss_mask = [1] * sample.response_length
-    sample.rollout_log_probs = list(result.output_logprobs)
-    sample.weight_versions.append(result.weight_version)
+    if resumed:
+        params.max_new_tokens = max(sampling_params.max_new_tokens - sample.response_length, 1)
+        context = list(sample.tokens)
+    else:
+        context = list(sample.prompt_tokens)
+        sample.response, sample.loss_mask, sample.rollout_log_probs = "", [], []
+    result = await ctx.client.generate(GenerateRequest(context, params, return_logprob=True))
+    sample.tokens = context + result.output_ids
+    sample.response += result.text
+    sample.response_length = len(sample.tokens) - len(sample.prompt_tokens)
+    sample.loss_mask += [1] * len(result.output_ids)
+    sample.rollout_log_probs += list(result.output_logprobs)
+    # every version that sampled a token (a request living through a weight update has two); the oldest is
+    # the sample's policy version, by which the buffer bounds staleness
+    for version in sorted(set(result.weight_versions or [result.weight_version])):
+        if version not in sample.weight_versions:
+            sample.weight_versions.append(version)
     sample.status = STATUS_OF_FINISH[result.finish_reason]
     return sample
+
+
+generate_single_turn.resumes_partial = True  # continue_group hands it aborted samples as they are
 
 
 def sglang_sampling_params(params: SamplingParams) -> dict[str, Any]:

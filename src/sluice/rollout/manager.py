@@ -77,6 +77,43 @@ class RolloutManager:
         finally:
             await cancel_tasks(tasks)
 
+    async def continue_group(self, group: SampleGroup, sampling_params: SamplingParams, gates: _Gates | None = None,
+                             shape_rewards: bool = True) -> SampleGroup:
+        """Generate and score the samples of a buffer group that are not done yet (pending, or aborted with their
+        tokens so far, from a partial rollout); finished samples are kept as they are. ``gates`` shares the
+        concurrency bounds across groups (``new_gates()``); the group comes back in place, numbered by group_id."""
+        gates = gates or self._gates()
+        n_samples = len(group.samples)
+        todo = []
+        for k, sample in enumerate(group.samples):
+            sample.group_index = 0
+            if group.group_id >= 0:
+                sample.index = group.group_id * n_samples + k
+            if sample.status in (Status.PENDING, Status.ABORTED):
+                if sample.status == Status.ABORTED and not getattr(self.generate_fn, "resumes_partial", False):
+                    _restart(sample)  # a generate function that cannot continue a response starts it again
+                todo.append(sample)
+        outputs = await asyncio.gather(*(self._sample(s, sampling_params, gates, score_aborted=False) for s in todo))
+        produced = iter(outputs)
+        samples = []
+        for sample in group.samples:
+            samples += next(produced) if sample in todo else [sample]
+        group.samples = samples
+        if any(s.status == Status.ABORTED for s in samples):
+            return group  # the caller requeues it; rewards come when every sample is done
+        if self.group_reward_fn is not None:
+            pending = [s for s in samples if s.status != Status.FAILED and s.reward is None]
+            if pending:
+                async with gates.reward:
+                    await score_group(self.group_reward_fn, pending, self.reward_timeout_s)
+        if shape_rewards and self.overlong is not None:
+            self.overlong.apply(samples)
+        return group
+
+    def new_gates(self) -> _Gates:
+        """Concurrency bounds to share between continue_group calls (create on the event loop that uses them)."""
+        return self._gates()
+
     def _gates(self) -> _Gates:
         return _Gates(asyncio.Semaphore(self.max_concurrency), asyncio.Semaphore(self.max_concurrency))
 
@@ -100,7 +137,8 @@ class RolloutManager:
             self.overlong.apply(samples)
         return SampleGroup(samples)
 
-    async def _sample(self, sample: Sample, params: SamplingParams, gates: _Gates) -> list[Sample]:
+    async def _sample(self, sample: Sample, params: SamplingParams, gates: _Gates,
+                      score_aborted: bool = True) -> list[Sample]:
         async with gates.generate:
             try:
                 out = await self.generate_fn(sample, params, self.ctx)
@@ -112,7 +150,8 @@ class RolloutManager:
                 return [sample]
         produced = out if isinstance(out, list) else [out]
         if self.group_reward_fn is None:
-            await asyncio.gather(*(self._score(s, gates) for s in produced))
+            await asyncio.gather(*(self._score(s, gates) for s in produced
+                                   if score_aborted or s.status != Status.ABORTED))
         return produced
 
     async def _score(self, sample: Sample, gates: _Gates) -> None:
@@ -128,6 +167,13 @@ class RolloutManager:
 
     def rewards(self, group: SampleGroup) -> list[float]:
         return [s.scalar_reward(self.reward_key) if s.reward is not None else 0.0 for s in group.samples]
+
+
+def _restart(sample: Sample) -> None:
+    """Back to the bare prompt: the partial response is dropped."""
+    sample.tokens, sample.response, sample.response_length = [], "", 0
+    sample.loss_mask, sample.rollout_log_probs, sample.weight_versions = [], [], []
+    sample.status = Status.PENDING
 
 
 async def cancel_tasks(tasks: list[asyncio.Future]) -> None:
