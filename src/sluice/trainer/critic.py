@@ -26,6 +26,7 @@ from transformers.utils import logging as hf_logging
 from sluice.algorithms import aggregate, clipped_value_loss
 from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.trainer.batching import micro_batch_rows
+from sluice.trainer.data_parallel import DataParallel
 from sluice.trainer.optimizer import build_optimizer, optimizer_step
 from sluice.trainer.packing import pack_rows
 
@@ -84,23 +85,30 @@ def token_values(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tens
 
 
 class Critic:
-    """Value model + its own AdamW (``--critic-lr``, default ``--lr``; warmup and clipping as the actor)."""
+    """Value model + its own AdamW (``--critic-lr``, default ``--lr``; warmup and clipping as the actor).
 
-    def __init__(self, path: str, train: TrainConfig, algorithm: AlgorithmConfig, device: torch.device):
+    ``data_parallel``: the actor's train pool (see data_parallel.py); every rank calls every method.
+    """
+
+    def __init__(self, path: str, train: TrainConfig, algorithm: AlgorithmConfig, device: torch.device,
+                 data_parallel: DataParallel | None = None):
         self.config, self.algorithm, self.device = train, algorithm, device
-        self.model = load_value_model(path, getattr(torch, train.train_dtype)).to(device).train()
+        self.data_parallel = data_parallel or DataParallel()
+        model = load_value_model(path, getattr(torch, train.train_dtype)).to(device).train()
+        self.model = self.data_parallel.shard(model)
         self.optimizer, self.scheduler = build_optimizer(self.model, train, lr=train.critic_lr)
 
     @torch.no_grad()
     def compute_values(self, batch) -> Tensor:
         """Values ``[B, T-1]`` (CPU) of a ``TrainBatch`` or ``ValueBatch``, in the training layout."""
         out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
-        for rows in micro_batch_rows(batch.attention_mask, self.config):
+        for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
             micro = batch.select(rows)
             values = token_values(self.model, micro.input_ids.to(self.device), micro.attention_mask.to(self.device),
                                   self.config.use_dynamic_batch_size)
-            out[rows, : values.shape[1]] = values.cpu()
-        return out
+            if not is_filler:
+                out[rows, : values.shape[1]] = values.cpu()
+        return self.data_parallel.sum_(out)
 
     def train_step(self, batch: ValueBatch, max_len: int | None = None) -> dict[str, float]:
         """One optimizer step of clipped value regression over ``batch``, reduced like the policy loss
@@ -110,17 +118,22 @@ class Critic:
         num_sequences = int((batch.loss_mask.sum(dim=1) > 0).sum().item())
         mode = self.algorithm.loss_agg_mode
         sums: dict[str, float] = defaultdict(float)
-        for rows in micro_batch_rows(batch.attention_mask, self.config):
+        for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
             micro = batch.select(rows).to(self.device)
             values = token_values(self.model, micro.input_ids, micro.attention_mask, self.config.use_dynamic_batch_size)
             per_token, stats = clipped_value_loss(values, micro.old_values, micro.returns, self.algorithm.value_clip)
             loss = aggregate(per_token, micro.loss_mask, mode, num_tokens=num_tokens, num_sequences=num_sequences,
                              max_len=max_len)
+            if is_filler:  # joins FSDP's gradient collectives with a zero gradient
+                (loss * 0.0).backward()
+                continue
             loss.backward()
             counts = dict(num_tokens=num_tokens, num_sequences=num_sequences)
             sums["train/value_loss"] += loss.item()
             sums["train/value_clipfrac"] += aggregate(stats["clipfrac"], micro.loss_mask, "token_mean", **counts).item()
             sums["train/value_mean"] += aggregate(values.detach(), micro.loss_mask, "token_mean", **counts).item()
+        self.data_parallel.reduce_gradients(self.model)
+        sums = self.data_parallel.reduce_metric_sums(sums)
         loss = sums["train/value_loss"]
         # A non-finite value loss or gradient skips the critic's step (the actor's guard decides when to stop).
         grad_norm, applied = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.clip_grad,
@@ -129,11 +142,13 @@ class Critic:
                 "train/critic_nonfinite_skipped_frac": float(not applied)}
 
     def state_dict(self, with_optimizer: bool = True) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict() if with_optimizer else None,
+        dp = self.data_parallel
+        return {"model": dp.model_state(self.model),
+                "optimizer": dp.optimizer_state(self.model, self.optimizer) if with_optimizer else None,
                 "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.data_parallel.load_model_state(self.model, state["model"])
         if state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.data_parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
