@@ -1,43 +1,32 @@
-"""SGLang's control endpoints: health, info, load, cache, abort, pause, memory and weight updates.
+"""SGLang's control endpoints: health, info, load, cache, abort, pause and memory; weight updates in weight_api.py.
 
-Calls that wait for the engine (weight updates, memory moves, joining a process group, receiving broadcasts) run
-in worker threads, so the event loop keeps answering /health and streaming while they block.
+Calls that wait for the engine (memory moves) run in worker threads, so the event loop keeps answering /health and
+streaming while they block.
 """
 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 import sluice
-from sluice.device import resolve_device
 from sluice.engine.http_errors import RequestError, read_body
-from sluice.engine.native_schema import (
-    AbortBody,
-    DestroyGroupBody,
-    DiskUpdateBody,
-    DistributedUpdateBody,
-    InitGroupBody,
-    MemoryBody,
-    PauseBody,
-)
+from sluice.engine.native_schema import AbortBody, MemoryBody, PauseBody
 from sluice.engine.protocol import GenerateRequest
 from sluice.engine.server_context import ServerContext
-from sluice.engine.weight_group import join_weight_group, parse_dtype, receive_weights
+from sluice.engine.weight_api import weight_router
 from sluice.types import SamplingParams
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
-GROUP_JOIN_TIMEOUT = timedelta(minutes=5)
 
 
 def control_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
     _add_info_routes(router, ctx)
     _add_scheduling_routes(router, ctx)
-    _add_weight_routes(router, ctx)
+    router.include_router(weight_router(ctx))
     return router
 
 
@@ -130,90 +119,6 @@ def _add_scheduling_routes(router: APIRouter, ctx: ServerContext) -> None:
         await read_body(request, MemoryBody, optional=True)
         await asyncio.to_thread(ctx.engine.resume_memory)
         return {}
-
-
-def _add_weight_routes(router: APIRouter, ctx: ServerContext) -> None:
-    @router.post("/update_weights_from_disk")
-    async def update_from_disk(request: Request):
-        body = await read_body(request, DiskUpdateBody)
-        version = _weight_version(body.weight_version, ctx.engine.weight_version)
-        if body.abort_all_requests:
-            ctx.engine.abort(None)
-        async with ctx.weights_lock:
-            return await _apply_weights(ctx, body.model_path, version)
-
-    @router.post("/init_weights_update_group")
-    async def init_group(request: Request):
-        body = await read_body(request, InitGroupBody)
-        if body.rank_offset >= body.world_size:
-            raise RequestError("rank_offset", f"{body.rank_offset} is outside a group of {body.world_size}")
-        if body.group_name in ctx.weight_groups:
-            raise RequestError("group_name", f"group {body.group_name!r} already exists; destroy it first")
-        device = resolve_device(ctx.engine_config.device)
-        async with ctx.weights_lock:
-            try:
-                group = await asyncio.to_thread(
-                    join_weight_group, body.master_address, body.master_port, body.rank_offset, body.world_size,
-                    body.group_name, body.backend, device, GROUP_JOIN_TIMEOUT)
-            except Exception as error:  # noqa: BLE001 - reported to the trainer, the server stays up
-                return _failure(f"joining group {body.group_name!r} failed: {error}")
-        ctx.weight_groups[body.group_name] = group
-        return {"success": True, "message": f"joined {body.group_name!r} as rank {body.rank_offset}"}
-
-    @router.post("/update_weights_from_distributed")
-    async def update_from_distributed(request: Request):
-        body = await read_body(request, DistributedUpdateBody)
-        group = ctx.weight_groups.get(body.group_name)
-        if group is None:
-            raise RequestError("group_name", f"no weight update group {body.group_name!r}; call "
-                                             "/init_weights_update_group first")
-        dtypes = [_dtype(i, name) for i, name in enumerate(body.dtypes)]
-        version = _weight_version(body.weight_version, ctx.engine.weight_version)
-        if body.abort_all_requests:
-            ctx.engine.abort(None)
-        async with ctx.weights_lock:
-            try:
-                tensors = await asyncio.to_thread(receive_weights, group, body.names, dtypes, body.shapes)
-            except Exception as error:  # noqa: BLE001 - a broken group; the trainer must build a new one
-                return _failure(f"receiving broadcast weights failed: {error}")
-            return await _apply_weights(ctx, tensors, version)
-
-    @router.post("/destroy_weights_update_group")
-    async def destroy_group(request: Request):
-        body = await read_body(request, DestroyGroupBody, optional=True)
-        if ctx.weight_groups.pop(body.group_name, None) is None:
-            raise RequestError("group_name", f"no weight update group {body.group_name!r}")
-        return {"success": True, "message": f"left {body.group_name!r}"}
-
-
-async def _apply_weights(ctx: ServerContext, weights, version: int):
-    try:
-        count = await asyncio.to_thread(ctx.engine.update_weights, weights, version)
-    except (ValueError, KeyError, OSError, TypeError) as error:  # bad path, names, shapes or version
-        return _failure(f"weight update failed: {error}")
-    return {"success": True, "message": f"loaded {count} tensors; weight version {version}",
-            "num_paused_requests": 0}
-
-
-def _failure(message: str) -> JSONResponse:
-    return JSONResponse({"success": False, "message": message}, status_code=400)
-
-
-def _weight_version(value: str | int | None, current: int) -> int:
-    """SGLang versions are strings; ours are integers, so a given version must read as one."""
-    if value is None:
-        return current
-    try:
-        return int(value)
-    except ValueError:
-        raise RequestError("weight_version", f"{value!r} is not an integer; sluice numbers weight versions") from None
-
-
-def _dtype(index: int, name: str):
-    try:
-        return parse_dtype(name)
-    except ValueError as error:
-        raise RequestError(f"dtypes[{index}]", str(error)) from None
 
 
 def _probe_token(ctx: ServerContext) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from transformers import AutoConfig
@@ -32,6 +32,8 @@ from sluice.engine.sampler import sample_tokens
 from sluice.engine.scheduler import Scheduler
 from sluice.engine.sequence import OnDone, OnUpdate, Sequence, SequenceState
 from sluice.engine.stopping import StopChecker
+from sluice.engine.weight_bucket import checksum_mismatches, named_checksums
+from sluice.engine.weights import iter_safetensors
 
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 
@@ -140,19 +142,39 @@ class LocalEngine:
             self._cond.notify_all()
 
     # ---- model and memory (any thread; wait for the current step to end) ----------------------------
-    def update_weights(self, weights: NamedTensors | str, version: int) -> int:
+    def update_weights(self, weights: NamedTensors | str, version: int,
+                       checksums: Mapping[str, int] | None = None) -> int:
         """Load HF-named tensors or a checkpoint directory between steps; returns the number of tensors.
 
-        Cached prefixes were computed with the old weights, so the prefix cache is flushed. Requests in flight
-        continue on the new weights.
+        ``checksums`` (by HF name, weight_bucket's sums): every incoming tensor is checked before the first copy,
+        and a mismatch refuses the whole update (ValueError naming the tensors); a directory is then read into
+        memory first. Cached prefixes were computed with the old weights, so the prefix cache is flushed.
+        Requests in flight continue on the new weights.
         """
+        self._check_version(version)
+        if checksums is not None:
+            if not isinstance(weights, Mapping):
+                weights = dict(iter_safetensors(weights))
+            problems = checksum_mismatches(weights, checksums)
+            if problems:
+                more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+                raise ValueError(f"weight version {version} refused, its checksums do not match: "
+                                 f"{'; '.join(problems[:5])}{more}")
         with self._step_lock:
-            if version < self.weight_version:
-                raise ValueError(f"weight version {version} is older than the engine's {self.weight_version}")
+            self._check_version(version)
             count = len(load_hf_weights(self.model, weights))
             self.blocks.flush()
             self.weight_version = version
         return count
+
+    def _check_version(self, version: int) -> None:
+        if version < self.weight_version:
+            raise ValueError(f"weight version {version} is older than the engine's {self.weight_version}")
+
+    def weight_checksums(self) -> tuple[int, dict[str, int]]:
+        """The weight version and each weight's checksum by HF name, read together between steps."""
+        with self._step_lock:
+            return self.weight_version, named_checksums(hf_named_tensors(self.model))
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """The engine's current weights under HF names (views: copy before changing them)."""

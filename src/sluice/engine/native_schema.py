@@ -225,6 +225,8 @@ class DiskUpdateBody(BaseModel):
     load_format: str | None = None
     abort_all_requests: bool = False
     flush_cache: bool = True  # our engine always drops cached prefixes computed with the old weights
+    # sluice extension: each tensor's checksum (engine/weight_bucket.py) by name; checked before any is applied
+    checksums: dict[str, int] | None = None
 
 
 class InitGroupBody(BaseModel):
@@ -235,9 +237,22 @@ class InitGroupBody(BaseModel):
     world_size: int = Field(ge=2)
     group_name: str = "weight_update_group"
     backend: Literal["gloo", "nccl"] = "nccl"
+    # sluice extension: seconds to wait for every rank to join, and for each later collective of the group
+    timeout_s: float | None = Field(None, gt=0)
 
 
 class DistributedUpdateBody(BaseModel):
+    """SGLang's fields, then sluice's extensions (a real SGLang server refuses those; our client sends them to
+    sluice engines only):
+
+    - ``load_format: "flattened_bucket"``: the trainer broadcasts the bucket as one byte buffer (one collective)
+      laid out by ``weight_bucket.bucket_layout``, instead of one broadcast per tensor.
+    - ``checksums``: one per name (weight_bucket's sums); a bucket that does not match is refused, naming the
+      tensor, and nothing of its version is applied.
+    - ``bucket_index``/``num_buckets``: this call is one bucket of ``weight_version``; buckets are held back and
+      applied together after the last one (engine/weight_staging.py), so generation never sees half a version.
+    """
+
     model_config = STRICT
     names: list[str]
     dtypes: list[str]
@@ -246,14 +261,38 @@ class DistributedUpdateBody(BaseModel):
     weight_version: str | int | None = None
     flush_cache: bool = True
     abort_all_requests: bool = False
-    load_format: str | None = None
+    load_format: Literal["flattened_bucket"] | None = None
+    checksums: list[int] | None = None
+    bucket_index: int | None = Field(None, ge=0)
+    num_buckets: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _same_lengths(self) -> "DistributedUpdateBody":
         if not (len(self.names) == len(self.dtypes) == len(self.shapes)):
             raise ValueError(f"names, dtypes and shapes differ in length "
                              f"({len(self.names)}, {len(self.dtypes)}, {len(self.shapes)})")
+        if self.checksums is not None and len(self.checksums) != len(self.names):
+            raise ValueError(f"checksums: {len(self.checksums)} checksums for {len(self.names)} names")
         return self
+
+    @model_validator(mode="after")
+    def _bucket_fields(self) -> "DistributedUpdateBody":
+        if (self.bucket_index is None) != (self.num_buckets is None):
+            raise ValueError("bucket_index: give both bucket_index and num_buckets, or neither")
+        if self.bucket_index is not None:
+            if self.bucket_index >= self.num_buckets:
+                raise ValueError(f"bucket_index: {self.bucket_index} is outside {self.num_buckets} buckets")
+            if self.weight_version is None:
+                raise ValueError("weight_version: a bucketed update names the version it belongs to")
+        return self
+
+    @property
+    def is_bucketed(self) -> bool:
+        return self.bucket_index is not None
+
+    @property
+    def is_last_bucket(self) -> bool:
+        return self.bucket_index is None or self.bucket_index == self.num_buckets - 1
 
 
 class DestroyGroupBody(BaseModel):

@@ -70,7 +70,9 @@ def run_server(args: ServeArgs) -> int:
 def bind_listener(host: str, port: int) -> socket.socket:
     """A listening TCP socket; connections made before the server loop starts wait in its backlog."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it, a response
+    # written in two parts (headers, body) waits out the client's delayed ACK, 40 ms per keep-alive call.
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))

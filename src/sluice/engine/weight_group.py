@@ -7,7 +7,9 @@ The store keys are laid out exactly as by the ``init_custom_process_group`` help
 trainer use (``PrefixStore(group_name)``, then torch's ``"{group_name}/"`` and ``"{device}/"`` prefixes), so this
 side can meet a trainer or an engine built on that helper, as well as another ``WeightGroup``.
 
-Broadcast order is the contract: the trainer sends the tensors in the order of the ``names`` list it posted.
+Broadcast order is the contract: the trainer sends the tensors in the order of the ``names`` list it posted, one
+broadcast per tensor (SGLang's form), or one broadcast of the whole bucket's bytes (``receive_bucket``, our
+``flattened_bucket`` form, laid out by ``weight_bucket.bucket_layout``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any, Mapping
 
 import torch
 from torch.distributed import BroadcastOptions, PrefixStore, ProcessGroupGloo, TCPStore
+
+from sluice.engine.weight_bucket import TensorSlot, unflatten_bucket
 
 TRAINER_RANK = 0
 
@@ -55,7 +59,7 @@ def join_weight_group(
     if backend == "gloo":
         device = torch.device("cpu")
         process_group = _gloo(PrefixStore("cpu/", group_store), rank, world_size, timeout,
-                              _local_address_towards(master_address, master_port))
+                              local_address_towards(master_address, master_port))
     elif backend == "nccl":
         process_group = _nccl(PrefixStore("cuda/", group_store), rank, world_size, timeout, device)
     else:
@@ -72,6 +76,13 @@ def receive_weights(group: WeightGroup, names: list[str], dtypes: list[torch.dty
         group.broadcast(tensor)
         received[name] = tensor
     return received
+
+
+def receive_bucket(group: WeightGroup, slots: list[TensorSlot], total_bytes: int) -> dict[str, torch.Tensor]:
+    """Receive a flattened bucket (one broadcast of ``total_bytes``) and return views of it by name."""
+    buffer = torch.empty(total_bytes, dtype=torch.uint8, device=group.device)
+    group.broadcast(buffer)
+    return unflatten_bucket(buffer, slots)
 
 
 def send_weights(group: WeightGroup, named_tensors: Mapping[str, torch.Tensor]) -> None:
@@ -109,7 +120,7 @@ def _nccl(store, rank: int, world_size: int, timeout: timedelta, device: torch.d
     return ProcessGroupNCCL(store, rank, world_size, options)
 
 
-def _local_address_towards(host: str, port: int) -> str:
+def local_address_towards(host: str, port: int) -> str:
     """The local IP address the OS would use to reach ``host`` (no packet is sent: UDP connect only routes)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:

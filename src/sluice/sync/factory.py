@@ -1,0 +1,47 @@
+"""``make_weight_sync``: the WeightSync that ``--weight-sync-method`` names, for the engines a run has."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from sluice.config.sections import SyncConfig
+from sluice.engine.client import InProcessClient
+from sluice.engine.local_engine import LocalEngine
+from sluice.sync.broadcast import BroadcastSync
+from sluice.sync.disk import DiskSync
+from sluice.sync.in_process import InProcessSync
+from sluice.sync.interface import WeightSync
+
+Engine = str | LocalEngine | InProcessClient  # an engine server's URL, or an engine in this process
+
+
+def make_weight_sync(config: SyncConfig, engines: Sequence[Engine], *, device: str | torch.device = "cpu",
+                     run_dir: str | Path | None = None) -> WeightSync:
+    """``device``: where the trainer's full tensors live (broadcast picks NCCL for CUDA, gloo otherwise);
+    ``run_dir``: for the disk method's default directory. ``auto`` is in_process when every engine lives in
+    this process, broadcast when they are servers."""
+    urls = [engine for engine in engines if isinstance(engine, str)]
+    local = [engine for engine in engines if not isinstance(engine, str)]
+    method = config.weight_sync_method
+    if method == "auto":
+        method = "broadcast" if urls else "in_process"
+    if method == "in_process":
+        if urls:
+            raise ValueError(f"--weight-sync-method in_process needs engines in this process; {urls[0]} is a "
+                             "server (use broadcast or disk)")
+        return InProcessSync(local)
+    if method == "broadcast":
+        if local:
+            raise ValueError("--weight-sync-method broadcast needs engine servers (URLs); an in-process engine "
+                             "takes in_process")
+        return BroadcastSync(urls, bucket_bytes=config.update_weight_buffer_size,
+                             timeout_s=config.update_weights_timeout, device=device)
+    if method == "disk":
+        directory = config.weight_sync_dir or (Path(run_dir) / "weight_sync" if run_dir is not None else None)
+        if directory is None:
+            raise ValueError("--weight-sync-method disk needs --weight-sync-dir (or a run directory)")
+        return DiskSync(directory, list(engines), timeout_s=config.update_weights_timeout)
+    raise ValueError(f"--weight-sync-method {method!r} is not one of auto, in_process, broadcast, disk")
