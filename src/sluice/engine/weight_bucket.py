@@ -5,11 +5,13 @@ SGLang's ``/update_weights_from_distributed``) its tensors travel as one contigu
 bytes start at an offset aligned to ``BUCKET_ALIGN`` (so the engine's views of the buffer are aligned for every
 dtype), and both sides compute the offsets from the posted names, dtypes and shapes with ``bucket_layout``.
 
-Checksums: each tensor's checksum is the sum of its bytes read as int32 words (a tail of fewer than 4 bytes is
-added byte by byte), accumulated in int64. Integer sums are exact and order-independent, so a GPU trainer and a
-CPU engine agree bit for bit; any change to a single word (a flipped bit, a zeroed or truncated tensor) changes
-the sum. It is one reduction per tensor, memory-bandwidth bound. It is no cryptographic hash: it guards against
-transport and bookkeeping bugs, not adversaries.
+Checksums: each tensor's checksum is the sum of its bytes read as int64 words, modulo 2**64 (two's-complement
+wraparound, which every torch backend's integer sum does), plus a tail of fewer than 8 bytes added byte by byte.
+Modular integer sums are exact and order-independent, so a GPU trainer and a CPU engine agree bit for bit
+whatever their reduction trees; any change to a single word (a flipped bit, a zeroed or truncated tensor)
+changes the sum. It is one native-width reduction per tensor, memory-bandwidth bound (summing int32 words into
+an int64 accumulator instead is ~15x slower on a CPU). It is no cryptographic hash: it guards against transport
+and bookkeeping bugs, not adversaries.
 """
 
 from __future__ import annotations
@@ -115,8 +117,10 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 def _checksum(tensor: torch.Tensor) -> torch.Tensor:
     """A 0-dim int64 tensor on the tensor's device."""
     data = _as_bytes(tensor)
-    num_words = data.numel() // 4
-    total = data[: num_words * 4].view(torch.int32).sum(dtype=torch.int64)
-    if data.numel() % 4:
-        total = total + data[num_words * 4 :].sum(dtype=torch.int64)
+    if data.storage_offset() % 8:  # a view (e.g. k_proj's rows of a fused qkv) not aligned for int64 words
+        data = data.clone()
+    num_words = data.numel() // 8
+    total = data[: num_words * 8].view(torch.int64).sum()
+    if data.numel() % 8:
+        total = total + data[num_words * 8 :].sum(dtype=torch.int64)
     return total
