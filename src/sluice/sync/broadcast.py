@@ -75,6 +75,9 @@ class BroadcastSync(WeightSync):
         self.flattened = wire_form == "flattened"  # decided by connect() for "auto"
         self.group: WeightGroup | None = None
         self.http = HttpClientPerLoop()
+        # The trainer's flattened-bucket buffer, kept across buckets and pushes (on the group's device): on a CPU
+        # a fresh 512 MiB buffer per bucket costs more in page faults than the copy into it.
+        self.send_buffer: torch.Tensor | None = None
 
     # ---- group ----------------------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -109,6 +112,7 @@ class BroadcastSync(WeightSync):
         return body
 
     async def close(self) -> None:
+        self.send_buffer = None
         if self.group is not None:
             group, self.group = self.group, None
             await self._leave(group.name)
@@ -130,6 +134,8 @@ class BroadcastSync(WeightSync):
         weights = distinct_weights(named_weights)
         buckets = plan_buckets(weights, self.bucket_bytes)
         deadline = Deadline(self.timeout_s)
+        if self.flattened:
+            self._reserve_send_buffer(max(bucket.flat_bytes for bucket in buckets))
         answers: dict = {}
         http = self.http.get()
         try:
@@ -137,6 +143,7 @@ class BroadcastSync(WeightSync):
                 answers = await self._push_bucket(http, bucket, index, len(buckets), version, deadline)
         except WeightSyncError as error:
             group, self.group = self.group, None
+            self.send_buffer = None  # a stuck collective of the old group may still be reading it
             await self._leave(group.name, skip=error.unresponsive)
             _shut_down(group)
             raise
@@ -153,7 +160,7 @@ class BroadcastSync(WeightSync):
             checksums = await asyncio.to_thread(tensor_checksums, bucket.tensors)
             body.update(load_format=FLATTENED_BUCKET, checksums=checksums, bucket_index=index,
                         num_buckets=num_buckets, weight_version=str(version))
-            trainer = in_daemon_thread(self._send_flattened, self.group, bucket)
+            trainer = in_daemon_thread(self._send_flattened, self.group, bucket, self.send_buffer)
         else:  # SGLang applies each call at once: stamp the version and flush the cache with the last one only
             body["flush_cache"] = is_last
             if is_last:
@@ -164,9 +171,15 @@ class BroadcastSync(WeightSync):
         return await run_stage("broadcast", version, http, calls, deadline, trainer_part=trainer,
                                stage_after_trainer="apply" if is_last else "broadcast", refusal_stage="apply")
 
+    def _reserve_send_buffer(self, num_bytes: int) -> None:
+        buffer = self.send_buffer
+        if buffer is None or buffer.numel() < num_bytes:
+            self.send_buffer = None  # free the old one first
+            self.send_buffer = torch.empty(num_bytes, dtype=torch.uint8, device=self.group.device)
+
     @staticmethod
-    def _send_flattened(group: WeightGroup, bucket: Bucket) -> None:
-        group.broadcast(bucket.flatten(group.device))
+    def _send_flattened(group: WeightGroup, bucket: Bucket, buffer: torch.Tensor) -> None:
+        group.broadcast(bucket.flatten(group.device, out=buffer))
         _wait_for_device(group)
 
     @staticmethod

@@ -28,10 +28,15 @@ class Bucket:
     def layout(self) -> tuple[list[TensorSlot], int]:
         return bucket_layout(self.names, self.dtypes, self.shapes)
 
-    def flatten(self, device: torch.device) -> torch.Tensor:
-        """The bucket as one byte buffer on ``device`` (a device-to-device copy when the weights live there)."""
+    @property
+    def flat_bytes(self) -> int:
+        return self.layout()[1]
+
+    def flatten(self, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The bucket as one byte buffer on ``device`` (a device-to-device copy when the weights live there),
+        written into ``out`` when given (see ``flatten_bucket``)."""
         slots, total = self.layout()
-        return flatten_bucket(self.tensors, slots, total, device)
+        return flatten_bucket(self.tensors, slots, total, device, out)
 
 
 def plan_buckets(weights: NamedWeights, max_bytes: int) -> list[Bucket]:
