@@ -100,7 +100,8 @@ def assert_server_holds(url: str, weights: dict[str, torch.Tensor], version: int
 
 
 def greedy(url: str, num_tokens: int = 6) -> dict:
-    body = {"input_ids": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": num_tokens, "ignore_eos": True}}
+    params = {"temperature": 0, "max_new_tokens": num_tokens, "ignore_eos": True}
+    body = {"input_ids": PROMPT, "sampling_params": params}
     return httpx.post(url + "/generate", json=body, timeout=60).json()
 
 
@@ -243,6 +244,26 @@ def test_a_group_with_an_absent_rank_fails_and_the_present_engine_recovers(serve
     version = next_version(engines)
     asyncio.run(push_and_close(BroadcastSync([live], timeout_s=30), old_weights, version))
     assert_engine_holds(engines[0], old_weights, version)
+
+
+def test_an_engine_that_dies_after_joining_fails_the_broadcast_naming_it(lively_checkpoint, new_weights):
+    config = EngineConfig(device="cpu", dtype="float32")
+    engine = LocalEngine(lively_checkpoint, config)
+    server = BackgroundServer(ServerContext(engine, lively_checkpoint, "lively", config)).start()
+    sync = BroadcastSync([server.url], bucket_bytes=SMALL_BUCKET, timeout_s=3)
+    try:
+        asyncio.run(sync.connect())
+        server.stop()  # the engine's HTTP server is gone; its rank of the group stays behind, silent
+        with pytest.raises(WeightSyncError) as failure:
+            asyncio.run(sync.push(new_weights, 1))
+        assert failure.value.stage == "broadcast" and failure.value.engine == server.url
+        message = str(failure.value)
+        assert server.url in message and "version 1" in message and "--update-weights-timeout is 3 s" in message
+        assert sync.group is None  # dropped: the next push builds a new group
+        assert engine.weight_version == 0
+    finally:
+        asyncio.run(sync.close())
+        engine.shutdown()
 
 
 def test_a_dead_engine_url_fails_at_once_naming_it(new_weights):

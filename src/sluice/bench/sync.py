@@ -4,8 +4,9 @@ Workload: random weights of a named shape (default the Qwen2.5-0.5B shape; ``dem
 GPU and float32 on CPU, pushed as new versions to
 
 - ``colocated``: an engine in this process on the trainer's device (InProcessSync: a device-to-device copy);
-- ``separate_process``: a `sluice serve` subprocess on 127.0.0.1 (BroadcastSync: NCCL from a GPU trainer, whose
-  engine then needs a GPU of its own, cuda:1; gloo on CPU);
+- ``separate_process``: a `sluice serve` subprocess on 127.0.0.1 (BroadcastSync). ``--backend auto``: NCCL when
+  the engine process can have a GPU of its own (cuda:1; NCCL puts one rank per GPU), else gloo, which on a
+  single GPU means a round trip through host memory on both sides;
 - ``disk``: the same server, through safetensors under a temporary directory (DiskSync).
 
 One warm-up push, then the median of ``--repeats`` pushes; each push is timed from the call to the engines'
@@ -49,6 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="Timed pushes per method (after one warm-up).")
     parser.add_argument("--bucket-bytes", type=int, default=512 * 2**20, help="--update-weight-buffer-size.")
     parser.add_argument("--timeout", type=float, default=600.0, help="--update-weights-timeout, seconds.")
+    parser.add_argument("--backend", default="auto", choices=("auto", "nccl", "gloo"),
+                        help="Broadcast backend; auto: nccl with two GPUs or more, else gloo.")
     parser.add_argument("--methods", default="colocated,separate_process,disk",
                         help="Comma-separated subset of colocated, separate_process, disk.")
     parser.add_argument("--seed", type=int, default=0)
@@ -108,13 +111,13 @@ def _colocated(path: Path, weights: dict, device: torch.device, dtype: torch.dty
 
 def _to_server(path: Path, weights: dict, device: torch.device, dtype: torch.dtype, args, methods: list[str],
                sync_dir: Path) -> dict:
-    # NCCL cannot put two ranks on one GPU: a CUDA trainer's engine process takes the next GPU.
-    engine_device = "cpu" if device.type == "cpu" else f"cuda:{(device.index or 0) + 1}"
+    backend, engine_device = _placement(device, args.backend)
     process, url = _start_server(path, engine_device, dtype)
     figures: dict = {}
     try:
         if "separate_process" in methods:
-            sync = BroadcastSync([url], bucket_bytes=args.bucket_bytes, timeout_s=args.timeout, device=device)
+            sync = BroadcastSync([url], bucket_bytes=args.bucket_bytes, timeout_s=args.timeout, device=device,
+                                 backend=backend)
             figures["separate_process"] = _measure_server(sync, url, weights, args.repeats, device,
                                                           GOALS_MS["separate_process"], engine_device, 1)
         if "disk" in methods:  # versions go on from where the broadcast left the engine
@@ -125,6 +128,17 @@ def _to_server(path: Path, weights: dict, device: torch.device, dtype: torch.dty
         process.terminate()
         process.wait(timeout=60)
     return figures
+
+
+def _placement(device: torch.device, backend: str) -> tuple[str, str]:
+    """The broadcast backend and the engine process's device. NCCL cannot put two ranks on one GPU, so with
+    NCCL a CUDA trainer's engine takes the next GPU."""
+    if device.type != "cuda":
+        return "gloo", "cpu"
+    next_gpu = (device.index or 0) + 1
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.device_count() > next_gpu else "gloo"
+    return backend, f"cuda:{next_gpu}" if backend == "nccl" else str(device)
 
 
 def _measure_server(sync, url: str, weights: dict, repeats: int, device: torch.device, goal_ms: float | None,

@@ -145,7 +145,7 @@ class BroadcastSync(WeightSync):
             group, self.group = self.group, None
             self.send_buffer = None  # a stuck collective of the old group may still be reading it
             await self._leave(group.name, skip=error.unresponsive)
-            _shut_down(group)
+            _shut_down(group, failed=True)
             raise
         engines = [EngineResult(url, True, str(answers[url].get("message", ""))) for url in self.engine_urls]
         return SyncReport(self.method, version, time.perf_counter() - started, num_bytes(weights), len(buckets),
@@ -195,13 +195,16 @@ def _wait_for_device(group: WeightGroup) -> None:
         torch.cuda.current_stream(group.device).synchronize()
 
 
-def _shut_down(group: WeightGroup | None) -> None:
-    """Free an NCCL communicator now (a gloo group just goes with its last reference)."""
-    if group is not None and group.backend == "nccl":
-        try:
-            group.process_group.shutdown()
-        except Exception:  # noqa: BLE001 - already broken or aborted: nothing left to free
-            pass
+def _shut_down(group: WeightGroup | None, failed: bool = False) -> None:
+    """Free an NCCL communicator now (a gloo group just goes with its last reference). After a failure it is
+    aborted: a broadcast stuck on a dead peer otherwise blocks the trainer's stream, which waits on it, for good
+    (or until NCCL's watchdog tears the process down at the group's timeout)."""
+    if group is None or group.backend != "nccl":
+        return
+    try:
+        group.process_group.abort() if failed else group.process_group.shutdown()
+    except Exception:  # noqa: BLE001 - already broken or aborted: nothing left to free
+        pass
 
 
 def _master_address(urls: list[str]) -> str:

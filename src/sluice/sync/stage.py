@@ -52,6 +52,8 @@ async def run_stage(stage: str, version: int | None, http: httpx.AsyncClient, en
         problems.append(f"the trainer (rank 0) was still waiting for the other ranks after {deadline.seconds:g} s")
     elif trainer_part is not None and trainer_part.exception() is not None:
         problems.append(f"the trainer (rank 0) failed: {trainer_part.exception()}")
+        # the group's own timeout (gloo, TCPStore) is the same flag
+        timed_out = timed_out or "timed out" in str(trainer_part.exception()).lower()
     if not problems:
         return {url: task.result() for url, task in tasks.items()}
     trainer_ok = trainer_done and (trainer_part is None or trainer_part.exception() is None)
