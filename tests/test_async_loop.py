@@ -103,9 +103,31 @@ def test_async_flags_are_checked(say7, tmp_path):
         (["--async", "--over-sampling-batch-size", "4"], "--over-sampling-batch-size sets the round size"),
         (["--async", "--debug-rollout-only"], "--debug-rollout-only runs the synchronous loop"),
         (["--async", "--mask-offpolicy-in-partial-rollout"], "needs --partial-rollout"),
+        (["--async", "--offload"], "--async runs both at once"),
+        (["--offload-rollout", "--rollout-num-gpus", "2"], "with separate pools they need --colocate"),
+        (["--rollout-num-gpus-per-engine", "2"], "sluice's engine runs on one device"),
+        (["--orchestrator", "local", "--actor-num-gpus-per-node", "2"], "use --orchestrator ray"),
     ):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
             validate(parse_config([*base, *extra]))
+
+
+def test_offload_flags_take_turns_on_the_device(say7, tmp_path):
+    """--offload: the engine frees its KV pool while the trainer trains and has it back for the sync and the
+    rollout; a short run completes with the engine taking turns."""
+    root, model, data = say7
+    config = parse_config(flags(model, data, tmp_path / "run", tmp_path / "ckpt", 2, "--offload"))
+    validate(config)
+    run = LocalRun(config, log=lambda line: None)
+    try:
+        run.memory_for("train")
+        released = run.engine._released
+        run.memory_for("sync")
+        assert released and not run.engine._released
+        train(run)
+        assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
+    finally:
+        run.close()
 
 
 # ---- the producer against a real engine: a weight update lands while a group is generating ----------------------

@@ -44,13 +44,13 @@ def _is_run_stop(error: RuntimeError) -> bool:
 def train_command(argv: list[str]) -> int:
     """`sluice train --hf-checkpoint DIR --prompt-data FILE ...`: the RL loop (synchronous, or --async)."""
     from sluice.loops import train
-    from sluice.orchestration.local_run import LocalRun
+    from sluice.orchestration.ray_run import start_run
 
     from sluice.observability.report import render_report
 
     config = parse_config(argv)
     validate(config)
-    run = LocalRun(config)
+    run = start_run(config)
     try:
         train(run)
     finally:
@@ -100,6 +100,10 @@ def demo_command(argv: list[str]) -> int:
     parser.add_argument("--num-train", type=int, default=4000, help="Training prompts per task.")
     parser.add_argument("--num-eval", type=int, default=200, help="Held-out eval prompts per task.")
     parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--async", dest="async_train", action="store_true",
+                        help="Run GRPO with sluice train --async (generation overlaps training).")
+    parser.add_argument("--orchestrator", choices=("local", "ray"), default="local",
+                        help="ray: trainer and engine as separate Ray actors (sluice train --orchestrator ray).")
     from sluice.demo.run import run_demo
 
     run_demo(parser.parse_args(argv))

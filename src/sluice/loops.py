@@ -23,16 +23,20 @@ def train_sync(run: LocalRun) -> None:
     for rollout_id in range(run.start_rollout, run.num_rollout):
         timer = StageTimer()
         with timer("rollout"):
+            run.memory_for("rollout")  # --offload-*: colocated pools take turns on the devices
             groups = run.generate()  # generation and rewards (or a replay of saved rollouts)
         metrics = run.rollout_metrics(groups, rollout_id)
         if run.trains:  # not with --debug-rollout-only
             with timer("train"):
+                run.memory_for("train")
                 metrics.update(run.train(groups, rollout_id))
                 run.maybe_update_reference(rollout_id)
             with timer("sync"):
-                run.sync_weights(version=rollout_id + 1)
+                run.memory_for("sync")
+                metrics.update(run.sync_weights(version=rollout_id + 1))
         if run.eval_due(rollout_id):
             with timer("eval"):
+                run.memory_for("rollout")
                 metrics.update(run.evaluate())
         if run.save_due(rollout_id):  # the step's metrics go into the checkpoint: a kill before the log loses none
             with timer("save"):
@@ -58,7 +62,7 @@ async def train_async(run: LocalRun) -> None:
                 run.maybe_update_reference(rollout_id)
             if run.sync_due(rollout_id):
                 with timer("sync"):
-                    await producer.around_update(run.push_weights(version=rollout_id + 1))
+                    metrics.update(await producer.around_update(run.push_weights(version=rollout_id + 1)))
             if run.eval_due(rollout_id):
                 with timer("eval"):
                     metrics.update(await asyncio.to_thread(run.evaluate))
@@ -70,4 +74,4 @@ async def train_async(run: LocalRun) -> None:
             step.update(idle_fractions(None, timer.seconds["train"], step["perf/step_time_s"]))
             run.log(rollout_id + 1, {**metrics, **step})
     finally:
-        await producer.stop()
+        await run.stop_producer(producer)

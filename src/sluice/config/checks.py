@@ -351,13 +351,20 @@ def _cluster(config: Config) -> Iterator[str]:
                         ("--rollout-num-gpus-per-engine", cluster.rollout_num_gpus_per_engine)):
         if value < 1:
             yield f"{flag} must be >= 1, got {value}"
+    if cluster.rollout_num_gpus_per_engine > 1:
+        yield (f"--rollout-num-gpus-per-engine {cluster.rollout_num_gpus_per_engine}: sluice's engine runs on one "
+               "device; use 1 (more engines spread the rollout pool)")
     if cluster.rollout_num_gpus is not None and cluster.rollout_num_gpus < 1:
         yield f"--rollout-num-gpus must be >= 1, got {cluster.rollout_num_gpus}"
     elif cluster.rollout_num_gpus_per_engine >= 1 and cluster.rollout_slots % cluster.rollout_num_gpus_per_engine:
         yield (f"--rollout-num-gpus {cluster.rollout_slots} must be a multiple of --rollout-num-gpus-per-engine "
                f"{cluster.rollout_num_gpus_per_engine}")
-    if (cluster.offload or cluster.offload_train or cluster.offload_rollout) and not cluster.colocate:
-        yield "--offload/--offload-train/--offload-rollout free memory for the other pool: they need --colocate"
+    offloads = cluster.offload or cluster.offload_train or cluster.offload_rollout
+    if offloads and not cluster.colocate and cluster.distributed:
+        yield ("--offload/--offload-train/--offload-rollout free memory for the other pool on shared devices: with "
+               "separate pools they need --colocate")
+    if offloads and config.sync.async_train:
+        yield "--offload/--offload-train/--offload-rollout take turns on the devices; --async runs both at once"
     if cluster.orchestrator == "local" and (cluster.train_world_size > 1 or cluster.num_engines > 1):
         yield (f"--orchestrator local runs one trainer and one engine in one process; the pool flags ask for "
                f"{cluster.train_world_size} trainers and {cluster.num_engines} engines (use --orchestrator ray)")

@@ -397,6 +397,15 @@ class ClusterConfig:
         "With --colocate: release the engines' KV cache while the trainer trains."))
 
     @property
+    def distributed(self) -> bool:
+        """Whether the pools are Ray actors: --orchestrator ray, or auto with a pool flag asking for more than
+        the one-process layout."""
+        if self.orchestrator != "auto":
+            return self.orchestrator == "ray"
+        return (self.train_world_size > 1 or self.num_engines > 1 or self.rollout_num_gpus is not None
+                or self.ray_address is not None)
+
+    @property
     def train_world_size(self) -> int:
         return self.actor_num_nodes * self.actor_num_gpus_per_node
 

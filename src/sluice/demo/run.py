@@ -24,7 +24,7 @@ from sluice.demo.model import TinyModelShape, build_checkpoint
 from sluice.demo.tasks import read_prompts, write_task_file, write_teacher_file
 from sluice.demo.warm_start import warm_start
 from sluice.loops import train
-from sluice.orchestration.local_run import LocalRun
+from sluice.orchestration.ray_run import start_run
 
 TASK_NAMES = ("add", "reverse")
 
@@ -58,6 +58,8 @@ def rl_flags(model_dir: Path, files: dict[str, Path], run_dir: Path, args) -> li
         "--n-samples-per-eval-prompt", "1", "--eval-temperature", "0",
         "--seed", str(args.seed), "--train-device", args.device, "--sglang-device", args.device,
         "--run-dir", str(run_dir), *([] if args.progress_bar else ["--no-progress-bar"]),
+        *(["--async"] if getattr(args, "async_train", False) else []),
+        "--orchestrator", getattr(args, "orchestrator", "local"),
     ]
 
 
@@ -86,7 +88,7 @@ def run_demo(args, log=print) -> dict:
     sft_seconds = time.perf_counter() - start
 
     log("RL: sluice train " + shlex.join(flags))
-    run = LocalRun(config, log=log)
+    run = start_run(config, log=log)
     try:
         train(run)
     finally:

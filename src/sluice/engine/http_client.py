@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors
+from sluice.engine.protocol import EngineUnavailable, FinishReason, GenerateRequest, GenerateResult, NamedTensors
 from sluice.types import SamplingParams
 
 
@@ -57,6 +57,8 @@ class HttpEngineClient:
         except asyncio.CancelledError:
             self._in_background(self.abort(request.rid))  # the engine should not decode for nobody
             raise
+        except httpx.TransportError as error:  # refused after the retries, or the connection dropped mid-request
+            raise EngineUnavailable(f"{self.base_url}: {type(error).__name__}: {error}") from error
         result = parse_generate_response(body, request, self._last_version)
         self._last_version = max(self._last_version, result.weight_version)
         return result

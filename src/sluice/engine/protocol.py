@@ -16,6 +16,11 @@ import torch
 from sluice.types import SamplingParams
 
 
+class EngineUnavailable(ConnectionError):
+    """The engine could not be reached, or went away while a request was in flight (its process died). The
+    request did not finish; the rollout requeues its sample rather than failing it."""
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_new_tokens or the model's context limit

@@ -49,6 +49,15 @@ def response_metrics(groups: list[SampleGroup], rewards: list[list[float]], poli
     return out
 
 
+def peak_gpu_memory() -> dict[str, float]:
+    """Peak GPU memory allocated by torch in this process so far (GiB); empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"perf/peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def idle_fractions(rollout_s: float | None, train_s: float | None, step_s: float) -> dict[str, float]:
     """The fraction of the step each pool spent not doing its work (generating; training). None: not known here
     (the async loop's producer measures the rollout pool's own idle time)."""

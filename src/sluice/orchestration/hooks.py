@@ -64,6 +64,23 @@ def _load(flag: str, load: Callable[[], Any]) -> Any:
         raise ConfigError(f"{_flag_of(error, flag)}{error}") from error
 
 
+def load_trainer_hooks(config: Config) -> Hooks:
+    """Only the hooks a trainer process calls (advantage and loss functions): a trainer actor need not import
+    the rollout's plug-ins, which live with the rollout in the driver."""
+    algo = config.algorithm
+    hooks = Hooks(slime_args(config_to_dict(config)))
+    _load_trainer_hooks(hooks, algo)
+    return hooks
+
+
+def _load_trainer_hooks(hooks: Hooks, algo) -> None:
+    if algo.custom_advantage_function_path:
+        hooks.advantage = _load("--custom-advantage-function-path",
+                                lambda: load_custom_advantage(algo.custom_advantage_function_path, hooks.slime_args))
+    if algo.loss_type == "custom_loss" and algo.custom_loss_function_path:
+        hooks.loss = _load("--custom-loss-function-path", lambda: load_custom_loss(algo.custom_loss_function_path))
+
+
 def load_hooks(config: Config) -> Hooks:
     """Load every hook flag of ``config``; raises ConfigError (PluginError) naming the first bad one."""
     rollout, reward, algo = config.rollout, config.reward, config.algorithm
@@ -99,11 +116,7 @@ def load_hooks(config: Config) -> Hooks:
     if rollout.buffer_filter_path:
         hooks.buffer_filter = _load("--buffer-filter-path",
                                     lambda: load_buffer_filter(rollout.buffer_filter_path, args))
-    if algo.custom_advantage_function_path:
-        hooks.advantage = _load("--custom-advantage-function-path",
-                                lambda: load_custom_advantage(algo.custom_advantage_function_path, args))
-    if algo.loss_type == "custom_loss" and algo.custom_loss_function_path:
-        hooks.loss = _load("--custom-loss-function-path", lambda: load_custom_loss(algo.custom_loss_function_path))
+    _load_trainer_hooks(hooks, algo)
     if config.data.data_source_path:
         hooks.data_source = _load("--data-source-path", lambda: load_data_source(config.data.data_source_path))
     return hooks

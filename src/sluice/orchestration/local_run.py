@@ -23,7 +23,7 @@ from sluice.engine.client import InProcessClient
 from sluice.engine.local_engine import LocalEngine
 from sluice.observability.plots import plot_curves
 from sluice.observability.progress import ProgressReporter
-from sluice.observability.step_metrics import response_metrics
+from sluice.observability.step_metrics import peak_gpu_memory, response_metrics
 from sluice.observability.trackers import Trackers
 from sluice.orchestration.checkpointing import RunCheckpoints
 from sluice.orchestration.oom import explain_oom, raise_if_engine_ran_out
@@ -33,7 +33,7 @@ from sluice.orchestration.rollout_setup import build_rollout, pick_trained_group
 from sluice.rollout.dynamic_sampling import SamplingOutcome, sample_filtered_groups
 from sluice.rollout.evaluation import EvalRequest
 from sluice.rollout.failures import RolloutFailed, check_failure_budget  # noqa: F401 (cli.py imports it from here)
-from sluice.rollout.manager import RolloutManager, rollout_metrics
+from sluice.rollout.manager import ENGINE_LOST_KEY, RolloutManager, rollout_metrics
 from sluice.rollout.step import RolloutRequest
 from sluice.rollout.streaming import LocalBufferHandle, StreamingRollout
 from sluice.sync.in_process import push_weights
@@ -67,36 +67,90 @@ class LocalRun:
         else:
             self.source = PromptSource(samples, config.data.rollout_shuffle, config.data.rollout_seed)
         # Every rollout draws its prompts through the buffer, and checkpoints save the buffer (cursor included).
-        self.buffer = DataBuffer(self.source, config.rollout.n_samples_per_prompt, config.staleness_bound,
-                                 max_held_groups=held_groups(config))
+        self.buffer = self._make_buffer(config)
         self.eval_sets = {}
         for name, path in config.eval_sets:
             eval_samples, eval_report = load_prompt_samples(path, data, self.tokenizer)
             self._report_load(path, eval_report)
             self.eval_sets[name] = eval_samples
         self.engine: LocalEngine | None = None
-        if not config.debug.debug_train_only:
-            with explain_oom(config, "engine start"):
-                self.engine = LocalEngine(checkpoint, config.engine)
+        self._on_device = {"engines": True, "trainer": True}  # see memory_for
+        self.gateway = None
+        self.client, context_len = None, 0
         try:
-            self._start(config, checkpoint)
+            if not config.debug.debug_train_only:
+                self.client, context_len = self._start_engines(config, checkpoint)
+            self._start(config, checkpoint, context_len)
         except BaseException:
             if self.gateway is not None:
                 self.gateway.stop()
-            if self.engine is not None:
-                self.engine.shutdown()  # its worker thread would otherwise outlive a failed start
+            self._stop_pools()  # an engine's worker thread (or actor) would otherwise outlive a failed start
             raise
 
-    def _start(self, config: Config, checkpoint: str) -> None:
-        self.client = InProcessClient(self.engine) if self.engine is not None else None
-        context_len = self.engine.context_len if self.engine is not None else 0
+    # ---- the parts a distributed run (ray_run.RayRun) places elsewhere ----------------------------------------
+    def _make_buffer(self, config: Config):
+        return DataBuffer(self.source, config.rollout.n_samples_per_prompt, config.staleness_bound,
+                          max_held_groups=held_groups(config))
+
+    def _start_engines(self, config: Config, checkpoint: str):
+        """The engine client of the rollout, and the engines' context length."""
+        with explain_oom(config, "engine start"):
+            self.engine = LocalEngine(checkpoint, config.engine)
+        return InProcessClient(self.engine), self.engine.context_len
+
+    def _start_trainer(self, config: Config, checkpoint: str):
+        with explain_oom(config, "train"):
+            return TorchTrainer(checkpoint, config.train, config.algorithm, config.rollout.rollout_temperature,
+                                config.model.ref_load, custom_loss=self.hooks.loss)
+
+    def _update_policy(self, groups: list[SampleGroup], rewards: list[list[float]], train_actor: bool) -> dict:
+        skipped_before = self.trainer.guard.num_skipped
+        with explain_oom(self.config, "train"):
+            metrics = update_policy(self.trainer, groups, self.config.algorithm, rewards,
+                                    self.config.global_batch_size, self.tokenizer.pad_token_id or 0,
+                                    self.config.rollout.rollout_max_response_len, train_actor=train_actor,
+                                    advantage_fn=self.hooks.advantage)
+        metrics["train/nonfinite_skipped_steps"] = float(self.trainer.guard.num_skipped - skipped_before)
+        metrics["train/nonfinite_skipped_total"] = float(self.trainer.guard.num_skipped)
+        metrics.update(peak_gpu_memory())  # engine and trainer together: they share this process
+        return metrics
+
+    async def _push(self, version: int) -> dict[str, float]:
+        """The trainer's weights to the engines, as ``version``; returns sync metrics."""
+        await push_weights(self.trainer.named_weights(), [self.client], version)
+        return {}
+
+    def memory_for(self, stage: str) -> None:
+        """--offload-train / --offload-rollout: hand the shared devices to the stage about to run. "train": the
+        engines free their KV cache and weights, the trainer comes back; "sync": the engines come back (the
+        trainer still holds its weights, which it sends); "rollout": the trainer moves to host memory."""
+        cluster = self.config.cluster
+        offload_rollout = (cluster.offload or cluster.offload_rollout) and self.client is not None
+        offload_train = (cluster.offload or cluster.offload_train) and self.trainer is not None
+        wanted = {"train": (not offload_rollout, True), "sync": (True, True),
+                  "rollout": (True, not offload_train)}[stage]
+        engines_on, trainer_on = wanted
+        if engines_on != self._on_device["engines"] and offload_rollout:
+            self._move_engines(to_device=engines_on)
+            self._on_device["engines"] = engines_on
+        if trainer_on != self._on_device["trainer"] and offload_train:
+            self.trainer.onload() if trainer_on else self.trainer.offload()
+            self._on_device["trainer"] = trainer_on
+
+    def _move_engines(self, to_device: bool) -> None:
+        self.engine.resume_memory() if to_device else self.engine.release_memory()
+
+    def buffer_handle(self):
+        """The buffer as the async producer calls it."""
+        return LocalBufferHandle(self.buffer)
+
+    def _stop_pools(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def _start(self, config: Config, checkpoint: str, context_len: int) -> None:
         self.rollout, self.gateway = build_rollout(config, self.hooks, self.client, self.tokenizer, context_len)
-        self.trainer: TorchTrainer | None = None
-        if self.trains:
-            with explain_oom(config, "train"):
-                self.trainer = TorchTrainer(checkpoint, config.train, config.algorithm,
-                                            config.rollout.rollout_temperature, config.model.ref_load,
-                                            custom_loss=self.hooks.loss)
+        self.trainer = self._start_trainer(config, checkpoint) if self.trains else None
         self.num_rollout = config.rollout.num_rollout or self.source.num_rollouts_for_epochs(
             config.rollout.num_epoch, config.rollout.rollout_batch_size)
         self.checkpoints = RunCheckpoints(config, self.tokenizer, self.model_shape, self.log_line)
@@ -167,17 +221,39 @@ class LocalRun:
         return groups
 
     def _generate_through_buffer(self, manager: RolloutManager, first_index: int) -> list[SampleGroup]:
-        """One step's groups: handed out by the buffer, generated, put back, and taken within the staleness bound."""
+        """One step's groups: handed out by the buffer, generated, put back, and taken within the staleness bound.
+        A group that lost its engine (the process died) goes back to the buffer and is generated again once the
+        engines are recovered, so no prompt is lost and none trained twice."""
         num_groups = self.config.rollout.rollout_batch_size
-        handed = self.buffer.get_prompt_groups(num_groups)
-        # The sync loop never aborts a group, so each handed-out group is a pending one: its first sample is the prompt.
-        generated = asyncio.run(manager.generate_groups([g.samples[0] for g in handed],
-                                                        self.config.rollout.n_samples_per_prompt,
-                                                        self.sampling_params(), first_index=first_index))
-        for handed_group, group in zip(handed, generated):
-            group.group_id = handed_group.group_id
-        self.buffer.put_finished(generated)
-        return self.buffer.take_train_groups(num_groups, trainer_version=self.buffer.weight_version)
+
+        async def generate_all() -> None:
+            gates = manager.new_gates()
+            pending = self.buffer.get_prompt_groups(num_groups)
+            while pending:
+                done = await asyncio.gather(*(manager.continue_group(g, self.sampling_params(), gates)
+                                              for g in pending))
+                lost = [g for g in done if any(s.status == Status.ABORTED for s in g.samples)]
+                self.buffer.put_finished([g for g in done if g not in lost])
+                if lost:
+                    for sample in (s for g in lost for s in g.samples):
+                        sample.metadata.pop(ENGINE_LOST_KEY, None)
+                    await self.recover_engines()
+                    self.buffer.requeue(lost)
+                    pending = self.buffer.get_prompt_groups(len(lost))
+                else:
+                    pending = []
+
+        asyncio.run(generate_all())
+        groups = self.buffer.take_train_groups(num_groups, trainer_version=self.buffer.weight_version)
+        groups.sort(key=lambda g: g.group_id)
+        for group_index, group in enumerate(groups):
+            for sample in group.samples:
+                sample.group_index = group_index
+        return groups
+
+    async def recover_engines(self) -> None:
+        """Bring lost engines back (RayRun restarts their actors and re-syncs them); an engine in this process
+        cannot be lost, so here an abort came from outside and the groups are simply generated again."""
 
     def _replay(self, rollout_id: int) -> list[SampleGroup]:
         """The groups --save-debug-rollout-data wrote for ``rollout_id`` (the prompt cursor does not move)."""
@@ -200,17 +276,10 @@ class LocalRun:
             rewards = [self.rollout.rewards(g) for g in groups]
         except (ValueError, KeyError) as error:  # dict rewards without (or with a wrong) --reward-key
             raise ConfigError(f"--reward-key: {error}") from error
-        algorithm = self.config.algorithm
-        skipped_before = self.trainer.guard.num_skipped
-        with explain_oom(self.config, "train"):
-            metrics = update_policy(self.trainer, groups, algorithm, rewards, self.config.global_batch_size,
-                                    self.tokenizer.pad_token_id or 0, self.config.rollout.rollout_max_response_len,
-                                    train_actor=rollout_id >= algorithm.num_critic_only_steps,
-                                    advantage_fn=self.hooks.advantage)
+        metrics = self._update_policy(groups, rewards,
+                                      train_actor=rollout_id >= self.config.algorithm.num_critic_only_steps)
         metrics["train/num_tokens"] = float(sum(len(s.tokens) for g in groups for s in g.samples
                                                 if s.status != Status.FAILED))
-        metrics["train/nonfinite_skipped_steps"] = float(self.trainer.guard.num_skipped - skipped_before)
-        metrics["train/nonfinite_skipped_total"] = float(self.trainer.guard.num_skipped)
         return metrics
 
     # ---- the async loop's verbs (called on its event loop) --------------------------------------------------
@@ -218,12 +287,15 @@ class LocalRun:
         """The producer that keeps the engine generating; it stops once the run's remaining steps are covered."""
         rollout = self.config.rollout
         producer = StreamingRollout(
-            self.rollout, LocalBufferHandle(self.buffer), self.sampling_params(),
+            self.rollout, self.buffer_handle(), self.sampling_params(),
             groups_to_train=(self.num_rollout - self.start_rollout) * rollout.rollout_batch_size,
             partial_rollout=rollout.partial_rollout, mask_offpolicy=rollout.mask_offpolicy_in_partial_rollout,
-            group_filter=self.hooks.group_filter)
+            group_filter=self.hooks.group_filter, on_engine_lost=self.recover_engines)
         producer.start()
         return producer
+
+    async def stop_producer(self, producer: StreamingRollout) -> None:
+        await producer.stop()
 
     async def take_groups(self, producer: StreamingRollout, rollout_id: int) -> list[SampleGroup]:
         """The batch of step ``rollout_id``: finished groups at most --max-staleness versions behind it."""
@@ -243,23 +315,22 @@ class LocalRun:
         """Weights go to the engines every --update-weights-interval steps, and after the last one."""
         return self._due(self.config.sync.update_weights_interval, rollout_id)
 
-    async def push_weights(self, version: int) -> None:
-        """The async loop's weight sync: the engine takes the weights between its steps; the buffer then hands
-        out groups under the new version."""
-        if self.engine is not None:
-            await push_weights(self.trainer.named_weights(), [self.client], version)
-        self.buffer.set_weight_version(version)
+    async def push_weights(self, version: int) -> dict[str, float]:
+        """The async loop's weight sync: the engines take the weights between their steps; the buffer then hands
+        out groups under the new version. Returns sync metrics (time, bytes) where the method reports them."""
+        metrics = await self._push(version) if self.client is not None else {}
+        await self.buffer_handle().call("set_weight_version", version)
+        return metrics
 
     def maybe_update_reference(self, rollout_id: int) -> None:
         interval = self.config.algorithm.ref_update_interval
         if interval and (rollout_id + 1) % interval == 0:
             self.trainer.update_reference()
 
-    def sync_weights(self, version: int) -> None:
-        """Push the trainer's weights to the engine (a no-op without one: --debug-train-only)."""
+    def sync_weights(self, version: int) -> dict[str, float]:
+        """Push the trainer's weights to the engines (a no-op without any: --debug-train-only)."""
         self.buffer.set_weight_version(version)
-        if self.engine is not None:
-            asyncio.run(push_weights(self.trainer.named_weights(), [self.client], version))
+        return asyncio.run(self._push(version)) if self.client is not None else {}
 
     def evaluate(self) -> dict[str, float]:
         """Mean reward and accuracy (fraction of samples with reward >= 1) per eval set (or --eval-function-path)."""
@@ -332,7 +403,7 @@ class LocalRun:
         if state is not None and self.trainer is not None:
             self.sync_weights(version=state.get("weight_version", state["rollout_id"] + 1))
         elif state is not None:  # --debug-rollout-only pushes nothing: the engine keeps the weights it started with
-            self.buffer.set_weight_version(self.engine.weight_version if self.engine is not None else 0)
+            self.buffer.set_weight_version(asyncio.run(self.client.weight_version()) if self.client is not None else 0)
         return state
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -349,8 +420,7 @@ class LocalRun:
         self.trackers.close()
         if self.gateway is not None:
             self.gateway.stop()
-        if self.engine is not None:
-            self.engine.shutdown()
+        self._stop_pools()
         run_dir = Path(self.config.logging.run_dir)
         return plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
 

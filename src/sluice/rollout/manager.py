@@ -18,10 +18,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from sluice.engine.protocol import EngineUnavailable
 from sluice.rewards import GroupRewardFn, RewardFn, score_group, score_sample
 from sluice.rewards.overlong import OverlongShaping
 from sluice.rollout.generate import SAMPLE_METRICS_KEY, GenerateContext, generate_single_turn
 from sluice.types import Sample, SampleGroup, SamplingParams, Status
+
+ENGINE_LOST_KEY = "engine_lost"  # sample.metadata: why an aborted sample's engine went away
 
 GenerateFn = Callable[[Sample, SamplingParams, GenerateContext], Awaitable["Sample | list[Sample]"]]
 log = logging.getLogger("sluice.rollout")
@@ -142,6 +145,11 @@ class RolloutManager:
         async with gates.generate:
             try:
                 out = await self.generate_fn(sample, params, self.ctx)
+            except EngineUnavailable as error:  # the engine died: not the sample's fault, so it is tried again
+                sample.status = Status.ABORTED
+                sample.metadata[ENGINE_LOST_KEY] = str(error)
+                log.warning("sample %d (group %d): engine lost: %s", sample.index, sample.group_index, error)
+                return [sample]
             except Exception as error:  # a broken generate call fails its sample, not the rollout
                 sample.status = Status.FAILED
                 sample.metadata["generate_error"] = f"{type(error).__name__}: {error}"

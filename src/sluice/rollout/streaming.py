@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from sluice.rollout.manager import RolloutManager, cancel_tasks
+from sluice.rollout.manager import ENGINE_LOST_KEY, RolloutManager, cancel_tasks
 from sluice.types import Sample, SampleGroup, SamplingParams, Status
 
 log = logging.getLogger("sluice.rollout")
@@ -47,10 +47,12 @@ class LocalBufferHandle:
 class StreamingRollout:
     def __init__(self, manager: RolloutManager, buffer: BufferHandle, sampling_params: SamplingParams, *,
                  groups_to_train: int, partial_rollout: bool = False, mask_offpolicy: bool = False,
-                 group_filter: GroupFilter | None = None, on_sample: Callable[[], None] | None = None) -> None:
+                 group_filter: GroupFilter | None = None, on_sample: Callable[[], None] | None = None,
+                 on_engine_lost: Callable[[], Awaitable[None]] | None = None) -> None:
         self.manager, self.buffer, self.sampling_params = manager, buffer, sampling_params
         self.partial_rollout, self.mask_offpolicy, self.group_filter = partial_rollout, mask_offpolicy, group_filter
-        self.on_sample = on_sample
+        self.on_sample, self.on_engine_lost = on_sample, on_engine_lost
+        self._recovering = asyncio.Lock()
         self._remaining = groups_to_train  # groups the loop will still take: nothing is generated past them
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()  # slots freed, a group settled, resumed or stopping: look again
@@ -75,9 +77,10 @@ class StreamingRollout:
         while True:
             self._raise_if_failed()
             self._settled.clear()
-            taken += await self.buffer.call("take_train_groups", num_groups - len(taken), trainer_version)
+            got = await self.buffer.call("take_train_groups", num_groups - len(taken), trainer_version)
+            taken += got
+            self._remaining -= len(got)  # at once: taken groups are no longer "finished" in the buffer's counts
             if len(taken) == num_groups:
-                self._remaining -= num_groups
                 self._wake.set()
                 return taken
             self._wake.set()  # stale groups went back to the queue: there may be room to generate them again
@@ -158,6 +161,8 @@ class StreamingRollout:
 
     async def _generate(self, group: SampleGroup) -> None:
         group = await self.manager.continue_group(group, self.sampling_params, self.gates)
+        if any(ENGINE_LOST_KEY in s.metadata for s in group.samples):
+            await self._recover(group)
         if any(s.status == Status.ABORTED for s in group.samples):
             if self.mask_offpolicy:  # tokens of the weights before the update stay as context, not trained
                 for sample in group.samples:
@@ -176,6 +181,21 @@ class StreamingRollout:
                 self.on_sample()
         self._settled.set()
         self._wake.set()
+
+    async def _recover(self, group: SampleGroup) -> None:
+        """An engine went away under this group: hold new work until the engines are recovered (once, however
+        many groups noticed), then the group is requeued like an aborted one."""
+        for sample in group.samples:
+            sample.metadata.pop(ENGINE_LOST_KEY, None)
+        self.counts["engine_lost"] = self.counts.get("engine_lost", 0) + 1
+        if self.on_engine_lost is None:
+            return
+        async with self._recovering:
+            self._running.clear()
+            try:
+                await self.on_engine_lost()
+            finally:
+                self._running.set()
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:

@@ -145,6 +145,31 @@ class TorchTrainer:
         self.num_optimizer_steps += int(applied)
         return {**metric_sums, "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
 
+    def offload(self) -> None:
+        """Move the models and optimizer state to host memory (--offload-train: the engines generate meanwhile)."""
+        self._move(torch.device("cpu"))
+
+    def onload(self) -> None:
+        """Back to the training device after ``offload``."""
+        self._move(self.device)
+
+    def _move(self, device: torch.device) -> None:
+        if self.device.type == "cpu":
+            return
+        pairs = [(self.model, self.optimizer)]
+        if self.ref_model is not None:
+            pairs.append((self.ref_model, None))
+        if self.critic is not None:
+            pairs.append((self.critic.model, self.critic.optimizer))
+        for model, optimizer in pairs:
+            model.to(device)
+            for state in (optimizer.state.values() if optimizer is not None else ()):
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and key != "step":
+                        state[key] = value.to(device, non_blocking=True)
+        if device.type == "cpu":
+            torch.cuda.empty_cache()
+
     def named_weights(self) -> dict[str, torch.Tensor]:
         """The actor's full weights by HF name, on every rank (detached views, no copy, unless FSDP gathers them)."""
         return self.data_parallel.full_weights(self.model)

@@ -1,0 +1,177 @@
+"""The Ray actors of a distributed run: engines, trainers and the Data Buffer.
+
+- ``EngineActor``: one LocalEngine behind its HTTP server (SGLang's native API), on the actor's device. The
+  rollout reaches it over HTTP, as it would a real SGLang server, and weights arrive through the same routes.
+- ``TrainerActor``: one rank of the train pool. Ranks join one torch.distributed group (gloo on CPU, NCCL on
+  GPU) and train data-parallel; every rank gets the whole rollout and runs its share of the micro-batches
+  (trainer/data_parallel.py). Rank 0 also pushes weights to the engines.
+- ``BufferActor``: the DataBuffer itself, its methods called one at a time by Ray.
+
+Actors are created by ``sluice.orchestration.ray_run`` into placement-group bundles; nothing here decides
+placement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from datetime import timedelta
+
+import torch
+
+from sluice.buffer import DataBuffer
+from sluice.config import Config
+from sluice.observability.step_metrics import peak_gpu_memory
+from sluice.types import SampleGroup
+
+
+def node_address() -> str:
+    """The address other nodes reach this one at (127.0.0.1 when Ray runs on this machine only)."""
+    import ray
+
+    address = ray.util.get_node_ip_address()
+    return "127.0.0.1" if os.environ.get("SLUICE_RAY_LOCAL") == "1" else address
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host if host != "127.0.0.1" else "127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class EngineActor:
+    def __init__(self, model_path: str, config: Config) -> None:
+        from sluice.engine.local_engine import LocalEngine
+        from sluice.engine.server import BackgroundServer
+        from sluice.engine.server_context import ServerContext
+
+        self.engine = LocalEngine(model_path, config.engine)
+        context = ServerContext(self.engine, model_path, model_path, config.engine)
+        self.server = BackgroundServer(context, host=node_address(), port=0).start()
+
+    def url(self) -> str:
+        return self.server.url
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def context_len(self) -> int:
+        return self.engine.context_len
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def release_memory(self) -> None:
+        self.engine.release_memory()
+
+    def resume_memory(self) -> None:
+        self.engine.resume_memory()
+
+    def shutdown(self) -> None:
+        self.server.stop()
+        self.engine.shutdown()
+
+
+class TrainerActor:
+    def __init__(self, config: Config, rank: int, world_size: int, master_address: str, master_port: int) -> None:
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.sync = None
+        if world_size > 1:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(0)  # Ray shows each trainer its own GPU as device 0
+            torch.distributed.init_process_group(backend, init_method=f"tcp://{master_address}:{master_port}",
+                                                 rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
+        from sluice.orchestration.hooks import load_trainer_hooks
+        from sluice.trainer.torch_backend import TorchTrainer
+
+        self.hooks = load_trainer_hooks(config)
+        group = torch.distributed.group.WORLD if world_size > 1 else None
+        self.trainer = TorchTrainer(config.model.hf_checkpoint, config.train, config.algorithm,
+                                    config.rollout.rollout_temperature, config.model.ref_load,
+                                    custom_loss=self.hooks.loss, process_group=group)
+
+    def ready(self) -> int:
+        return self.rank
+
+    def train(self, groups: list[SampleGroup], rewards: list[list[float]], train_actor: bool,
+              pad_token_id: int) -> dict[str, float]:
+        """One rollout's policy (and critic) update, data-parallel over the pool; the same metrics on every rank."""
+        from sluice.trainer.update import update_policy
+
+        config = self.config
+        skipped_before = self.trainer.guard.num_skipped
+        metrics = update_policy(self.trainer, groups, config.algorithm, rewards, config.global_batch_size,
+                                pad_token_id, config.rollout.rollout_max_response_len, train_actor=train_actor,
+                                advantage_fn=self.hooks.advantage)
+        metrics["train/nonfinite_skipped_steps"] = float(self.trainer.guard.num_skipped - skipped_before)
+        metrics["train/nonfinite_skipped_total"] = float(self.trainer.guard.num_skipped)
+        metrics.update({f"{key}_trainer_rank{self.rank}": value for key, value in peak_gpu_memory().items()})
+        return metrics
+
+    def update_reference(self) -> None:
+        self.trainer.update_reference()
+
+    def offload(self) -> None:
+        self.trainer.offload()
+
+    def onload(self) -> None:
+        self.trainer.onload()
+
+    def state_dict(self, with_optimizer: bool = True) -> dict:
+        return self.trainer.state_dict(with_optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.load_state_dict(state)
+
+    def model_on_cpu(self):
+        """Rank 0: a CPU copy of the actor model, for an HF export written by the driver; other ranks: None.
+        Every rank calls it (gathering sharded weights is a collective)."""
+        from transformers import AutoModelForCausalLM
+
+        weights = self.trainer.named_weights()
+        if self.rank != 0:
+            return None
+        model = AutoModelForCausalLM.from_config(self.trainer.model.config, dtype=next(iter(weights.values())).dtype)
+        model.load_state_dict({name: tensor.to("cpu") for name, tensor in weights.items()})
+        return model
+
+    def weight_checksums(self) -> dict[str, int]:
+        """Per-tensor checksums of the actor's weights, as an engine's /get_weights_checksum reports them."""
+        from sluice.sync.verify import expected_checksums
+
+        return expected_checksums(self.trainer.named_weights())
+
+    # ---- weight sync (rank 0) -----------------------------------------------------------------------------
+    def connect_engines(self, engine_urls: list[str]) -> None:
+        """Set up the weight sync to these engines (--weight-sync-method), replacing any earlier one."""
+        from sluice.sync.factory import make_weight_sync
+
+        if self.sync is not None:
+            asyncio.run(self.sync.close())
+        self.sync = make_weight_sync(self.config.sync, list(engine_urls), device=self.trainer.device,
+                                     run_dir=self.config.logging.run_dir)
+        asyncio.run(self.sync.connect())
+
+    def push_weights(self, version: int) -> dict[str, float]:
+        """Every rank calls this (gathering full tensors may be a collective); rank 0 sends them."""
+        weights = self.trainer.named_weights()
+        if self.sync is None:
+            return {}
+        report = asyncio.run(self.sync.push(weights, version))
+        return {"sync/seconds": report.seconds, "sync/bytes": float(report.num_bytes),
+                "sync/buckets": float(report.num_buckets)}
+
+    def shutdown(self) -> None:
+        if self.sync is not None:
+            asyncio.run(self.sync.close())
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class BufferActor(DataBuffer):
+    """The DataBuffer as an actor: Ray runs its methods one at a time; properties are reached through counts()."""
+
+    def get_weight_version(self) -> int:
+        return self.weight_version
