@@ -49,7 +49,7 @@ def train_sync(run: LocalRun) -> None:
 
 async def train_async(run: LocalRun) -> None:
     if run.eval_before_train():
-        run.log(run.start_rollout, await asyncio.to_thread(run.evaluate))
+        run.log(run.start_rollout, await run.evaluate_async())
     producer = run.start_producer()
     try:
         for rollout_id in range(run.start_rollout, run.num_rollout):
@@ -65,7 +65,7 @@ async def train_async(run: LocalRun) -> None:
                     metrics.update(await producer.around_update(run.push_weights(version=rollout_id + 1)))
             if run.eval_due(rollout_id):
                 with timer("eval"):
-                    metrics.update(await asyncio.to_thread(run.evaluate))
+                    metrics.update(await run.evaluate_async())
             if run.save_due(rollout_id):  # on the loop's thread: the buffer holds still while it is saved
                 with timer("save"):
                     run.save(rollout_id, step_metrics={**metrics, **timer.metrics(metrics)})

@@ -371,7 +371,17 @@ def _cluster(config: Config) -> Iterator[str]:
 
 
 def _sync(config: Config) -> Iterator[str]:
-    sync = config.sync
+    sync, cluster = config.sync, config.cluster
+    if cluster.distributed and sync.weight_sync_method == "in_process":
+        yield ("--weight-sync-method in_process copies weights inside one process; with Ray the engines are their "
+               "own processes: use broadcast or disk")
+    if not cluster.distributed and sync.weight_sync_method == "broadcast":
+        yield ("--weight-sync-method broadcast sends weights to engine processes; this run keeps its engine in this "
+               "process (use in_process or disk, or place the pools with Ray)")
+    if not cluster.distributed and cluster.colocate:
+        yield "--colocate places Ray pools on shared devices; a one-process run is colocated already: drop it"
+    if sync.weight_sync_dir is not None and sync.weight_sync_method != "disk":
+        yield "--weight-sync-dir is where --weight-sync-method disk writes: add that method or drop the flag"
     if sync.update_weights_interval < 1:
         yield f"--update-weights-interval must be >= 1, got {sync.update_weights_interval}"
     if sync.update_weight_buffer_size < 1:

@@ -50,12 +50,14 @@ def response_metrics(groups: list[SampleGroup], rewards: list[list[float]], poli
 
 
 def peak_gpu_memory() -> dict[str, float]:
-    """Peak GPU memory allocated by torch in this process so far (GiB); empty without CUDA."""
+    """Peak GPU memory allocated by torch in this process since the previous call (GiB); empty without CUDA."""
     import torch
 
     if not torch.cuda.is_available():
         return {}
-    return {"perf/peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return {"perf/peak_gpu_memory_gib": peak}
 
 
 def idle_fractions(rollout_s: float | None, train_s: float | None, step_s: float) -> dict[str, float]:

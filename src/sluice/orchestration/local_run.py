@@ -36,7 +36,7 @@ from sluice.rollout.failures import RolloutFailed, check_failure_budget  # noqa:
 from sluice.rollout.manager import ENGINE_LOST_KEY, RolloutManager, rollout_metrics
 from sluice.rollout.step import RolloutRequest
 from sluice.rollout.streaming import LocalBufferHandle, StreamingRollout
-from sluice.sync.in_process import push_weights
+from sluice.sync.factory import make_weight_sync
 from sluice.trainer.torch_backend import TorchTrainer
 from sluice.trainer.update import update_policy
 from sluice.types import SampleGroup, SamplingParams, Status
@@ -74,6 +74,7 @@ class LocalRun:
             self._report_load(path, eval_report)
             self.eval_sets[name] = eval_samples
         self.engine: LocalEngine | None = None
+        self.weight_sync = None  # made at the first push (see _push)
         self._on_device = {"engines": True, "trainer": True}  # see memory_for
         self.gateway = None
         self.client, context_len = None, 0
@@ -116,9 +117,12 @@ class LocalRun:
         return metrics
 
     async def _push(self, version: int) -> dict[str, float]:
-        """The trainer's weights to the engines, as ``version``; returns sync metrics."""
-        await push_weights(self.trainer.named_weights(), [self.client], version)
-        return {}
+        """The trainer's weights to the engine, as ``version`` (--weight-sync-method: in_process or disk)."""
+        if self.weight_sync is None:
+            self.weight_sync = make_weight_sync(self.config.sync, [self.engine], device=self.trainer.device,
+                                                run_dir=self.config.logging.run_dir)
+        report = await self.weight_sync.push(self.trainer.named_weights(), version)
+        return {"sync/seconds": report.seconds, "sync/bytes": float(report.num_bytes)}
 
     def memory_for(self, stage: str) -> None:
         """--offload-train / --offload-rollout: hand the shared devices to the stage about to run. "train": the
@@ -233,7 +237,7 @@ class LocalRun:
                 done = await asyncio.gather(*(manager.continue_group(g, self.sampling_params(), gates)
                                               for g in pending))
                 lost = [g for g in done if any(s.status == Status.ABORTED for s in g.samples)]
-                self.buffer.put_finished([g for g in done if g not in lost])
+                self.buffer.put_finished([g for g in done if all(g is not x for x in lost)])
                 if lost:
                     for sample in (s for g in lost for s in g.samples):
                         sample.metadata.pop(ENGINE_LOST_KEY, None)
@@ -334,17 +338,21 @@ class LocalRun:
 
     def evaluate(self) -> dict[str, float]:
         """Mean reward and accuracy (fraction of samples with reward >= 1) per eval set (or --eval-function-path)."""
+        return asyncio.run(self.evaluate_async())
+
+    async def evaluate_async(self) -> dict[str, float]:
+        """``evaluate`` on the running event loop (the async loop's: its engine clients stay on one loop)."""
         if self.hooks.evaluate is not None:
             request = EvalRequest(self.num_rollouts_done, self.eval_sets, self.config.eval.n_samples_per_eval_prompt,
                                   self.sampling_params(evaluation=True), self.rollout, self.source)
-            return asyncio.run(self.hooks.evaluate(request))
+            return await self.hooks.evaluate(request)
         out: dict[str, float] = {}
         num_tokens = 0
         for name, samples in self.eval_sets.items():
             with explain_oom(self.config, "eval"):
-                groups = asyncio.run(self.rollout.generate_groups(
+                groups = await self.rollout.generate_groups(
                     samples, self.config.eval.n_samples_per_eval_prompt, self.sampling_params(evaluation=True),
-                    shape_rewards=False))
+                    shape_rewards=False)
             raise_if_engine_ran_out(groups, self.config)
             rewards = [r for g in groups for r in self.rollout.rewards(g)]
             out[f"eval/{name}/reward_mean"] = statistics.fmean(rewards)

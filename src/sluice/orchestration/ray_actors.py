@@ -74,25 +74,33 @@ class EngineActor:
 
 
 class TrainerActor:
-    def __init__(self, config: Config, rank: int, world_size: int, master_address: str, master_port: int) -> None:
+    def __init__(self, config: Config, rank: int, world_size: int) -> None:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.sync = None
-        if world_size > 1:
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0: where the other ranks meet it (its own node's address and a free port there)."""
+        address = node_address()
+        return address, free_port(address)
+
+    def setup(self, master_address: str, master_port: int) -> int:
+        """Join the train pool's process group (every rank at once), then load the trainer."""
+        if self.world_size > 1:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             if backend == "nccl":
                 torch.cuda.set_device(0)  # Ray shows each trainer its own GPU as device 0
             torch.distributed.init_process_group(backend, init_method=f"tcp://{master_address}:{master_port}",
-                                                 rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
+                                                 rank=self.rank, world_size=self.world_size,
+                                                 timeout=timedelta(minutes=30))
         from sluice.orchestration.hooks import load_trainer_hooks
         from sluice.trainer.torch_backend import TorchTrainer
 
+        config = self.config
         self.hooks = load_trainer_hooks(config)
-        group = torch.distributed.group.WORLD if world_size > 1 else None
+        group = torch.distributed.group.WORLD if self.world_size > 1 else None
         self.trainer = TorchTrainer(config.model.hf_checkpoint, config.train, config.algorithm,
                                     config.rollout.rollout_temperature, config.model.ref_load,
                                     custom_loss=self.hooks.loss, process_group=group)
-
-    def ready(self) -> int:
         return self.rank
 
     def train(self, groups: list[SampleGroup], rewards: list[list[float]], train_actor: bool,
@@ -119,8 +127,10 @@ class TrainerActor:
     def onload(self) -> None:
         self.trainer.onload()
 
-    def state_dict(self, with_optimizer: bool = True) -> dict:
-        return self.trainer.state_dict(with_optimizer)
+    def state_dict(self, with_optimizer: bool = True) -> dict | None:
+        """Every rank calls it (a collective under FSDP); rank 0 returns the state, the others None."""
+        state = self.trainer.state_dict(with_optimizer)
+        return state if self.rank == 0 else None
 
     def load_state_dict(self, state: dict) -> None:
         self.trainer.load_state_dict(state)
@@ -141,7 +151,8 @@ class TrainerActor:
         """Per-tensor checksums of the actor's weights, as an engine's /get_weights_checksum reports them."""
         from sluice.sync.verify import expected_checksums
 
-        return expected_checksums(self.trainer.named_weights())
+        weights = self.trainer.named_weights()
+        return expected_checksums(weights) if self.rank == 0 else None
 
     # ---- weight sync (rank 0) -----------------------------------------------------------------------------
     def connect_engines(self, engine_urls: list[str]) -> None:

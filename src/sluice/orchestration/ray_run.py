@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from typing import Any
 
 from sluice.config import Config, ConfigError
 from sluice.engine.http_client import HttpEngineClient
 from sluice.engine.router import MultiEngineClient
 from sluice.orchestration.local_run import LocalRun, held_groups
-from sluice.orchestration.ray_actors import BufferActor, EngineActor, TrainerActor, free_port, node_address
+from sluice.orchestration.ray_actors import BufferActor, EngineActor, TrainerActor
 from sluice.rollout.manager import cancel_tasks
 from sluice.types import SampleGroup
 
 ENGINE_START_TIMEOUT_S = 600.0
+TRAINER_SETUP_TIMEOUT_S = 1800.0  # loading a large model on every rank takes a while
 ENGINE_PROBE_TIMEOUT_S = 60.0  # a live engine answers a one-token generation well within this
 ENGINE_WATCH_INTERVAL_S = 10.0  # how often the async loop probes the engines
 
@@ -59,7 +61,12 @@ class RayPools:
         self.trainers: list[Any] = []
         self.buffer = None
         self._groups = None
-        self._groups = self._placement_groups()
+        try:
+            self._groups = self._placement_groups()
+        except BaseException:
+            if self.started_ray:
+                ray.shutdown()
+            raise
 
     def _bundle(self) -> dict[str, float]:
         return {"GPU": 1, "CPU": 1} if self.use_gpus else {"CPU": 1}
@@ -67,7 +74,7 @@ class RayPools:
     def _placement_groups(self) -> dict[str, tuple[Any, int]]:
         """pool -> (placement group, first bundle index); colocated pools share one group."""
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
 
         cluster = self.config.cluster
         train = cluster.train_world_size
@@ -77,10 +84,13 @@ class RayPools:
         else:
             groups = {"train": (placement_group([self._bundle()] * train, strategy="PACK"), 0),
                       "rollout": (placement_group([self._bundle()] * cluster.rollout_slots, strategy="PACK"), 0)}
-        for group, _ in {id(g): (g, i) for g, i in groups.values()}.values():
+        distinct = [g for g, _ in {id(g): (g, i) for g, i in groups.values()}.values()]
+        for group in distinct:
             try:
                 ray.get(group.ready(), timeout=120)
             except ray.exceptions.GetTimeoutError:
+                for made in distinct:
+                    remove_placement_group(made)
                 raise ConfigError(f"Ray could not place {len(group.bundle_specs)} bundles of {self._bundle()} "
                                   f"(cluster resources: {ray.cluster_resources()}); lower --actor-num-gpus-per-node "
                                   "/ --rollout-num-gpus or add nodes") from None
@@ -145,15 +155,20 @@ class RayPools:
             self.engine_urls[index] = ray.get(self.engines[index].url.remote(), timeout=ENGINE_START_TIMEOUT_S)
 
     def start_trainers(self) -> "RayTrainPool":
+        """The ranks, then their process group: rank 0 names the address to meet at, on its own node."""
         import ray
 
         world = self.config.cluster.train_world_size
         share = 0.5 if self.config.cluster.colocate else 1.0
-        address = node_address()
-        port = free_port(address)
         self.trainers = [ray.remote(TrainerActor).options(**self._options("train", rank, share)).remote(
-            self.config, rank, world, address, port) for rank in range(world)]
-        ray.get([trainer.ready.remote() for trainer in self.trainers])
+            self.config, rank, world) for rank in range(world)]
+        address, port = ray.get(self.trainers[0].rendezvous_address.remote(), timeout=ENGINE_START_TIMEOUT_S)
+        try:
+            ray.get([trainer.setup.remote(address, port) for trainer in self.trainers], timeout=TRAINER_SETUP_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"the {world} trainer ranks did not meet at {address}:{port} within "
+                               f"{TRAINER_SETUP_TIMEOUT_S:.0f} s (--actor-num-nodes / --actor-num-gpus-per-node: is "
+                               "every node reachable from the others?)") from None
         return RayTrainPool(self.trainers)
 
     def shutdown(self) -> None:
@@ -207,11 +222,20 @@ class RayTrainPool:
 
     def __init__(self, actors: list[Any]) -> None:
         self.actors = actors
+        # every rank must receive the calls in one order (collectives): submit one fan-out at a time
+        self._submit = threading.Lock()
+
+    def _submit_all(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        args = tuple(ray.put(a) if isinstance(a, (list, dict)) else a for a in args)  # serialised once, not per rank
+        with self._submit:
+            return [getattr(actor, method).remote(*args) for actor in self.actors]
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         import ray
 
-        return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
+        return ray.get(self._submit_all(method, *args))
 
     def train(self, groups: list[SampleGroup], rewards: list[list[float]], train_actor: bool,
               pad_token_id: int) -> dict[str, float]:
@@ -236,7 +260,7 @@ class RayTrainPool:
         ray.get(self.actors[0].connect_engines.remote(urls))
 
     async def push_weights(self, version: int) -> dict[str, float]:
-        results = await asyncio.gather(*(actor.push_weights.remote(version) for actor in self.actors))
+        results = await asyncio.gather(*self._submit_all("push_weights", version))
         return results[0]
 
     def state_dict(self, with_optimizer: bool = True) -> dict:
@@ -257,6 +281,7 @@ class RayTrainPool:
 class RayRun(LocalRun):
     def __init__(self, config: Config, log=print):
         self.num_engine_restarts = 0
+        self.pushed_version = 0
         self._recovery: tuple[Any, asyncio.Lock] | None = None
         self._watcher: asyncio.Task | None = None
         self.pools = RayPools(config, log)
@@ -288,7 +313,10 @@ class RayRun(LocalRun):
         return self.trainer.train(groups, rewards, train_actor, self.tokenizer.pad_token_id or 0)
 
     async def _push(self, version: int) -> dict[str, float]:
-        return await self.trainer.push_weights(version)
+        async with self._recovery_lock():  # never interleaved with a recovery's own push
+            metrics = await self.trainer.push_weights(version)
+        self.pushed_version = version
+        return metrics
 
     def buffer_handle(self):
         return self.buffer
@@ -303,10 +331,11 @@ class RayRun(LocalRun):
             self.log_line(f"engines lost: {', '.join(self.pools.engine_urls[i] for i in lost)}; restarting")
             await asyncio.to_thread(self.pools.restart_engines, lost)
             for index in lost:
+                await self.client.clients[index].aclose()
                 self.client.clients[index] = HttpEngineClient(self.pools.engine_urls[index])
-            if self.trainer is not None:  # the newest weights the buffer knows of: a conservative version label
+            if self.trainer is not None:  # labelled with the last pushed version: never older than the engines have
                 await asyncio.to_thread(self.trainer.connect_engines, self.pools.engine_urls)
-                await self.trainer.push_weights(await self.buffer.call("get_weight_version"))
+                await self.trainer.push_weights(self.pushed_version)
             self.num_engine_restarts += len(lost)
             self.log_line(f"engines restarted and re-synced: {', '.join(self.pools.engine_urls[i] for i in lost)}")
 

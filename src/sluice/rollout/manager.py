@@ -25,6 +25,7 @@ from sluice.rollout.generate import SAMPLE_METRICS_KEY, GenerateContext, generat
 from sluice.types import Sample, SampleGroup, SamplingParams, Status
 
 ENGINE_LOST_KEY = "engine_lost"  # sample.metadata: why an aborted sample's engine went away
+MAX_ENGINE_LOSSES = 3  # a sample whose engine is lost more often than this fails (and counts against the run)
 
 GenerateFn = Callable[[Sample, SamplingParams, GenerateContext], Awaitable["Sample | list[Sample]"]]
 log = logging.getLogger("sluice.rollout")
@@ -98,9 +99,10 @@ class RolloutManager:
                 todo.append(sample)
         outputs = await asyncio.gather(*(self._sample(s, sampling_params, gates, score_aborted=False) for s in todo))
         produced = iter(outputs)
+        pending = {id(s) for s in todo}
         samples = []
         for sample in group.samples:
-            samples += next(produced) if sample in todo else [sample]
+            samples += next(produced) if id(sample) in pending else [sample]
         group.samples = samples
         if any(s.status == Status.ABORTED for s in samples):
             return group  # the caller requeues it; rewards come when every sample is done
@@ -146,9 +148,16 @@ class RolloutManager:
             try:
                 out = await self.generate_fn(sample, params, self.ctx)
             except EngineUnavailable as error:  # the engine died: not the sample's fault, so it is tried again
-                sample.status = Status.ABORTED
-                sample.metadata[ENGINE_LOST_KEY] = str(error)
-                log.warning("sample %d (group %d): engine lost: %s", sample.index, sample.group_index, error)
+                tries = sample.metadata.get("engine_lost_count", 0) + 1
+                sample.metadata["engine_lost_count"] = tries
+                if tries <= MAX_ENGINE_LOSSES:
+                    sample.status = Status.ABORTED
+                    sample.metadata[ENGINE_LOST_KEY] = str(error)
+                    log.warning("sample %d (group %d): engine lost: %s", sample.index, sample.group_index, error)
+                    return [sample]
+                sample.status = Status.FAILED  # lost its engine every time: something beyond one dead process
+                sample.metadata["generate_error"] = f"engine lost {tries} times, last: {error}"
+                log.warning("sample %d: %s", sample.index, sample.metadata["generate_error"])
                 return [sample]
             except Exception as error:  # a broken generate call fails its sample, not the rollout
                 sample.status = Status.FAILED

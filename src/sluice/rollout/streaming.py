@@ -57,8 +57,9 @@ class StreamingRollout:
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()  # slots freed, a group settled, resumed or stopping: look again
         self._settled = asyncio.Event()  # a group went back to the buffer
-        self._running = asyncio.Event()  # cleared while paused for a weight update
+        self._running = asyncio.Event()  # cleared while paused (a weight update, an engine recovery)
         self._running.set()
+        self._pauses = 0
         self._stopping = False
         self._error: BaseException | None = None
         self._main: asyncio.Task | None = None
@@ -90,7 +91,7 @@ class StreamingRollout:
         """Run the weight update ``update``; with partial rollout, on engines emptied of this producer's work."""
         if not self.partial_rollout:
             return await update
-        self._running.clear()
+        self._pause()
         try:
             while self._tasks:  # abort again until every group settled: a sample may reach the engine late
                 await self.manager.ctx.client.abort(None)
@@ -98,13 +99,23 @@ class StreamingRollout:
             self._raise_if_failed()
             return await update
         finally:
+            self._unpause()
+
+    def _pause(self) -> None:
+        self._pauses += 1
+        self._running.clear()
+
+    def _unpause(self) -> None:
+        self._pauses -= 1
+        if self._pauses == 0:
             self._running.set()
-            self._wake.set()
+        self._wake.set()
 
     async def stop(self) -> None:
         """Stop generating; groups still in flight stay in flight in the buffer (a checkpoint saves them)."""
         self._stopping = True
         self._wake.set()
+        self._pauses = 0
         self._running.set()
         if self._main is not None:
             await cancel_tasks([self._main])
@@ -131,8 +142,12 @@ class StreamingRollout:
                 self._wake.clear()
                 room = await self._room()
                 if room > 0 and not self._stopping:
-                    for group in await self.buffer.call("get_prompt_groups", room):
-                        self._launch(group)
+                    groups = await self.buffer.call("get_prompt_groups", room)
+                    if self._running.is_set():
+                        for group in groups:
+                            self._launch(group)
+                    else:  # paused while the buffer answered (a Ray actor call yields): hand them back
+                        await self.buffer.call("requeue", groups)
                 await self._wake.wait()
         except asyncio.CancelledError:
             raise
@@ -191,11 +206,11 @@ class StreamingRollout:
         if self.on_engine_lost is None:
             return
         async with self._recovering:
-            self._running.clear()
+            self._pause()
             try:
                 await self.on_engine_lost()
             finally:
-                self._running.set()
+                self._unpause()
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:

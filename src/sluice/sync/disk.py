@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ class DiskSync(WeightSync):
                                           deadline.remaining())
         except (OSError, asyncio.TimeoutError) as error:
             raise WeightSyncError(f"weight sync to version {version} failed at stage 'write': {self.directory}: "
-                                  f"{error or 'not written within --update-weights-timeout'}", stage="write") from error
+                                  f"{str(error) or 'not written within --update-weights-timeout'}", stage="write") from error
         results = await self._load_everywhere(path, version, checksums, deadline)
         remove_other_versions(self.directory, keep=path)
         return SyncReport(self.method, version, time.perf_counter() - started, num_bytes(weights), 1, results)
@@ -121,8 +122,11 @@ def write_version(directory: Path, version: int, weights: dict[str, torch.Tensor
     return final
 
 
+_VERSION_DIR = re.compile(r"\.?v\d{8,}(\.staging-.*)?")  # what write_version names (and stages)
+
+
 def remove_other_versions(directory: Path, keep: Path) -> None:
     """Delete every version directory (and leftover staging directory) except ``keep``."""
     for entry in directory.iterdir():
-        if entry != keep and entry.is_dir() and (entry.name.startswith("v") or ".staging-" in entry.name):
+        if entry != keep and entry.is_dir() and _VERSION_DIR.fullmatch(entry.name):
             shutil.rmtree(entry, ignore_errors=True)
