@@ -9,7 +9,10 @@ against the trainer's checksums, and the engine's tensors against the trainer's.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import pickle
 import socket
 from pathlib import Path
 
@@ -33,6 +36,8 @@ from sluice.sync.buckets import plan_buckets
 from sluice.sync.disk import DiskSync
 from sluice.sync.factory import make_weight_sync
 from sluice.sync.in_process import InProcessSync
+from sluice.sync.ipc import ROUTE as IPC_ROUTE
+from sluice.sync.ipc import IpcSync
 from sluice.sync.verify import checksum_differences, engine_checksums, expected_checksums
 from sluice.types import SamplingParams
 
@@ -351,6 +356,19 @@ def test_bench_sync_prints_one_json_line(capsys):
         assert figures["median_ms"] > 0 and figures["num_bytes"] == report["num_bytes"] > 0, method
         assert figures["verified"] is True, method
     assert report["separate_process"]["num_buckets"] >= 1
+    assert report["separate_process"]["wire"] == "gloo"  # a CPU trainer broadcasts
+
+
+def test_bench_sync_places_the_engine_by_the_gpus_there_are():
+    from sluice.bench.sync import _placement
+
+    assert _placement(torch.device("cpu"), "auto") == ("gloo", "cpu")
+    one_gpu = torch.cuda.device_count() <= 1
+    expected = ("cuda_ipc", "cuda:0") if one_gpu else ("nccl", "cuda:1")  # NCCL needs a GPU per rank
+    assert _placement(torch.device("cuda:0"), "auto") == expected
+    assert _placement(torch.device("cuda:0"), "gloo") == ("gloo", "cuda:0")
+    with pytest.raises(ValueError, match="needs a CUDA trainer"):
+        _placement(torch.device("cpu"), "ipc")
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -393,3 +411,139 @@ def test_nccl_broadcast_to_an_engine_on_another_gpu_is_exact(lively_checkpoint, 
     finally:
         server.stop()
         engine.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ CUDA IPC
+class _Call:
+    """Pickles as a call of ``function(*args)``: how a crafted payload runs code when it is unpickled."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def _payload(obj) -> str:
+    return base64.b64encode(pickle.dumps(obj)).decode("ascii")
+
+
+def _tensor_update(payload: str, version: int, flattened_name: str | None = None, shape=None) -> dict:
+    body = {"serialized_named_tensors": [payload], "weight_version": str(version)}
+    if flattened_name is not None:
+        body.update(load_format=FLATTENED_BUCKET, names=[flattened_name], dtypes=["float32"], shapes=[list(shape)])
+    return body
+
+
+@pytest.mark.parametrize("form", ["per_tensor", "flattened"])
+def test_ipc_route_refuses_a_payload_naming_a_forbidden_class(servers, engines, old_weights, form, tmp_path):
+    """A payload whose unpickling would run a shell command: refused with a 400 naming the function, before
+    anything ran; the engine keeps its weights and version."""
+    url, engine = servers[0].url, engines[0]
+    version = next_version(engines)
+    asyncio.run(InProcessSync([engine]).push(old_weights, version))
+    marker = tmp_path / "ran"
+    name = "model.norm.weight"
+    payload = _payload([(name, _Call(os.system, f"touch {marker}"))])
+    body = _tensor_update(payload, version + 1, *((name, old_weights[name].shape) if form == "flattened" else ()))
+    answer = httpx.post(url + IPC_ROUTE, json=body, timeout=30)
+    assert answer.status_code == 400
+    message = answer.json()["error"]["message"]
+    assert f"refused to unpickle {os.system.__module__}.system" in message
+    assert not marker.exists()
+    assert_engine_holds(engine, old_weights, version)
+    assert_server_holds(url, old_weights, version)
+
+
+def test_ipc_route_refuses_allowed_names_put_to_other_uses(servers, engines, old_weights):
+    """The classes a rebuild names are inert markers (not callable); the rebuild checks its arguments."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    url, engine = servers[0].url, engines[0]
+    version = next_version(engines)
+    asyncio.run(InProcessSync([engine]).push(old_weights, version))
+    cases = {
+        _payload(_Call(torch.Tensor, 1 << 30)): "is not callable",
+        _payload([("w", _Call(rebuild_cuda_tensor, *["x"] * 15))]): "rebuild argument 'tensor class' is malformed",
+        _payload([("w", _Call(rebuild_cuda_tensor, 1, 2))]): "takes 15 rebuild arguments, got 2",
+        _payload([("w", 3)]): "entry 0 is not a (name, tensor) pair",
+        "%%% not base64": "not base64",
+    }
+    for payload, expected in cases.items():
+        answer = httpx.post(url + IPC_ROUTE, json=_tensor_update(payload, version + 1), timeout=30)
+        assert answer.status_code == 400 and expected in answer.text, (expected, answer.text)
+    flattened_without_layout = {"serialized_named_tensors": ["AA=="], "load_format": FLATTENED_BUCKET}
+    answer = httpx.post(url + IPC_ROUTE, json=flattened_without_layout, timeout=30)
+    assert answer.status_code == 400 and "needs names, dtypes and shapes" in answer.text
+    assert_engine_holds(engine, old_weights, version)
+
+
+def test_ipc_sync_refuses_weights_off_the_gpu(servers, new_weights):
+    sync = IpcSync([servers[0].url], timeout_s=5)
+    with pytest.raises(WeightSyncError, match="must be on a CUDA device") as failure:
+        asyncio.run(push_and_close(sync, new_weights, 1))
+    assert failure.value.stage == "share" and "is on cpu" in str(failure.value)
+
+
+def test_factory_makes_an_ipc_sync_for_a_gpu_trainer_only(servers, engines):
+    urls = [server.url for server in servers]
+    config = SyncConfig(weight_sync_method="ipc", update_weight_buffer_size=4321, update_weights_timeout=9.0)
+    sync = make_weight_sync(config, urls, device="cuda:0")  # nothing touches the device before a push
+    assert isinstance(sync, IpcSync) and (sync.bucket_bytes, sync.timeout_s) == (4321, 9.0)
+    with pytest.raises(ValueError, match="CUDA IPC"):
+        make_weight_sync(config, urls, device="cpu")
+    with pytest.raises(ValueError, match="needs engine servers"):
+        make_weight_sync(config, engines, device="cuda:0")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_ipc_sync_to_a_serve_process_on_the_same_gpu_is_exact(lively_checkpoint, new_weights, old_weights):
+    """A `sluice serve` process on cuda:0, the trainer (this process) on cuda:0: IPC in flattened buckets, then
+    a checksum that does not match, then SGLang's per-tensor form (raw, and through IpcSync)."""
+    from multiprocessing.reduction import ForkingPickler  # torch's tensor reducers: registered by sluice.sync.ipc
+
+    from sluice.bench.sync import start_serve_process
+    from sluice.engine.weight_ipc import encode_payload, share_cuda_tensor
+
+    process, url = start_serve_process(Path(lively_checkpoint), "cuda:0", torch.bfloat16, timeout_s=300)
+    new = {name: tensor.to("cuda:0", torch.bfloat16) for name, tensor in new_weights.items()}
+    old = {name: tensor.to("cuda:0", torch.bfloat16) for name, tensor in old_weights.items()}
+    try:
+        sync = IpcSync([url], bucket_bytes=SMALL_BUCKET, timeout_s=120)
+        report = asyncio.run(sync.push(new, 1))
+        assert sync.flattened and report.method == "ipc" and report.num_buckets == len(plan_buckets(new, SMALL_BUCKET))
+        assert report.num_buckets >= 3 and report.num_bytes == sum(t.numel() * 2 for t in new.values())
+        assert_server_holds(url, new, 1)
+        asyncio.run(push_and_close(sync, old, 2))  # the same buffer again, refilled
+        assert_server_holds(url, old, 2)
+
+        # a checksum that does not match: refused naming the tensor, nothing applied
+        bucket = plan_buckets(new, 1 << 30)[0]
+        buffer = bucket.flatten(torch.device("cuda:0"))
+        torch.cuda.synchronize()
+        checksums = tensor_checksums(bucket.tensors)
+        checksums[2] += 1
+        body = {"serialized_named_tensors": [encode_payload(share_cuda_tensor(buffer))],
+                "load_format": FLATTENED_BUCKET, "names": bucket.names,
+                "dtypes": ["bfloat16"] * len(bucket.names), "shapes": bucket.shapes, "checksums": checksums,
+                "weight_version": "3"}
+        answer = httpx.post(url + IPC_ROUTE, json=body, timeout=120)
+        assert answer.status_code == 400, answer.text
+        assert repr(bucket.names[2]) in answer.json()["message"] and "checksum" in answer.json()["message"]
+        assert_server_holds(url, old, 2)
+
+        # SGLang's per-tensor form, as its MultiprocessingSerializer writes it (torch's reductions, base64)
+        pairs = list(new.items())
+        payload = base64.b64encode(bytes(ForkingPickler.dumps(pairs))).decode("ascii")
+        answer = httpx.post(url + IPC_ROUTE, timeout=120,
+                            json={"serialized_named_tensors": [payload], "weight_version": "3", "flush_cache": True})
+        assert answer.status_code == 200, answer.text
+        assert_server_holds(url, new, 3)
+        per_tensor = IpcSync([url], bucket_bytes=SMALL_BUCKET, timeout_s=120, wire_form="per_tensor")
+        assert asyncio.run(push_and_close(per_tensor, old, 4)).num_buckets >= 3
+        assert_server_holds(url, old, 4)
+        assert greedy(url)["meta_info"]["weight_version"] == "4"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -4,9 +4,11 @@ Workload: random weights of a named shape (default the Qwen2.5-0.5B shape; ``dem
 GPU and float32 on CPU, pushed as new versions to
 
 - ``colocated``: an engine in this process on the trainer's device (InProcessSync: a device-to-device copy);
-- ``separate_process``: a `sluice serve` subprocess on 127.0.0.1 (BroadcastSync). ``--backend auto``: NCCL when
-  the engine process can have a GPU of its own (cuda:1; NCCL puts one rank per GPU), else gloo, which on a
-  single GPU means a round trip through host memory on both sides;
+- ``separate_process``: a `sluice serve` subprocess on 127.0.0.1. ``--backend auto``: a CUDA trainer broadcasts
+  through NCCL when the engine process can have a GPU of its own (cuda:1; NCCL puts one rank per GPU); on a
+  machine with one GPU the engine shares the trainer's GPU and maps its buffers by CUDA IPC handles (IpcSync,
+  ``"wire": "cuda_ipc"``), and the gloo broadcast it replaces (a round trip through host memory on both sides)
+  is reported next to it as ``separate_process_broadcast``; a CPU trainer broadcasts through gloo;
 - ``disk``: the same server, through safetensors under a temporary directory (DiskSync).
 
 One warm-up push, then the median of ``--repeats`` pushes; each push is timed from the call to the engines'
@@ -37,6 +39,7 @@ from sluice.engine.weights import iter_safetensors
 from sluice.sync.broadcast import BroadcastSync
 from sluice.sync.disk import DiskSync
 from sluice.sync.in_process import InProcessSync
+from sluice.sync.ipc import IpcSync
 from sluice.sync.verify import checksum_differences, engine_checksums, expected_checksums
 
 GOALS_MS = {"colocated": 20.0, "separate_process": 100.0}  # on a GPU, for the Qwen2.5-0.5B shape
@@ -50,8 +53,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="Timed pushes per method (after one warm-up).")
     parser.add_argument("--bucket-bytes", type=int, default=512 * 2**20, help="--update-weight-buffer-size.")
     parser.add_argument("--timeout", type=float, default=600.0, help="--update-weights-timeout, seconds.")
-    parser.add_argument("--backend", default="auto", choices=("auto", "nccl", "gloo"),
-                        help="Broadcast backend; auto: nccl with two GPUs or more, else gloo.")
+    parser.add_argument("--backend", default="auto", choices=("auto", "nccl", "gloo", "ipc"),
+                        help="How the separate process gets the weights: a broadcast (nccl, gloo) or CUDA IPC (ipc, "
+                             "engine on the trainer's GPU); auto: nccl with two GPUs or more, else ipc on one GPU, "
+                             "gloo on a CPU.")
     parser.add_argument("--methods", default="colocated,separate_process,disk",
                         help="Comma-separated subset of colocated, separate_process, disk.")
     parser.add_argument("--seed", type=int, default=0)
@@ -111,34 +116,51 @@ def _colocated(path: Path, weights: dict, device: torch.device, dtype: torch.dty
 
 def _to_server(path: Path, weights: dict, device: torch.device, dtype: torch.dtype, args, methods: list[str],
                sync_dir: Path) -> dict:
-    backend, engine_device = _placement(device, args.backend)
-    process, url = _start_server(path, engine_device, dtype)
+    wire, engine_device = _placement(device, args.backend)
+    runs = []  # (figure name, how the weights travel, goal)
+    if "separate_process" in methods:
+        runs.append(("separate_process", wire, GOALS_MS["separate_process"]))
+        if wire == "cuda_ipc":  # the gloo broadcast that IPC replaces on one GPU, for comparison
+            runs.append(("separate_process_broadcast", "gloo", None))
+    if "disk" in methods:
+        runs.append(("disk", "disk", None))
+    process, url = start_serve_process(path, engine_device, dtype)
     figures: dict = {}
     try:
-        if "separate_process" in methods:
-            sync = BroadcastSync([url], bucket_bytes=args.bucket_bytes, timeout_s=args.timeout, device=device,
-                                 backend=backend)
-            figures["separate_process"] = _measure_server(sync, url, weights, args.repeats, device,
-                                                          GOALS_MS["separate_process"], engine_device, 1)
-        if "disk" in methods:  # versions go on from where the broadcast left the engine
-            sync = DiskSync(sync_dir, [url], timeout_s=args.timeout)
-            figures["disk"] = _measure_server(sync, url, weights, args.repeats, device, None, engine_device,
-                                              args.repeats + 2)
+        for index, (name, how, goal_ms) in enumerate(runs):
+            sync = DiskSync(sync_dir, [url], timeout_s=args.timeout) if how == "disk" else \
+                _separate_process_sync(how, url, device, args)
+            # versions go on from where the previous method left the engine (one warm-up + repeats each)
+            figures[name] = _measure_server(sync, url, weights, args.repeats, device, goal_ms, engine_device,
+                                            1 + index * (args.repeats + 1))
+            if how != "disk":
+                figures[name]["wire"] = how
     finally:
         process.terminate()
         process.wait(timeout=60)
     return figures
 
 
+def _separate_process_sync(wire: str, url: str, device: torch.device, args):
+    if wire == "cuda_ipc":
+        return IpcSync([url], bucket_bytes=args.bucket_bytes, timeout_s=args.timeout)
+    return BroadcastSync([url], bucket_bytes=args.bucket_bytes, timeout_s=args.timeout, device=device, backend=wire)
+
+
 def _placement(device: torch.device, backend: str) -> tuple[str, str]:
-    """The broadcast backend and the engine process's device. NCCL cannot put two ranks on one GPU, so with
-    NCCL a CUDA trainer's engine takes the next GPU."""
+    """How the separate process gets the weights (nccl, gloo, cuda_ipc) and its device. NCCL cannot put two
+    ranks on one GPU, so with NCCL a CUDA trainer's engine takes the next GPU; with one GPU, the engine shares the
+    trainer's and maps its buffers by CUDA IPC."""
     if device.type != "cuda":
+        if backend in ("nccl", "ipc"):
+            raise ValueError(f"--backend {backend} needs a CUDA trainer (--device cuda)")
         return "gloo", "cpu"
     next_gpu = (device.index or 0) + 1
     if backend == "auto":
-        backend = "nccl" if torch.cuda.device_count() > next_gpu else "gloo"
-    return backend, f"cuda:{next_gpu}" if backend == "nccl" else str(device)
+        backend = "nccl" if torch.cuda.device_count() > next_gpu else "ipc"
+    if backend == "nccl":
+        return "nccl", f"cuda:{next_gpu}"
+    return ("cuda_ipc" if backend == "ipc" else "gloo"), str(device)
 
 
 def _measure_server(sync, url: str, weights: dict, repeats: int, device: torch.device, goal_ms: float | None,
@@ -158,6 +180,8 @@ def _measure_server(sync, url: str, weights: dict, repeats: int, device: torch.d
     figures.update(connect_ms=round(1e3 * connect_s, 1), engine_device=engine_device)
     if isinstance(sync, BroadcastSync):
         figures.update(backend=sync.backend, wire_form="flattened_bucket" if sync.flattened else "per_tensor")
+    if isinstance(sync, IpcSync):
+        figures.update(wire_form="flattened_bucket" if sync.flattened else "per_tensor")
     return figures
 
 
@@ -191,7 +215,7 @@ def _engine_config(device: str, dtype: torch.dtype) -> EngineConfig:
                         max_running_requests=8, max_total_tokens=KV_TOKENS, disable_cuda_graph=True)
 
 
-def _start_server(path: Path, device: str, dtype: torch.dtype, timeout_s: float = 600.0):
+def start_serve_process(path: Path, device: str, dtype: torch.dtype, timeout_s: float = 600.0):
     """A `sluice serve` subprocess on a free port of 127.0.0.1; returns it and its URL once it listens."""
     command = [sys.executable, "-m", "sluice.cli", "serve", "--model", str(path), "--port", "0",
                "--sglang-device", device, "--sglang-dtype", str(dtype).removeprefix("torch."),

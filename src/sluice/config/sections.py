@@ -431,9 +431,11 @@ class SyncConfig:
         "Push the trainer's weights to the engines every N training steps."))
     weight_sync_method: str = field(default="auto", metadata=meta(
         "in_process: the engine copies the trainer's tensors (one process); broadcast: bucketed "
-        "torch.distributed broadcast to engine processes (NCCL on GPU, gloo on CPU); disk: safetensors files "
-        "the engines load; auto: in_process for a local run, broadcast for Ray.",
-        choices=("auto", "in_process", "broadcast", "disk")))
+        "torch.distributed broadcast to engine processes (NCCL on GPU, gloo on CPU); ipc: engine processes on the "
+        "trainer's host map its GPU buffers by CUDA IPC handles and copy device to device (a GPU trainer; the way "
+        "to an engine process on the trainer's own GPU); disk: safetensors files the engines load; auto: "
+        "in_process for a local run, broadcast for Ray.",
+        choices=("auto", "in_process", "broadcast", "ipc", "disk")))
     update_weight_buffer_size: int = field(default=512 * 2**20, metadata=meta(
         "Bytes per broadcast bucket of a weight sync."))
     update_weights_timeout: float = field(default=300.0, metadata=meta(

@@ -277,13 +277,77 @@ class DistributedUpdateBody(BaseModel):
 
     @model_validator(mode="after")
     def _bucket_fields(self) -> "DistributedUpdateBody":
-        if (self.bucket_index is None) != (self.num_buckets is None):
-            raise ValueError("bucket_index: give both bucket_index and num_buckets, or neither")
-        if self.bucket_index is not None:
-            if self.bucket_index >= self.num_buckets:
-                raise ValueError(f"bucket_index: {self.bucket_index} is outside {self.num_buckets} buckets")
-            if self.weight_version is None:
-                raise ValueError("weight_version: a bucketed update names the version it belongs to")
+        check_bucket_fields(self.bucket_index, self.num_buckets, self.weight_version)
+        return self
+
+    @property
+    def is_bucketed(self) -> bool:
+        return self.bucket_index is not None
+
+    @property
+    def is_last_bucket(self) -> bool:
+        return self.bucket_index is None or self.bucket_index == self.num_buckets - 1
+
+
+def check_bucket_fields(bucket_index: int | None, num_buckets: int | None, weight_version) -> None:
+    """Our bucket extension: both fields or neither, the index inside the count, the version named."""
+    if (bucket_index is None) != (num_buckets is None):
+        raise ValueError("bucket_index: give both bucket_index and num_buckets, or neither")
+    if bucket_index is not None:
+        if bucket_index >= num_buckets:
+            raise ValueError(f"bucket_index: {bucket_index} is outside {num_buckets} buckets")
+        if weight_version is None:
+            raise ValueError("weight_version: a bucketed update names the version it belongs to")
+
+
+class TensorUpdateBody(BaseModel):
+    """``POST /update_weights_from_tensor``: SGLang's fields, then sluice's extensions.
+
+    ``serialized_named_tensors``: one entry per tensor-parallel rank (our engine has one and reads entry 0), each
+    the base64 of a pickle holding CUDA IPC handles, read only through engine/weight_ipc.py's restricted
+    unpickler. SGLang's form: a list of (name, tensor) pairs, made with torch's multiprocessing reductions,
+    applied at once. Our extensions:
+
+    - ``load_format: "flattened_bucket"``: the payload is one uint8 tensor, the bucket's flat buffer, laid out by
+      ``weight_bucket.bucket_layout`` from ``names``, ``dtypes`` and ``shapes`` (one IPC handle per bucket).
+    - ``checksums``: one per tensor, in order (weight_bucket's sums); checked before any weight becomes visible.
+    - ``bucket_index``/``num_buckets`` (flattened form only): this call is one bucket of ``weight_version``;
+      buckets are held back and applied together after the last one (engine/weight_staging.py).
+    """
+
+    model_config = STRICT
+    serialized_named_tensors: list[str] = Field(min_length=1)
+    load_format: Literal["flattened_bucket"] | None = None
+    flush_cache: bool = True  # our engine always drops cached prefixes computed with the old weights
+    abort_all_requests: bool = False
+    weight_version: str | int | None = None  # None keeps the current version, as SGLang does
+    names: list[str] | None = None
+    dtypes: list[str] | None = None
+    shapes: list[list[int]] | None = None
+    checksums: list[int] | None = None
+    bucket_index: int | None = Field(None, ge=0)
+    num_buckets: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _forms(self) -> "TensorUpdateBody":
+        layout = {"names": self.names, "dtypes": self.dtypes, "shapes": self.shapes}
+        if self.load_format is None:
+            given = next((field for field, value in layout.items() if value is not None), None)
+            if given is not None:
+                raise ValueError(f"{given}: the per-tensor form carries names in its payload; the layout fields "
+                                 "go with load_format flattened_bucket")
+            if self.bucket_index is not None:
+                raise ValueError("bucket_index: bucketed updates take load_format flattened_bucket")
+            return self
+        missing = next((field for field, value in layout.items() if value is None), None)
+        if missing is not None:
+            raise ValueError(f"{missing}: load_format flattened_bucket needs names, dtypes and shapes")
+        if not (len(self.names) == len(self.dtypes) == len(self.shapes)):
+            raise ValueError(f"names, dtypes and shapes differ in length "
+                             f"({len(self.names)}, {len(self.dtypes)}, {len(self.shapes)})")
+        if self.checksums is not None and len(self.checksums) != len(self.names):
+            raise ValueError(f"checksums: {len(self.checksums)} checksums for {len(self.names)} names")
+        check_bucket_fields(self.bucket_index, self.num_buckets, self.weight_version)
         return self
 
     @property

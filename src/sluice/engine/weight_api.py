@@ -1,4 +1,5 @@
-"""Weight routes: SGLang's updates from disk and by broadcast, plus sluice's checksum route and bucket extensions.
+"""Weight routes: SGLang's updates from disk, by broadcast and by CUDA IPC handles, plus sluice's checksum route
+and bucket extensions.
 
 Every call that waits (joining a group, receiving a broadcast, copying weights, checksums) runs in a worker thread,
 so the event loop keeps answering /health and streaming. ``ctx.weights_lock`` serializes them: two updates through
@@ -6,6 +7,10 @@ one group must not interleave their collectives.
 
 A broadcast request for a known group always takes part in the broadcast before any check that could refuse it
 (version, checksums): a rank that skipped the collective would leave the trainer blocked until its timeout.
+
+An IPC update maps the trainer's GPU memory (engine/weight_ipc.py). The trainer refills or frees that memory once
+it has our answer, so every copy out of it has finished before we answer: a bucket held back is copied into
+memory of our own, and the device is synchronized after the copies.
 """
 
 from __future__ import annotations
@@ -13,23 +18,34 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import torch
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from sluice.device import resolve_device
 from sluice.engine.http_errors import RequestError, read_body
-from sluice.engine.native_schema import DestroyGroupBody, DiskUpdateBody, DistributedUpdateBody, InitGroupBody
+from sluice.engine.native_schema import (
+    DestroyGroupBody,
+    DiskUpdateBody,
+    DistributedUpdateBody,
+    InitGroupBody,
+    TensorUpdateBody,
+)
 from sluice.engine.server_context import ServerContext
 from sluice.engine.weight_bucket import (
     FLATTENED_BUCKET,
     bucket_layout,
     checksum_mismatches,
+    unflatten_bucket,
     weights_digest,
 )
 from sluice.engine.weight_group import join_weight_group, parse_dtype, receive_bucket, receive_weights
+from sluice.engine.weight_ipc import ForbiddenGlobal, decode_payload, flat_buffer, named_tensors
 from sluice.engine.weight_staging import stage_bucket
 
 GROUP_JOIN_TIMEOUT = timedelta(minutes=5)  # when the trainer gives none (SGLang's request has no such field)
+IPC_STAGING = "update_weights_from_tensor"  # staged_updates' key for versions arriving by IPC (there is no group)
 
 
 def weight_router(ctx: ServerContext) -> APIRouter:
@@ -84,7 +100,42 @@ def weight_router(ctx: ServerContext) -> APIRouter:
             except Exception as error:  # noqa: BLE001 - a broken group; the trainer must build a new one
                 ctx.staged_updates.pop(body.group_name, None)
                 return _failure(f"receiving broadcast weights failed: {error}")
-            return await _take_bucket(ctx, body, tensors, version)
+            expected = dict(zip(body.names, body.checksums)) if body.checksums is not None else None
+            return await _take_bucket(ctx, body.group_name, body, tensors, expected, version)
+
+    @router.post("/update_weights_from_tensor")
+    async def update_from_tensor(request: Request):
+        """SGLang's update by CUDA IPC handles: the trainer's GPU memory, mapped here, is copied into the weights.
+
+        Security: the payload is a pickle, read only through engine/weight_ipc.py's restricted unpickler (torch's
+        CUDA tensor rebuild and the few classes it names; any other class is refused with a 400 naming it). A
+        caller can still make this process map GPU memory that other processes of the user shared, so the server
+        binds 127.0.0.1 by default: do not open it (``--host``) to callers you do not trust.
+        """
+        body = await read_body(request, TensorUpdateBody)
+        dtypes = [_dtype(i, name) for i, name in enumerate(body.dtypes or [])]
+        version = _weight_version(body.weight_version, ctx.engine.weight_version)
+        if body.abort_all_requests:
+            ctx.engine.abort(None)
+        device = resolve_device(ctx.engine_config.device)
+        async with ctx.weights_lock:
+            try:
+                if body.load_format == FLATTENED_BUCKET:
+                    tensors = await asyncio.to_thread(_map_bucket, body, dtypes, device)
+                else:
+                    tensors = await asyncio.to_thread(_map_named, body)
+            except ForbiddenGlobal as error:
+                ctx.staged_updates.pop(IPC_STAGING, None)
+                raise RequestError("serialized_named_tensors[0]", str(error)) from None
+            except Exception as error:  # noqa: BLE001 - malformed, or CUDA could not map it: the server stays up
+                ctx.staged_updates.pop(IPC_STAGING, None)
+                return _failure(f"reading the shared CUDA tensors failed: {error}")
+            try:
+                names = body.names if body.names is not None else list(tensors)
+                expected = dict(zip(names, body.checksums)) if body.checksums is not None else None
+                return await _take_bucket(ctx, IPC_STAGING, body, tensors, expected, version)
+            finally:
+                await asyncio.to_thread(_finish_copies, tensors, device)
 
     @router.post("/destroy_weights_update_group")
     async def destroy_group(request: Request):
@@ -103,29 +154,29 @@ def weight_router(ctx: ServerContext) -> APIRouter:
     return router
 
 
-async def _take_bucket(ctx: ServerContext, body: DistributedUpdateBody, tensors: dict, version: int):
-    """Check a received bucket; apply it (SGLang's form, or the last bucket of a version) or hold it back."""
+async def _take_bucket(ctx: ServerContext, key: str, body: DistributedUpdateBody | TensorUpdateBody, tensors: dict,
+                       expected: dict[str, int] | None, version: int):
+    """Check a received bucket against ``expected`` checksums; apply it (SGLang's form, or the last bucket of a
+    version) or hold it back under ``key`` (the group, or IPC_STAGING)."""
     where = f"bucket {body.bucket_index} of {body.num_buckets}" if body.is_bucketed else "update"
     try:
         if body.is_bucketed and body.bucket_index == 0 and version < ctx.engine.weight_version:
             raise ValueError(f"weight version {version} is older than the engine's {ctx.engine.weight_version}")
-        if body.checksums is not None:
-            expected = dict(zip(body.names, body.checksums))
+        if expected is not None:
             problems = await asyncio.to_thread(checksum_mismatches, tensors, expected)
             if problems:
                 raise ValueError(f"{where} of weight version {version} refused, its checksums do not match: "
                                  + "; ".join(problems[:5]))
         if body.is_bucketed:
-            staged = stage_bucket(ctx.staged_updates, body.group_name, body.bucket_index, body.num_buckets,
-                                  version, tensors)
+            staged = stage_bucket(ctx.staged_updates, key, body.bucket_index, body.num_buckets, version, tensors)
     except ValueError as error:
-        ctx.staged_updates.pop(body.group_name, None)
+        ctx.staged_updates.pop(key, None)
         return _failure(str(error))
     if not body.is_bucketed:
         return await _apply_weights(ctx, tensors, version)
     if not staged.complete:
         return {"success": True, "message": f"staged {where} of weight version {version}"}
-    del ctx.staged_updates[body.group_name]
+    del ctx.staged_updates[key]
     return await _apply_weights(ctx, staged.tensors, version)
 
 
@@ -136,6 +187,31 @@ async def _apply_weights(ctx: ServerContext, weights, version: int, checksums: d
         return _failure(f"weight update failed: {error}")
     return {"success": True, "message": f"loaded {count} tensors; weight version {version}",
             "num_paused_requests": 0}
+
+
+def _map_bucket(body: TensorUpdateBody, dtypes: list, device: torch.device) -> dict[str, torch.Tensor]:
+    """The flattened form: views of the trainer's shared buffer, or of our own copy of it when the bucket is held
+    back (the trainer refills its buffer with the next bucket once we answer)."""
+    slots, total = bucket_layout(body.names, dtypes, body.shapes)
+    buffer = flat_buffer(decode_payload(body.serialized_named_tensors[0]), total)
+    if not body.is_last_bucket:
+        buffer = buffer.to(device, copy=True)
+    return unflatten_bucket(buffer, slots)
+
+
+def _map_named(body: TensorUpdateBody) -> dict[str, torch.Tensor]:
+    """SGLang's form: the trainer's tensors themselves, mapped; applied at once."""
+    tensors = named_tensors(decode_payload(body.serialized_named_tensors[0]))
+    if body.checksums is not None and len(body.checksums) != len(tensors):
+        raise ValueError(f"checksums: {len(body.checksums)} checksums for {len(tensors)} tensors")
+    return tensors
+
+
+def _finish_copies(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Wait until every copy out of the trainer's memory (and into ours) has finished on the GPU."""
+    devices = {tensor.device for tensor in tensors.values()} | {device}
+    for cuda_device in {d for d in devices if d.type == "cuda"}:
+        torch.cuda.synchronize(cuda_device)
 
 
 def _failure(message: str) -> JSONResponse:

@@ -14,14 +14,15 @@ from sluice.sync.broadcast import BroadcastSync
 from sluice.sync.disk import DiskSync
 from sluice.sync.in_process import InProcessSync
 from sluice.sync.interface import WeightSync
+from sluice.sync.ipc import IpcSync
 
 Engine = str | LocalEngine | InProcessClient  # an engine server's URL, or an engine in this process
 
 
 def make_weight_sync(config: SyncConfig, engines: Sequence[Engine], *, device: str | torch.device = "cpu",
                      run_dir: str | Path | None = None) -> WeightSync:
-    """``device``: where the trainer's full tensors live (broadcast picks NCCL for CUDA, gloo otherwise);
-    ``run_dir``: for the disk method's default directory. ``auto`` is in_process when every engine lives in
+    """``device``: where the trainer's full tensors live (broadcast picks NCCL for CUDA, gloo otherwise; ipc needs
+    CUDA); ``run_dir``: for the disk method's default directory. ``auto`` is in_process when every engine lives in
     this process, broadcast when they are servers."""
     urls = [engine for engine in engines if isinstance(engine, str)]
     local = [engine for engine in engines if not isinstance(engine, str)]
@@ -39,9 +40,17 @@ def make_weight_sync(config: SyncConfig, engines: Sequence[Engine], *, device: s
                              "takes in_process")
         return BroadcastSync(urls, bucket_bytes=config.update_weight_buffer_size,
                              timeout_s=config.update_weights_timeout, device=device)
+    if method == "ipc":
+        if local:
+            raise ValueError("--weight-sync-method ipc needs engine servers (URLs) on the trainer's host; an "
+                             "in-process engine takes in_process")
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"--weight-sync-method ipc shares the trainer's GPU memory by CUDA IPC handles; this "
+                             f"trainer's weights are on {device} (use broadcast or disk)")
+        return IpcSync(urls, bucket_bytes=config.update_weight_buffer_size, timeout_s=config.update_weights_timeout)
     if method == "disk":
         directory = config.weight_sync_dir or (Path(run_dir) / "weight_sync" if run_dir is not None else None)
         if directory is None:
             raise ValueError("--weight-sync-method disk needs --weight-sync-dir (or a run directory)")
         return DiskSync(directory, list(engines), timeout_s=config.update_weights_timeout)
-    raise ValueError(f"--weight-sync-method {method!r} is not one of auto, in_process, broadcast, disk")
+    raise ValueError(f"--weight-sync-method {method!r} is not one of auto, in_process, broadcast, ipc, disk")
