@@ -13,7 +13,7 @@ import pytest
 from sluice.buffer import DataBuffer
 from sluice.checkpoint.rollout_data import load_rollout_data
 from sluice.config import ConfigError, EngineConfig, parse_config, validate
-from sluice.data import PromptSource
+from sluice.data import PromptSource, load_prompt_samples
 from sluice.data.tokenizer import load_tokenizer
 from sluice.demo.model import build_checkpoint
 from sluice.engine.client import InProcessClient
@@ -26,7 +26,8 @@ from sluice.rollout.generate import GenerateContext
 from sluice.rollout.manager import RolloutManager
 from sluice.rollout.streaming import LocalBufferHandle, StreamingRollout
 from sluice.types import Sample, SamplingParams, Status
-from test_train_loop import NUM_ROLLOUT, ROLLOUT_BATCH, SEED, SHAPE, flags
+from test_resume import kill_after_first_checkpoint
+from test_train_loop import N_SAMPLES, NUM_ROLLOUT, ROLLOUT_BATCH, SEED, SHAPE, flags
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 
@@ -128,6 +129,27 @@ def test_offload_flags_take_turns_on_the_device(say7, tmp_path):
         assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
     finally:
         run.close()
+
+
+def test_async_run_killed_and_resumed_trains_every_prompt_once(say7, tmp_path):
+    """SIGKILL an --async run after its first checkpoint and relaunch it: the groups in flight or finished at the
+    save come back from the buffer's state, so over the whole run every prompt of the data order is trained once
+    and no sample twice."""
+    root, model, data = say7
+    save, rollouts = tmp_path / "ckpt", tmp_path / "rollouts"
+    argv = flags(model, data, tmp_path / "run", save, NUM_ROLLOUT, "--async", "--save-interval", "3", "--load",
+                 str(save), "--save-debug-rollout-data", str(rollouts / "{rollout_id}.json"))
+    killed_at = kill_after_first_checkpoint(argv, save)
+    run_loop(argv)
+    assert int(killed_at.split("_")[1]) + 1 < NUM_ROLLOUT  # the relaunch had steps left to run
+    groups = [g for i in range(NUM_ROLLOUT) for g in load_rollout_data(rollouts / f"{i}.json", i)]
+    config = parse_config(argv)
+    samples, _ = load_prompt_samples(str(data), config.data, load_tokenizer(model))
+    expected = [s.prompt for s in PromptSource(samples, shuffle=True, seed=SEED).next_batch(NUM_ROLLOUT * ROLLOUT_BATCH)]
+    assert Counter(g.samples[0].prompt for g in groups) == Counter(expected)
+    indices = [s.index for g in groups for s in g.samples]
+    assert len(indices) == len(set(indices)) == NUM_ROLLOUT * ROLLOUT_BATCH * N_SAMPLES
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1, NUM_ROLLOUT + 1))
 
 
 # ---- the producer against a real engine: a weight update lands while a group is generating ----------------------

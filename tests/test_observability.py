@@ -267,6 +267,32 @@ def test_a_run_logs_every_metric_to_jsonl_tensorboard_and_offline_wandb(say7, tm
     assert set(expected) <= set(history[2])
 
 
+def test_a_resumed_run_continues_its_wandb_run(say7, tmp_path, monkeypatch):
+    """--load continues the W&B run saved in the checkpoint: same run id, and the steps after the checkpoint
+    land in it."""
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    root, model, data = say7
+    run_dir, save = tmp_path / "run", tmp_path / "ckpt"
+
+    def argv(num_rollout: int) -> list[str]:
+        return flags(model, data, run_dir, save, num_rollout, "--use-wandb", "--wandb-mode", "offline",
+                     "--wandb-project", "sluice-test", "--load", str(save), "--save-interval", "1")
+
+    run_loop(argv(2))
+    (first,) = (run_dir / "wandb").glob("offline-run-*")
+    run_id = first.name.rsplit("-", 1)[1]
+    run_loop(argv(4))  # resumes after rollout 1 and runs steps 3 and 4
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == {run_id}
+    (second,) = [r for r in runs if r != first]
+    (log_file,) = second.glob("run-*.wandb")
+    steps = {record.history.step.num for record in read_wandb_records(log_file)
+             if record.WhichOneof("record_type") == "history"}
+    assert steps == {3, 4}
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+
+
 def test_sluice_plot_renders_every_panel_and_an_html_summary(tmp_path, capsys):
     from sluice.cli import main
 

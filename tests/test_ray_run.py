@@ -19,6 +19,7 @@ from sluice.demo.model import build_checkpoint
 from sluice.loops import train
 from sluice.observability.metrics import read_metrics
 from sluice.orchestration.local_run import LocalRun
+from sluice.orchestration import ray_run
 from sluice.orchestration.ray_run import RayPools, RayRun, start_run
 from sluice.sync.verify import checksum_differences, engine_checksums
 from sluice.trainer.update import update_policy
@@ -119,8 +120,18 @@ def test_a_killed_engine_is_restarted_and_nothing_is_lost(ray_cluster, say7, tmp
         prompts = expected_prompts(run, data, NUM_ROLLOUT * BATCH)
         version, sums = asyncio.run(engine_checksums(run.pools.engine_urls[0]))
         trainer_sums = run.trainer.weight_checksums()
+        # a hung engine (alive, answering pings, generating nothing) is found by the probe and replaced too
+        hung_url = run.pools.engine_urls[0]
+        ray.get(run.pools.engines[0].pause.remote())
+        monkeypatch.setattr(ray_run, "ENGINE_PROBE_TIMEOUT_S", 3.0)
+        asyncio.run(run.recover_engines())
+        hung_restarts = run.num_engine_restarts - restarts
+        after_hang = asyncio.run(engine_checksums(run.pools.engine_urls[0]))
+        replaced = run.pools.engine_urls[0] != hung_url
     finally:
         run.close()
+    assert hung_restarts == 1 and replaced
+    assert after_hang[0] == NUM_ROLLOUT and checksum_differences(trainer_sums, after_hang[1]) == []
     assert killer.VICTIM["pid"] is None and restarts == 1
     assert Counter(trained_prompts(rollouts)) == Counter(prompts)
     indices = [s.index for i in range(NUM_ROLLOUT) for g in load_rollout_data(rollouts / f"{i}.json", i)

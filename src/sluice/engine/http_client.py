@@ -24,6 +24,7 @@ from sluice.types import SamplingParams
 class HttpClientOptions:
     max_connections: int = 512  # concurrent requests to one engine; more wait for a free connection
     connect_timeout_s: float = 10.0
+    keepalive_s: float = 30.0  # idle connections are dropped before the server's keep-alive (75 s for ours) ends
     generate_timeout_s: float | None = None  # a long generation is not an error: no read limit by default
     control_timeout_s: float = 1800.0  # loading weights from disk can take minutes on large models
     max_retries: int = 5
@@ -114,7 +115,8 @@ class HttpEngineClient:
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
             limits = httpx.Limits(max_connections=self.options.max_connections,
-                                  max_keepalive_connections=self.options.max_connections)
+                                  max_keepalive_connections=self.options.max_connections,
+                                  keepalive_expiry=self.options.keepalive_s)
             self._client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(
                 self.options.control_timeout_s, connect=self.options.connect_timeout_s))
             self._client_loop = loop

@@ -58,7 +58,7 @@ def run_server(args: ServeArgs) -> int:
     port = listener.getsockname()[1]
     ctx = ServerContext(engine, args.model_path, args.served_model_name or args.model_path, args.engine,
                         host=args.host, port=port)
-    server = uvicorn.Server(uvicorn.Config(build_app(ctx), log_level=args.log_level))
+    server = uvicorn.Server(uvicorn_config(build_app(ctx), args.log_level))
     print(f"sluice serve: {ctx.served_model_name} at http://{args.host}:{port}", flush=True)
     try:
         server.run(sockets=[listener])
@@ -83,6 +83,16 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return listener
 
 
+# Idle keep-alive connections stay open this long. Clients keep theirs for less (HttpClientOptions), so a client
+# never sends on a connection the server is closing at that moment: with uvicorn's default of 5 s, equal to
+# httpx's, a request now and then met a closed socket (a ReadError on a healthy engine).
+KEEP_ALIVE_S = 75
+
+
+def uvicorn_config(app, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(app, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S)
+
+
 class BackgroundServer:
     """Serve ``ctx`` from a daemon thread of this process; ``url`` is valid once ``start`` returns."""
 
@@ -90,7 +100,7 @@ class BackgroundServer:
         self.listener = bind_listener(host, port)
         ctx.host, ctx.port = host, self.listener.getsockname()[1]  # the real port, for /get_server_info
         self.url = f"http://{host}:{ctx.port}"
-        self.server = uvicorn.Server(uvicorn.Config(build_app(ctx), log_level=log_level))
+        self.server = uvicorn.Server(uvicorn_config(build_app(ctx), log_level))
         self.thread = threading.Thread(target=self._run, name="sluice-http", daemon=True)
 
     def _run(self) -> None:

@@ -33,7 +33,7 @@ from sluice.orchestration.rollout_setup import build_rollout, pick_trained_group
 from sluice.rollout.dynamic_sampling import SamplingOutcome, sample_filtered_groups
 from sluice.rollout.evaluation import EvalRequest
 from sluice.rollout.failures import RolloutFailed, check_failure_budget  # noqa: F401 (cli.py imports it from here)
-from sluice.rollout.manager import ENGINE_LOST_KEY, RolloutManager, rollout_metrics
+from sluice.rollout.manager import RolloutManager, rollout_metrics
 from sluice.rollout.step import RolloutRequest
 from sluice.rollout.streaming import LocalBufferHandle, StreamingRollout
 from sluice.sync.factory import make_weight_sync
@@ -144,6 +144,11 @@ class LocalRun:
     def _move_engines(self, to_device: bool) -> None:
         self.engine.resume_memory() if to_device else self.engine.release_memory()
 
+    def _engine_recovery(self):
+        """What the rollout calls when a request lost its engine: nothing here (an engine in this process is
+        not lost without the process); RayRun restarts engine actors."""
+        return None
+
     def buffer_handle(self):
         """The buffer as the async producer calls it."""
         return LocalBufferHandle(self.buffer)
@@ -154,6 +159,7 @@ class LocalRun:
 
     def _start(self, config: Config, checkpoint: str, context_len: int) -> None:
         self.rollout, self.gateway = build_rollout(config, self.hooks, self.client, self.tokenizer, context_len)
+        self.rollout.recover_engines = self._engine_recovery()
         self.trainer = self._start_trainer(config, checkpoint) if self.trains else None
         self.num_rollout = config.rollout.num_rollout or self.source.num_rollouts_for_epochs(
             config.rollout.num_epoch, config.rollout.rollout_batch_size)
@@ -219,15 +225,14 @@ class LocalRun:
                 self._report_short_batch(self.last_sampling)
                 groups = self.last_sampling.groups
             else:
-                groups = self._generate_through_buffer(manager, first_index)
+                groups = self._generate_through_buffer(manager)
         groups, dropped = pick_trained_groups(self.hooks, groups, request)
         self.last_step_metrics.update(dropped)
         return groups
 
-    def _generate_through_buffer(self, manager: RolloutManager, first_index: int) -> list[SampleGroup]:
+    def _generate_through_buffer(self, manager: RolloutManager) -> list[SampleGroup]:
         """One step's groups: handed out by the buffer, generated, put back, and taken within the staleness bound.
-        A group that lost its engine (the process died) goes back to the buffer and is generated again once the
-        engines are recovered, so no prompt is lost and none trained twice."""
+        A group aborted from outside goes back to the buffer and is generated again, so no prompt is lost."""
         num_groups = self.config.rollout.rollout_batch_size
 
         async def generate_all() -> None:
@@ -236,28 +241,17 @@ class LocalRun:
             while pending:
                 done = await asyncio.gather(*(manager.continue_group(g, self.sampling_params(), gates)
                                               for g in pending))
-                lost = [g for g in done if any(s.status == Status.ABORTED for s in g.samples)]
-                self.buffer.put_finished([g for g in done if all(g is not x for x in lost)])
-                if lost:
-                    for sample in (s for g in lost for s in g.samples):
-                        sample.metadata.pop(ENGINE_LOST_KEY, None)
-                    await self.recover_engines()
-                    self.buffer.requeue(lost)
-                    pending = self.buffer.get_prompt_groups(len(lost))
-                else:
-                    pending = []
+                aborted = [g for g in done if any(s.status == Status.ABORTED for s in g.samples)]
+                self.buffer.put_finished([g for g in done if all(g is not a for a in aborted)])
+                if aborted:
+                    self.buffer.requeue(aborted)
+                pending = self.buffer.get_prompt_groups(len(aborted)) if aborted else []
 
         asyncio.run(generate_all())
         groups = self.buffer.take_train_groups(num_groups, trainer_version=self.buffer.weight_version)
         groups.sort(key=lambda g: g.group_id)
-        for group_index, group in enumerate(groups):
-            for sample in group.samples:
-                sample.group_index = group_index
+        _number_groups(groups)
         return groups
-
-    async def recover_engines(self) -> None:
-        """Bring lost engines back (RayRun restarts their actors and re-syncs them); an engine in this process
-        cannot be lost, so here an abort came from outside and the groups are simply generated again."""
 
     def _replay(self, rollout_id: int) -> list[SampleGroup]:
         """The groups --save-debug-rollout-data wrote for ``rollout_id`` (the prompt cursor does not move)."""
@@ -294,7 +288,7 @@ class LocalRun:
             self.rollout, self.buffer_handle(), self.sampling_params(),
             groups_to_train=(self.num_rollout - self.start_rollout) * rollout.rollout_batch_size,
             partial_rollout=rollout.partial_rollout, mask_offpolicy=rollout.mask_offpolicy_in_partial_rollout,
-            group_filter=self.hooks.group_filter, on_engine_lost=self.recover_engines)
+            group_filter=self.hooks.group_filter)
         producer.start()
         return producer
 
@@ -305,9 +299,7 @@ class LocalRun:
         """The batch of step ``rollout_id``: finished groups at most --max-staleness versions behind it."""
         self.num_rollouts_done = rollout_id + 1
         groups = await producer.take(self.config.rollout.rollout_batch_size, trainer_version=rollout_id)
-        for group_index, group in enumerate(groups):
-            for sample in group.samples:
-                sample.group_index = group_index
+        _number_groups(groups)
         raise_if_engine_ran_out(groups, self.config)
         check_failure_budget(groups, self.config.rollout.max_failed_sample_ratio)
         if self.config.debug.save_debug_rollout_data:
@@ -431,6 +423,13 @@ class LocalRun:
         self._stop_pools()
         run_dir = Path(self.config.logging.run_dir)
         return plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+
+
+def _number_groups(groups: list[SampleGroup]) -> None:
+    """Each sample's group_index: its group's position in the step's batch."""
+    for group_index, group in enumerate(groups):
+        for sample in group.samples:
+            sample.group_index = group_index
 
 
 def held_groups(config: Config) -> int:

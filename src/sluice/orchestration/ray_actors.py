@@ -62,6 +62,10 @@ class EngineActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def pause(self) -> None:
+        """Hold generation (requests wait); to the run's health probe this engine looks hung."""
+        self.engine.pause()
+
     def release_memory(self) -> None:
         self.engine.release_memory()
 

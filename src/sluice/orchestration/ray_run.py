@@ -130,11 +130,13 @@ class RayPools:
         return ray.remote(EngineActor).options(**self._options("rollout", index, share)).remote(self.checkpoint,
                                                                                              self.config)
 
-    def lost_engines(self, timeout_s: float = ENGINE_PROBE_TIMEOUT_S) -> list[int]:
-        """Engines whose actor died, or whose engine does not generate one token within ``timeout_s``."""
+    def lost_engines(self, timeout_s: float | None = None) -> list[int]:
+        """Engines whose actor died, or whose engine does not generate one token within ``timeout_s`` (default
+        ENGINE_PROBE_TIMEOUT_S)."""
         import httpx
         import ray
 
+        timeout_s = timeout_s or ENGINE_PROBE_TIMEOUT_S
         lost = []
         for index, (engine, url) in enumerate(zip(self.engines, self.engine_urls)):
             try:
@@ -320,6 +322,9 @@ class RayRun(LocalRun):
 
     def buffer_handle(self):
         return self.buffer
+
+    def _engine_recovery(self):
+        return self.recover_engines
 
     async def recover_engines(self) -> None:
         """Restart the engines that died or hang, push them the current weights, and route to them again.

@@ -24,7 +24,6 @@ from sluice.rewards.overlong import OverlongShaping
 from sluice.rollout.generate import SAMPLE_METRICS_KEY, GenerateContext, generate_single_turn
 from sluice.types import Sample, SampleGroup, SamplingParams, Status
 
-ENGINE_LOST_KEY = "engine_lost"  # sample.metadata: why an aborted sample's engine went away
 MAX_ENGINE_LOSSES = 3  # a sample whose engine is lost more often than this fails (and counts against the run)
 
 GenerateFn = Callable[[Sample, SamplingParams, GenerateContext], Awaitable["Sample | list[Sample]"]]
@@ -49,6 +48,8 @@ class RolloutManager:
     overlong: OverlongShaping | None = None  # DAPO soft overlong punishment of training rollouts
     group_reward_fn: GroupRewardFn | None = None  # --group-rm: replaces reward_fn, one call per group
     reward_timeout_s: float | None = None  # per reward call; None: no limit
+    # called when a request lost its engine (a dead or hung process); the sample is then generated again
+    recover_engines: Callable[[], Awaitable[None]] | None = None
 
     async def generate_groups(
         self, prompts: list[Sample], n_samples: int, sampling_params: SamplingParams, first_index: int = 0,
@@ -145,26 +146,22 @@ class RolloutManager:
     async def _sample(self, sample: Sample, params: SamplingParams, gates: _Gates,
                       score_aborted: bool = True) -> list[Sample]:
         async with gates.generate:
-            try:
-                out = await self.generate_fn(sample, params, self.ctx)
-            except EngineUnavailable as error:  # the engine died: not the sample's fault, so it is tried again
-                tries = sample.metadata.get("engine_lost_count", 0) + 1
-                sample.metadata["engine_lost_count"] = tries
-                if tries <= MAX_ENGINE_LOSSES:
-                    sample.status = Status.ABORTED
-                    sample.metadata[ENGINE_LOST_KEY] = str(error)
-                    log.warning("sample %d (group %d): engine lost: %s", sample.index, sample.group_index, error)
-                    return [sample]
-                sample.status = Status.FAILED  # lost its engine every time: something beyond one dead process
-                sample.metadata["generate_error"] = f"engine lost {tries} times, last: {error}"
-                log.warning("sample %d: %s", sample.index, sample.metadata["generate_error"])
-                return [sample]
-            except Exception as error:  # a broken generate call fails its sample, not the rollout
-                sample.status = Status.FAILED
-                sample.metadata["generate_error"] = f"{type(error).__name__}: {error}"
-                log.warning("generate failed for sample %d (group %d): %s", sample.index, sample.group_index,
-                            sample.metadata["generate_error"])
-                return [sample]
+            losses = 0
+            while True:
+                try:
+                    out = await self.generate_fn(sample, params, self.ctx)
+                    break
+                except EngineUnavailable as error:  # the engine died or hangs: not the sample's fault
+                    losses += 1
+                    if self.recover_engines is None or losses > MAX_ENGINE_LOSSES:
+                        return [_failed(sample, "generate_error", f"engine unavailable ({losses}x): {error}")]
+                    log.warning("sample %d (group %d): engine lost (%s); recovering and trying again",
+                                sample.index, sample.group_index, error)
+                    await self.recover_engines()
+                    if not getattr(self.generate_fn, "resumes_partial", False):
+                        _restart(sample)  # a multi-turn function may have left the sample part-way
+                except Exception as error:  # a broken generate call fails its sample, not the rollout
+                    return [_failed(sample, "generate_error", f"{type(error).__name__}: {error}")]
         produced = out if isinstance(out, list) else [out]
         if self.group_reward_fn is None:
             await asyncio.gather(*(self._score(s, gates) for s in produced
@@ -184,6 +181,13 @@ class RolloutManager:
 
     def rewards(self, group: SampleGroup) -> list[float]:
         return [s.scalar_reward(self.reward_key) if s.reward is not None else 0.0 for s in group.samples]
+
+
+def _failed(sample: Sample, key: str, message: str) -> Sample:
+    sample.status = Status.FAILED
+    sample.metadata[key] = message
+    log.warning("generate failed for sample %d (group %d): %s", sample.index, sample.group_index, message)
+    return sample
 
 
 def _restart(sample: Sample) -> None:

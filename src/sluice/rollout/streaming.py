@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from sluice.rollout.manager import ENGINE_LOST_KEY, RolloutManager, cancel_tasks
+from sluice.rollout.manager import RolloutManager, cancel_tasks
 from sluice.types import Sample, SampleGroup, SamplingParams, Status
 
 log = logging.getLogger("sluice.rollout")
@@ -47,12 +47,9 @@ class LocalBufferHandle:
 class StreamingRollout:
     def __init__(self, manager: RolloutManager, buffer: BufferHandle, sampling_params: SamplingParams, *,
                  groups_to_train: int, partial_rollout: bool = False, mask_offpolicy: bool = False,
-                 group_filter: GroupFilter | None = None, on_sample: Callable[[], None] | None = None,
-                 on_engine_lost: Callable[[], Awaitable[None]] | None = None) -> None:
+                 group_filter: GroupFilter | None = None) -> None:
         self.manager, self.buffer, self.sampling_params = manager, buffer, sampling_params
         self.partial_rollout, self.mask_offpolicy, self.group_filter = partial_rollout, mask_offpolicy, group_filter
-        self.on_sample, self.on_engine_lost = on_sample, on_engine_lost
-        self._recovering = asyncio.Lock()
         self._remaining = groups_to_train  # groups the loop will still take: nothing is generated past them
         self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()  # slots freed, a group settled, resumed or stopping: look again
@@ -64,7 +61,7 @@ class StreamingRollout:
         self._error: BaseException | None = None
         self._main: asyncio.Task | None = None
         self.gates = manager.new_gates()
-        self.counts = {"finished": 0, "requeued": 0, "filtered": 0}  # over the run
+        self.counts = {"finished": 0, "requeued": 0, "filtered": 0}  # this producer's, since the run (re)started
         self._idle_since: float | None = time.perf_counter()
         self._idle_seconds = 0.0  # time with no group generating, since the last step_metrics
 
@@ -176,8 +173,6 @@ class StreamingRollout:
 
     async def _generate(self, group: SampleGroup) -> None:
         group = await self.manager.continue_group(group, self.sampling_params, self.gates)
-        if any(ENGINE_LOST_KEY in s.metadata for s in group.samples):
-            await self._recover(group)
         if any(s.status == Status.ABORTED for s in group.samples):
             if self.mask_offpolicy:  # tokens of the weights before the update stay as context, not trained
                 for sample in group.samples:
@@ -191,26 +186,8 @@ class StreamingRollout:
         else:
             await self.buffer.call("put_finished", [group])
             self.counts["finished"] += 1
-        if self.on_sample is not None:
-            for _ in group.samples:
-                self.on_sample()
         self._settled.set()
         self._wake.set()
-
-    async def _recover(self, group: SampleGroup) -> None:
-        """An engine went away under this group: hold new work until the engines are recovered (once, however
-        many groups noticed), then the group is requeued like an aborted one."""
-        for sample in group.samples:
-            sample.metadata.pop(ENGINE_LOST_KEY, None)
-        self.counts["engine_lost"] = self.counts.get("engine_lost", 0) + 1
-        if self.on_engine_lost is None:
-            return
-        async with self._recovering:
-            self._pause()
-            try:
-                await self.on_engine_lost()
-            finally:
-                self._unpause()
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
