@@ -78,7 +78,10 @@ def bench_sync(argv: list[str]) -> dict:
                   "num_params": sum(t.numel() for t in weights.values()), "num_bytes": num_bytes,
                   "bucket_bytes": args.bucket_bytes, "goals_ms_gpu": GOALS_MS}
         if "colocated" in methods:
-            report["colocated"] = _colocated(path, weights, device, dtype, args.repeats)
+            # as runs use it (names, shapes and version checked; no checksums: no byte leaves the process), and
+            # with the checksums of the cross-process methods, for comparison
+            report["colocated"] = _colocated(path, weights, device, dtype, args.repeats, verify=False)
+            report["colocated_checksummed"] = _colocated(path, weights, device, dtype, args.repeats, verify=True)
         if "separate_process" in methods or "disk" in methods:
             report.update(_to_server(path, weights, device, dtype, args, methods, Path(tmp) / "weight_sync"))
     return report
@@ -99,10 +102,11 @@ def _trainer_weights(path: Path, device: torch.device, dtype: torch.dtype, seed:
             for name, tensor in iter_safetensors(path)}
 
 
-def _colocated(path: Path, weights: dict, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+def _colocated(path: Path, weights: dict, device: torch.device, dtype: torch.dtype, repeats: int,
+               verify: bool) -> dict:
     engine = LocalEngine(str(path), _engine_config(str(device), dtype))
     try:
-        sync = InProcessSync([engine])
+        sync = InProcessSync([engine], verify=verify)
         seconds, report = _timed_pushes(sync, weights, repeats, device)
         version, held = engine.weight_checksums()
         verified = version == report.version and not checksum_differences(expected_checksums(weights), held)
