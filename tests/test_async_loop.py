@@ -75,6 +75,8 @@ def test_async_run_learns_and_overlaps_rollout_with_training(sync_and_async):
     assert sum(rewards[:3]) / 3 < 0.2 and sum(rewards[-3:]) / 3 > 0.9
     # from the second step on, the batch was generated while the previous step trained: one version behind
     assert [r["rollout/staleness_max"] for r in records[1:]] == [1.0] * (NUM_ROLLOUT - 1)
+    # the producer runs one batch ahead, never further: no group was generated too early and thrown back
+    assert records[-1]["rollout/stale_requeued_groups_total"] == 0
     for record in records:
         assert 0.0 <= record["perf/rollout_idle_frac"] <= 1.0 and 0.0 <= record["perf/train_idle_frac"] <= 1.0
         assert record["perf/step_time_s"] >= record["perf/train_time_s"]

@@ -12,7 +12,7 @@ from sluice.orchestration.local_run import LocalRun
 
 def train(run: LocalRun) -> None:
     if run.config.sync.async_train:
-        asyncio.run(train_async(run))
+        run.run_async(train_async(run))
     else:
         train_sync(run)
 

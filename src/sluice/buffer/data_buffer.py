@@ -94,7 +94,7 @@ class DataBuffer:
     def counts(self) -> dict[str, int]:
         """The counts above in one call (what a producer asks a buffer actor for)."""
         return {"in_flight": self.num_in_flight, "finished": self.num_finished, "requeued": self.num_requeued,
-                "free": self.num_free_slots}
+                "free": self.num_free_slots, "stale_requeued": self.num_stale_requeued}
 
     # ---- rollout side ---------------------------------------------------------------------------------
     def get_prompt_groups(self, num_groups: int) -> list[SampleGroup]:

@@ -375,9 +375,9 @@ def _sync(config: Config) -> Iterator[str]:
     if cluster.distributed and sync.weight_sync_method == "in_process":
         yield ("--weight-sync-method in_process copies weights inside one process; with Ray the engines are their "
                "own processes: use broadcast or disk")
-    if not cluster.distributed and sync.weight_sync_method == "broadcast":
-        yield ("--weight-sync-method broadcast sends weights to engine processes; this run keeps its engine in this "
-               "process (use in_process or disk, or place the pools with Ray)")
+    if not cluster.distributed and sync.weight_sync_method in ("broadcast", "ipc"):
+        yield (f"--weight-sync-method {sync.weight_sync_method} sends weights to engine processes; this run keeps its "
+               "engine in this process (use in_process or disk, or place the pools with Ray)")
     if not cluster.distributed and cluster.colocate:
         yield "--colocate places Ray pools on shared devices; a one-process run is colocated already: drop it"
     if sync.weight_sync_dir is not None and sync.weight_sync_method != "disk":

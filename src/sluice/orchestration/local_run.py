@@ -46,6 +46,7 @@ class LocalRun:
     def __init__(self, config: Config, log=print):
         hf_logging.disable_progress_bar()
         self.config, self.log_line = config, log
+        self._loop = asyncio.new_event_loop()  # the run's one event loop: see run_async
         checkpoint = config.model.hf_checkpoint
         _check_checkpoint_dir("--hf-checkpoint", checkpoint)
         if config.model.ref_load:
@@ -86,6 +87,7 @@ class LocalRun:
             if self.gateway is not None:
                 self.gateway.stop()
             self._stop_pools()  # an engine's worker thread (or actor) would otherwise outlive a failed start
+            self._close_loop()
             raise
 
     # ---- the parts a distributed run (ray_run.RayRun) places elsewhere ----------------------------------------
@@ -178,6 +180,11 @@ class LocalRun:
         if unlogged is not None and metrics_file.continues_file and metrics_file.last_step < self.start_rollout:
             self.trackers.log(unlogged, step=self.start_rollout)  # the run was killed after its save, before its log
 
+    def run_async(self, coroutine):
+        """Run ``coroutine`` to its end on the run's event loop. One loop for the whole run, so engine clients keep
+        their connections (an HTTP client is bound to the loop it was made on) and locks stay meaningful."""
+        return self._loop.run_until_complete(coroutine)
+
     @property
     def trains(self) -> bool:
         """Whether this run trains (everything but --debug-rollout-only)."""
@@ -215,10 +222,10 @@ class LocalRun:
             request = RolloutRequest(rollout_id, rollout.rollout_batch_size, rollout.n_samples_per_prompt,
                                      self.sampling_params(), first_index, self.buffer, manager)
             if self.hooks.rollout is not None:
-                output = asyncio.run(self.hooks.rollout(request))
+                output = self.run_async(self.hooks.rollout(request))
                 groups, self.last_step_metrics = output.groups, dict(output.metrics)
             elif rollout.dynamic_sampling:
-                self.last_sampling = asyncio.run(sample_filtered_groups(
+                self.last_sampling = self.run_async(sample_filtered_groups(
                     manager, self.buffer, rollout.rollout_batch_size,
                     rollout.over_sampling_batch_size or rollout.rollout_batch_size, rollout.n_samples_per_prompt,
                     self.sampling_params(), self.hooks.group_filter, first_index=first_index))
@@ -247,7 +254,7 @@ class LocalRun:
                     self.buffer.requeue(aborted)
                 pending = self.buffer.get_prompt_groups(len(aborted)) if aborted else []
 
-        asyncio.run(generate_all())
+        self.run_async(generate_all())
         groups = self.buffer.take_train_groups(num_groups, trainer_version=self.buffer.weight_version)
         groups.sort(key=lambda g: g.group_id)
         _number_groups(groups)
@@ -326,11 +333,11 @@ class LocalRun:
     def sync_weights(self, version: int) -> dict[str, float]:
         """Push the trainer's weights to the engines (a no-op without any: --debug-train-only)."""
         self.buffer.set_weight_version(version)
-        return asyncio.run(self._push(version)) if self.client is not None else {}
+        return self.run_async(self._push(version)) if self.client is not None else {}
 
     def evaluate(self) -> dict[str, float]:
         """Mean reward and accuracy (fraction of samples with reward >= 1) per eval set (or --eval-function-path)."""
-        return asyncio.run(self.evaluate_async())
+        return self.run_async(self.evaluate_async())
 
     async def evaluate_async(self) -> dict[str, float]:
         """``evaluate`` on the running event loop (the async loop's: its engine clients stay on one loop)."""
@@ -403,7 +410,7 @@ class LocalRun:
         if state is not None and self.trainer is not None:
             self.sync_weights(version=state.get("weight_version", state["rollout_id"] + 1))
         elif state is not None:  # --debug-rollout-only pushes nothing: the engine keeps the weights it started with
-            self.buffer.set_weight_version(asyncio.run(self.client.weight_version()) if self.client is not None else 0)
+            self.buffer.set_weight_version(self.run_async(self.client.weight_version()) if self.client is not None else 0)
         return state
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -421,8 +428,15 @@ class LocalRun:
         if self.gateway is not None:
             self.gateway.stop()
         self._stop_pools()
+        self._close_loop()
         run_dir = Path(self.config.logging.run_dir)
         return plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+
+
+    def _close_loop(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
 
 
 def _number_groups(groups: list[SampleGroup]) -> None:

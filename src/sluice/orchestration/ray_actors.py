@@ -81,6 +81,7 @@ class TrainerActor:
     def __init__(self, config: Config, rank: int, world_size: int) -> None:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.sync = None
+        self._loop = asyncio.new_event_loop()  # one loop for every push: the sync's HTTP client stays connected
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0: where the other ranks meet it (its own node's address and a free port there)."""
@@ -164,23 +165,24 @@ class TrainerActor:
         from sluice.sync.factory import make_weight_sync
 
         if self.sync is not None:
-            asyncio.run(self.sync.close())
+            self._loop.run_until_complete(self.sync.close())
         self.sync = make_weight_sync(self.config.sync, list(engine_urls), device=self.trainer.device,
                                      run_dir=self.config.logging.run_dir)
-        asyncio.run(self.sync.connect())
+        self._loop.run_until_complete(self.sync.connect())
 
     def push_weights(self, version: int) -> dict[str, float]:
         """Every rank calls this (gathering full tensors may be a collective); rank 0 sends them."""
         weights = self.trainer.named_weights()
         if self.sync is None:
             return {}
-        report = asyncio.run(self.sync.push(weights, version))
+        report = self._loop.run_until_complete(self.sync.push(weights, version))
         return {"sync/seconds": report.seconds, "sync/bytes": float(report.num_bytes),
                 "sync/buckets": float(report.num_buckets)}
 
     def shutdown(self) -> None:
         if self.sync is not None:
-            asyncio.run(self.sync.close())
+            self._loop.run_until_complete(self.sync.close())
+        self._loop.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
