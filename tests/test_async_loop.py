@@ -4,7 +4,6 @@ staleness, and --partial-rollout aborts groups at a weight update and resumes th
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from sluice.checkpoint.rollout_data import load_rollout_data
 from sluice.config import ConfigError, EngineConfig, parse_config, validate
 from sluice.data import PromptSource, load_prompt_samples
 from sluice.data.tokenizer import load_tokenizer
-from sluice.demo.model import build_checkpoint
 from sluice.engine.client import InProcessClient
 from sluice.engine.local_engine import LocalEngine
 from sluice.engine.protocol import GenerateRequest
@@ -27,7 +25,8 @@ from sluice.rollout.manager import RolloutManager
 from sluice.rollout.streaming import LocalBufferHandle, StreamingRollout
 from sluice.types import Sample, SamplingParams, Status
 from test_resume import kill_after_first_checkpoint
-from test_train_loop import N_SAMPLES, NUM_ROLLOUT, ROLLOUT_BATCH, SEED, SHAPE, flags
+from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
+from test_train_loop import N_SAMPLES, NUM_ROLLOUT, ROLLOUT_BATCH, SEED, flags
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 
@@ -45,15 +44,6 @@ def run_loop(argv: list[str]) -> None:
 def trained_prompts(rollout_dir: Path, num_rollout: int) -> list[str]:
     return [g.samples[0].prompt for i in range(num_rollout)
             for g in load_rollout_data(rollout_dir / f"{i}.json", i)]
-
-
-@pytest.fixture(scope="module")
-def say7(tmp_path_factory):
-    root = tmp_path_factory.mktemp("async")
-    model = build_checkpoint(root / "model", shape=SHAPE, seed=SEED)
-    data = root / "say7.jsonl"
-    data.write_text("".join(json.dumps({"input": f"{c}: say 7", "label": "7"}) + "\n" for c in "abcdefghijkl"))
-    return root, model, data
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,10 +283,13 @@ def test_a_resumed_run_continues_its_wandb_run(say7, tmp_path, monkeypatch):
 
     run_loop(argv(2))
     (first,) = (run_dir / "wandb").glob("offline-run-*")
-    run_id = first.name.rsplit("-", 1)[1]
+
+    def run_id(run: Path) -> str:  # offline-run-<date>_<time>-<id>, plus "-1" when two start in the same second
+        return re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(-\d+)?", run.name).group(1)
+
     run_loop(argv(4))  # resumes after rollout 1 and runs steps 3 and 4
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and {r.name.rsplit("-", 1)[1] for r in runs} == {run_id}
+    assert len(runs) == 2 and {run_id(r) for r in runs} == {run_id(first)}
     (second,) = [r for r in runs if r != first]
     (log_file,) = second.glob("run-*.wandb")
     steps = {record.history.step.num for record in read_wandb_records(log_file)

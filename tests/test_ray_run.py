@@ -4,7 +4,6 @@ data-parallel over gloo, the Data Buffer as an actor; weights broadcast by rank 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -15,7 +14,6 @@ import ray
 from sluice.checkpoint.rollout_data import load_rollout_data
 from sluice.config import parse_config, validate
 from sluice.data import PromptSource, load_prompt_samples
-from sluice.demo.model import build_checkpoint
 from sluice.loops import train
 from sluice.observability.metrics import read_metrics
 from sluice.orchestration.local_run import LocalRun
@@ -23,7 +21,8 @@ from sluice.orchestration import ray_run
 from sluice.orchestration.ray_run import RayPools, RayRun, start_run
 from sluice.sync.verify import checksum_differences, engine_checksums
 from sluice.trainer.update import update_policy
-from test_train_loop import SEED, SHAPE, flags
+from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
+from test_train_loop import SEED, flags
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 NUM_ROLLOUT = 10
@@ -37,15 +36,6 @@ def ray_cluster():
              runtime_env={"env_vars": {"SLUICE_RAY_LOCAL": "1"}})
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def say7(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray")
-    model = build_checkpoint(root / "model", shape=SHAPE, seed=SEED)
-    data = root / "say7.jsonl"
-    data.write_text("".join(json.dumps({"input": f"{c}: say 7", "label": "7"}) + "\n" for c in "abcdefghijkl"))
-    return root, model, data
 
 
 def expected_prompts(run: LocalRun, data: Path, num: int) -> list[str]:

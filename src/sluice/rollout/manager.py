@@ -107,13 +107,7 @@ class RolloutManager:
         group.samples = samples
         if any(s.status == Status.ABORTED for s in samples):
             return group  # the caller requeues it; rewards come when every sample is done
-        if self.group_reward_fn is not None:
-            pending = [s for s in samples if s.status != Status.FAILED and s.reward is None]
-            if pending:
-                async with gates.reward:
-                    await score_group(self.group_reward_fn, pending, self.reward_timeout_s)
-        if shape_rewards and self.overlong is not None:
-            self.overlong.apply(samples)
+        await self._finish_group(samples, shape_rewards, gates)
         return group
 
     def new_gates(self) -> _Gates:
@@ -134,6 +128,11 @@ class RolloutManager:
         samples = [s for out in outputs for s in out]
         for sample in samples:  # fan-out siblings belong to the group of the prompt that made them
             sample.group_index = group_index
+        await self._finish_group(samples, shape_rewards, gates)
+        return SampleGroup(samples)
+
+    async def _finish_group(self, samples: list[Sample], shape_rewards: bool, gates: _Gates) -> None:
+        """A generated group's group reward (--group-rm) and overlong shaping."""
         if self.group_reward_fn is not None:
             pending = [s for s in samples if s.status != Status.FAILED and s.reward is None]
             if pending:
@@ -141,7 +140,6 @@ class RolloutManager:
                     await score_group(self.group_reward_fn, pending, self.reward_timeout_s)
         if shape_rewards and self.overlong is not None:
             self.overlong.apply(samples)
-        return SampleGroup(samples)
 
     async def _sample(self, sample: Sample, params: SamplingParams, gates: _Gates,
                       score_aborted: bool = True) -> list[Sample]:
