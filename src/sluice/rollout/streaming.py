@@ -173,6 +173,9 @@ class StreamingRollout:
 
     def _finished_task(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
+        # Look for room again now: a group counts as finished in the buffer before its task is gone from
+        # _tasks, so a look taken in between saw one slot too few, and nothing else would wake the producer.
+        self._wake.set()
         if not self._tasks and self._idle_since is None:
             self._idle_since = time.perf_counter()
         if not task.cancelled() and task.exception() is not None:
