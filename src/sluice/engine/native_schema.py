@@ -241,7 +241,30 @@ class InitGroupBody(BaseModel):
     timeout_s: float | None = Field(None, gt=0)
 
 
-class DistributedUpdateBody(BaseModel):
+class _BucketedUpdate(BaseModel):
+    """What the two bucketed weight routes share: per-tensor checksums and a bucket's place in its version."""
+
+    model_config = STRICT
+    checksums: list[int] | None = None
+    bucket_index: int | None = Field(None, ge=0)
+    num_buckets: int | None = Field(None, ge=1)
+
+    def _check_layout(self, names: list[str], dtypes: list[str], shapes: list[list[int]]) -> None:
+        if not (len(names) == len(dtypes) == len(shapes)):
+            raise ValueError(f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})")
+        if self.checksums is not None and len(self.checksums) != len(names):
+            raise ValueError(f"checksums: {len(self.checksums)} checksums for {len(names)} names")
+
+    @property
+    def is_bucketed(self) -> bool:
+        return self.bucket_index is not None
+
+    @property
+    def is_last_bucket(self) -> bool:
+        return self.bucket_index is None or self.bucket_index == self.num_buckets - 1
+
+
+class DistributedUpdateBody(_BucketedUpdate):
     """SGLang's fields, then sluice's extensions (a real SGLang server refuses those; our client sends them to
     sluice engines only):
 
@@ -262,31 +285,12 @@ class DistributedUpdateBody(BaseModel):
     flush_cache: bool = True
     abort_all_requests: bool = False
     load_format: Literal["flattened_bucket"] | None = None
-    checksums: list[int] | None = None
-    bucket_index: int | None = Field(None, ge=0)
-    num_buckets: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _same_lengths(self) -> "DistributedUpdateBody":
-        if not (len(self.names) == len(self.dtypes) == len(self.shapes)):
-            raise ValueError(f"names, dtypes and shapes differ in length "
-                             f"({len(self.names)}, {len(self.dtypes)}, {len(self.shapes)})")
-        if self.checksums is not None and len(self.checksums) != len(self.names):
-            raise ValueError(f"checksums: {len(self.checksums)} checksums for {len(self.names)} names")
-        return self
-
-    @model_validator(mode="after")
-    def _bucket_fields(self) -> "DistributedUpdateBody":
+        self._check_layout(self.names, self.dtypes, self.shapes)
         check_bucket_fields(self.bucket_index, self.num_buckets, self.weight_version)
         return self
-
-    @property
-    def is_bucketed(self) -> bool:
-        return self.bucket_index is not None
-
-    @property
-    def is_last_bucket(self) -> bool:
-        return self.bucket_index is None or self.bucket_index == self.num_buckets - 1
 
 
 def check_bucket_fields(bucket_index: int | None, num_buckets: int | None, weight_version) -> None:
@@ -300,7 +304,7 @@ def check_bucket_fields(bucket_index: int | None, num_buckets: int | None, weigh
             raise ValueError("weight_version: a bucketed update names the version it belongs to")
 
 
-class TensorUpdateBody(BaseModel):
+class TensorUpdateBody(_BucketedUpdate):
     """``POST /update_weights_from_tensor``: SGLang's fields, then sluice's extensions.
 
     ``serialized_named_tensors``: one entry per tensor-parallel rank (our engine has one and reads entry 0), each
@@ -324,9 +328,6 @@ class TensorUpdateBody(BaseModel):
     names: list[str] | None = None
     dtypes: list[str] | None = None
     shapes: list[list[int]] | None = None
-    checksums: list[int] | None = None
-    bucket_index: int | None = Field(None, ge=0)
-    num_buckets: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _forms(self) -> "TensorUpdateBody":
@@ -342,21 +343,9 @@ class TensorUpdateBody(BaseModel):
         missing = next((field for field, value in layout.items() if value is None), None)
         if missing is not None:
             raise ValueError(f"{missing}: load_format flattened_bucket needs names, dtypes and shapes")
-        if not (len(self.names) == len(self.dtypes) == len(self.shapes)):
-            raise ValueError(f"names, dtypes and shapes differ in length "
-                             f"({len(self.names)}, {len(self.dtypes)}, {len(self.shapes)})")
-        if self.checksums is not None and len(self.checksums) != len(self.names):
-            raise ValueError(f"checksums: {len(self.checksums)} checksums for {len(self.names)} names")
+        self._check_layout(self.names, self.dtypes, self.shapes)
         check_bucket_fields(self.bucket_index, self.num_buckets, self.weight_version)
         return self
-
-    @property
-    def is_bucketed(self) -> bool:
-        return self.bucket_index is not None
-
-    @property
-    def is_last_bucket(self) -> bool:
-        return self.bucket_index is None or self.bucket_index == self.num_buckets - 1
 
 
 class DestroyGroupBody(BaseModel):

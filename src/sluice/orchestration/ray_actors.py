@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from datetime import timedelta
 
 import torch
@@ -32,12 +31,6 @@ def node_address() -> str:
 
     address = ray.util.get_node_ip_address()
     return "127.0.0.1" if os.environ.get("SLUICE_RAY_LOCAL") == "1" else address
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host if host != "127.0.0.1" else "127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class EngineActor:
@@ -85,6 +78,8 @@ class TrainerActor:
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0: where the other ranks meet it (its own node's address and a free port there)."""
+        from sluice.sync.broadcast import free_port
+
         address = node_address()
         return address, free_port(address)
 

@@ -214,8 +214,9 @@ class RayBuffer:
         return self._get("get_weight_version")
 
     def __getattr__(self, method: str):
-        if method.startswith("_"):
-            raise AttributeError(method)
+        """Any public DataBuffer method, run on the actor (plug-ins given the buffer may call any of them)."""
+        if method.startswith("_") or not callable(getattr(BufferActor, method, None)):
+            raise AttributeError(f"the buffer actor has no method {method!r}")
         return lambda *args, **kwargs: self._get(method, *args, **kwargs)
 
 

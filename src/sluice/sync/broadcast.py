@@ -90,7 +90,7 @@ class BroadcastSync(WeightSync):
                                                          for url in self.engine_urls}, deadline)
             self.flattened = all(kinds.values())
         name = f"sluice_weights_{uuid.uuid4().hex[:12]}"
-        port = _free_port(self.master_address)
+        port = free_port(self.master_address)
         world_size = len(self.engine_urls) + 1
         trainer = in_daemon_thread(join_weight_group, self.master_address, port, 0, world_size, name,
                                    self.backend, self.device, timedelta(seconds=deadline.remaining()))
@@ -223,7 +223,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _free_port(address: str) -> int:
+def free_port(address: str) -> int:
     """A port free on ``address`` now, for the group's TCPStore (another process could take it first; rare)."""
     with socket.socket() as probe:
         probe.bind((address, 0))
