@@ -71,6 +71,10 @@ class MultiEngineClient:
         """The oldest engine's version: the newest policy every engine is known to serve."""
         return min(await asyncio.gather(*(client.weight_version() for client in self.clients)))
 
+    async def aclose(self) -> None:
+        """Close the clients' connection pools (HTTP clients have one; in-process clients have none)."""
+        await asyncio.gather(*(client.aclose() for client in self.clients if hasattr(client, "aclose")))
+
 
 def prompt_key(input_ids: list[int]) -> str:
     return f"prompt:{len(input_ids)}:{hash(tuple(input_ids))}"

@@ -427,11 +427,22 @@ class LocalRun:
         self.trackers.close()
         if self.gateway is not None:
             self.gateway.stop()
+        self._close_connections()
         self._stop_pools()
         self._close_loop()
         run_dir = Path(self.config.logging.run_dir)
         return plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
 
+
+    def _close_connections(self) -> None:
+        """Close the connection pools of the engine client and a remote reward, on the loop that opened them."""
+        for owner in (self.client, self.hooks.reward):
+            closer = getattr(owner, "aclose", None)
+            if closer is not None and not self._loop.is_closed():
+                try:
+                    self.run_async(closer())
+                except Exception as error:  # noqa: BLE001 - the run is over; a failed close only leaks sockets
+                    self.log_line(f"closing connections: {type(error).__name__}: {error}")
 
     def _close_loop(self) -> None:
         if not self._loop.is_closed():

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 from sluice.rewards.contract import RewardValue
 from sluice.types import Sample
@@ -67,26 +67,27 @@ class RemoteReward:
     max_retries: int = 3
     max_connections: int = 64
     first_backoff_s: float = 0.25
-    # Event loop -> its client. An httpx client belongs to the loop that opened its connections; a run that
-    # starts a loop per rollout step gets a fresh pool per step.
-    _clients: dict[int, tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = field(
+    # Event loop -> its session. A session belongs to the loop that opened its connections; a run that starts a
+    # loop per rollout step gets a fresh pool per step.
+    _clients: dict[int, tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
     def backoff_s(self, attempt: int) -> float:
         return self.first_backoff_s * 2**attempt
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
-        for key, (owner, _) in list(self._clients.items()):
+        for key, (owner, session) in list(self._clients.items()):
             if owner.is_closed():
+                session.detach()  # its connections died with their loop
                 del self._clients[key]
         entry = self._clients.get(id(loop))
         if entry is None or entry[0] is not loop:
-            client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout_s, pool=None),  # waiting for a free connection is not a failure
-                limits=httpx.Limits(max_connections=self.max_connections,
-                                    max_keepalive_connections=self.max_connections))
-            entry = self._clients[id(loop)] = (loop, client)
+            # The timeout bounds connecting and each read; waiting for a free connection is not a failure.
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s)
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.max_connections),
+                                            timeout=timeout)
+            entry = self._clients[id(loop)] = (loop, session)
         return entry[1]
 
     async def __call__(self, sample: Sample) -> RewardValue:
@@ -97,19 +98,21 @@ class RemoteReward:
             if attempt:
                 await asyncio.sleep(self.backoff_s(attempt - 1))
             try:
-                response = await client.post(self.url, content=body, headers={"content-type": "application/json"})
-            except httpx.TransportError as error:  # refused, reset, timed out
-                last_problem = f"{type(error).__name__}: {error}"
+                async with client.post(self.url, data=body, headers={"content-type": "application/json"}) as response:
+                    status, raw = response.status, await response.read()
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as error:
+                last_problem = f"{type(error).__name__}: {error}"  # refused, reset, timed out
                 continue
-            if response.status_code in RETRIED_STATUSES:
-                last_problem = f"HTTP {response.status_code}"
+            text = raw.decode(errors="replace")
+            if status in RETRIED_STATUSES:
+                last_problem = f"HTTP {status}"
                 continue
-            if response.status_code >= 400:
-                raise RemoteRewardError(f"{self.url} answered HTTP {response.status_code}: {response.text[:200]}")
+            if status >= 400:
+                raise RemoteRewardError(f"{self.url} answered HTTP {status}: {text[:200]}")
             try:
-                payload = response.json()
+                payload = json.loads(raw)
             except ValueError:
-                raise RemoteRewardError(f"{self.url} answered non-JSON: {response.text[:200]!r}") from None
+                raise RemoteRewardError(f"{self.url} answered non-JSON: {text[:200]!r}") from None
             return parse_reward(payload, self.url)
         raise RemoteRewardError(f"{self.url}: no usable answer after {self.max_retries + 1} attempts "
                                 f"(last: {last_problem})")
@@ -118,4 +121,4 @@ class RemoteReward:
         """Close the pool of the running loop (others are dropped with their loops)."""
         entry = self._clients.pop(id(asyncio.get_running_loop()), None)
         if entry is not None:
-            await entry[1].aclose()
+            await entry[1].close()
