@@ -21,8 +21,31 @@ def sample_tokens(
     """logits [B, V] float -> (token ids [B], logprobs [B]).
 
     A token is drawn as argmax(p / E) with E ~ Exp(1) per vocabulary entry (the exponential race, equivalent to
-    drawing from p): two elementwise passes and an argmax on the device, no sort or cumulative sum.
+    drawing from p). On CUDA, batches that ``fusable`` accepts take the fused Triton kernels of
+    ``sampling_kernel`` (one read of the logits); the rest take ``sample_tokens_torch``.
     """
+    if logits.is_cuda and fusable(params, generators):
+        from sluice.engine import sampling_kernel  # imports Triton, which CUDA builds of torch ship with
+
+        return sampling_kernel.sample(logits, [p.temperature for p in params])
+    return sample_tokens_torch(logits, params, generators)
+
+
+def fusable(params: list[SamplingParams], generators: list[torch.Generator | None]) -> bool:
+    """Whether the fused kernels follow this batch's settings: no row truncates its distribution (top-k, top-p,
+    min-p) and no sampling row has its own generator (a per-request seed owns a torch stream). They draw from the
+    same distributions as the torch path, from another random stream."""
+    return bool(params) and all(
+        p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0 and (generator is None or p.temperature <= 0)
+        for p, generator in zip(params, generators, strict=True)
+    )
+
+
+def sample_tokens_torch(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sample_tokens`` in torch ops, for every device and setting: two elementwise passes over a float copy of
+    the logits and an argmax, no sort or cumulative sum unless a row truncates."""
     logits = logits.float()
     temperatures = [p.temperature if p.temperature > 0 else 1.0 for p in params]
     if len(set(temperatures)) == 1:  # the usual RL batch: one scalar, no host-to-device copy
