@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from sluice.engine.attention import AttentionMetadata, store_kv
+from sluice.engine.attention import AttentionMetadata
 from sluice.engine.model.fused import EAGER_OPS, DecoderOps
 from sluice.engine.model.layers import RMSNorm, RotaryEmbedding
 
@@ -44,11 +44,8 @@ class Attention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
-            k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        q, k = ops.rotary(positions, q, k, rotary.cos, rotary.sin)
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = ops.rotary_store(q, k, v, positions, rotary.cos, rotary.sin, self.q_norm, self.k_norm, k_cache, v_cache,
+                             meta.slot_mapping)
         out = attend(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
