@@ -359,6 +359,9 @@ class EngineConfig:
     disable_radix_cache: bool = field(default=False, metadata=meta(
         "Turn off prefix caching (the n samples of a group then each prefill their prompt)."))
     disable_cuda_graph: bool = field(default=False, metadata=meta("Run decode steps eagerly on GPU."))
+    disable_overlap_schedule: bool = field(default=False, metadata=meta(
+        "On GPU, read each step's tokens back before scheduling the next step (by default the next step is "
+        "scheduled and launched while the device computes, and the tokens are read one step later)."))
     skip_tokenizer_init: bool = field(default=False, metadata=meta(
         "Serve token ids only: no tokenizer is loaded, outputs carry no text, stop strings are refused."))
     cuda_graph_max_bs: int | None = field(default=None, metadata=meta(

@@ -5,8 +5,16 @@ Threads and locks:
   never touch the scheduler directly.
 - ``_step_lock`` is held by the worker for a whole step (schedule, forward, sample, bookkeeping) and by control
   calls that change the model, the pool or the prefix cache (weight updates, flush, memory release). So weights
-  change between steps, never inside one, and a flush never races an allocation.
+  change between steps, never inside one, and a flush never races an allocation. A control call first says it
+  is waiting (``_exclusive``); the worker then reads back the step in flight and stops until the call is done.
 - Callbacks (``on_done``, ``on_update``) run on the worker thread outside both locks.
+
+Overlap (GPU): a step's tokens are sampled on the device and copied back asynchronously, and the worker
+schedules and launches the next step before it reads them, so the host's work (scheduling, input preparation,
+stop checks, callbacks) runs while the device computes. The next step takes each pending token from the
+device (``ModelRunner.last_tokens``). A sequence that stops on the token just read has already been given one
+more step: that token is dropped. A sequence whose pending token is its last by length is not scheduled again.
+On CPU the device is the host: each step is read back at once.
 """
 
 from __future__ import annotations
@@ -14,7 +22,9 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from typing import Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
 
 import torch
 from transformers import AutoConfig
@@ -26,11 +36,11 @@ from sluice.engine.block_manager import BlockManager
 from sluice.engine.kv_pool import KVPool, KVShape, pages_for_memory
 from sluice.engine.model import load_model
 from sluice.engine.model.loading import hf_named_tensors, load_hf_weights
-from sluice.engine.model_runner import ModelRunner
+from sluice.engine.model_runner import ModelRunner, Readback
 from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors
 from sluice.engine.sampler import sample_tokens
-from sluice.engine.scheduler import Scheduler
-from sluice.engine.sequence import OnDone, OnUpdate, Sequence, SequenceState
+from sluice.engine.scheduler import ScheduledBatch, Scheduler
+from sluice.engine.sequence import PENDING_TOKEN, OnDone, OnUpdate, Sequence, SequenceState
 from sluice.engine.stopping import StopChecker
 from sluice.engine.weight_bucket import checksum_mismatches, named_checksums
 from sluice.engine.weights import iter_safetensors
@@ -60,6 +70,11 @@ class LocalEngine:
         self._use_graphs = graphable and not config.disable_cuda_graph
         if self._use_graphs:
             self.runner.capture_decode_graphs(min(config.cuda_graph_max_bs or 512, config.max_running_requests))
+        # On CPU overlapping gains nothing (the host computes the step), so it is off there; tests turn it on to
+        # check the same bookkeeping without a GPU. Change it only while the engine is idle.
+        self.overlap = self.device.type == "cuda" and not config.disable_overlap_schedule
+        self._in_flight: _Launched | None = None  # launched, not read back yet (overlap only, between steps)
+        self._waiting_callers = 0  # control calls waiting for the step lock (see _exclusive)
         self.weight_version = 0
         self._incoming: list[Sequence] = []
         self._by_rid: dict[str, list[Sequence]] = {}
@@ -160,7 +175,7 @@ class LocalEngine:
                 more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
                 raise ValueError(f"weight version {version} refused, its checksums do not match: "
                                  f"{'; '.join(problems[:5])}{more}")
-        with self._step_lock:
+        with self._exclusive():
             self._check_version(version)
             count = len(load_hf_weights(self.model, weights))
             self.blocks.flush()
@@ -173,7 +188,7 @@ class LocalEngine:
 
     def weight_checksums(self) -> tuple[int, dict[str, int]]:
         """The weight version and each weight's checksum by HF name, read together between steps."""
-        with self._step_lock:
+        with self._exclusive():
             return self.weight_version, named_checksums(hf_named_tensors(self.model))
 
     def named_weights(self) -> dict[str, torch.Tensor]:
@@ -182,7 +197,7 @@ class LocalEngine:
 
     def flush_cache(self) -> bool:
         """Forget cached prefixes; refused (False) while requests are in flight, as SGLang does."""
-        with self._step_lock:
+        with self._exclusive():
             with self._cond:
                 busy = self.scheduler.has_work() or bool(self._incoming)
             if busy:
@@ -195,7 +210,7 @@ class LocalEngine:
 
         Running requests are preempted (their K/V recomputed later); nothing is stepped until resume_memory.
         """
-        with self._step_lock:
+        with self._exclusive():
             with self._cond:
                 self._released = True
             for seq in list(self.scheduler.running):
@@ -206,7 +221,7 @@ class LocalEngine:
             self.model.to("cpu")
 
     def resume_memory(self) -> None:
-        with self._step_lock:
+        with self._exclusive():
             self.model.to(self.device)
             self.pool.allocate()
             if self._use_graphs:
@@ -229,9 +244,24 @@ class LocalEngine:
             self._closed = True
             self._cond.notify_all()
         self._worker.join(timeout=30)
-        with self._step_lock:
+        with self._exclusive():
             self.runner.drop_graphs()
             self.pool.release()
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the step lock with no step in flight: the worker reads back the step it launched and then waits
+        while a caller is here."""
+        with self._cond:
+            self._waiting_callers += 1
+            self._cond.notify_all()
+        try:
+            with self._step_lock:
+                yield
+        finally:
+            with self._cond:
+                self._waiting_callers -= 1
+                self._cond.notify_all()
 
     # ---- worker thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -252,6 +282,7 @@ class LocalEngine:
                     self._step(done, updates)
             except Exception as error:  # a failed step must not hang its callers: fail every request
                 with self._step_lock:
+                    self._in_flight = None
                     failed = self._drop_everything()
                 for seq in failed:
                     _call(seq.on_done, error)
@@ -259,50 +290,79 @@ class LocalEngine:
             self._notify(done, updates)
 
     def _can_step(self) -> bool:
-        if self._closed or self._incoming:
+        if self._closed or self._incoming or self._in_flight is not None:
             return True
+        if self._waiting_callers:
+            return False
         return bool(self._to_abort) or (self.scheduler.has_work() and not self._paused and not self._released)
 
     def _step(self, done: list[Sequence], updates: list[Sequence]) -> None:
+        """Retire aborted requests, launch the next batch, then read back the previous one (overlap) or this one."""
         with self._cond:
             to_abort, self._to_abort = self._to_abort, []
-            idle = self._paused or self._released
+            idle = self._paused or self._released or self._waiting_callers > 0
         for seq in to_abort:
             if seq.state != SequenceState.FINISHED:
                 seq.finish = FinishReason.ABORT
                 self._retire(seq, done)
-        if idle:
-            return
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return
+        batch = None if idle else self.scheduler.schedule()
+        launched = self._launch(batch) if batch is not None else None
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            self._read_back(previous, done, updates)
+        if launched is not None and self.overlap and not idle:
+            self._in_flight = launched
+        elif launched is not None:
+            self._read_back(launched, done, updates)
+
+    def _launch(self, batch: ScheduledBatch) -> "_Launched":
+        """Run the batch and sample on the device; each sampled sequence gets a pending token."""
         started = time.perf_counter()
         logits, rows = self.runner.run(batch)
-        launched = time.perf_counter()
-        tokens, logprobs = [], []
-        if rows:
-            seqs = [batch.seqs[i] for i in rows]
-            token_t, logprob_t = sample_tokens(logits, [s.request.sampling_params for s in seqs], [s.generator for s in seqs])
-            tokens, logprobs = token_t.tolist(), logprob_t.tolist()  # the step's one host sync
-        synced = time.perf_counter()
         for seq, count in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += count
-        for index, token, logprob in zip(rows, tokens, logprobs):
-            seq = batch.seqs[index]
+        seqs = [batch.seqs[i] for i in rows]
+        readback, positions = None, []
+        if seqs:
+            token_t, logprob_t = sample_tokens(logits, [s.request.sampling_params for s in seqs], [s.generator for s in seqs])
+            readback = self.runner.remember(seqs, token_t, logprob_t)
+            for seq in seqs:
+                positions.append(len(seq.token_ids))
+                seq.token_ids.append(PENDING_TOKEN)
+                num_output = len(seq.token_ids) - seq.num_prompt_tokens
+                seq.finishing = (num_output >= seq.request.sampling_params.max_new_tokens
+                                 or len(seq.token_ids) >= self.context_len)
+        return _Launched(batch, seqs, positions, readback, self.weight_version, time.perf_counter() - started)
+
+    def _read_back(self, launched: "_Launched", done: list[Sequence], updates: list[Sequence]) -> None:
+        """Put the step's tokens in place of their pending entries; stop checks; prefix-cache registration."""
+        started = time.perf_counter()
+        tokens, logprobs = launched.readback.result() if launched.readback is not None else ([], [])
+        synced = time.perf_counter()
+        for seq, position, token, logprob in zip(launched.seqs, launched.positions, tokens, logprobs):
+            if seq.state == SequenceState.FINISHED:  # aborted, or stopped on the token before: this one is dropped
+                continue
+            later = seq.token_ids[position + 1 :]  # the next step's pending token, if it was launched already
+            del seq.token_ids[position:]
             seq.token_ids.append(token)
             seq.output_logprobs.append(logprob)
-            seq.output_versions.append(self.weight_version)
+            seq.output_versions.append(launched.weight_version)
             if seq.on_update is not None:
                 updates.append(seq)
             if self.stops.check(seq):
                 self._retire(seq, done)
+            else:
+                seq.token_ids += later
         page_size = self.blocks.page_size
-        for seq in batch.seqs:
-            if seq.finish is None and seq.num_computed // page_size > seq.num_registered:  # a page just filled
+        for seq in launched.batch.seqs:  # every computed token is known now (a pending one is never computed)
+            if seq.finish is None and seq.num_computed // page_size > seq.num_registered:  # a page filled
                 self.blocks.register_computed(seq)
-        self.stats.record(batch, launched - started, synced - launched, time.perf_counter() - synced)
+        self.stats.record(launched.batch, launched.launch_s, synced - started, time.perf_counter() - synced)
 
     def _retire(self, seq: Sequence, done: list[Sequence]) -> None:
+        while seq.has_pending_token:  # launched but not read back: dropped
+            seq.token_ids.pop()
+        seq.finishing = False
         if seq.pages:  # its full output pages serve a later turn that starts with this conversation
             self.blocks.register_computed(seq)
         self.scheduler.finish(seq)
@@ -317,6 +377,9 @@ class LocalEngine:
     def _abort_everything(self) -> None:
         done: list[Sequence] = []
         with self._step_lock:
+            if self._in_flight is not None and self._in_flight.readback is not None:
+                self._in_flight.readback.result()  # the device is done with the pool before shutdown frees it
+            self._in_flight = None
             for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                 seq.finish = FinishReason.ABORT
                 self._retire(seq, done)
@@ -332,9 +395,10 @@ class LocalEngine:
 
     def _notify(self, done: list[Sequence], updates: list[Sequence]) -> None:
         for seq in updates:
-            new_ids = seq.output_ids[seq.num_reported :]
-            new_logprobs = seq.output_logprobs[seq.num_reported :]
-            seq.num_reported = len(seq.output_logprobs)
+            count = len(seq.output_logprobs)  # tokens read back (a pending one may follow them)
+            new_ids = seq.output_ids[seq.num_reported : count]
+            new_logprobs = seq.output_logprobs[seq.num_reported : count]
+            seq.num_reported = count
             if new_ids:
                 _call(seq.on_update, new_ids, new_logprobs)
         for seq in done:
@@ -356,6 +420,18 @@ class LocalEngine:
             cached_tokens=seq.cached_tokens,
             weight_versions=list(seq.output_versions),
         )
+
+
+@dataclass
+class _Launched:
+    """A step on the device: its batch, the sequences it samples for and where their pending tokens sit."""
+
+    batch: ScheduledBatch
+    seqs: list[Sequence]
+    positions: list[int]  # index in token_ids of each sequence's pending token
+    readback: Readback | None  # None when the step samples nothing (prefill chunks only)
+    weight_version: int
+    launch_s: float
 
 
 class EngineStats:

@@ -4,6 +4,11 @@ Decode batches on CUDA replay a captured CUDA graph (one per padded batch size):
 model is a few hundred tiny kernels, and launching them one by one from Python costs more than running them.
 Padded rows point at the pool's scratch page, so they compute garbage that nobody reads and write nowhere that
 matters.
+
+Sampled tokens stay on the device: each step writes them to ``last_tokens`` (one entry per running slot), and a
+step whose input token is still pending on the host (``PENDING_TOKEN``: the overlapped engine launches step k+1
+before it has read step k's tokens) takes it from there. The tokens reach the host through ``Readback``: pinned
+buffers filled asynchronously, with an event to wait on.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from sluice.engine.attention import AttentionMetadata
 from sluice.engine.kv_pool import KVPool
 from sluice.engine.model.decoder import AttentionFn, DecoderLM
 from sluice.engine.scheduler import ScheduledBatch
+from sluice.engine.sequence import PENDING_TOKEN, Sequence
 
 
 class ModelRunner:
@@ -35,6 +41,12 @@ class ModelRunner:
         self.graphs: dict[int, "_DecodeGraph"] = {}
         self.graph_sizes: list[int] = []
         self.graph_logits: torch.Tensor | None = None
+        self.last_tokens = torch.zeros(max_running, dtype=torch.int64, device=self.device)  # by Sequence.slot
+        pinned = self.device.type == "cuda"
+        # Two of each, used in turn: a step's readback may still be in flight while the next step's starts.
+        self._readback_buffers = [(torch.empty(max_running, dtype=torch.int64, pin_memory=pinned),
+                                   torch.empty(max_running, dtype=torch.float32, pin_memory=pinned)) for _ in range(2)]
+        self._readback_turn = 0
 
     # ---- batch preparation ------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
@@ -46,8 +58,13 @@ class ModelRunner:
         cu_seqlens = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
+        pending_rows: list[int] = []  # packed index of each pending input token, and its sequence's slot
+        pending_slots: list[int] = []
         for seq, count in zip(batch.seqs, batch.num_new_tokens):
             start, stop = seq.num_computed, seq.num_computed + count
+            if seq.token_ids[stop - 1] == PENDING_TOKEN:
+                pending_rows.append(cu_seqlens[-1] + count - 1)
+                pending_slots.append(seq.slot)
             input_ids += seq.token_ids[start:stop]
             span = range(start, stop)
             positions += span
@@ -67,7 +84,10 @@ class ModelRunner:
             max_seqlen_k=max(seq_lens),
             is_decode=batch.is_decode,
         )
-        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta, sample_rows
+        ids = self._tensor(input_ids, torch.int64)
+        if pending_rows:
+            ids[self._tensor(pending_rows, torch.int64)] = self.last_tokens[self._tensor(pending_slots, torch.int64)]
+        return ids, self._tensor(positions, torch.int64), meta, sample_rows
 
     def table_rows(self, seqs, width: int) -> np.ndarray:
         """The block tables of ``seqs`` ([len(seqs), width]); entries past a sequence's pages are stale, never read."""
@@ -89,18 +109,34 @@ class ModelRunner:
     # ---- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Logits [num sampling rows, vocab] (float32) and, for each, its index in ``batch.seqs``."""
+        """Logits [num sampling rows, vocab] (the model's dtype) and, for each, its index in ``batch.seqs``.
+
+        Nothing here waits for the device: the logits are computed in the stream's order."""
         sampled = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                    if seq.num_computed + n == len(seq.token_ids)]
         if batch.is_decode and self.graph_sizes and len(batch.seqs) <= self.graph_sizes[-1]:
             logits = self._replay(batch)
-            return logits[: len(batch.seqs)].float(), sampled
+            return logits[: len(batch.seqs)], sampled
         input_ids, positions, meta, rows = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta, self.pool.layer_caches(), self.attend)
         if not rows:
-            return hidden.new_zeros((0, 1)).float(), sampled
-        index = torch.tensor(rows, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, index)).float(), sampled
+            return hidden.new_zeros((0, 1)), sampled
+        return self.model.compute_logits(hidden.index_select(0, self._tensor(rows, torch.int64))), sampled
+
+    def remember(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> "Readback":
+        """Keep the tokens just sampled for ``seqs`` as their next input, and start copying tokens and logprobs to
+        the host (read them with ``Readback.result``)."""
+        self.last_tokens.index_copy_(0, self._tensor([seq.slot for seq in seqs], torch.int64), tokens)
+        host_tokens, host_logprobs = self._readback_buffers[self._readback_turn]
+        self._readback_turn ^= 1
+        count = len(seqs)
+        if self.device.type != "cuda":
+            return Readback(tokens, logprobs, None)
+        host_tokens[:count].copy_(tokens, non_blocking=True)
+        host_logprobs[:count].copy_(logprobs, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Readback(host_tokens[:count], host_logprobs[:count], event)
 
     # ---- CUDA graphs for decode ------------------------------------------------------------------
     @torch.inference_mode()
@@ -138,7 +174,8 @@ class _DecodeGraph:
         device = runner.device
         self.runner = runner
         self.batch_size = batch_size
-        self.input_ids = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.input_ids = torch.zeros(batch_size, dtype=torch.int64, device=device)  # PENDING_TOKEN: see last_tokens
+        self.slots = torch.zeros(batch_size, dtype=torch.int64, device=device)  # each row's Sequence.slot
         self.positions = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.meta = AttentionMetadata(
             slot_mapping=torch.zeros(batch_size, dtype=torch.int64, device=device),  # scratch page 0, slot 0
@@ -149,25 +186,34 @@ class _DecodeGraph:
             max_seqlen_k=runner.context_len,
             is_decode=True,
         )
-        self.host = torch.zeros((4, batch_size), dtype=torch.int64).pin_memory()
-        self.host_tables = torch.zeros((batch_size, runner.max_pages_per_seq), dtype=torch.int32).pin_memory()
-        self.host_np, self.host_tables_np = self.host.numpy(), self.host_tables.numpy()
+        # Host staging, two sets used in turn: the previous step's copies may still be pending while this step's
+        # inputs are written (the overlapped engine prepares step k+1 before step k has run).
+        self.host = [torch.zeros((5, batch_size), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self.host_tables = [torch.zeros((batch_size, runner.max_pages_per_seq), dtype=torch.int32).pin_memory()
+                            for _ in range(2)]
+        self.turn = 0
         caches = runner.pool.layer_caches()
         model = runner.model
         for _ in range(2):  # warm-up outside the graph: lazy inits, Triton autotuning, cuBLAS handles
-            model.compute_logits(model(self.input_ids, self.positions, self.meta, caches, runner.attend))
+            model.compute_logits(model(self._input_ids(), self.positions, self.meta, caches, runner.attend))
         torch.cuda.synchronize(device)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            hidden = model(self.input_ids, self.positions, self.meta, caches, runner.attend)
+            hidden = model(self._input_ids(), self.positions, self.meta, caches, runner.attend)
             self.logits = model.compute_logits(hidden, out=runner.graph_logits[:batch_size])
 
+    def _input_ids(self) -> torch.Tensor:
+        """The rows' input tokens, pending ones taken from the runner's last sampled tokens (inside the graph)."""
+        return torch.where(self.input_ids < 0, self.runner.last_tokens[self.slots], self.input_ids)
+
     def replay(self, batch: ScheduledBatch) -> torch.Tensor:
-        # The host buffers are pinned and copied asynchronously. Rewriting them here is safe because the
-        # previous step's copies have completed: its sampled tokens were read back (a sync) before this call.
+        # The host buffers are pinned and copied asynchronously. This step's set was last used two steps ago, and
+        # that step's results have been read back (an event wait) before this call: its copies are done.
         size = self.runner.page_size
         count = len(batch.seqs)
-        host, tables = self.host_np, self.host_tables_np
+        host_t, tables_t = self.host[self.turn], self.host_tables[self.turn]
+        self.turn ^= 1
+        host, tables = host_t.numpy(), tables_t.numpy()
         host[:, count:] = 0
         host[3, count:] = 1  # seq_lens of padding rows: one token, on the scratch page
         positions = [seq.num_computed for seq in batch.seqs]
@@ -175,13 +221,28 @@ class _DecodeGraph:
         host[1, :count] = positions
         host[2, :count] = [seq.pages[p // size] * size + p % size for seq, p in zip(batch.seqs, positions)]
         host[3, :count] = [p + 1 for p in positions]
+        host[4, :count] = [seq.slot for seq in batch.seqs]
         width = max(len(seq.pages) for seq in batch.seqs)
         tables[:count, :width] = self.runner.table_rows(batch.seqs, width)
         tables[count:, 0] = 0  # padding rows read the scratch page
-        self.input_ids.copy_(self.host[0], non_blocking=True)
-        self.positions.copy_(self.host[1], non_blocking=True)
-        self.meta.slot_mapping.copy_(self.host[2], non_blocking=True)
-        self.meta.seq_lens.copy_(self.host[3], non_blocking=True)
-        self.meta.block_tables[:, :width].copy_(self.host_tables[:, :width], non_blocking=True)
+        self.input_ids.copy_(host_t[0], non_blocking=True)
+        self.positions.copy_(host_t[1], non_blocking=True)
+        self.meta.slot_mapping.copy_(host_t[2], non_blocking=True)
+        self.meta.seq_lens.copy_(host_t[3], non_blocking=True)
+        self.slots.copy_(host_t[4], non_blocking=True)
+        self.meta.block_tables[:, :width].copy_(tables_t[:, :width], non_blocking=True)
         self.graph.replay()
         return self.logits[:count]
+
+
+class Readback:
+    """A step's sampled tokens and their logprobs on their way to the host."""
+
+    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor, event: "torch.cuda.Event | None"):
+        self.tokens, self.logprobs, self.event = tokens, logprobs, event
+
+    def result(self) -> tuple[list[int], list[float]]:
+        """Wait for the copies (the step's end on the device) and return the values."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tokens.tolist(), self.logprobs.tolist()

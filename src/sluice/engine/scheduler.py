@@ -65,6 +65,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.finishing:  # its last token is being sampled: it retires when that step's results are read
+                index += 1
+                continue
             count = min(seq.num_uncomputed, budget)
             while self.blocks.pages_needed(seq, count) > self.blocks.num_free and self.running[-1] is not seq:
                 self.preempt(self.running[-1])
@@ -84,6 +87,8 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             seq = self.waiting[0]
+            if seq.has_pending_token:  # preempted while its token was being sampled: back once that token is read
+                break
             prefix, blocked = self.blocks.match_prefix(seq)
             if blocked:  # another sequence is computing this prompt's next page: wait one step and share it
                 skipped.append(self.waiting.popleft())

@@ -10,6 +10,10 @@ import torch
 
 from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult
 
+# Stands in token_ids for a token sampled by a step whose results are not back yet (the overlapped GPU path
+# launches step k+1 before reading step k's tokens). Only a sequence's last token is ever pending.
+PENDING_TOKEN = -1
+
 OnDone = Callable[["GenerateResult | BaseException"], None]
 OnUpdate = Callable[[list[int], list[float]], None]
 
@@ -40,6 +44,7 @@ class Sequence:
     num_reported: int = 0  # output tokens already passed to on_update
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted_once: bool = False
+    finishing: bool = False  # its pending token is its last (length limit): nothing more to schedule
     finish: FinishReason | None = None
     matched_stop: int | str | None = None
     text: str = ""
@@ -51,6 +56,10 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def has_pending_token(self) -> bool:
+        return bool(self.token_ids) and self.token_ids[-1] == PENDING_TOKEN
 
     @property
     def num_uncomputed(self) -> int:
