@@ -48,6 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-running-requests", type=int, default=None, help="Default: 256 on CPU, 1024 on GPU.")
     parser.add_argument("--mem-fraction-static", type=float, default=0.8)
     parser.add_argument("--disable-cuda-graph", action="store_true")
+    parser.add_argument("--disable-overlap-schedule", action="store_true",
+                        help="Read each step's tokens back before launching the next (the engine's former loop).")
     parser.add_argument("--disable-radix-cache", action="store_true")
     parser.add_argument("--cuda-graph-max-bs", type=int, default=1024)
     return parser.parse_args(argv)
@@ -142,6 +144,7 @@ def bench_rollout(argv: list[str]) -> dict:
         engine_config = EngineConfig(device=str(device), skip_tokenizer_init=True, max_running_requests=running,
                                      mem_fraction_static=args.mem_fraction_static,
                                      disable_cuda_graph=args.disable_cuda_graph,
+                                     disable_overlap_schedule=args.disable_overlap_schedule,
                                      disable_radix_cache=args.disable_radix_cache,
                                      cuda_graph_max_bs=min(running, args.cuda_graph_max_bs))
         started = time.perf_counter()
@@ -174,7 +177,8 @@ def bench_rollout(argv: list[str]) -> dict:
             "cached_prompt_tokens": sum(r.cached_tokens for r in results),
             "wall_s": round(wall, 3), "output_tok_s": round(output_tokens / wall, 1),
             "engine_startup_s": round(startup, 2), "kv_capacity_tokens": kv_tokens,
-            "max_running_requests": running, "preemptions": preemptions, "memory": memory,
+            "max_running_requests": running, "overlap_schedule": not args.disable_overlap_schedule,
+            "preemptions": preemptions, "memory": memory,
             "decode_steps": stats.num_decode_steps,
             "mean_decode_batch": round(stats.num_decode_tokens / max(1, stats.num_decode_steps), 1),
             "step_s": {"total": round(stats.forward_seconds, 3), "launch": round(stats.launch_seconds, 3),

@@ -14,6 +14,7 @@ buffers filled asynchronously, with an event to wait on.
 from __future__ import annotations
 
 import bisect
+from typing import Callable
 
 import numpy as np
 
@@ -74,7 +75,9 @@ class ModelRunner:
             seq_lens.append(stop)
             if stop == len(seq.token_ids):
                 sample_rows.append(cu_seqlens[-1] - 1)
-        width = max(len(seq.pages) for seq in batch.seqs)
+        # Block-table widths in multiples of 16 pages: Triton specialises an integer argument (the table's row
+        # stride) on its divisibility by 16, so one compiled prefill kernel serves every width.
+        width = min(-(-max(len(seq.pages) for seq in batch.seqs) // 16) * 16, self.max_pages_per_seq)
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots, torch.int64),
             block_tables=self._tensor(self.table_rows(batch.seqs, width), torch.int32),
@@ -88,6 +91,35 @@ class ModelRunner:
         if pending_rows:
             ids[self._tensor(pending_rows, torch.int64)] = self.last_tokens[self._tensor(pending_slots, torch.int64)]
         return ids, self._tensor(positions, torch.int64), meta, sample_rows
+
+    @torch.inference_mode()
+    def warm_up(self, sample: Callable[[torch.Tensor, float], object]) -> None:
+        """Compile now what the first steps would compile while serving (GPU): the prefill and eager-decode
+        kernels, the compiled small ops at token counts above one, and the sampling kernels ``sample(logits,
+        temperature)`` at the batch sizes that choose each of their work splits, greedy and sampling.
+
+        The synthetic steps write K/V only to the scratch page's first slot and read only the scratch page."""
+        caches = self.pool.layer_caches()
+        for lengths, decode in (([17], False), ([3, 40], False), ([9, 9, 9], True)):
+            count = len(lengths)
+            tokens = count if decode else sum(lengths)
+            cu_seqlens = torch.tensor([0, *np.cumsum([1 if decode else n for n in lengths])], dtype=torch.int32)
+            positions = [n - 1 for n in lengths] if decode else [p for n in lengths for p in range(n)]
+            meta = AttentionMetadata(
+                slot_mapping=torch.zeros(tokens, dtype=torch.int64, device=self.device),
+                block_tables=torch.zeros((count, min(16, self.max_pages_per_seq)), dtype=torch.int32, device=self.device),
+                seq_lens=torch.tensor(lengths, dtype=torch.int32, device=self.device),
+                cu_seqlens_q=cu_seqlens.to(self.device), max_seqlen_q=1 if decode else max(lengths),
+                max_seqlen_k=max(lengths), is_decode=decode)
+            ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
+            hidden = self.model(ids, torch.tensor(positions, device=self.device), meta, caches, self.attend)
+            self.model.compute_logits(hidden[-count:])
+        vocab = self.model.config.vocab_size
+        for rows in (1, 16, 32, 64, 128):
+            logits = torch.zeros((rows, vocab), dtype=self.model.embed_tokens.weight.dtype, device=self.device)
+            for temperature in (0.0, 1.0):
+                sample(logits, temperature)
+        torch.cuda.synchronize(self.device)
 
     def table_rows(self, seqs, width: int) -> np.ndarray:
         """The block tables of ``seqs`` ([len(seqs), width]); entries past a sequence's pages are stale, never read."""

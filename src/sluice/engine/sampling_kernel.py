@@ -59,7 +59,13 @@ def sample(
         tiles_per_chunk = _tiles_per_chunk(num_rows, vocab_size, tile, device)
     num_chunks = triton.cdiv(vocab_size, tile * tiles_per_chunk)
     per_row = len(set(temperatures)) > 1
-    row_temperatures = torch.tensor(temperatures, dtype=torch.float32, device=device) if per_row else logits
+    # pinned and asynchronous: a pageable copy would wait for the step before it (the engine overlaps steps)
+    row_temperatures = logits  # unread unless per_row
+    if per_row:
+        row_temperatures = torch.tensor(temperatures, dtype=torch.float32)
+        if device.type == "cuda":
+            row_temperatures = row_temperatures.pin_memory()
+        row_temperatures = row_temperatures.to(device, non_blocking=True)
     sampled = any(t > 0 for t in temperatures)
     seed = draw_seed(device) if sampled else logits  # unread when no row samples
     partial = torch.empty(3, num_rows, num_chunks, dtype=torch.float32, device=device)
