@@ -345,17 +345,14 @@ class LocalEngine:
         for seq, position, token, logprob in zip(launched.seqs, launched.positions, tokens, logprobs):
             if seq.state == SequenceState.FINISHED:  # aborted, or stopped on the token before: this one is dropped
                 continue
-            later = seq.token_ids[position + 1 :]  # the next step's pending token, if it was launched already
-            del seq.token_ids[position:]
-            seq.token_ids.append(token)
+            seq.token_ids[position] = token  # the next step's pending token may follow it
             seq.output_logprobs.append(logprob)
             seq.output_versions.append(launched.weight_version)
             if seq.on_update is not None:
                 updates.append(seq)
-            if self.stops.check(seq):
+            if self.stops.check(seq, position):
+                del seq.token_ids[position + 1 :]
                 self._retire(seq, done)
-            else:
-                seq.token_ids += later
         page_size = self.blocks.page_size
         for seq in launched.batch.seqs:  # every computed token is known now (a pending one is never computed)
             if seq.finish is None and seq.num_computed // page_size > seq.num_registered:  # a page filled

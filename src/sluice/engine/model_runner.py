@@ -48,6 +48,7 @@ class ModelRunner:
         self._readback_buffers = [(torch.empty(max_running, dtype=torch.int64, pin_memory=pinned),
                                    torch.empty(max_running, dtype=torch.float32, pin_memory=pinned)) for _ in range(2)]
         self._readback_turn = 0
+        self._replayed_slots: torch.Tensor | None = None  # the slots of the decode graph just replayed, on device
 
     # ---- batch preparation ------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
@@ -146,8 +147,9 @@ class ModelRunner:
         Nothing here waits for the device: the logits are computed in the stream's order."""
         sampled = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                    if seq.num_computed + n == len(seq.token_ids)]
+        self._replayed_slots = None
         if batch.is_decode and self.graph_sizes and len(batch.seqs) <= self.graph_sizes[-1]:
-            logits = self._replay(batch)
+            logits = self._replay(batch)  # every row samples: remember() reuses the graph's slot input
             return logits[: len(batch.seqs)], sampled
         input_ids, positions, meta, rows = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta, self.pool.layer_caches(), self.attend)
@@ -158,7 +160,10 @@ class ModelRunner:
     def remember(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> "Readback":
         """Keep the tokens just sampled for ``seqs`` as their next input, and start copying tokens and logprobs to
         the host (read them with ``Readback.result``)."""
-        self.last_tokens.index_copy_(0, self._tensor([seq.slot for seq in seqs], torch.int64), tokens)
+        slots = self._replayed_slots if self._replayed_slots is not None and len(seqs) == len(self._replayed_slots) \
+            else self._tensor([seq.slot for seq in seqs], torch.int64)
+        self._replayed_slots = None
+        self.last_tokens.index_copy_(0, slots, tokens)
         host_tokens, host_logprobs = self._readback_buffers[self._readback_turn]
         self._readback_turn ^= 1
         count = len(seqs)
@@ -195,8 +200,10 @@ class ModelRunner:
         self.graph_logits = None
 
     def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
-        size = self.graph_sizes[bisect.bisect_left(self.graph_sizes, len(batch.seqs))]
-        return self.graphs[size].replay(batch)
+        graph = self.graphs[self.graph_sizes[bisect.bisect_left(self.graph_sizes, len(batch.seqs))]]
+        logits = graph.replay(batch)
+        self._replayed_slots = graph.slots[: len(batch.seqs)]
+        return logits
 
 
 class _DecodeGraph:

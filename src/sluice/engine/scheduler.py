@@ -62,19 +62,21 @@ class Scheduler:
         return batch if batch.seqs else None
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        blocks, page_size = self.blocks, self.blocks.page_size
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             if seq.finishing:  # its last token is being sampled: it retires when that step's results are read
                 index += 1
                 continue
-            count = min(seq.num_uncomputed, budget)
-            while self.blocks.pages_needed(seq, count) > self.blocks.num_free and self.running[-1] is not seq:
-                self.preempt(self.running[-1])
-            if self.blocks.pages_needed(seq, count) > self.blocks.num_free:
-                self.preempt(seq)  # it was the newest: it waits for the others to free pages
-                continue
-            self.blocks.reserve(seq, count)
+            count = min(len(seq.token_ids) - seq.num_computed, budget)
+            if -(-(seq.num_computed + count) // page_size) > len(seq.pages):  # needs a page (blocks.pages_needed)
+                while blocks.pages_needed(seq, count) > blocks.num_free and self.running[-1] is not seq:
+                    self.preempt(self.running[-1])
+                if blocks.pages_needed(seq, count) > blocks.num_free:
+                    self.preempt(seq)  # it was the newest: it waits for the others to free pages
+                    continue
+                blocks.reserve(seq, count)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(count)
             budget -= count

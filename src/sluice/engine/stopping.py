@@ -19,28 +19,30 @@ class StopChecker:
         tokenizer_eos = tokenizer.eos_token_id if tokenizer is not None else None
         self.eos_ids = set(eos_ids(getattr(model_config, "eos_token_id", None), tokenizer_eos))
 
-    def check(self, seq: Sequence) -> bool:
-        """Set ``seq.finish`` (and ``matched_stop``) if the token just appended ends it; True if it does."""
+    def check(self, seq: Sequence, position: int | None = None) -> bool:
+        """Set ``seq.finish`` (and ``matched_stop``) if the token at ``position`` (default: the last) ends it;
+        True if it does. Tokens after ``position`` (a pending one) are not looked at."""
         params = seq.request.sampling_params
-        token = seq.token_ids[-1]
-        num_output = len(seq.token_ids) - seq.num_prompt_tokens
+        end = len(seq.token_ids) if position is None else position + 1
+        token = seq.token_ids[end - 1]
+        num_output = end - seq.num_prompt_tokens
         if not params.ignore_eos and token in self.eos_ids:
             seq.finish, seq.matched_stop = FinishReason.STOP, token
         elif token in params.stop_token_ids:
             seq.finish, seq.matched_stop = FinishReason.STOP, token
-        elif params.stop and self._match_stop_string(seq):
+        elif params.stop and self._match_stop_string(seq, end):
             seq.finish = FinishReason.STOP
-        elif num_output >= params.max_new_tokens or len(seq.token_ids) >= self.context_len:
+        elif num_output >= params.max_new_tokens or end >= self.context_len:
             seq.finish = FinishReason.LENGTH
         return seq.finish is not None
 
-    def _match_stop_string(self, seq: Sequence) -> bool:
+    def _match_stop_string(self, seq: Sequence, end: int) -> bool:
         stops = seq.request.sampling_params.stop
-        output = seq.output_ids
-        tail = self.tokenizer.decode(output[-(max(map(len, stops)) + _TAIL_SLACK_TOKENS) :], skip_special_tokens=False)
+        start = max(seq.num_prompt_tokens, end - max(map(len, stops)) - _TAIL_SLACK_TOKENS)
+        tail = self.tokenizer.decode(seq.token_ids[start:end], skip_special_tokens=False)
         if not any(stop in tail for stop in stops):
             return False
-        text = self.tokenizer.decode(output, skip_special_tokens=False)
+        text = self.tokenizer.decode(seq.token_ids[seq.num_prompt_tokens : end], skip_special_tokens=False)
         hits = [(text.find(stop), stop) for stop in stops if stop in text]
         if not hits:
             return False
