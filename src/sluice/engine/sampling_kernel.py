@@ -68,7 +68,9 @@ def sample(
         row_temperatures = row_temperatures.to(device, non_blocking=True)
     sampled = any(t > 0 for t in temperatures)
     seed = draw_seed(device) if sampled else logits  # unread when no row samples
-    partial = torch.empty(3, num_rows, num_chunks, dtype=torch.float32, device=device)
+    # Three allocations, not views of one: Triton specialises pointer arguments on 16-byte alignment, and views at
+    # offsets of num_rows * num_chunks floats would compile a new kernel variant for some batch sizes mid-run.
+    partial = [torch.empty(num_rows, num_chunks, dtype=torch.float32, device=device) for _ in range(3)]
     chunk_token = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=device)
     _chunk_kernel[(num_rows, num_chunks)](
         logits, logits.stride(0), vocab_size, row_temperatures, float(temperatures[0]), seed,
