@@ -58,7 +58,8 @@ def rl_flags(model_dir: Path, files: dict[str, Path], run_dir: Path, args) -> li
         "--n-samples-per-eval-prompt", "1", "--eval-temperature", "0",
         "--seed", str(args.seed), "--train-device", args.device, "--sglang-device", args.device,
         "--run-dir", str(run_dir), *([] if args.progress_bar else ["--no-progress-bar"]),
-        *(["--async"] if getattr(args, "async_train", False) else []),
+        # async: PPO's ratio against the policy that sampled each token (one version behind), see the README
+        *(["--async", "--use-rollout-logprobs"] if getattr(args, "async_train", False) else []),
         "--orchestrator", getattr(args, "orchestrator", "local"),
     ]
 
