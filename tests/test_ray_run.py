@@ -32,7 +32,7 @@ BATCH = 8  # test_train_loop's --rollout-batch-size
 @pytest.fixture(scope="module")
 def ray_cluster():
     os.environ["SLUICE_RAY_LOCAL"] = "1"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,  # CPU bundles on any machine
              runtime_env={"env_vars": {"SLUICE_RAY_LOCAL": "1"}})
     yield
     ray.shutdown()

@@ -496,6 +496,18 @@ def test_factory_makes_an_ipc_sync_for_a_gpu_trainer_only(servers, engines):
         make_weight_sync(config, engines, device="cuda:0")
 
 
+def test_factory_reaches_a_colocated_gpu_engine_by_ipc(servers):
+    """--colocate on GPUs: one engine on the trainer's GPU gets ipc by default (NCCL refuses two ranks on one
+    GPU); several colocated engines, or an explicit broadcast, are refused with the way out named."""
+    urls = [server.url for server in servers]
+    assert isinstance(make_weight_sync(SyncConfig(), urls[:1], device="cuda:0", colocated=True), IpcSync)
+    assert isinstance(make_weight_sync(SyncConfig(), urls[:1], device="cpu", colocated=True), BroadcastSync)  # gloo
+    with pytest.raises(ValueError, match="weight-sync-method disk"):
+        make_weight_sync(SyncConfig(), urls, device="cuda:0", colocated=True)
+    with pytest.raises(ValueError, match="two ranks on one device"):
+        make_weight_sync(SyncConfig(weight_sync_method="broadcast"), urls[:1], device="cuda:0", colocated=True)
+
+
 @pytest.mark.gpu
 @requires_cuda
 def test_ipc_sync_to_a_serve_process_on_the_same_gpu_is_exact(lively_checkpoint, new_weights, old_weights):

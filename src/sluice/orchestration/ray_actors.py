@@ -162,7 +162,7 @@ class TrainerActor:
         if self.sync is not None:
             self._loop.run_until_complete(self.sync.close())
         self.sync = make_weight_sync(self.config.sync, list(engine_urls), device=self.trainer.device,
-                                     run_dir=self.config.logging.run_dir)
+                                     run_dir=self.config.logging.run_dir, colocated=self.config.cluster.colocate)
         self._loop.run_until_complete(self.sync.connect())
 
     def push_weights(self, version: int) -> dict[str, float]:

@@ -20,13 +20,24 @@ Engine = str | LocalEngine | InProcessClient  # an engine server's URL, or an en
 
 
 def make_weight_sync(config: SyncConfig, engines: Sequence[Engine], *, device: str | torch.device = "cpu",
-                     run_dir: str | Path | None = None) -> WeightSync:
+                     run_dir: str | Path | None = None, colocated: bool = False) -> WeightSync:
     """``device``: where the trainer's full tensors live (broadcast picks NCCL for CUDA, gloo otherwise; ipc needs
-    CUDA); ``run_dir``: for the disk method's default directory. ``auto`` is in_process when every engine lives in
-    this process, broadcast when they are servers."""
+    CUDA); ``run_dir``: for the disk method's default directory; ``colocated``: the engine servers share the
+    trainer's GPUs (--colocate). ``auto`` is in_process when every engine lives in this process, ipc for one
+    engine server on the trainer's GPU, broadcast for other servers."""
     urls = [engine for engine in engines if isinstance(engine, str)]
     local = [engine for engine in engines if not isinstance(engine, str)]
     method = config.weight_sync_method
+    on_gpu = torch.device(device).type == "cuda"
+    if colocated and on_gpu and urls and method in ("auto", "broadcast"):
+        if len(urls) > 1:  # NCCL refuses two ranks on one GPU, and ipc reaches the trainer's own GPU only
+            raise ValueError(f"{len(urls)} engines colocated with the trainer on GPUs: weights reach them only "
+                             "through --weight-sync-method disk for now (broadcast would put two NCCL ranks on "
+                             "one GPU; ipc reaches the engine on rank 0's GPU only)")
+        if method == "broadcast":
+            raise ValueError("--weight-sync-method broadcast cannot reach an engine on the trainer's own GPU (NCCL "
+                             "refuses two ranks on one device): use ipc (the default there) or disk")
+        method = "ipc"
     if method == "auto":
         method = "broadcast" if urls else "in_process"
     if method == "in_process":
