@@ -4,6 +4,7 @@ CPU: every request ends exactly as in the step-by-step loop, whatever stops it, 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -135,3 +136,38 @@ def test_a_weight_update_lands_after_the_step_in_flight(lively_checkpoint, livel
     versions = box[0].weight_versions
     assert versions == [0, 0] + [3] * 10  # the first token paused the loop; the second was already launched
     assert again.output_ids == expected.output_ids
+
+
+def test_control_calls_wait_for_the_step_in_flight(lively_checkpoint, monkeypatch):
+    """A control call made while a step is on the device goes ahead only once the worker has read that step back.
+    The call is made while the worker sits in a streaming callback, right after launching a step."""
+    from sluice.engine import local_engine
+
+    engine = make_engine(lively_checkpoint, True)
+    in_flight_at_call: list[bool] = []
+    checksums = local_engine.named_checksums
+
+    def recording(weights):
+        in_flight_at_call.append(engine._in_flight is not None)
+        return checksums(weights)
+
+    monkeypatch.setattr(local_engine, "named_checksums", recording)
+    in_callback = threading.Event()
+    done = threading.Event()
+    box = []
+
+    def on_update(ids, logprobs):  # on the worker thread, outside the step lock, the next step launched
+        if not in_callback.is_set():
+            in_callback.set()
+            time.sleep(0.3)  # a control call made now must wait for the worker, not slip in beside the step
+
+    try:
+        engine.submit(GenerateRequest([5, 6, 7], SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)),
+                      lambda r: (box.append(r), done.set()), on_update)
+        assert in_callback.wait(30)
+        engine.weight_checksums()
+        assert done.wait(30)
+    finally:
+        engine.shutdown()
+    assert in_flight_at_call == [False]
+    assert len(box[0].output_ids) == 30 and PENDING_TOKEN not in box[0].output_ids

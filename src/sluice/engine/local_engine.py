@@ -253,14 +253,26 @@ class LocalEngine:
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
-        """Hold the step lock with no step in flight: the worker reads back the step it launched and then waits
-        while a caller is here."""
+        """Hold the step lock with no step in flight: while a caller waits here the worker launches nothing new,
+        reads back the step in flight, and then stays idle. (A callback on the worker thread itself cannot wait
+        for the worker: the step it launched just before stays in flight, in stream order before this call's
+        device work.)"""
         with self._cond:
             self._waiting_callers += 1
             self._cond.notify_all()
         try:
-            with self._step_lock:
+            while True:
+                self._step_lock.acquire()
+                if (self._in_flight is None or not self._worker.is_alive()
+                        or threading.current_thread() is self._worker):
+                    break
+                self._step_lock.release()  # the worker launched a step before it saw us: it reads it back next
+                with self._cond:
+                    self._cond.wait_for(lambda: self._in_flight is None or not self._worker.is_alive(), timeout=1.0)
+            try:
                 yield
+            finally:
+                self._step_lock.release()
         finally:
             with self._cond:
                 self._waiting_callers -= 1
@@ -283,6 +295,9 @@ class LocalEngine:
             try:
                 with self._step_lock:
                     self._step(done, updates)
+                if self._waiting_callers:  # a control call may be waiting for the step in flight to be read back
+                    with self._cond:
+                        self._cond.notify_all()
             except Exception as error:  # a failed step must not hang its callers: fail every request
                 with self._step_lock:
                     self._in_flight = None
@@ -313,7 +328,7 @@ class LocalEngine:
         previous, self._in_flight = self._in_flight, None
         if previous is not None:
             self._read_back(previous, done, updates)
-        if launched is not None and self.overlap and not idle:
+        if launched is not None and self.overlap:
             self._in_flight = launched
         elif launched is not None:
             self._read_back(launched, done, updates)
