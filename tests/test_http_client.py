@@ -19,7 +19,7 @@ from sluice.engine.client import InProcessClient
 from sluice.engine.http_client import EngineHTTPError, HttpClientOptions, HttpEngineClient, parse_generate_response
 from sluice.engine.native_api import version_runs
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.protocol import FinishReason, GenerateRequest
+from sluice.engine.protocol import EngineUnavailable, FinishReason, GenerateRequest
 from sluice.engine.router import MultiEngineClient
 from sluice.engine.server import BackgroundServer
 from sluice.engine.server_context import ServerContext
@@ -274,3 +274,34 @@ def test_fan_out_control_and_oldest_weight_version(servers, engine, engine_other
     assert both[0].output_ids == both[1].output_ids == reference(engine_other, ids).output_ids
     assert after == top + 1
     assert reference(engine, ids).output_ids != both[0].output_ids  # engine 0 back on its own weights
+
+
+def test_a_dropped_connection_makes_the_engine_unavailable_and_is_retried_only_when_harmless():
+    """A server that reads each request and hangs up: a generate (it may have run) is not repeated and raises
+    EngineUnavailable; a version read (harmless to repeat) is retried max_retries times."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(connection.recv(65536))
+            connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = HttpEngineClient(f"http://127.0.0.1:{listener.getsockname()[1]}",
+                              HttpClientOptions(max_retries=2, backoff_s=0.01))
+    try:
+        with pytest.raises(EngineUnavailable):
+            run(client.generate(request([1, 2, 3])))
+        assert len(accepted) == 1
+        with pytest.raises(aiohttp.ClientError):
+            run(client.weight_version())
+        assert len(accepted) >= 1 + 3  # our three attempts (aiohttp may repeat a GET on a dropped connection itself)
+    finally:
+        listener.close()

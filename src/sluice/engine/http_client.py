@@ -145,7 +145,8 @@ class HttpEngineClient:
                     return _json_or_raise(url, response.status, await response.read())
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 failure, retry = error, True  # the request never reached the server
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as error:
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError,
+                    aiohttp.ClientResponseError) as error:  # the last: a malformed or cut response head
                 failure, retry = error, idempotent  # it may have reached the server: repeat only what is harmless
             if not retry or attempt == self.options.max_retries:
                 raise failure
@@ -161,7 +162,8 @@ class HttpEngineClient:
 
 # What a call raises when the engine cannot be reached or stops answering (connect errors, dropped connections,
 # timeouts): the caller treats the engine as unavailable.
-TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError,
+                    asyncio.TimeoutError)
 
 
 def _json_or_raise(url: str, status: int, raw: bytes) -> dict:

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from sluice.engine.http_client import TRANSPORT_ERRORS
 from sluice.rewards.contract import RewardValue
 from sluice.types import Sample
 
@@ -100,8 +101,8 @@ class RemoteReward:
             try:
                 async with client.post(self.url, data=body, headers={"content-type": "application/json"}) as response:
                     status, raw = response.status, await response.read()
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as error:
-                last_problem = f"{type(error).__name__}: {error}"  # refused, reset, timed out
+            except TRANSPORT_ERRORS as error:  # refused, reset, cut short, timed out
+                last_problem = f"{type(error).__name__}: {error}"
                 continue
             text = raw.decode(errors="replace")
             if status in RETRIED_STATUSES:
