@@ -1,7 +1,9 @@
-"""Resolving the device and dtype names used in the config (`auto`, `cpu`, `cuda:1`, `bfloat16`)."""
+"""Resolving the device and dtype names used in the config (`auto`, `cpu`, `cuda:1`, `bfloat16`), and small
+host-to-device copies that do not wait for the stream."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -16,3 +18,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list or array on ``device``. On GPU the copy is pinned and asynchronous: a pageable copy would wait
+    for the work already queued on the stream (the engine queues a step ahead)."""
+    tensor = torch.as_tensor(values, dtype=dtype) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor

@@ -44,7 +44,6 @@ from sluice.engine.sequence import PENDING_TOKEN, OnDone, OnUpdate, Sequence, Se
 from sluice.engine.stopping import StopChecker
 from sluice.engine.weight_bucket import checksum_mismatches, named_checksums
 from sluice.engine.weights import iter_safetensors
-from sluice.types import SamplingParams
 
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 
@@ -72,7 +71,7 @@ class LocalEngine:
         if self._use_graphs:
             self.runner.capture_decode_graphs(min(config.cuda_graph_max_bs or 512, config.max_running_requests))
         if self.device.type == "cuda":
-            self.runner.warm_up(_sample_warm_up)
+            self.runner.warm_up()
         # On CPU overlapping gains nothing (the host computes the step), so it is off there; tests turn it on to
         # check the same bookkeeping without a GPU. Change it only while the engine is idle.
         self.overlap = self.device.type == "cuda" and not config.disable_overlap_schedule
@@ -494,11 +493,6 @@ def _attention_backend(device: torch.device, head_dim: int) -> tuple[Callable, b
     warnings.warn(f"head_dim {head_dim} is not supported by the Triton kernels; using the PyTorch reference "
                   "attention without CUDA graphs (slower)", stacklevel=2)
     return reference.paged_attention, False
-
-
-def _sample_warm_up(logits: torch.Tensor, temperature: float) -> None:
-    rows = logits.shape[0]
-    sample_tokens(logits, [SamplingParams(temperature=temperature)] * rows, [None] * rows)
 
 
 def _call(callback: Callable, *args) -> None:

@@ -14,12 +14,12 @@ buffers filled asynchronously, with an event to wait on.
 from __future__ import annotations
 
 import bisect
-from typing import Callable
 
 import numpy as np
 
 import torch
 
+from sluice.device import to_device
 from sluice.engine.attention import AttentionMetadata
 from sluice.engine.kv_pool import KVPool
 from sluice.engine.model.decoder import AttentionFn, DecoderLM
@@ -43,10 +43,10 @@ class ModelRunner:
         self.graph_sizes: list[int] = []
         self.graph_logits: torch.Tensor | None = None
         self.last_tokens = torch.zeros(max_running, dtype=torch.int64, device=self.device)  # by Sequence.slot
-        pinned = self.device.type == "cuda"
-        # Two of each, used in turn: a step's readback may still be in flight while the next step's starts.
-        self._readback_buffers = [(torch.empty(max_running, dtype=torch.int64, pin_memory=pinned),
-                                   torch.empty(max_running, dtype=torch.float32, pin_memory=pinned)) for _ in range(2)]
+        # Two of each (GPU), used in turn: a step's readback may still be in flight while the next step's starts.
+        self._readback_buffers = [(torch.empty(max_running, dtype=torch.int64, pin_memory=True),
+                                   torch.empty(max_running, dtype=torch.float32, pin_memory=True))
+                                  for _ in range(2 if self.device.type == "cuda" else 0)]
         self._readback_turn = 0
         self._replayed_slots: torch.Tensor | None = None  # the slots of the decode graph just replayed, on device
 
@@ -94,32 +94,37 @@ class ModelRunner:
         return ids, self._tensor(positions, torch.int64), meta, sample_rows
 
     @torch.inference_mode()
-    def warm_up(self, sample: Callable[[torch.Tensor, float], object]) -> None:
+    def warm_up(self) -> None:
         """Compile now what the first steps would compile while serving (GPU): the prefill and eager-decode
-        kernels, the compiled small ops at token counts above one, and the sampling kernels ``sample(logits,
-        temperature)`` at the batch sizes that choose each of their work splits, greedy and sampling.
+        kernels, the compiled small ops at token counts above one, and the sampling kernels at each of their work
+        splits, for greedy, sampling and mixed-temperature batches.
 
         The synthetic steps write K/V only to the scratch page's first slot and read only the scratch page."""
+        from sluice.engine import sampling_kernel  # Triton: CUDA only
+
         caches = self.pool.layer_caches()
+        width = min(16, self.max_pages_per_seq)
+        longest = min(width * self.page_size, self.context_len)
         for lengths, decode in (([17], False), ([3, 40], False), ([9, 9, 9], True)):
+            lengths = [min(n, longest) for n in lengths]
             count = len(lengths)
             tokens = count if decode else sum(lengths)
             cu_seqlens = torch.tensor([0, *np.cumsum([1 if decode else n for n in lengths])], dtype=torch.int32)
             positions = [n - 1 for n in lengths] if decode else [p for n in lengths for p in range(n)]
             meta = AttentionMetadata(
                 slot_mapping=torch.zeros(tokens, dtype=torch.int64, device=self.device),
-                block_tables=torch.zeros((count, min(16, self.max_pages_per_seq)), dtype=torch.int32, device=self.device),
+                block_tables=torch.zeros((count, width), dtype=torch.int32, device=self.device),
                 seq_lens=torch.tensor(lengths, dtype=torch.int32, device=self.device),
                 cu_seqlens_q=cu_seqlens.to(self.device), max_seqlen_q=1 if decode else max(lengths),
                 max_seqlen_k=max(lengths), is_decode=decode)
             ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
             hidden = self.model(ids, torch.tensor(positions, device=self.device), meta, caches, self.attend)
             self.model.compute_logits(hidden[-count:])
-        vocab = self.model.config.vocab_size
-        for rows in (1, 16, 32, 64, 128):
-            logits = torch.zeros((rows, vocab), dtype=self.model.embed_tokens.weight.dtype, device=self.device)
-            for temperature in (0.0, 1.0):
-                sample(logits, temperature)
+        logits = torch.zeros((4, self.model.config.vocab_size), dtype=self.model.embed_tokens.weight.dtype,
+                             device=self.device)
+        for tiles_per_chunk in (1, 2, 4, 8):
+            for temperatures in ([0.0] * 4, [1.0] * 4, [0.0, 1.0, 0.5, 1.0]):
+                sampling_kernel.sample(logits, temperatures, tiles_per_chunk=tiles_per_chunk)
         torch.cuda.synchronize(self.device)
 
     def table_rows(self, seqs, width: int) -> np.ndarray:
@@ -134,10 +139,7 @@ class ModelRunner:
         return table[[seq.slot for seq in seqs], :width]
 
     def _tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.as_tensor(values, dtype=dtype) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+        return to_device(values, dtype, self.device)
 
     # ---- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -164,11 +166,11 @@ class ModelRunner:
             else self._tensor([seq.slot for seq in seqs], torch.int64)
         self._replayed_slots = None
         self.last_tokens.index_copy_(0, slots, tokens)
+        if self.device.type != "cuda":  # already on the host
+            return Readback(tokens, logprobs, None)
         host_tokens, host_logprobs = self._readback_buffers[self._readback_turn]
         self._readback_turn ^= 1
         count = len(seqs)
-        if self.device.type != "cuda":
-            return Readback(tokens, logprobs, None)
         host_tokens[:count].copy_(tokens, non_blocking=True)
         host_logprobs[:count].copy_(logprobs, non_blocking=True)
         event = torch.cuda.Event()

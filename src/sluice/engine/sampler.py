@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from sluice.device import to_device
 from sluice.types import SamplingParams
 
 
@@ -51,7 +52,7 @@ def sample_tokens_torch(
     if len(set(temperatures)) == 1:  # the usual RL batch: one scalar, no host-to-device copy
         log_probs = torch.log_softmax(logits / temperatures[0], dim=-1)
     else:
-        scale = _to_device(temperatures, torch.float32, logits.device)
+        scale = to_device(temperatures, torch.float32, logits.device)
         log_probs = torch.log_softmax(logits / scale[:, None], dim=-1)
     tokens = _draw(log_probs, params, generators)
     return tokens, log_probs.gather(1, tokens[:, None]).squeeze(1)
@@ -68,7 +69,7 @@ def _draw(log_probs: torch.Tensor, params: list[SamplingParams], generators: lis
         return (filtered.exp() / noise).argmax(dim=-1)
     tokens = log_probs.argmax(dim=-1)
     if shared:
-        rows = _to_device(shared, torch.int64, log_probs.device)
+        rows = to_device(shared, torch.int64, log_probs.device)
         noise = torch.empty((len(shared), log_probs.shape[1]), device=log_probs.device).exponential_().clamp_min_(_TINY)
         tokens[rows] = (filtered[rows].exp() / noise).argmax(dim=-1)
     for i in sampled:  # per-request seed: its own stream, independent of the batch around it
@@ -85,9 +86,9 @@ def _truncate(log_probs: torch.Tensor, params: list[SamplingParams]) -> torch.Te
         return log_probs
     vocab = log_probs.shape[-1]
     device = log_probs.device
-    top_k = _to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int64, device)
-    top_p = _to_device([p.top_p for p in params], torch.float32, device)
-    min_p = _to_device([p.min_p for p in params], torch.float32, device)
+    top_k = to_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int64, device)
+    top_p = to_device([p.top_p for p in params], torch.float32, device)
+    min_p = to_device([p.min_p for p in params], torch.float32, device)
     sorted_lp, order = log_probs.sort(dim=-1, descending=True)
     sorted_p = sorted_lp.exp()
     rank = torch.arange(vocab, device=device)[None, :]
@@ -97,9 +98,3 @@ def _truncate(log_probs: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     drop |= sorted_p < (min_p[:, None] * sorted_p[:, :1])
     sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
     return torch.full_like(log_probs, float("-inf")).scatter(1, order, sorted_lp)
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on ``device`` without waiting for the stream (pinned, asynchronous copy on GPU)."""
-    tensor = torch.tensor(values, dtype=dtype)
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor

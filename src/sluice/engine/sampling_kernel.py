@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sluice.device import to_device
+
 TILE = 2048  # logits per tile: one Philox call per four of them
 _MAX_TILES_PER_CHUNK = 8
 _PROGRAMS_PER_SM = 4  # chunk count target: enough programs to fill the GPU at small batches
@@ -60,12 +62,7 @@ def sample(
     num_chunks = triton.cdiv(vocab_size, tile * tiles_per_chunk)
     per_row = len(set(temperatures)) > 1
     # pinned and asynchronous: a pageable copy would wait for the step before it (the engine overlaps steps)
-    row_temperatures = logits  # unread unless per_row
-    if per_row:
-        row_temperatures = torch.tensor(temperatures, dtype=torch.float32)
-        if device.type == "cuda":
-            row_temperatures = row_temperatures.pin_memory()
-        row_temperatures = row_temperatures.to(device, non_blocking=True)
+    row_temperatures = to_device(temperatures, torch.float32, device) if per_row else logits  # unread unless per_row
     sampled = any(t > 0 for t in temperatures)
     seed = draw_seed(device) if sampled else logits  # unread when no row samples
     # Three allocations, not views of one: Triton specialises pointer arguments on 16-byte alignment, and views at

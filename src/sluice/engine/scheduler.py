@@ -62,7 +62,7 @@ class Scheduler:
         return batch if batch.seqs else None
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
-        blocks, page_size = self.blocks, self.blocks.page_size
+        blocks = self.blocks
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
@@ -70,7 +70,7 @@ class Scheduler:
                 index += 1
                 continue
             count = min(len(seq.token_ids) - seq.num_computed, budget)
-            if -(-(seq.num_computed + count) // page_size) > len(seq.pages):  # needs a page (blocks.pages_needed)
+            if blocks.pages_needed(seq, count):
                 while blocks.pages_needed(seq, count) > blocks.num_free and self.running[-1] is not seq:
                     self.preempt(self.running[-1])
                 if blocks.pages_needed(seq, count) > blocks.num_free:

@@ -60,7 +60,3 @@ class Sequence:
     @property
     def has_pending_token(self) -> bool:
         return bool(self.token_ids) and self.token_ids[-1] == PENDING_TOKEN
-
-    @property
-    def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed

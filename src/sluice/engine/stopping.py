@@ -19,11 +19,11 @@ class StopChecker:
         tokenizer_eos = tokenizer.eos_token_id if tokenizer is not None else None
         self.eos_ids = set(eos_ids(getattr(model_config, "eos_token_id", None), tokenizer_eos))
 
-    def check(self, seq: Sequence, position: int | None = None) -> bool:
-        """Set ``seq.finish`` (and ``matched_stop``) if the token at ``position`` (default: the last) ends it;
+    def check(self, seq: Sequence, position: int) -> bool:
+        """Set ``seq.finish`` (and ``matched_stop``) if the token at ``position`` of ``seq.token_ids`` ends it;
         True if it does. Tokens after ``position`` (a pending one) are not looked at."""
         params = seq.request.sampling_params
-        end = len(seq.token_ids) if position is None else position + 1
+        end = position + 1
         token = seq.token_ids[end - 1]
         num_output = end - seq.num_prompt_tokens
         if not params.ignore_eos and token in self.eos_ids:

@@ -86,6 +86,7 @@ class LocalRun:
         except BaseException:
             if self.gateway is not None:
                 self.gateway.stop()
+            self._close_connections()
             self._stop_pools()  # an engine's worker thread (or actor) would otherwise outlive a failed start
             self._close_loop()
             raise
