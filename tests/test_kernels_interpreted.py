@@ -24,3 +24,29 @@ def test_kernel_module_in_interpreter(module):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+WARM_UP = """
+import sys, tempfile
+sys.path.insert(0, {tests!r})
+from conftest import _build_lively, SMALL_SHAPE_KWARGS
+from sluice.config import EngineConfig
+from sluice.demo.model import TinyModelShape
+from sluice.engine.local_engine import LocalEngine
+checkpoint = _build_lively(tempfile.mkdtemp(), TinyModelShape(**SMALL_SHAPE_KWARGS), seed=0)
+engine = LocalEngine(checkpoint, EngineConfig(device="cpu", dtype="float32", page_size=4, context_length=32))
+engine.runner.warm_up()
+engine.shutdown()
+print("warmed")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA every engine start runs it")
+def test_the_engine_warm_up_runs_in_the_interpreter():
+    """ModelRunner.warm_up (the GPU start-up's compile pass) on CPU tensors: synthetic prefill, eager decode and
+    the sampling kernel at every work split, with a context shorter than its synthetic prompts."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", WARM_UP.format(tests=str(HERE))], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=HERE.parent)
+    assert result.returncode == 0 and "warmed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

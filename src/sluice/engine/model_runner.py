@@ -125,7 +125,8 @@ class ModelRunner:
         for tiles_per_chunk in (1, 2, 4, 8):
             for temperatures in ([0.0] * 4, [1.0] * 4, [0.0, 1.0, 0.5, 1.0]):
                 sampling_kernel.sample(logits, temperatures, tiles_per_chunk=tiles_per_chunk)
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def table_rows(self, seqs, width: int) -> np.ndarray:
         """The block tables of ``seqs`` ([len(seqs), width]); entries past a sequence's pages are stale, never read."""
