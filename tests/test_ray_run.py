@@ -26,6 +26,9 @@ from test_train_loop import SEED, flags
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 NUM_ROLLOUT = 10
+# The async run: sampling on two engines depends on timing, and a start without a single "7" gives GRPO no
+# signal for a few steps (seen: rewards near 0 up to step 8, then ~1 by step 12); 16 steps leave room for that.
+ASYNC_ROLLOUTS = 16
 BATCH = 8  # test_train_loop's --rollout-batch-size
 
 
@@ -44,8 +47,8 @@ def expected_prompts(run: LocalRun, data: Path, num: int) -> list[str]:
     return [s.prompt for s in PromptSource(samples, shuffle=True, seed=SEED).next_batch(num)]
 
 
-def trained_prompts(rollouts: Path) -> list[str]:
-    return [g.samples[0].prompt for i in range(NUM_ROLLOUT) for g in load_rollout_data(rollouts / f"{i}.json", i)]
+def trained_prompts(rollouts: Path, num_rollout: int = NUM_ROLLOUT) -> list[str]:
+    return [g.samples[0].prompt for i in range(num_rollout) for g in load_rollout_data(rollouts / f"{i}.json", i)]
 
 
 def test_async_run_on_ray_actors(ray_cluster, say7):
@@ -53,7 +56,7 @@ def test_async_run_on_ray_actors(ray_cluster, say7):
     trains every prompt once, and after the last sync both engines hold exactly the trainer's weights."""
     root, model, data = say7
     rollouts = root / "async" / "rollouts"
-    argv = flags(model, data, root / "async" / "run", root / "async" / "ckpt", NUM_ROLLOUT, "--orchestrator", "ray",
+    argv = flags(model, data, root / "async" / "run", root / "async" / "ckpt", ASYNC_ROLLOUTS, "--orchestrator", "ray",
                  "--async", "--rollout-num-gpus", "2", "--save-debug-rollout-data", str(rollouts / "{rollout_id}.json"))
     config = parse_config(argv)
     validate(config)
@@ -63,12 +66,12 @@ def test_async_run_on_ray_actors(ray_cluster, say7):
         train(run)
         trainer_sums = run.trainer.weight_checksums()
         engines = [asyncio.run(engine_checksums(url)) for url in run.pools.engine_urls]
-        prompts = expected_prompts(run, data, NUM_ROLLOUT * BATCH)
+        prompts = expected_prompts(run, data, ASYNC_ROLLOUTS * BATCH)
         routed = run.client.num_routed
     finally:
         run.close()
     for version, sums in engines:
-        assert version == NUM_ROLLOUT and checksum_differences(trainer_sums, sums) == []
+        assert version == ASYNC_ROLLOUTS and checksum_differences(trainer_sums, sums) == []
     assert min(routed) > 0  # both engines generated
     records = read_metrics(root / "async" / "run" / "metrics.jsonl")
     rewards = [r["rollout/reward_mean"] for r in records]
@@ -76,7 +79,7 @@ def test_async_run_on_ray_actors(ray_cluster, say7):
     assert sum(rewards[:2]) / 2 < 0.2 and sum(rewards[-2:]) / 2 - sum(rewards[:2]) / 2 > 0.5
     assert max(r["rollout/staleness_max"] for r in records) == 1.0
     assert all(r["sync/bytes"] > 0 for r in records)
-    assert Counter(trained_prompts(rollouts)) == Counter(prompts)
+    assert Counter(trained_prompts(rollouts, ASYNC_ROLLOUTS)) == Counter(prompts)
 
 
 def test_a_killed_engine_is_restarted_and_nothing_is_lost(ray_cluster, say7, tmp_path, monkeypatch):
