@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sluice.config import ConfigError, parse_config, validate
+from sluice.config import parse_config, validate
 from sluice.data import DataError
+from sluice.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
