@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sluice.buffer import DataBuffer
+from sluice.buffer.handle import LocalBufferHandle
 from sluice.checkpoint.rollout_data import load_rollout_data
 from sluice.config import ConfigError, EngineConfig, parse_config, validate
 from sluice.data import PromptSource, load_prompt_samples
@@ -19,10 +20,10 @@ from sluice.engine.local_engine import LocalEngine
 from sluice.loops import train
 from sluice.models.tokenizer import load_tokenizer
 from sluice.observability.metrics import read_metrics
-from sluice.orchestration.local_run import LocalRun
+from sluice.orchestration import build_run
 from sluice.rollout.generate import GenerateContext
 from sluice.rollout.manager import RolloutManager
-from sluice.rollout.streaming import LocalBufferHandle, StreamingRollout
+from sluice.rollout.streaming import StreamingRollout
 from sluice.types import Sample, SamplingParams, Status
 from test_resume import kill_after_first_checkpoint
 from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:Fu
 def run_loop(argv: list[str]) -> None:
     config = parse_config(argv)
     validate(config)
-    run = LocalRun(config, log=lambda line: None)
+    run = build_run(config, log=lambda line: None)
     try:
         train(run)
     finally:
@@ -111,12 +112,12 @@ def test_offload_flags_take_turns_on_the_device(say7, tmp_path):
     root, model, data = say7
     config = parse_config(flags(model, data, tmp_path / "run", tmp_path / "ckpt", 2, "--offload"))
     validate(config)
-    run = LocalRun(config, log=lambda line: None)
+    run = build_run(config, log=lambda line: None)
     try:
-        run.memory_for("train")
-        released = run.engine._released
-        run.memory_for("sync")
-        assert released and not run.engine._released
+        run.offload.memory_for("train")
+        released = run.engines.engine._released
+        run.offload.memory_for("sync")
+        assert released and not run.engines.engine._released
         train(run)
         assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
     finally:

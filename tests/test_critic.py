@@ -205,7 +205,7 @@ def test_ppo_runs_from_flags_with_critic_only_steps_and_resumes_with_its_critic(
 
     from sluice.config import parse_config, validate
     from sluice.observability.metrics import read_metrics
-    from sluice.orchestration.local_run import LocalRun
+    from sluice.orchestration import build_run
 
     root, model, data = say7
     run_dir, save = root / "ppo", root / "ppo_save"
@@ -228,9 +228,9 @@ def test_ppo_runs_from_flags_with_critic_only_steps_and_resumes_with_its_critic(
     config = parse_config(flags(model, data, root / "ppo_resumed", root / "ppo_save2", 4, *ppo_flags,
                                 "--load", str(save)))
     validate(config)
-    run = LocalRun(config, log=lambda line: None)
+    run = build_run(config, log=lambda line: None)
     try:
-        for name, param in run.trainer.critic.model.state_dict().items():
+        for name, param in run.trainer.backend.critic.model.state_dict().items():
             assert torch.equal(param, saved_critic[name]), name
     finally:
         run.close()

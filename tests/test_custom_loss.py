@@ -94,12 +94,12 @@ def test_bad_functions_fail_at_load_naming_the_flag(plugin, target, message):
 
 
 def test_a_bad_function_is_a_config_error_before_any_model_loads(plugin, small_checkpoint):
-    from sluice.orchestration.local_run import LocalRun
+    from sluice.orchestration import build_run
 
     config = parse_config(["--hf-checkpoint", small_checkpoint, "--rm-type", "exact", "--loss-type", "custom_loss",
                            "--custom-loss-function-path", "my_losses.two", "--prompt-data", "never-read.jsonl"])
     with pytest.raises(ConfigError, match="--custom-loss-function-path"):
-        LocalRun(config, log=lambda line: None)
+        build_run(config, log=lambda line: None)
 
 
 # ------------------------------------------------------------------------------------------ the contract

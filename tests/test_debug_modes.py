@@ -25,12 +25,12 @@ def test_replaying_saved_rollouts_reproduces_the_training_steps(say7, tmp_path):
                                template))
     replayed = run_loop(flags(model, data, tmp_path / "replay", tmp_path / "ck2", 3, "--debug-train-only",
                               "--load-debug-rollout-data", template))
-    assert replayed.engine is None  # no engine: nothing generated, nothing synced
+    assert replayed.engines is None  # no engine: nothing generated, nothing synced
     for original, replay in zip(steps(tmp_path / "gen"), steps(tmp_path / "replay"), strict=True):
         for key in ("train/loss", "train/grad_norm", "train/pg_loss", "train/entropy", "rollout/reward_mean"):
             assert replay[key] == original[key], (original["step"], key)
-    expected = generated.trainer.named_weights()
-    for name, value in replayed.trainer.named_weights().items():
+    expected = generated.trainer.backend.named_weights()
+    for name, value in replayed.trainer.backend.named_weights().items():
         assert torch.equal(value, expected[name]), name
     groups = load_rollout_data(tmp_path / "rollouts" / "r_2.json", rollout_id=2)
     assert len(groups) == ROLLOUT_BATCH and all(len(g.samples) == N_SAMPLES for g in groups)
@@ -45,7 +45,7 @@ def test_rollout_only_generates_and_scores_without_training(say7, tmp_path):
     argv.remove(str(tmp_path / "unused"))
     run = run_loop(argv)
     assert run.trainer is None
-    assert run.engine.weight_version == 0  # never synced
+    assert run.engines.engine.weight_version == 0  # never synced
     records = steps(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2]
     assert all("rollout/reward_mean" in r and not any(k.startswith("train/") for k in r) for r in records)
@@ -58,7 +58,7 @@ def test_replay_with_an_engine_still_syncs_its_weights(say7, tmp_path):
     template = str(tmp_path / "r_{rollout_id}.json")
     run_loop(flags(model, data, tmp_path / "gen", tmp_path / "ck1", 2, "--save-debug-rollout-data", template))
     run = run_loop(flags(model, data, tmp_path / "replay", tmp_path / "ck2", 2, "--load-debug-rollout-data", template))
-    assert run.engine.weight_version == 2
+    assert run.engines.engine.weight_version == 2
     missing = flags(model, data, tmp_path / "more", tmp_path / "ck3", 3, "--debug-train-only",
                     "--load-debug-rollout-data", template)
     with pytest.raises(ConfigError, match=r"--load-debug-rollout-data: .*r_2.json: no such rollout data file"):

@@ -14,7 +14,9 @@ from sluice.rewards.overlong import OverlongShaping, overlong_penalty
 from sluice.rollout.dynamic_sampling import load_group_filter, sample_filtered_groups
 from sluice.rollout.filters import drop_uniform_rewards
 from sluice.rollout.generate import GenerateContext
-from sluice.rollout.manager import RolloutManager, rollout_metrics
+from sluice.rollout.finish import scalar_rewards
+from sluice.rollout.manager import RolloutManager
+from sluice.rollout.metrics import rollout_metrics
 from sluice.types import Sample, SamplingParams, Status
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
@@ -62,14 +64,14 @@ def test_slime_style_filter_by_dotted_path(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("path", ["no_such_module_xyz.keep", "sluice.rollout.filters.nope", "nodots"])
 def test_a_filter_that_does_not_load_is_a_config_error_naming_the_flag(small_checkpoint, tmp_path, path):
-    from sluice.orchestration.local_run import LocalRun
+    from sluice.orchestration import build_run
 
     config = parse_config(["--hf-checkpoint", small_checkpoint, "--prompt-data", str(tmp_path / "none.jsonl"),
                            "--rollout-batch-size", "2", "--rm-type", "exact", "--label-key", "label",
                            "--dynamic-sampling-filter-path", path, "--run-dir", str(tmp_path / "run")])
     validate(config)
     with pytest.raises(ConfigError, match="--dynamic-sampling-filter-path"):
-        LocalRun(config, log=lambda line: None)
+        build_run(config, log=lambda line: None)
 
 
 # ---- config -----------------------------------------------------------------------------------------
@@ -196,7 +198,8 @@ def test_manager_applies_overlong_penalty_to_training_rollouts_not_eval(small_ct
     for s in samples:
         assert s.reward == pytest.approx(1.0 + overlong_penalty(s.response_length, 4, 2, 1.0))
     expected = sum(overlong_penalty(s.response_length, 4, 2, 1.0) for s in samples) / len(samples)
-    assert rollout_metrics(groups, manager)["rollout/overlong_penalty_mean"] == pytest.approx(expected)
+    metrics = rollout_metrics(groups, scalar_rewards(groups, manager), overlong_shaped=True)
+    assert metrics["rollout/overlong_penalty_mean"] == pytest.approx(expected)
     assert any(s.response_length > 2 for s in samples)  # the penalty was exercised
     groups = asyncio.run(manager.generate_groups(batch, 3, SamplingParams(max_new_tokens=4), shape_rewards=False))
     assert all(s.reward == 1.0 for g in groups for s in g.samples)

@@ -57,14 +57,14 @@ def test_a_nan_reward_skips_that_step_only_and_counts_it(say7, tmp_path, poisone
     assert records[1]["train/loss"] is None  # NaN, written as null
     assert isinstance(records[2]["train/loss"], float)
     assert "skipped an optimizer step: loss=nan" in caplog.text
-    assert run.trainer.num_optimizer_steps == 2
+    assert run.trainer.backend.num_optimizer_steps == 2
     # The skipped step left the weights (and the optimizer) exactly as the step before left them.
     before, after = (torch.load(tmp_path / "ckpt" / f"rollout_00000{i}" / "trainer.pt", weights_only=False)
                      for i in (0, 1))
     for name, value in before["model"].items():
         assert torch.equal(value, after["model"][name]), name
     assert after["optimizer"]["state"][0]["step"] == before["optimizer"]["state"][0]["step"]
-    assert all(torch.isfinite(p).all() for p in run.trainer.model.parameters())
+    assert all(torch.isfinite(p).all() for p in run.trainer.backend.model.parameters())
 
 
 def test_consecutive_nan_steps_stop_the_run_with_a_clear_message(say7, tmp_path, poisoned_reward, capsys):

@@ -13,7 +13,7 @@ from sluice.config import parse_config, validate
 from sluice.demo.model import build_checkpoint
 from sluice.loops import train_sync
 from sluice.observability.metrics import read_metrics
-from sluice.orchestration.local_run import LocalRun
+from sluice.orchestration import build_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 SLIME_GENERATE = '''
@@ -54,7 +54,7 @@ def base(task, run_dir, *extra) -> list[str]:
 def run(argv: list[str]) -> list[dict]:
     config = parse_config(argv)
     validate(config)
-    local = LocalRun(config, log=lambda line: None)
+    local = build_run(config, log=lambda line: None)
     try:
         train_sync(local)
     finally:

@@ -19,7 +19,9 @@ from sluice.engine.clients.in_process import InProcessClient
 from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult
 from sluice.rollout.chat_turns import TemplateError, continuation_text
 from sluice.rollout.generate import GenerateContext
-from sluice.rollout.manager import RolloutManager, rollout_metrics
+from sluice.rollout.finish import scalar_rewards
+from sluice.rollout.manager import RolloutManager
+from sluice.rollout.metrics import rollout_metrics
 from sluice.rollout.multi_turn import generate_with_tools
 from sluice.rollout.tools import load_tools
 from sluice.types import Sample, SamplingParams, Status
@@ -165,7 +167,7 @@ def test_no_tool_call_is_one_turn_on_the_real_engine_and_fan_out_trains_every_sa
     for sample in groups[0].samples:  # a random tiny model writes no tool call: one turn, all trained
         assert sample.metadata["metrics"]["turns"] == 1.0 and sample.loss_mask == [1] * sample.response_length
         assert sample.tokens == sample.prompt_tokens + sample.response_tokens
-    assert rollout_metrics(groups, manager)["rollout/used_tool"] == 0.0
+    assert rollout_metrics(groups, scalar_rewards(groups, manager))["rollout/used_tool"] == 0.0
 
     fan_out = RolloutManager(ctx, one, generate_fn=two_answers)
     groups = asyncio.run(fan_out.generate_groups(prompt * 2, 2, SamplingParams(max_new_tokens=4)))

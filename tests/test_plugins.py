@@ -198,13 +198,13 @@ def test_slime_style_filter_advantage_and_buffer_forms(tmp_path, monkeypatch):
 
 
 def test_a_bad_plugin_fails_the_run_before_any_model_loads(bad_plugins, small_checkpoint, tmp_path):
-    from sluice.orchestration.local_run import LocalRun
+    from sluice.orchestration import build_run
 
     config = parse_config(["--hf-checkpoint", small_checkpoint, "--prompt-data", str(tmp_path / "never-read.jsonl"),
                            "--rollout-batch-size", "2", "--rm-type", "exact", "--label-key", "label",
                            "--buffer-filter-path", "bad_plugins.three", "--run-dir", str(tmp_path / "run")])
     with pytest.raises(ConfigError, match="--buffer-filter-path 'bad_plugins.three'"):
-        LocalRun(config, log=lambda line: None)
+        build_run(config, log=lambda line: None)
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -7,7 +7,6 @@ with the trainer's exact weights."""
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ import torch
 from sluice.config import parse_config, validate
 from sluice.loops import train
 from sluice.observability.metrics import read_metrics
-from sluice.orchestration.ray_run import RayRun, start_run
+from sluice.orchestration import build_run
+from sluice.orchestration.ray_placement import RayPlacement
 from sluice.sync.verify import checksum_differences, engine_checksums
 from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
 from test_train_loop import flags
@@ -28,9 +28,7 @@ NUM_ROLLOUT = 8
 @pytest.fixture(scope="module")
 def ray_with_gpu():
     ray = pytest.importorskip("ray")
-    os.environ["SLUICE_RAY_LOCAL"] = "1"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"SLUICE_RAY_LOCAL": "1"}})
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     assert ray.cluster_resources().get("GPU", 0) >= 1
     yield
     ray.shutdown()
@@ -49,12 +47,12 @@ def test_colocated_run_on_one_gpu(ray_with_gpu, say7, extra):
     root, model, data = say7
     config = parse_config(gpu_flags(root, model, data, "gpu_" + ("async" if extra else "sync"), *extra))
     validate(config)
-    run = start_run(config, log=lambda line: None)
-    assert isinstance(run, RayRun) and run.pools.use_gpus
+    run = build_run(config, log=lambda line: None)
+    assert isinstance(run.placement, RayPlacement) and run.placement.use_gpus
     try:
         train(run)
         trainer_sums = run.trainer.weight_checksums()
-        version, sums = asyncio.run(engine_checksums(run.pools.engine_urls[0]))
+        version, sums = asyncio.run(engine_checksums(run.engines.urls[0]))
     finally:
         run.close()
     # by CUDA IPC; the engine keeps float32 weights here, so its bytes equal the trainer's

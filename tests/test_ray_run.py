@@ -4,7 +4,6 @@ data-parallel over gloo, the Data Buffer as an actor; weights broadcast by rank 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -16,9 +15,10 @@ from sluice.config import parse_config, validate
 from sluice.data import PromptSource, load_prompt_samples
 from sluice.loops import train
 from sluice.observability.metrics import read_metrics
-from sluice.orchestration.local_run import LocalRun
-from sluice.orchestration import ray_run
-from sluice.orchestration.ray_run import RayPools, RayRun, start_run
+from sluice.orchestration import build_run, ray_pools
+from sluice.orchestration.ray_placement import RayPlacement
+from sluice.orchestration.ray_pools import RayEnginePool
+from sluice.orchestration.run import Run
 from sluice.sync.verify import checksum_differences, engine_checksums
 from sluice.trainer.update import update_policy
 from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
@@ -34,14 +34,12 @@ BATCH = 8  # test_train_loop's --rollout-batch-size
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    os.environ["SLUICE_RAY_LOCAL"] = "1"
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,  # CPU bundles on any machine
-             runtime_env={"env_vars": {"SLUICE_RAY_LOCAL": "1"}})
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)  # CPU bundles on any machine
     yield
     ray.shutdown()
 
 
-def expected_prompts(run: LocalRun, data: Path, num: int) -> list[str]:
+def expected_prompts(run: Run, data: Path, num: int) -> list[str]:
     """The first ``num`` prompts the run's data order hands out (shuffled per epoch, seeded)."""
     samples, _ = load_prompt_samples(str(data), run.config.data, run.tokenizer)
     return [s.prompt for s in PromptSource(samples, shuffle=True, seed=SEED).next_batch(num)]
@@ -60,14 +58,14 @@ def test_async_run_on_ray_actors(ray_cluster, say7):
                  "--async", "--rollout-num-gpus", "2", "--save-debug-rollout-data", str(rollouts / "{rollout_id}.json"))
     config = parse_config(argv)
     validate(config)
-    run = start_run(config, log=lambda line: None)
-    assert isinstance(run, RayRun) and len(run.pools.engines) == 2
+    run = build_run(config, log=lambda line: None)
+    assert isinstance(run.engines, RayEnginePool) and len(run.engines.actors) == 2
     try:
         train(run)
         trainer_sums = run.trainer.weight_checksums()
-        engines = [asyncio.run(engine_checksums(url)) for url in run.pools.engine_urls]
+        engines = [asyncio.run(engine_checksums(url)) for url in run.engines.urls]
         prompts = expected_prompts(run, data, ASYNC_ROLLOUTS * BATCH)
-        routed = run.client.num_routed
+        routed = run.engines.client.num_routed
     finally:
         run.close()
     for version, sums in engines:
@@ -106,22 +104,22 @@ def test_a_killed_engine_is_restarted_and_nothing_is_lost(ray_cluster, say7, tmp
                  "--save-debug-rollout-data", str(rollouts / "{rollout_id}.json"))
     config = parse_config(argv)
     validate(config)
-    run = start_run(config, log=lambda line: None)
+    run = build_run(config, log=lambda line: None)
     try:
-        killer.VICTIM["pid"] = ray.get(run.pools.engines[0].pid.remote())
+        killer.VICTIM["pid"] = ray.get(run.engines.actors[0].pid.remote())
         train(run)
-        restarts = run.num_engine_restarts
+        restarts = run.weights.num_engine_restarts
         prompts = expected_prompts(run, data, NUM_ROLLOUT * BATCH)
-        version, sums = asyncio.run(engine_checksums(run.pools.engine_urls[0]))
+        version, sums = asyncio.run(engine_checksums(run.engines.urls[0]))
         trainer_sums = run.trainer.weight_checksums()
         # a hung engine (alive, answering pings, generating nothing) is found by the probe and replaced too
-        hung_url = run.pools.engine_urls[0]
-        ray.get(run.pools.engines[0].pause.remote())
-        monkeypatch.setattr(ray_run, "ENGINE_PROBE_TIMEOUT_S", 3.0)
-        asyncio.run(run.recover_engines())
-        hung_restarts = run.num_engine_restarts - restarts
-        after_hang = asyncio.run(engine_checksums(run.pools.engine_urls[0]))
-        replaced = run.pools.engine_urls[0] != hung_url
+        hung_url = run.engines.urls[0]
+        ray.get(run.engines.actors[0].pause.remote())
+        monkeypatch.setattr(ray_pools, "ENGINE_PROBE_TIMEOUT_S", 3.0)
+        asyncio.run(run.weights.recover_engines())
+        hung_restarts = run.weights.num_engine_restarts - restarts
+        after_hang = asyncio.run(engine_checksums(run.engines.urls[0]))
+        replaced = run.engines.urls[0] != hung_url
     finally:
         run.close()
     assert hung_restarts == 1 and replaced
@@ -143,22 +141,22 @@ def test_two_trainer_actors_train_like_one(ray_cluster, say7, tmp_path):
                  "--micro-batch-size", "3", "--actor-num-gpus-per-node", "2", "--orchestrator", "ray")
     config = parse_config(argv)
     validate(config)
-    local = LocalRun(parse_config([*argv[:-2], "--orchestrator", "local", "--actor-num-gpus-per-node", "1"]),
-                     log=lambda line: None)
+    local = build_run(parse_config([*argv[:-2], "--orchestrator", "local", "--actor-num-gpus-per-node", "1"]),
+                      log=lambda line: None)
     try:
-        groups = local.generate()
-        rewards = [local.rollout.rewards(g) for g in groups]
-        expected = update_policy(local.trainer, groups, config.algorithm, rewards, config.global_batch_size,
+        batch = local.batches.generate(0)
+        groups, rewards = batch.groups, batch.rewards
+        expected = update_policy(local.trainer.backend, groups, config.algorithm, rewards, config.global_batch_size,
                                  local.tokenizer.pad_token_id or 0, config.rollout.rollout_max_response_len)
     finally:
         local.close()
-    pools = RayPools(config, log=lambda line: None)
+    placement = RayPlacement(config, log=lambda line: None)
     try:
-        pool = pools.start_trainers()
+        pool = placement.start_trainer(None, None, local.tokenizer.pad_token_id or 0)
         assert len(pool.actors) == 2
-        got = pool.train(groups, rewards, True, local.tokenizer.pad_token_id or 0)
+        got = pool.train(groups, rewards, True)
     finally:
-        pools.shutdown()
+        placement.shutdown()
     assert expected["train/grad_norm"] > 0
     for key in ("train/loss", "train/grad_norm", "train/entropy"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key

@@ -20,7 +20,7 @@ from sluice.config import ConfigError, EngineConfig, parse_config, validate
 from sluice.demo.model import TinyModelShape, build_checkpoint
 from sluice.engine.local_engine import LocalEngine
 from sluice.observability.metrics import read_metrics
-from sluice.orchestration.local_run import LocalRun
+from sluice.orchestration import build_run
 from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
 from test_train_loop import N_SAMPLES, ROLLOUT_BATCH, flags, run_loop
 
@@ -64,8 +64,8 @@ def test_sigkill_mid_run_and_relaunch_matches_an_uninterrupted_run(say7, tmp_pat
     killed_at = kill_after_first_checkpoint(argv("killed"), tmp_path / "killed" / "ckpt")
     resumed = run_loop(argv("killed"))  # the relaunch
     resumed_from = int(killed_at.split("_")[1]) + 1
-    assert resumed.start_rollout >= resumed_from  # a later checkpoint may have landed before the kill
-    assert resumed.start_rollout < NUM_ROLLOUT
+    assert resumed.schedule.start_rollout >= resumed_from  # a later checkpoint may have landed before the kill
+    assert resumed.schedule.start_rollout < NUM_ROLLOUT
 
     # Same prompts in the same order, the same samples, each rollout once.
     expected, got = rollouts(tmp_path / "straight" / "data"), rollouts(tmp_path / "killed" / "data")
@@ -86,9 +86,9 @@ def test_sigkill_mid_run_and_relaunch_matches_an_uninterrupted_run(say7, tmp_pat
     for step in range(1, NUM_ROLLOUT + 1):
         for key in ("rollout/reward_mean", "train/loss", "train/grad_norm"):
             assert records[step][key] == straight_records[step][key], (step, key)
-    assert resumed.trainer.num_optimizer_steps == straight.trainer.num_optimizer_steps == NUM_ROLLOUT
-    expected_weights = straight.trainer.named_weights()
-    for name, value in resumed.trainer.named_weights().items():
+    assert resumed.trainer.backend.num_optimizer_steps == straight.trainer.backend.num_optimizer_steps == NUM_ROLLOUT
+    expected_weights = straight.trainer.backend.named_weights()
+    for name, value in resumed.trainer.backend.named_weights().items():
         assert torch.equal(value, expected_weights[name]), name
 
 
@@ -103,7 +103,7 @@ def test_incompatible_checkpoint_is_refused_naming_the_fields(say7, tmp_path):
                                 "--rollout-batch-size", "4", "--advantage-estimator", "dr_grpo"))
     validate(config)
     with pytest.raises(ConfigError) as error:
-        LocalRun(config, log=lambda line: None)
+        build_run(config, log=lambda line: None)
     message = str(error.value)
     assert f"--load {save}: the checkpoint was saved by an incompatible run" in message
     assert "--rollout-batch-size: saved 8, now 4" in message
@@ -115,7 +115,7 @@ def test_incompatible_checkpoint_is_refused_naming_the_fields(say7, tmp_path):
     config = parse_config(flags(model, data, tmp_path / "run3", tmp_path / "ckpt3", 2, "--load", str(save),
                                 "--lr", "1e-2"))
     validate(config)
-    LocalRun(config, log=lines.append).close()
+    build_run(config, log=lines.append).close()
     assert any("resumed from" in line and "--lr: 0.03 -> 0.01" in line for line in lines), lines
 
 
@@ -130,7 +130,7 @@ def test_save_hf_keep_checkpoints_and_no_save_optim_in_a_run(say7, tmp_path):
     saved_config = (final / "config.yaml").read_text()
     assert "rollout_batch_size: 8" in saved_config and "save_optim: false" in saved_config
     assert sorted(p.name for p in tmp_path.glob("hf_*")) == ["hf_0", "hf_1", "hf_2"]
-    trained = run.trainer.named_weights()
+    trained = run.trainer.backend.named_weights()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_2", dtype=torch.float32)
     for name, value in exported.state_dict().items():
         assert torch.equal(value, trained[name]), name
@@ -144,9 +144,9 @@ def test_save_hf_keep_checkpoints_and_no_save_optim_in_a_run(say7, tmp_path):
     lines: list[str] = []
     config = parse_config(flags(model, data, tmp_path / "run2", tmp_path / "ckpt2", 4, "--load", str(save)))
     validate(config)
-    resumed = LocalRun(config, log=lines.append)
+    resumed = build_run(config, log=lines.append)
     resumed.close()
-    assert resumed.start_rollout == 3
+    assert resumed.schedule.start_rollout == 3
     assert any("no optimizer state" in line for line in lines), lines
     json.dumps(lines)  # plain strings
 

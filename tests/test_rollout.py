@@ -10,7 +10,9 @@ import torch
 from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.engine.clients.in_process import InProcessClient
 from sluice.rollout.generate import GenerateContext, generate_single_turn
-from sluice.rollout.manager import RolloutManager, rollout_metrics
+from sluice.rollout.finish import scalar_rewards
+from sluice.rollout.manager import RolloutManager
+from sluice.rollout.metrics import rollout_metrics
 from sluice.trainer.batching import collate
 from sluice.trainer.torch_backend import TorchTrainer
 from sluice.trainer.update import update_policy
@@ -76,7 +78,7 @@ def test_generate_groups_fills_every_sample_field(ctx, engine, lively_checkpoint
     # the samples of a group differ (independent draws)
     assert all(len({tuple(s.tokens) for s in g.samples}) > 1 for g in groups)
 
-    metrics = rollout_metrics(groups, manager)
+    metrics = rollout_metrics(groups, scalar_rewards(groups, manager))
     rewards = [s.reward for s in samples]
     assert metrics["rollout/reward_mean"] == pytest.approx(sum(rewards) / len(rewards))
     assert metrics["rollout/num_samples"] == 12.0
@@ -106,7 +108,7 @@ def test_a_reward_function_that_raises_fails_only_its_samples(ctx, lively_checkp
     assert all(s.status in (Status.COMPLETED, Status.TRUNCATED) for s in fine)
     assert all(s.reward == (1.0 if s.response_length % 2 else 0.0) for s in fine)
     assert all(s.response_length >= 1 for s in failed)  # generation itself succeeded
-    assert rollout_metrics(groups, manager)["rollout/failed_frac"] == pytest.approx(3 / 9)
+    assert rollout_metrics(groups, scalar_rewards(groups, manager))["rollout/failed_frac"] == pytest.approx(3 / 9)
 
     # failed samples are dropped from training
     trainer = TorchTrainer(lively_checkpoint, TrainConfig(train_device="cpu", micro_batch_size=8, lr=1e-4),

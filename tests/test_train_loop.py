@@ -14,7 +14,8 @@ from sluice.config import ConfigError, parse_config, validate
 from sluice.demo.model import TinyModelShape, build_checkpoint
 from sluice.loops import train_sync
 from sluice.observability.metrics import read_metrics
-from sluice.orchestration.local_run import LocalRun
+from sluice.orchestration import build_run
+from sluice.orchestration.run import Run
 
 # The engine passes `past_key_values`, which newer transformers rename; the engine silences the notice at import,
 # but pytest resets warning filters per test.
@@ -47,10 +48,10 @@ def flags(model: Path, data: Path, run_dir: Path, save: Path, num_rollout: int, 
     ]
 
 
-def run_loop(argv: list[str]) -> LocalRun:
+def run_loop(argv: list[str]) -> Run:
     config = parse_config(argv)
     validate(config)
-    run = LocalRun(config, log=lambda line: None)
+    run = build_run(config, log=lambda line: None)
     try:
         train_sync(run)
     finally:
@@ -113,11 +114,11 @@ def test_run_writes_metrics_curves_and_checkpoints(trained):
     assert buffer_state["weight_version"] == NUM_ROLLOUT
     exported = AutoModelForCausalLM.from_pretrained(final / "hf", dtype=torch.float32)
     for name, value in exported.state_dict().items():
-        torch.testing.assert_close(value, run.trainer.named_weights()[name], atol=0, rtol=0, msg=name)
+        torch.testing.assert_close(value, run.trainer.backend.named_weights()[name], atol=0, rtol=0, msg=name)
     # the engine was synced to the trainer after the last step
-    assert run.engine.weight_version == NUM_ROLLOUT
-    for name, value in run.engine.named_weights().items():
-        torch.testing.assert_close(value, run.trainer.named_weights()[name], atol=0, rtol=0, msg=name)
+    assert run.engines.engine.weight_version == NUM_ROLLOUT
+    for name, value in run.engines.engine.named_weights().items():
+        torch.testing.assert_close(value, run.trainer.backend.named_weights()[name], atol=0, rtol=0, msg=name)
 
 
 def test_load_resumes_at_the_next_rollout_with_the_same_data_cursor(trained):
@@ -127,9 +128,9 @@ def test_load_resumes_at_the_next_rollout_with_the_same_data_cursor(trained):
                  "--load", str(paths["save"]))
     config = parse_config(argv)
     validate(config)
-    run = LocalRun(config, log=lambda line: None)
+    run = build_run(config, log=lambda line: None)
     try:
-        assert run.start_rollout == NUM_ROLLOUT
+        assert run.schedule.start_rollout == NUM_ROLLOUT
         assert run.source.state_dict() == original.source.state_dict()
         assert run.buffer.state_dict() == original.buffer.state_dict()
         # the next prompts are those the original run would have handed out next (shuffled, mid-epoch)
@@ -138,14 +139,14 @@ def test_load_resumes_at_the_next_rollout_with_the_same_data_cursor(trained):
         original_next = [s.prompt for s in copy.deepcopy(original.source).next_batch(ROLLOUT_BATCH)]
         assert resumed_next == original_next
         # trainer (weights, optimizer step count) and engine come back as they were saved
-        assert run.trainer.num_optimizer_steps == NUM_ROLLOUT
-        saved = original.trainer.named_weights()
-        for name, value in run.trainer.named_weights().items():
+        assert run.trainer.backend.num_optimizer_steps == NUM_ROLLOUT
+        saved = original.trainer.backend.named_weights()
+        for name, value in run.trainer.backend.named_weights().items():
             torch.testing.assert_close(value, saved[name], atol=0, rtol=0, msg=name)
-        assert run.engine.weight_version == NUM_ROLLOUT
-        for name, value in run.engine.named_weights().items():
+        assert run.engines.engine.weight_version == NUM_ROLLOUT
+        for name, value in run.engines.engine.named_weights().items():
             torch.testing.assert_close(value, saved[name], atol=0, rtol=0, msg=name)
-        assert not run.eval_before_train()  # a resumed run does not re-evaluate step 0
+        assert not run.schedule.eval_before_train()  # a resumed run does not re-evaluate step 0
         train_sync(run)
     finally:
         run.close()
@@ -161,7 +162,7 @@ def test_load_from_an_empty_directory_fails_clearly(trained, tmp_path):
     config = parse_config(flags(paths["model"], paths["data"], tmp_path / "run", tmp_path / "save", 1,
                                 "--load", str(tmp_path)))
     with pytest.raises(ConfigError, match="no checkpoint there"):
-        LocalRun(config, log=lambda line: None)
+        build_run(config, log=lambda line: None)
 
 
 def test_resumed_run_continues_exactly_like_an_uninterrupted_one(trained, tmp_path):
@@ -212,10 +213,12 @@ def test_ref_update_interval_refreshes_the_reference(trained, tmp_path):
                          "--ref-update-interval", "1"))
     kls = [r["train/kl_loss"] for r in read_metrics(tmp_path / "every") if "train/kl_loss" in r]
     assert len(kls) == 4 and max(abs(k) for k in kls) < 1e-6
-    for (name, actor), (_, ref) in zip(run.trainer.model.named_parameters(), run.trainer.ref_model.named_parameters()):
+    trainer = run.trainer.backend
+    for (name, actor), (_, ref) in zip(trainer.model.named_parameters(), trainer.ref_model.named_parameters()):
         assert torch.equal(actor, ref), name
 
     fixed = run_loop(flags(paths["model"], paths["data"], tmp_path / "fixed", tmp_path / "ck2", 4, *kl_flags))
     fixed_kls = [r["train/kl_loss"] for r in read_metrics(tmp_path / "fixed") if "train/kl_loss" in r]
     assert fixed_kls[-1] > 1e-4  # a fixed reference drifts away from the trained policy
-    assert not all(torch.equal(a, r) for a, r in zip(fixed.trainer.model.parameters(), fixed.trainer.ref_model.parameters()))
+    fixed_trainer = fixed.trainer.backend
+    assert not all(torch.equal(a, r) for a, r in zip(fixed_trainer.model.parameters(), fixed_trainer.ref_model.parameters()))

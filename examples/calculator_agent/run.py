@@ -35,7 +35,7 @@ from sluice.config import AlgorithmConfig, TrainConfig, parse_config, validate  
 from sluice.demo.model import TinyModelShape, build_checkpoint  # noqa: E402
 from sluice.loops import train_sync  # noqa: E402
 from sluice.observability.metrics import read_metrics  # noqa: E402
-from sluice.orchestration.local_run import LocalRun  # noqa: E402
+from sluice.orchestration import build_run  # noqa: E402
 from sluice.rollout.tools import load_tools  # noqa: E402
 from sluice.trainer.batching import collate  # noqa: E402
 from sluice.trainer.torch_backend import TorchTrainer  # noqa: E402
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     log("RL: sluice train " + shlex.join(flags))
     config = parse_config(flags)
     validate(config)
-    run = LocalRun(config, log=log)
+    run = build_run(config, log=log)
     try:
         train_sync(run)
     finally:

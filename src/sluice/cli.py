@@ -41,7 +41,7 @@ def _is_run_stop(error: RuntimeError) -> bool:
     left, diverged training, out of memory (the message names the flags to turn)."""
     import torch
 
-    from sluice.orchestration.local_run import RolloutFailed
+    from sluice.rollout.failures import RolloutFailed
     from sluice.trainer.guards import NonFiniteTraining
 
     return isinstance(error, (RolloutFailed, NonFiniteTraining, torch.OutOfMemoryError))
@@ -50,13 +50,12 @@ def _is_run_stop(error: RuntimeError) -> bool:
 def train_command(argv: list[str]) -> int:
     """`sluice train --hf-checkpoint DIR --prompt-data FILE ...`: the RL loop (synchronous, or --async)."""
     from sluice.loops import train
-    from sluice.orchestration.ray_run import start_run
-
     from sluice.observability.report import render_report
+    from sluice.orchestration import build_run
 
     config = parse_config(argv)
     validate(config)
-    run = start_run(config)
+    run = build_run(config)
     try:
         train(run)
     finally:

@@ -24,7 +24,7 @@ from sluice.demo.tasks import read_prompts, write_task_file, write_teacher_file
 from sluice.demo.warm_start import warm_start
 from sluice.loops import train
 from sluice.models.tokenizer import load_tokenizer
-from sluice.orchestration.ray_run import start_run
+from sluice.orchestration import build_run
 
 TASK_NAMES = ("add", "reverse")
 
@@ -89,7 +89,7 @@ def run_demo(args, log=print) -> dict:
     sft_seconds = time.perf_counter() - start
 
     log("RL: sluice train " + shlex.join(flags))
-    run = start_run(config, log=log)
+    run = build_run(config, log=log)
     try:
         train(run)
     finally:

@@ -1,5 +1,5 @@
-"""Per-step metrics computed from a rollout's groups and the stage timer: length distribution, accuracy,
-staleness, throughput. Reward means, truncation and failure rates come from the rollout manager."""
+"""Per-step metrics of the loop itself: stage times and throughput (``StageTimer``), pool idle fractions and
+peak GPU memory. The metrics of a rollout batch are computed where the batch is finished (rollout/metrics.py)."""
 
 from __future__ import annotations
 
@@ -7,46 +7,7 @@ import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 
-import numpy as np
-
 from sluice.observability.keys import STAGE_TOKENS
-from sluice.types import SampleGroup
-
-PERCENTILES = (50, 90, 99)
-
-
-def distribution(name: str, values: list[float]) -> dict[str, float]:
-    """min, max, std and percentiles (linear interpolation) of ``values`` as ``name_<stat>``."""
-    if not values:
-        return {}
-    array = np.asarray(values, dtype=np.float64)
-    out = {f"{name}_min": float(array.min()), f"{name}_max": float(array.max()), f"{name}_std": float(array.std())}
-    out.update({f"{name}_p{q}": float(np.percentile(array, q)) for q in PERCENTILES})
-    return out
-
-
-def response_metrics(groups: list[SampleGroup], rewards: list[list[float]], policy_version: int,
-                     prefix: str = "rollout") -> dict[str, float]:
-    """Length distribution, token count, accuracy and staleness of a rollout's samples.
-
-    accuracy: the fraction of samples with reward >= 1 (the eval definition). staleness: how many weight
-    updates behind ``policy_version`` (the version being trained) the weights that generated a sample were,
-    counted from its oldest generation call; always 0 in the synchronous loop.
-    """
-    samples = [s for g in groups for s in g.samples]
-    flat_rewards = [r for rs in rewards for r in rs]
-    lengths = [s.response_length for s in samples]
-    out = distribution(f"{prefix}/response_len", lengths)
-    out[f"{prefix}/response_tokens"] = float(sum(lengths))
-    if flat_rewards:
-        out[f"{prefix}/accuracy"] = sum(r >= 1.0 for r in flat_rewards) / len(flat_rewards)
-        out[f"{prefix}/reward_std"] = float(np.std(flat_rewards))
-    staleness = [policy_version - min(s.weight_versions) for s in samples if s.weight_versions]
-    out[f"{prefix}/staleness_mean"] = float(np.mean(staleness)) if staleness else 0.0
-    out[f"{prefix}/staleness_max"] = float(max(staleness)) if staleness else 0.0
-    for lag in sorted(set(staleness)):  # the distribution: the fraction of samples this many versions behind
-        out[f"{prefix}/staleness_frac_{lag}"] = staleness.count(lag) / len(staleness)
-    return out
 
 
 def peak_gpu_memory() -> dict[str, float]:

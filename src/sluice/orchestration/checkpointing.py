@@ -25,27 +25,29 @@ from sluice.orchestration.resume import check_resumable, resume_checkpoint
 
 
 class RunCheckpoints:
-    """Saves and restores one run's state; the trainer and data source are passed in, as they may be absent
-    (--debug-rollout-only has no trainer) or replaced (a Data Buffer instead of the prompt source)."""
+    """Saves and restores one run's state: the trainer pool's (None with --debug-rollout-only) and the data
+    source's (the Data Buffer, or any source with ``state_dict``)."""
 
-    def __init__(self, config: Config, tokenizer, model_shape: dict[str, Any], log) -> None:
+    def __init__(self, config: Config, tokenizer, model_shape: dict[str, Any], log, trainer, data_source) -> None:
         self.config, self.tokenizer, self.model_shape, self.log = config, tokenizer, model_shape, log
+        self.trainer, self.data_source = trainer, data_source
 
-    def save(self, rollout_id: int, trainer, data_source, trackers_state: dict[str, Any],
-             step_metrics: dict[str, Any] | None = None, after_write=None) -> Path | None:
+    def save(self, rollout_id: int, trackers_state: dict[str, Any], step_metrics: dict[str, Any] | None = None,
+             after_write=None) -> Path | None:
         """The HF export (--save-hf) and the checkpoint (--save) after rollout ``rollout_id``.
 
+        ``trackers_state``: the tracker run ids (observability.step_log.StepLog.state_dict).
         ``step_metrics``: the step's metrics record, kept so that a run killed after the save but before
         logging that step gets the record back on resume. Returns the checkpoint directory (None without
         --save). ``after_write``: see checkpoint.store.AfterWrite.
         """
         ckpt = self.config.checkpoint
         if ckpt.save_hf:
-            export_hf(trainer.model, self.tokenizer, hf_export_path(ckpt.save_hf, rollout_id))
+            export_hf(self.trainer.model, self.tokenizer, hf_export_path(ckpt.save_hf, rollout_id))
         if not ckpt.save:
             return None
         state = {
-            **_data_states(data_source),
+            **_data_states(self.data_source),
             "rng": capture_rng_state(),
             "weight_version": rollout_id + 1,
             "config": config_to_dict(self.config),
@@ -54,12 +56,12 @@ class RunCheckpoints:
             "with_optimizer": ckpt.save_optim,
             "step_metrics": step_metrics,
         }
-        return save_checkpoint(ckpt.save, rollout_id, trainer, state, tokenizer=self.tokenizer,
+        return save_checkpoint(ckpt.save, rollout_id, self.trainer, state, tokenizer=self.tokenizer,
                                write_config=lambda path: save_config(self.config, path),
                                with_optimizer=ckpt.save_optim, keep_last=ckpt.keep_checkpoints,
                                after_write=after_write)
 
-    def resume(self, trainer, data_source) -> dict[str, Any] | None:
+    def resume(self) -> dict[str, Any] | None:
         """Restore the trainer, the data cursor and the RNG streams from --load; returns the checkpoint's run
         state, or None for a fresh start. The caller pushes the restored weights to its engines."""
         ckpt = self.config.checkpoint
@@ -72,16 +74,16 @@ class RunCheckpoints:
         state = load_run_state(path)
         changes = check_resumable(state, config_to_dict(self.config), self.model_shape, ckpt.load)
         try:
-            load_checkpoint(path, trainer)
+            load_checkpoint(path, self.trainer)
         except ValueError as error:  # e.g. a ppo run resuming from a checkpoint without a critic
             raise ConfigError(f"--load {ckpt.load}: {error}") from error
         # "buffer" since the Data Buffer; an older checkpoint's "source" (the cursor alone) still loads into it
-        self._restore_data(data_source, state.get("buffer", state.get("source")), ckpt.load)
+        self._restore_data(self.data_source, state.get("buffer", state.get("source")), ckpt.load)
         if "rng" in state:  # the sampling stream continues where the saved run was, not from --seed again
             restore_rng_state(state["rng"])
         self.log(f"resumed from {path} at rollout {state['rollout_id'] + 1}"
                  + (f"; changed settings: {', '.join(changes)}" if changes else ""))
-        if trainer is not None and not state.get("with_optimizer", True):
+        if self.trainer is not None and not state.get("with_optimizer", True):
             self.log(f"{path} holds no optimizer state (saved with --no-save-optim): AdamW restarts its moments")
         return state
 

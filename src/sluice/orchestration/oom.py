@@ -8,7 +8,8 @@ plain RuntimeError from the allocator. Both are re-raised as ``torch.OutOfMemory
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -77,3 +78,17 @@ def raise_if_engine_ran_out(groups: list[SampleGroup], config: Config) -> None:
         error = sample.metadata.get("generate_error", "")
         if "OutOfMemoryError" in error or any(marker in error for marker in _CPU_OOM_MARKERS):
             raise torch.OutOfMemoryError(f"{oom_advice(config, 'rollout')}\nengine: {error}")
+
+
+@dataclass(frozen=True)
+class OomAdvice:
+    """``explain_oom`` and ``raise_if_engine_ran_out`` bound to one run's config, for the parts that receive no
+    config (rollout.finish.MemoryGuard)."""
+
+    config: Config
+
+    def explain(self, stage: str) -> AbstractContextManager[None]:
+        return explain_oom(self.config, stage)
+
+    def check_engines(self, groups: list[SampleGroup]) -> None:
+        raise_if_engine_ran_out(groups, self.config)

@@ -7,8 +7,9 @@
   (trainer/data_parallel.py). Rank 0 also pushes weights to the engines.
 - ``BufferActor``: the DataBuffer itself, its methods called one at a time by Ray.
 
-Actors are created by ``sluice.orchestration.ray_run`` into placement-group bundles; nothing here decides
-placement.
+Actors are created by ``sluice.orchestration.ray_placement`` into placement-group bundles and driven through the
+pools of ``sluice.orchestration.ray_pools``; nothing here decides placement. ``loopback`` (a constructor
+argument): every actor of the run is on this machine, so servers and process groups listen on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -25,23 +26,22 @@ from sluice.observability.step_metrics import peak_gpu_memory
 from sluice.types import SampleGroup
 
 
-def node_address() -> str:
-    """The address other nodes reach this one at (127.0.0.1 when Ray runs on this machine only)."""
+def node_address(loopback: bool) -> str:
+    """The address other actors reach this one at (127.0.0.1 when they all run on this machine)."""
     import ray
 
-    address = ray.util.get_node_ip_address()
-    return "127.0.0.1" if os.environ.get("SLUICE_RAY_LOCAL") == "1" else address
+    return "127.0.0.1" if loopback else ray.util.get_node_ip_address()
 
 
 class EngineActor:
-    def __init__(self, model_path: str, config: Config) -> None:
+    def __init__(self, model_path: str, config: Config, loopback: bool) -> None:
         from sluice.engine.local_engine import LocalEngine
         from sluice.engine.server.app import BackgroundServer
         from sluice.engine.server.context import ServerContext
 
         self.engine = LocalEngine(model_path, config.engine)
         context = ServerContext(self.engine, model_path, model_path, config.engine)
-        self.server = BackgroundServer(context, host=node_address(), port=0).start()
+        self.server = BackgroundServer(context, host=node_address(loopback), port=0).start()
 
     def url(self) -> str:
         return self.server.url
@@ -71,8 +71,8 @@ class EngineActor:
 
 
 class TrainerActor:
-    def __init__(self, config: Config, rank: int, world_size: int) -> None:
-        self.config, self.rank, self.world_size = config, rank, world_size
+    def __init__(self, config: Config, rank: int, world_size: int, loopback: bool) -> None:
+        self.config, self.rank, self.world_size, self.loopback = config, rank, world_size, loopback
         self.sync = None
         self._loop = asyncio.new_event_loop()  # one loop for every push: the sync's HTTP client stays connected
 
@@ -80,7 +80,7 @@ class TrainerActor:
         """Rank 0: where the other ranks meet it (its own node's address and a free port there)."""
         from sluice.sync.broadcast import free_port
 
-        address = node_address()
+        address = node_address(self.loopback)
         return address, free_port(address)
 
     def setup(self, master_address: str, master_port: int) -> int:

@@ -19,8 +19,6 @@ from sluice.rollout.gateway import AgentGateway
 from sluice.rollout.generate import GenerateContext, generate_single_turn
 from sluice.rollout.manager import RolloutManager
 from sluice.rollout.multi_turn import generate_with_tools
-from sluice.rollout.step import RolloutRequest
-from sluice.types import SampleGroup
 
 
 def prompt_data_config(config: Config, hooks: Hooks) -> DataConfig:
@@ -61,11 +59,3 @@ def build_rollout(config: Config, hooks: Hooks, client: EngineClient, tokenizer:
                              group_reward_fn=hooks.group_reward, reward_timeout_s=reward.reward_timeout or None)
     return manager, gateway
 
-
-def pick_trained_groups(hooks: Hooks, groups: list[SampleGroup], request: RolloutRequest) -> tuple[list[SampleGroup],
-                                                                                                   dict[str, float]]:
-    """--buffer-filter-path: the groups to train on, and how many it dropped."""
-    if hooks.buffer_filter is None:
-        return groups, {}
-    chosen = hooks.buffer_filter(groups, request.num_groups, request.rollout_id)
-    return chosen, {"rollout/buffer_dropped_groups": float(len(groups) - len(chosen))}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import statistics
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -21,7 +20,7 @@ from typing import Awaitable, Callable
 from sluice.engine.clients.protocol import EngineUnavailable
 from sluice.rewards import GroupRewardFn, RewardFn, score_group, score_sample
 from sluice.rewards.overlong import OverlongShaping
-from sluice.rollout.generate import SAMPLE_METRICS_KEY, GenerateContext, generate_single_turn
+from sluice.rollout.generate import GenerateContext, generate_single_turn
 from sluice.types import Sample, SampleGroup, SamplingParams, Status
 
 MAX_ENGINE_LOSSES = 3  # a sample whose engine is lost more often than this fails (and counts against the run)
@@ -201,27 +200,3 @@ async def cancel_tasks(tasks: list[asyncio.Future]) -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
 
-
-def rollout_metrics(groups: list[SampleGroup], manager: RolloutManager, prefix: str = "rollout") -> dict[str, float]:
-    """Reward, accuracy-style and length statistics of a set of groups."""
-    samples = [s for g in groups for s in g.samples]
-    rewards = [r for g in groups for r in manager.rewards(g)]
-    lengths = [s.response_length for s in samples]
-    out = {
-        f"{prefix}/reward_mean": statistics.fmean(rewards) if rewards else 0.0,
-        f"{prefix}/response_len_mean": statistics.fmean(lengths) if lengths else 0.0,
-        f"{prefix}/truncated_frac": sum(s.status == Status.TRUNCATED for s in samples) / max(len(samples), 1),
-        f"{prefix}/failed_frac": sum(s.status == Status.FAILED for s in samples) / max(len(samples), 1),
-        f"{prefix}/num_samples": float(len(samples)),
-    }
-    if manager.overlong is not None:
-        penalties = [s.metadata["overlong_penalty"] for s in samples if "overlong_penalty" in s.metadata]
-        out[f"{prefix}/overlong_penalty_mean"] = statistics.fmean(penalties) if penalties else 0.0
-    # Per-sample numbers a generate function reports (tool calls, turns): averaged over the samples that have them.
-    reported: dict[str, list[float]] = {}
-    for sample in samples:
-        for key, value in sample.metadata.get(SAMPLE_METRICS_KEY, {}).items():
-            reported.setdefault(key, []).append(float(value))
-    for key, values in reported.items():
-        out[f"{prefix}/{key}"] = statistics.fmean(values)
-    return out

@@ -1,18 +1,33 @@
 """The asynchronous loop's producer: keeps the engines generating across training steps.
 
+Producers, consumers and what blocks them::
+
+    DataBuffer ──get_prompt_groups(room)──► StreamingRollout._produce ──one task per group──► RolloutManager
+        ▲   ▲                                  │ waits on _wake when room == 0               (generate, score)
+        │   │                                  ▼                                                  │
+        │   └──── put_finished / requeue (aborted) / drop (filtered) ◄────────────────────────────┘
+        │
+        └──── take_train_groups ◄── take(num_groups, trainer_version) ◄── the trainer (loops.train_async)
+                                     waits on _settled until the whole batch is finished
+
 ``StreamingRollout`` runs on the loop's event loop. It asks the Data Buffer for as many prompt groups as the
 buffer's memory bound allows, generates each group as its own task (through the rollout manager, sharing one
 set of concurrency bounds), and hands each back as it finishes: finished groups to ``put_finished``, groups with
 an aborted sample to ``requeue`` (their tokens kept: --partial-rollout), groups a dynamic filter rejects to
 ``drop``. The trainer side takes batches with ``take``; the buffer bounds their staleness.
 
+Backpressure: the buffer holds at most ``max_held_groups`` groups in flight or finished, so the producer stops
+handing out prompts while the trainer has not taken the finished ones; it also stops once the groups still
+needed for the run's remaining steps are covered. The trainer, in turn, waits while fewer than a batch of
+groups within the staleness bound are finished.
+
 At a weight update the producer either keeps going (requests in flight continue on the new weights, their
 tokens tagged with both versions), or, with ``partial_rollout``, pauses, aborts what is in flight and waits for
 those groups to be requeued, so the update lands while the engines are empty (``around_update``).
 
-The buffer is reached through ``BufferHandle.call(method, *args)``: a DataBuffer in this process
-(``LocalBufferHandle``) or a Ray actor (``sluice.orchestration.ray_run``). Either way its methods run one at a
-time, so the producer and the loop never see a half-made change.
+The buffer is reached through a ``BufferHandle`` (buffer/handle.py): a DataBuffer of this process or a Ray
+actor. Either way its methods run one at a time, so the producer and the loop never see a half-made change.
+``watch``, where given, runs beside the producer for its whole life (the Ray placement's engine health probe).
 """
 
 from __future__ import annotations
@@ -21,8 +36,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
+from sluice.buffer.handle import BufferHandle
 from sluice.rollout.manager import RolloutManager, cancel_tasks
 from sluice.types import Sample, SampleGroup, SamplingParams, Status
 
@@ -30,25 +46,12 @@ log = logging.getLogger("sluice.rollout")
 GroupFilter = Callable[[list[Sample]], bool]
 
 
-class BufferHandle(Protocol):
-    async def call(self, method: str, *args: Any) -> Any: ...
-
-
-class LocalBufferHandle:
-    """A DataBuffer of this process, called from the event loop's thread only (so no lock is needed)."""
-
-    def __init__(self, buffer) -> None:
-        self.buffer = buffer
-
-    async def call(self, method: str, *args: Any) -> Any:
-        return getattr(self.buffer, method)(*args)
-
-
 class StreamingRollout:
     def __init__(self, manager: RolloutManager, buffer: BufferHandle, sampling_params: SamplingParams, *,
                  groups_to_train: int, partial_rollout: bool = False, mask_offpolicy: bool = False,
-                 group_filter: GroupFilter | None = None) -> None:
+                 group_filter: GroupFilter | None = None, watch: Callable[[], Awaitable[None]] | None = None) -> None:
         self.manager, self.buffer, self.sampling_params = manager, buffer, sampling_params
+        self.watch = watch
         self.partial_rollout, self.mask_offpolicy, self.group_filter = partial_rollout, mask_offpolicy, group_filter
         self._remaining = groups_to_train  # groups the loop will still take: nothing is generated past them
         self._tasks: set[asyncio.Task] = set()
@@ -60,6 +63,7 @@ class StreamingRollout:
         self._stopping = False
         self._error: BaseException | None = None
         self._main: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
         self.gates = manager.new_gates()
         self.counts = {"finished": 0, "requeued": 0, "filtered": 0}  # this producer's, since the run (re)started
         self._idle_since: float | None = time.perf_counter()
@@ -69,6 +73,8 @@ class StreamingRollout:
     # ---- control ------------------------------------------------------------------------------------
     def start(self) -> None:
         self._main = asyncio.ensure_future(self._produce())
+        if self.watch is not None:
+            self._watcher = asyncio.ensure_future(self.watch())
 
     async def take(self, num_groups: int, trainer_version: int) -> list[SampleGroup]:
         """The next ``num_groups`` finished groups within the staleness bound, waiting for them as needed."""
@@ -79,9 +85,9 @@ class StreamingRollout:
             # Take only once the whole batch is there: groups taken early would free their slots in the buffer,
             # and the producer would fill them with groups for a later step, generated by weights that are stale
             # by the time that step comes (they would be generated twice).
-            if (await self.buffer.call("counts"))["finished"] >= num_groups - len(taken):
-                got = await self.buffer.call("take_train_groups", num_groups - len(taken), trainer_version)
-                self._stale_requeued = (await self.buffer.call("counts"))["stale_requeued"]
+            if (await self.buffer.counts())["finished"] >= num_groups - len(taken):
+                got = await self.buffer.take_train_groups(num_groups - len(taken), trainer_version)
+                self._stale_requeued = (await self.buffer.counts())["stale_requeued"]
                 taken += got
                 self._remaining -= len(got)  # at once: taken groups no longer count as "finished" in the buffer
                 self._wake.set()  # slots freed (and stale groups requeued, to be generated again)
@@ -116,6 +122,9 @@ class StreamingRollout:
 
     async def stop(self) -> None:
         """Stop generating; groups still in flight stay in flight in the buffer (a checkpoint saves them)."""
+        if self._watcher is not None:
+            await cancel_tasks([self._watcher])
+            self._watcher = None
         self._stopping = True
         self._wake.set()
         self._pauses = 0
@@ -146,12 +155,12 @@ class StreamingRollout:
                 self._wake.clear()
                 room = await self._room()
                 if room > 0 and not self._stopping:
-                    groups = await self.buffer.call("get_prompt_groups", room)
+                    groups = await self.buffer.get_prompt_groups(room)
                     if self._running.is_set():
                         for group in groups:
                             self._launch(group)
                     else:  # paused while the buffer answered (a Ray actor call yields): hand them back
-                        await self.buffer.call("requeue", groups)
+                        await self.buffer.requeue(groups)
                 await self._wake.wait()
         except asyncio.CancelledError:
             raise
@@ -160,7 +169,7 @@ class StreamingRollout:
 
     async def _room(self) -> int:
         """How many groups to hand out now: bounded by the buffer's free slots and by what is still needed."""
-        counts = await self.buffer.call("counts")
+        counts = await self.buffer.counts()
         return min(counts["free"], self._remaining - counts["finished"] - len(self._tasks))
 
     def _launch(self, group: SampleGroup) -> None:
@@ -188,13 +197,13 @@ class StreamingRollout:
                 for sample in group.samples:
                     if sample.status == Status.ABORTED:
                         sample.loss_mask = [0] * len(sample.loss_mask)
-            await self.buffer.call("requeue", [group])
+            await self.buffer.requeue([group])
             self.counts["requeued"] += 1
         elif self.group_filter is not None and not self.group_filter(group.samples):
-            await self.buffer.call("drop", [group])
+            await self.buffer.drop([group])
             self.counts["filtered"] += 1
         else:
-            await self.buffer.call("put_finished", [group])
+            await self.buffer.put_finished([group])
             self.counts["finished"] += 1
         self._settled.set()
         self._wake.set()

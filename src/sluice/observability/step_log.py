@@ -1,0 +1,31 @@
+"""Where each step's metrics go: the trackers (metrics.jsonl, TensorBoard, W&B), the progress bar, and a log
+line for the evaluation before training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sluice.observability.progress import ProgressReporter
+from sluice.observability.trackers import Trackers
+
+
+class StepLog:
+    def __init__(self, trackers: Trackers, progress: ProgressReporter, log_line: Callable[[str], None]) -> None:
+        self.trackers, self.progress, self.log_line = trackers, progress, log_line
+
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        """The metrics of ``step`` completed rollout steps (0: the evaluation before training)."""
+        self.trackers.log(metrics, step=step)
+        if step == 0:
+            self.log_line("before training: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
+        else:
+            self.progress.update(step - 1, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps to continue the same tracker runs on resume."""
+        return self.trackers.state_dict()
+
+    def close(self) -> None:
+        self.progress.close()
+        self.trackers.close()

@@ -1,0 +1,166 @@
+"""Building a run from its config: every part made, placed (in this process or on Ray actors), wired, and
+restored from --load; the loops then call the parts (loops.py).
+
+Order: the plug-ins are loaded and checked before anything heavy; then the tokenizer and the data; the Data
+Buffer; the engines (not with --debug-train-only: rollouts are replayed); the rollout manager; the trainer
+(not with --debug-rollout-only); then a resume from --load, and the trackers, which continue the resumed run.
+A failure part-way stops whatever was started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from transformers.utils import logging as hf_logging
+
+from sluice.config import Config, ConfigError, config_to_dict
+from sluice.data import PromptSource, load_prompt_samples
+from sluice.models.tokenizer import load_tokenizer
+from sluice.observability.progress import ProgressReporter
+from sluice.observability.step_log import StepLog
+from sluice.observability.trackers import Trackers
+from sluice.orchestration.checkpointing import RunCheckpoints
+from sluice.orchestration.hooks import Hooks, load_hooks
+from sluice.orchestration.offload import OffloadTurns
+from sluice.orchestration.oom import OomAdvice
+from sluice.orchestration.pools import Placement
+from sluice.orchestration.resume import read_model_shape
+from sluice.orchestration.rollout_setup import build_rollout, prompt_data_config
+from sluice.orchestration.run import Run, stop_parts
+from sluice.orchestration.schedule import Schedule
+from sluice.orchestration.weight_updates import WeightUpdates
+from sluice.rollout.batches import RolloutBatches
+from sluice.rollout.evaluator import Evaluator
+from sluice.rollout.finish import BatchFinisher
+
+
+def build_run(config: Config, log=print) -> Run:
+    """The run ``config`` asks for, its parts started: in this process, or placed by Ray (--orchestrator ray)."""
+    hf_logging.disable_progress_bar()
+    loop = asyncio.new_event_loop()
+    checkpoint = config.model.hf_checkpoint
+    placement, gateway, hooks, engines = None, None, None, None
+    try:
+        _check_checkpoint_dir("--hf-checkpoint", checkpoint)
+        if config.model.ref_load:
+            _check_checkpoint_dir("--ref-load", config.model.ref_load)
+        hooks = load_hooks(config)  # every plug-in, checked before anything heavy loads
+        tokenizer = load_tokenizer(checkpoint)
+        source, eval_sets = _load_data(config, hooks, tokenizer, log)
+        memory = OomAdvice(config)
+        placement = _placement(config, memory, log)
+        # Every rollout draws its prompts through the buffer, and checkpoints save the buffer (cursor included).
+        buffer = placement.start_buffer(source, config.rollout.n_samples_per_prompt, config.staleness_bound,
+                                        held_groups(config))
+        buffer_handle = placement.buffer_handle(buffer)
+        engines = placement.start_engines() if not config.debug.debug_train_only else None
+        manager, gateway = build_rollout(config, hooks, engines.client if engines else None, tokenizer,
+                                         engines.context_len if engines else 0)
+        trains = not config.debug.debug_rollout_only
+        trainer = placement.start_trainer(engines, hooks, tokenizer.pad_token_id or 0) if trains else None
+        weights = WeightUpdates(trainer, engines, buffer, buffer_handle, loop, log)
+        can_recover = engines is not None and engines.can_restart
+        manager.recover_engines = weights.recover_engines if can_recover else None
+        num_rollout = config.rollout.num_rollout or source.num_rollouts_for_epochs(
+            config.rollout.num_epoch, config.rollout.rollout_batch_size)
+        checkpoints = RunCheckpoints(config, tokenizer, read_model_shape(checkpoint), log, trainer, buffer)
+        resumed = _resume(checkpoints, weights, engines, buffer, loop)
+        start_rollout = resumed["rollout_id"] + 1 if resumed else 0
+        step_log = _step_log(config, resumed, start_rollout, num_rollout, log)
+        finisher = BatchFinisher(manager, memory, config.rollout.max_failed_sample_ratio,
+                                 config.debug.save_debug_rollout_data)
+        batches = RolloutBatches(manager, buffer, buffer_handle, config.rollout, config.debug, finisher, memory,
+                                 step_log.progress, loop, log, rollout_fn=hooks.rollout,
+                                 group_filter=hooks.group_filter, buffer_filter=hooks.buffer_filter,
+                                 engine_watch=weights.watch_engines if can_recover else None)
+        evaluator = Evaluator(manager, eval_sets, config.rollout, config.eval, memory, loop, source, hooks.evaluate)
+        return Run(config, tokenizer, source, buffer, engines, trainer, manager, batches, evaluator, weights,
+                   OffloadTurns(config.cluster, engines, trainer), checkpoints, step_log,
+                   _schedule(config, start_rollout, num_rollout, bool(eval_sets)), placement, loop, gateway,
+                   hooks.reward, log)
+    except BaseException:
+        stop_parts(loop, placement, gateway, [engines.client if engines else None, hooks and hooks.reward], log)
+        raise
+
+
+def _placement(config: Config, memory: OomAdvice, log) -> Placement:
+    if config.cluster.distributed:
+        from sluice.orchestration.ray_placement import RayPlacement  # Ray is imported only for Ray runs
+
+        return RayPlacement(config, log)
+    from sluice.orchestration.local_pools import LocalPlacement
+
+    return LocalPlacement(config, memory)
+
+
+def _load_data(config: Config, hooks: Hooks, tokenizer, log):
+    """The prompt source (--prompt-data or --data-source-path) and the eval sets, by name."""
+    data = prompt_data_config(config, hooks)
+    samples = []
+    if config.data.prompt_data is not None:
+        samples, report = load_prompt_samples(config.data.prompt_data, data, tokenizer)
+        _report_load(config, config.data.prompt_data, report, log)
+    if hooks.data_source is not None:
+        source = hooks.data_source(samples, config.data.rollout_seed, data, tokenizer, hooks.slime_args)
+    else:
+        source = PromptSource(samples, config.data.rollout_shuffle, config.data.rollout_seed)
+    eval_sets = {}
+    for name, path in config.eval_sets:
+        eval_samples, eval_report = load_prompt_samples(path, data, tokenizer)
+        _report_load(config, path, eval_report, log)
+        eval_sets[name] = eval_samples
+    return source, eval_sets
+
+
+def _report_load(config: Config, path: str, report, log) -> None:
+    if report.num_dropped_too_long:
+        log(f"{path}: dropped {report.num_dropped_too_long} of {report.num_rows} prompts longer "
+            f"than --rollout-max-prompt-len {config.data.rollout_max_prompt_len}")
+
+
+def _resume(checkpoints: RunCheckpoints, weights: WeightUpdates, engines, buffer, loop) -> dict | None:
+    """Restore the run from --load; returns the checkpoint's run state, or None for a fresh start."""
+    state = checkpoints.resume()
+    if state is not None and checkpoints.trainer is not None:
+        weights.sync(version=state.get("weight_version", state["rollout_id"] + 1))
+    elif state is not None:  # --debug-rollout-only pushes nothing: the engine keeps the weights it started with
+        buffer.set_weight_version(loop.run_until_complete(engines.client.weight_version()) if engines else 0)
+    return state
+
+
+def _step_log(config: Config, resumed: dict | None, start_rollout: int, num_rollout: int, log) -> StepLog:
+    # A resume drops the records past its checkpoint; --load with nothing saved yet drops a failed attempt's.
+    resume_after_step = start_rollout if resumed else (-1 if config.checkpoint.load else None)
+    trackers = Trackers(config.logging, config_to_dict(config), resume_after_step,
+                        wandb_run_id=(resumed or {}).get("trackers", {}).get("wandb_run_id"))
+    progress = ProgressReporter(num_rollout, enabled=config.logging.progress_bar, initial_step=start_rollout)
+    unlogged = (resumed or {}).get("step_metrics")
+    metrics_file = trackers.jsonl
+    if unlogged is not None and metrics_file.continues_file and metrics_file.last_step < start_rollout:
+        trackers.log(unlogged, step=start_rollout)  # the run was killed after its save, before its log
+    return StepLog(trackers, progress, log)
+
+
+def _schedule(config: Config, start_rollout: int, num_rollout: int, has_eval_sets: bool) -> Schedule:
+    ckpt, algorithm = config.checkpoint, config.algorithm
+    return Schedule(start_rollout, num_rollout, trains=not config.debug.debug_rollout_only,
+                    has_eval_sets=has_eval_sets, skip_eval_before_train=config.eval.skip_eval_before_train,
+                    eval_interval=config.eval.eval_interval, saves=bool(ckpt.save or ckpt.save_hf),
+                    save_interval=ckpt.save_interval, update_weights_interval=config.sync.update_weights_interval,
+                    ref_update_interval=algorithm.ref_update_interval,
+                    num_critic_only_steps=algorithm.num_critic_only_steps)
+
+
+def held_groups(config: Config) -> int:
+    """The buffer's memory bound, in groups. The sync loop holds one step's groups at a time (max_staleness more
+    steps' worth leaves room to lag). The async loop generates ahead of the trainer: as many steps as the staleness
+    bound allows, since groups generated further ahead would be too stale when their turn came."""
+    batch = config.rollout.rollout_batch_size or 1
+    bound = config.staleness_bound
+    return batch * max(bound, 1) if config.sync.async_train else batch * (bound + 1)
+
+
+def _check_checkpoint_dir(flag: str, path: str) -> None:
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{flag} {path}: not a Hugging Face checkpoint directory (no config.json there)")

@@ -1,0 +1,53 @@
+"""The run's evaluation on the --eval-prompt-data sets: --eval-function-path, or the built-in one (mean reward,
+accuracy as the fraction of samples with reward >= 1, and the response tokens generated)."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from dataclasses import dataclass
+
+from sluice.config import EvalConfig, RolloutConfig
+from sluice.rollout.evaluation import EvalFn, EvalRequest
+from sluice.rollout.finish import MemoryGuard
+from sluice.rollout.manager import RolloutManager
+from sluice.rollout.sampling import sampling_params
+from sluice.rollout.step import PromptBatches
+from sluice.types import Sample
+
+
+@dataclass
+class Evaluator:
+    manager: RolloutManager
+    eval_sets: dict[str, list[Sample]]  # --eval-prompt-data, by name
+    rollout: RolloutConfig  # the sampling settings eval ones fall back to
+    eval: EvalConfig
+    memory: MemoryGuard
+    loop: asyncio.AbstractEventLoop  # the run's one event loop
+    source: PromptBatches | None = None  # the training prompt source (slime's eval functions receive it)
+    evaluate_fn: EvalFn | None = None  # --eval-function-path
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The metrics of an evaluation after ``step`` rollout steps (0: before training)."""
+        return self.loop.run_until_complete(self.evaluate_async(step))
+
+    async def evaluate_async(self, step: int) -> dict[str, float]:
+        """``evaluate`` on the running event loop (the async loop's: its engine clients stay on one loop)."""
+        if self.evaluate_fn is not None:
+            request = EvalRequest(step, self.eval_sets, self.eval.n_samples_per_eval_prompt,
+                                  sampling_params(self.rollout, self.eval), self.manager, self.source)
+            return await self.evaluate_fn(request)
+        out: dict[str, float] = {}
+        num_tokens = 0
+        for name, samples in self.eval_sets.items():
+            with self.memory.explain("eval"):
+                groups = await self.manager.generate_groups(
+                    samples, self.eval.n_samples_per_eval_prompt, sampling_params(self.rollout, self.eval),
+                    shape_rewards=False)
+            self.memory.check_engines(groups)
+            rewards = [r for g in groups for r in self.manager.rewards(g)]
+            out[f"eval/{name}/reward_mean"] = statistics.fmean(rewards)
+            out[f"eval/{name}/accuracy"] = sum(r >= 1.0 for r in rewards) / len(rewards)
+            num_tokens += sum(s.response_length for g in groups for s in g.samples)
+        out["eval/response_tokens"] = float(num_tokens)
+        return out
