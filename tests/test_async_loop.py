@@ -13,11 +13,11 @@ from sluice.buffer import DataBuffer
 from sluice.checkpoint.rollout_data import load_rollout_data
 from sluice.config import ConfigError, EngineConfig, parse_config, validate
 from sluice.data import PromptSource, load_prompt_samples
-from sluice.data.tokenizer import load_tokenizer
-from sluice.engine.client import InProcessClient
+from sluice.engine.clients.in_process import InProcessClient
+from sluice.engine.clients.protocol import GenerateRequest
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.protocol import GenerateRequest
 from sluice.loops import train
+from sluice.models.tokenizer import load_tokenizer
 from sluice.observability.metrics import read_metrics
 from sluice.orchestration.local_run import LocalRun
 from sluice.rollout.generate import GenerateContext

@@ -9,7 +9,7 @@ import pytest
 
 from sluice.config import ConfigError, parse_config, validate
 from sluice.data import PromptSource
-from sluice.engine.client import InProcessClient
+from sluice.engine.clients.in_process import InProcessClient
 from sluice.rewards.overlong import OverlongShaping, overlong_penalty
 from sluice.rollout.dynamic_sampling import load_group_filter, sample_filtered_groups
 from sluice.rollout.filters import drop_uniform_rewards

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sluice.config import EngineConfig
-from sluice.engine.client import InProcessClient
+from sluice.engine.clients.in_process import InProcessClient
+from sluice.engine.clients.protocol import FinishReason, GenerateRequest
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.protocol import FinishReason, GenerateRequest
 from sluice.engine.sampler import sample_tokens
 from sluice.types import SamplingParams
 

@@ -13,8 +13,8 @@ from sluice.demo.tokenizer import save_tokenizer
 from sluice.engine.attention import AttentionMetadata
 from sluice.engine.attention.reference import paged_attention
 from sluice.engine.block_manager import BlockManager
+from sluice.engine.clients.protocol import FinishReason, GenerateRequest
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.protocol import FinishReason, GenerateRequest
 from sluice.engine.scheduler import Scheduler
 from sluice.engine.sequence import Sequence
 from sluice.types import SamplingParams
@@ -189,7 +189,7 @@ def test_unsupported_architecture_is_named(tmp_path):
     from transformers import GPT2Config
 
     GPT2Config(vocab_size=102, n_embd=16, n_layer=1, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
-    from sluice.engine.model import build_model
+    from sluice.models import build_model
 
     from transformers import AutoConfig
 

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sluice.config import EngineConfig
+from sluice.engine.clients.protocol import GenerateRequest
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.protocol import GenerateRequest
 from sluice.types import SamplingParams
 from test_engine_core import CONFIGS, PROMPTS, build_arch_checkpoint, generate, greedy
 

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from sluice.config import EngineConfig
+from sluice.engine.clients.protocol import FinishReason, GenerateRequest
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.protocol import FinishReason, GenerateRequest
 from sluice.engine.sequence import PENDING_TOKEN
 from sluice.types import SamplingParams
 from test_engine_core import generate

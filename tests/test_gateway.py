@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.demo.tokenizer import save_tokenizer
-from sluice.engine.client import InProcessClient
+from sluice.engine.clients.in_process import InProcessClient
 from sluice.rollout.agent import AgentTask, load_agent_generate
 from sluice.rollout.gateway import AgentGateway
 from sluice.rollout.generate import GenerateContext

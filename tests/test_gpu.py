@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from sluice.config import AlgorithmConfig, EngineConfig, TrainConfig
-from sluice.engine.client import InProcessClient
+from sluice.engine.clients.in_process import InProcessClient
+from sluice.engine.clients.protocol import GenerateRequest
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.protocol import GenerateRequest
 from sluice.observability.metrics import read_metrics
 from sluice.trainer.batching import collate
 from sluice.trainer.torch_backend import TorchTrainer

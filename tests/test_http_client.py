@@ -15,14 +15,14 @@ import httpx
 import pytest
 
 from sluice.config import EngineConfig
-from sluice.engine.client import InProcessClient
-from sluice.engine.http_client import EngineHTTPError, HttpClientOptions, HttpEngineClient, parse_generate_response
-from sluice.engine.native_api import version_runs
+from sluice.engine.clients.http import EngineHTTPError, HttpClientOptions, HttpEngineClient, parse_generate_response
+from sluice.engine.clients.in_process import InProcessClient
+from sluice.engine.clients.protocol import EngineUnavailable, FinishReason, GenerateRequest
+from sluice.engine.clients.router import MultiEngineClient
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.protocol import EngineUnavailable, FinishReason, GenerateRequest
-from sluice.engine.router import MultiEngineClient
-from sluice.engine.server import BackgroundServer
-from sluice.engine.server_context import ServerContext
+from sluice.engine.server.app import BackgroundServer
+from sluice.engine.server.context import ServerContext
+from sluice.engine.server.native_api import version_runs
 from sluice.types import SamplingParams
 
 CPU = EngineConfig(device="cpu", dtype="float32")

@@ -15,8 +15,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from sluice.demo.tokenizer import save_tokenizer
-from sluice.engine.client import InProcessClient
-from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult
+from sluice.engine.clients.in_process import InProcessClient
+from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult
 from sluice.rollout.chat_turns import TemplateError, continuation_text
 from sluice.rollout.generate import GenerateContext
 from sluice.rollout.manager import RolloutManager, rollout_metrics

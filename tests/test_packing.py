@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.trainer.batching import collate, micro_batch_rows
-from sluice.trainer.logprobs import token_logprobs
+from sluice.trainer.model_logprobs import token_logprobs
 from sluice.trainer.packing import pack_rows, token_budget_rows
 from test_trainer import PAD, make_trainer, ppo_batch, random_samples, run_step
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from sluice.engine.client import InProcessClient
 from sluice.data import PromptSource
+from sluice.engine.clients.in_process import InProcessClient
 from sluice.rewards.custom import as_async_reward
 from sluice.rollout.dynamic_sampling import sample_filtered_groups
 from sluice.rollout.failures import RolloutFailed, check_failure_budget

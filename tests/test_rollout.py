@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sluice.config import AlgorithmConfig, TrainConfig
-from sluice.engine.client import InProcessClient
+from sluice.engine.clients.in_process import InProcessClient
 from sluice.rollout.generate import GenerateContext, generate_single_turn
 from sluice.rollout.manager import RolloutManager, rollout_metrics
 from sluice.trainer.batching import collate

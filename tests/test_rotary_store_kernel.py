@@ -1,4 +1,4 @@
-"""The Triton q/k-norm + rotary + K/V-write kernel (marker `gpu`) against the eager ``fused.rotary_store``.
+"""The Triton q/k-norm + rotary + K/V-write kernel (marker `gpu`) against the eager ``model_ops.rotary_store``.
 
 Runs like test_triton_attention.py: on CUDA by default; with ``SLUICE_TRITON_INTERPRET=1`` on CPU tensors
 through Triton's interpreter (set it before pytest starts so Triton sees ``TRITON_INTERPRET``).
@@ -25,11 +25,13 @@ if INTERPRET:
 
 triton = pytest.importorskip("triton")
 
+from sluice.engine import model_ops  # noqa: E402
 from sluice.engine.attention import AttentionMetadata  # noqa: E402
+from sluice.engine.attention import rotary_store_kernel  # noqa: E402
 from sluice.engine.attention.reference import paged_attention  # noqa: E402
-from sluice.engine.model import fused, rotary_store_kernel  # noqa: E402
-from sluice.engine.model.layers import RMSNorm, RotaryEmbedding  # noqa: E402
-from sluice.engine.model.loading import build_model  # noqa: E402
+from sluice.models import fused  # noqa: E402
+from sluice.models.layers import RMSNorm, RotaryEmbedding  # noqa: E402
+from sluice.models.loading import build_model  # noqa: E402
 from test_engine_core import CONFIGS  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -144,7 +146,7 @@ def ulps_apart(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("heads", [(14, 2), (4, 4)], ids=lambda h: f"{h[0]}q{h[1]}kv")
 def test_rotary_and_cache_write_are_bit_exact(heads, dim, dtype, rope):
     step = make_step(*heads, dim=dim, dtype=dtype, rope=rope, seed=dim + len(rope))
-    expected = step.run(fused.rotary_store)
+    expected = step.run(model_ops.rotary_store)
     actual = step.run(rotary_store_kernel.rotary_store, fallback=_no_fallback)
     assert actual[0].dtype == dtype and actual[0].shape == step.q.shape
     for name, a, e in zip(("q", "k_cache", "v_cache"), actual, expected):
@@ -158,7 +160,7 @@ def test_qk_norm_matches_within_rounding(dim, dtype):
     move a head's 1/rms by an fp32 ulp: every value of that head then moves by about an fp32 ulp of the head's
     scale (many ulps of a value near zero). In bf16 that rarely survives the rounding. V is exact."""
     step = make_step(8, 2, dim=dim, dtype=dtype, rope="llama3", qk_norm=True, tokens=12, seed=dim)
-    expected = step.run(fused.rotary_store)
+    expected = step.run(model_ops.rotary_store)
     actual = step.run(rotary_store_kernel.rotary_store, fallback=_no_fallback)
     assert torch.equal(actual[2], expected[2])
     for a, e in zip(actual[:2], expected[:2]):
@@ -198,7 +200,7 @@ def test_untouched_slots_keep_their_values_and_padding_writes_only_scratch():
         untouched[0] = False  # scratch slot: the padding rows' writes land here, one of them wins
         assert torch.equal(flat_after[untouched], flat_before[untouched])
     assert torch.equal(v_cache.flatten(0, 1)[written], step.v[:7])
-    expected_q, expected_k, _ = step.run(fused.rotary_store)
+    expected_q, expected_k, _ = step.run(model_ops.rotary_store)
     assert torch.equal(out, expected_q)  # padding rows too: position 0 is a valid row of the tables
     assert torch.equal(k_cache.flatten(0, 1)[1:], expected_k.flatten(0, 1)[1:])
 
@@ -209,10 +211,10 @@ def test_unsupported_shapes_go_to_the_fallback():
 
     def fallback(*args):
         calls.append(args)
-        return fused.rotary_store(*args)
+        return model_ops.rotary_store(*args)
 
     out, *_ = step.run(rotary_store_kernel.rotary_store, fallback=fallback)
-    assert len(calls) == 1 and torch.equal(out, step.run(fused.rotary_store)[0])
+    assert len(calls) == 1 and torch.equal(out, step.run(model_ops.rotary_store)[0])
 
 
 def test_empty_step_writes_nothing():
@@ -244,7 +246,7 @@ def test_replays_in_a_cuda_graph():
         k_cache.copy_(step.k_cache)
         v_cache.copy_(step.v_cache)
         graph.replay()
-        expected = step.run(fused.rotary_store)
+        expected = step.run(model_ops.rotary_store)
         assert torch.equal(out, expected[0])
         assert torch.equal(k_cache, expected[1]) and torch.equal(v_cache, expected[2])
 
@@ -278,10 +280,10 @@ def test_decoder_with_the_kernel_matches_the_eager_decoder(arch, dtype):
     model = build_model(config, torch.device(DEVICE), dtype)
     for name, param in model.named_parameters():
         param.data.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.3 if name.endswith("norm.weight") else 0.1)
-    kernel_ops = dataclasses.replace(fused.EAGER_OPS, rotary_store=functools.partial(
+    kernel_ops = dataclasses.replace(model_ops.EAGER_OPS, rotary_store=functools.partial(
         rotary_store_kernel.rotary_store, fallback=_no_fallback))
     results = []
-    for ops in (fused.EAGER_OPS, kernel_ops):
+    for ops in (model_ops.EAGER_OPS, kernel_ops):
         model.ops = ops
         caches = [(torch.zeros(4, 4, model.num_kv_heads, model.head_dim, dtype=dtype, device=DEVICE),
                    torch.zeros(4, 4, model.num_kv_heads, model.head_dim, dtype=dtype, device=DEVICE))
@@ -301,10 +303,10 @@ def test_decoder_with_the_kernel_matches_the_eager_decoder(arch, dtype):
 
 
 def test_gpu_ops_use_the_kernel_and_cpu_ops_stay_eager():
-    assert fused.decoder_ops(torch.device("cpu")).rotary_store is fused.rotary_store
+    assert model_ops.decoder_ops(torch.device("cpu")).rotary_store is model_ops.rotary_store
     if not torch.cuda.is_available():
         return
-    ops = fused.decoder_ops(torch.device("cuda"))
+    ops = model_ops.decoder_ops(torch.device("cuda"))
     assert ops.rotary_store.func is rotary_store_kernel.rotary_store
 
 

@@ -22,13 +22,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from sluice.cli import parse_serve_args
 from sluice.config import ConfigError, EngineConfig
-from sluice.engine.client import InProcessClient
-from sluice.engine.protocol import GenerateRequest
-from sluice.engine.server import BackgroundServer, parse_serve_args
-from sluice.engine.server_context import ServerContext
-from sluice.engine.weight_group import join_weight_group, send_weights
+from sluice.engine.clients.in_process import InProcessClient
+from sluice.engine.clients.protocol import GenerateRequest
+from sluice.engine.server.app import BackgroundServer
+from sluice.engine.server.context import ServerContext
 from sluice.types import SamplingParams
+from sluice.weights.process_group import join_weight_group, send_weights
 
 PROMPTS = ["hi", "what is 2+2?", "reverse 12345 please"]
 

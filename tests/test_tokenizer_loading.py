@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from sluice.data.tokenizer import load_tokenizer
 from sluice.demo.tokenizer import build_tokenizer
+from sluice.models.tokenizer import load_tokenizer
 
 
 def test_the_demo_checkpoint_keeps_its_spaces_newlines_and_role_tokens(tiny_checkpoint):

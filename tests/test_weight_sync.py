@@ -24,12 +24,11 @@ from transformers import AutoModelForCausalLM
 
 from sluice.config import EngineConfig
 from sluice.config.sections import SyncConfig
-from sluice.engine.client import InProcessClient
+from sluice.engine.clients.in_process import InProcessClient
+from sluice.engine.clients.protocol import GenerateRequest
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.protocol import GenerateRequest
-from sluice.engine.server import BackgroundServer
-from sluice.engine.server_context import ServerContext
-from sluice.engine.weight_bucket import FLATTENED_BUCKET, tensor_checksums
+from sluice.engine.server.app import BackgroundServer
+from sluice.engine.server.context import ServerContext
 from sluice.sync import WeightSyncError
 from sluice.sync.broadcast import BroadcastSync
 from sluice.sync.buckets import plan_buckets
@@ -40,6 +39,7 @@ from sluice.sync.ipc import ROUTE as IPC_ROUTE
 from sluice.sync.ipc import IpcSync
 from sluice.sync.verify import checksum_differences, engine_checksums, expected_checksums
 from sluice.types import SamplingParams
+from sluice.weights.buckets import FLATTENED_BUCKET, tensor_checksums
 
 SMALL_BUCKET = 16 * 1024  # bytes: the small checkpoint (~90 KB) then travels in several buckets
 PROMPT = [5, 9, 14, 3, 7]
@@ -299,7 +299,7 @@ def test_disk_sync_refuses_a_file_whose_bytes_changed(servers, engines, old_weig
     """The file on disk differs from what the trainer checksummed: the engine refuses before copying."""
     from safetensors.torch import save_file
 
-    from sluice.engine.weight_bucket import named_checksums
+    from sluice.weights.buckets import named_checksums
 
     url, engine = servers[0].url, engines[0]
     version = next_version(engines)
@@ -516,7 +516,7 @@ def test_ipc_sync_to_a_serve_process_on_the_same_gpu_is_exact(lively_checkpoint,
     from multiprocessing.reduction import ForkingPickler  # torch's tensor reducers: registered by sluice.sync.ipc
 
     from sluice.bench.sync import start_serve_process
-    from sluice.engine.weight_ipc import encode_payload, share_cuda_tensor
+    from sluice.weights.ipc import encode_payload, share_cuda_tensor
 
     process, url = start_serve_process(Path(lively_checkpoint), "cuda:0", torch.bfloat16, timeout_s=300)
     new = {name: tensor.to("cuda:0", torch.bfloat16) for name, tensor in new_weights.items()}

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from sluice.config import ConfigError, parse_config, validate
+from sluice.config import parse_config, validate
+from sluice.config.flags import ENGINE_PREFIX, ENGINE_SECTION, flag_specs
 from sluice.data import DataError
+from sluice.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sluice.engine.server.app import ServeArgs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,9 +68,58 @@ def train_command(argv: list[str]) -> int:
 
 def serve_command(argv: list[str]) -> int:
     """`sluice serve --model DIR [--port N] [--sglang-* flags]`: the engine behind SGLang's HTTP API."""
-    from sluice.engine.server import parse_serve_args, run_server
+    from sluice.engine.server.app import run_server
 
     return run_server(parse_serve_args(argv))
+
+
+class _ServeParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def _engine_flags_epilog() -> str:
+    lines = ["engine flags (SGLang server names):"]
+    for spec in flag_specs():
+        if spec.section == ENGINE_SECTION:
+            lines.append(f"  {spec.flag}  {spec.help} (default: {spec.default})")
+    lines.append("  --config FILE  YAML file of flags; only its engine keys are used here")
+    return "\n".join(lines)
+
+
+def parse_serve_args(argv: list[str]) -> ServeArgs:
+    """Serve flags plus the --sglang-* engine flags of the config tree; anything else is an error."""
+    from sluice.engine.server.app import DEFAULT_PORT, ServeArgs
+
+    parser = _ServeParser(prog="sluice serve", allow_abbrev=False, epilog=_engine_flags_epilog(),
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          description="Serve a model over SGLang's native HTTP API and an OpenAI-compatible API.")
+    parser.add_argument("--model", "--model-path", "--hf-checkpoint", dest="model_path", required=True,
+                        help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer).")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: loopback only).")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="Port; 0 picks a free one.")
+    parser.add_argument("--served-model-name", default=None, help="Model name in /v1 responses (default: --model).")
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    args, rest = parser.parse_known_args(argv)
+    foreign = [a for a in rest if _is_flag(a) and a.split("=", 1)[0] != "--config"
+               and not a.startswith("--" + ENGINE_PREFIX)]
+    if foreign:
+        raise ConfigError(f"unknown flag {foreign[0]}: sluice serve takes --model, --host, --port, "
+                          f"--served-model-name, --log-level and engine flags (--{ENGINE_PREFIX}*)")
+    config = parse_config(rest)
+    validate(config, for_training=False)
+    return ServeArgs(args.model_path, args.host, args.port, args.served_model_name, args.log_level, config.engine)
+
+
+def _is_flag(token: str) -> bool:
+    """``--x`` is a flag; ``-1`` or ``-0.5`` is a (negative) value of the flag before it."""
+    if not token.startswith("-"):
+        return False
+    try:
+        float(token)
+    except ValueError:
+        return True
+    return False
 
 
 def bench_command(argv: list[str]) -> int:

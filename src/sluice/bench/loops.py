@@ -19,8 +19,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from sluice.bench.rollout import _commit
-from sluice.config import ConfigError
 from sluice.demo.run import TASK_NAMES, rl_flags
+from sluice.errors import ConfigError
 
 LOOPS = ("sync", "async")
 

@@ -24,8 +24,8 @@ import torch
 
 from sluice.bench.shapes import SHAPES, parameter_bytes, shape_config, write_random_checkpoint
 from sluice.config import EngineConfig
+from sluice.engine.clients.protocol import GenerateRequest
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.protocol import GenerateRequest
 from sluice.types import SamplingParams
 
 # Peak HBM bandwidth used for the decode roofline (H100 SXM, HBM3).

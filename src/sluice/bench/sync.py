@@ -35,12 +35,12 @@ from sluice.bench.rollout import _commit, _device_name
 from sluice.bench.shapes import SHAPES, write_random_checkpoint
 from sluice.config import EngineConfig
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.weights import iter_safetensors
 from sluice.sync.broadcast import BroadcastSync
 from sluice.sync.disk import DiskSync
 from sluice.sync.in_process import InProcessSync
 from sluice.sync.ipc import IpcSync
 from sluice.sync.verify import checksum_differences, engine_checksums, expected_checksums
+from sluice.weights.safetensors_files import iter_safetensors
 
 GOALS_MS = {"colocated": 20.0, "separate_process": 100.0}  # on a GPU, for the Qwen2.5-0.5B shape
 KV_TOKENS = 4096  # the engines' KV pool: small, the benchmark never generates

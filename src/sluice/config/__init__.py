@@ -1,7 +1,7 @@
 """One typed config tree; see sections.py for every field and parser.py for the CLI and YAML."""
 
 from sluice.config.checks import validate
-from sluice.config.errors import ConfigError
+from sluice.errors import ConfigError
 from sluice.config.parser import build_parser, parse_config
 from sluice.config.sections import (
     BUILTIN_REWARDS,

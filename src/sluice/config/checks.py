@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from sluice.config.errors import ConfigError
+from sluice.errors import ConfigError
 from sluice.config.sections import BUILTIN_REWARDS, DEFAULT_MAX_TURNS, LABEL_FREE_REWARDS, Config
 
 # kl_loss_type spellings that name the same estimator; the loss code only knows the canonical one.

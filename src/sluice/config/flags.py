@@ -14,7 +14,7 @@ from dataclasses import MISSING, Field, dataclass, fields
 from functools import cache
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from sluice.config.errors import ConfigError
+from sluice.errors import ConfigError
 from sluice.config.sections import Config
 
 # Engine fields are spelled like SGLang's server flags so that SGLang command lines carry over.

@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from sluice.config.checks import normalise, validate
-from sluice.config.errors import ConfigError
+from sluice.errors import ConfigError
 from sluice.config.flags import (
     ENGINE_SECTION,
     FlagSpec,

@@ -3,13 +3,16 @@
 Every field becomes a command-line flag named after it (``rollout_batch_size`` -> ``--rollout-batch-size``),
 which keeps slime's flag names for the same features. ``meta(...)`` holds the help text and, where needed,
 the choices or a flag spelling that differs from the field name. ``EngineConfig`` fields are reached as
-``--sglang-<name>`` (SGLang's server flags, passed through to our engine).
+``--sglang-<name>`` (SGLang's server flags, passed through to our engine); that section is declared in
+``sluice/engine/settings.py``, so the engine needs nothing from this package, and is part of this tree.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from sluice.engine.settings import EngineConfig
 
 # Built-in reward functions, selectable with --rm-type; the reward registry implements exactly these.
 BUILTIN_REWARDS: tuple[str, ...] = ("exact", "math", "f1", "deepscaler", "boxed_exact", "boxed_math", "boxed_f1",
@@ -362,39 +365,6 @@ class DebugConfig:
         "Replay rollouts written by --save-debug-rollout-data (the same path template) instead of generating: "
         "rollout id k trains on the samples saved for k. Training from the same starting point reproduces the "
         "same steps."))
-
-
-@dataclass
-class EngineConfig:
-    """Settings of our inference engine, given as --sglang-<name> to match SGLang's server flags."""
-
-    mem_fraction_static: float = field(default=0.8, metadata=meta(
-        "Fraction of the accelerator's memory for the weights plus the paged KV pool (what other processes and "
-        "the weights already use is subtracted); the rest is left to activations and CUDA graphs."))
-    max_total_tokens: int | None = field(default=None, metadata=meta(
-        "KV pool size in tokens; overrides --sglang-mem-fraction-static. Default on CPU: 65536 (or context "
-        "length x max running requests if smaller)."))
-    page_size: int = field(default=16, metadata=meta("Tokens per KV page; prefixes are shared in whole pages."))
-    context_length: int | None = field(default=None, metadata=meta(
-        "Longest sequence (prompt + output); default: the model's max_position_embeddings."))
-    chunked_prefill_size: int | None = field(default=None, metadata=meta(
-        "Token budget of one engine step: prompts longer than the budget are prefilled in chunks. Default: 8192 "
-        "on GPU, 4096 on CPU; raised to --sglang-max-running-requests if below it."))
-    disable_radix_cache: bool = field(default=False, metadata=meta(
-        "Turn off prefix caching (the n samples of a group then each prefill their prompt)."))
-    disable_cuda_graph: bool = field(default=False, metadata=meta("Run decode steps eagerly on GPU."))
-    disable_overlap_schedule: bool = field(default=False, metadata=meta(
-        "On GPU, read each step's tokens back before scheduling the next step (by default the next step is "
-        "scheduled and launched while the device computes, and the tokens are read one step later)."))
-    skip_tokenizer_init: bool = field(default=False, metadata=meta(
-        "Serve token ids only: no tokenizer is loaded, outputs carry no text, stop strings are refused."))
-    cuda_graph_max_bs: int | None = field(default=None, metadata=meta(
-        "Largest decode batch replayed from a CUDA graph; default min(512, --sglang-max-running-requests)."))
-    dtype: str = field(default="auto", metadata=meta(
-        "Engine dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.",
-        choices=("auto", "float32", "bfloat16")))
-    max_running_requests: int = field(default=256, metadata=meta("Most sequences decoded together."))
-    device: str = field(default="auto", metadata=meta("Engine device: auto, cpu or cuda[:N]."))
 
 
 @dataclass

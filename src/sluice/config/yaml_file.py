@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from sluice.config.errors import ConfigError
+from sluice.errors import ConfigError
 from sluice.config.flags import (
     ENGINE_PREFIX,
     closest_flag,

@@ -19,11 +19,11 @@ from transformers.utils import logging as hf_logging
 
 from sluice.config import DataConfig, parse_config, validate
 from sluice.data import load_prompt_samples
-from sluice.data.tokenizer import load_tokenizer
 from sluice.demo.model import TinyModelShape, build_checkpoint
 from sluice.demo.tasks import read_prompts, write_task_file, write_teacher_file
 from sluice.demo.warm_start import warm_start
 from sluice.loops import train
+from sluice.models.tokenizer import load_tokenizer
 from sluice.orchestration.ray_run import start_run
 
 TASK_NAMES = ("add", "reverse")

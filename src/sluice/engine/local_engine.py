@@ -29,22 +29,23 @@ from typing import Callable, Iterator, Mapping
 import torch
 from transformers import AutoConfig
 
-from sluice.config import EngineConfig
-from sluice.data.tokenizer import load_tokenizer
 from sluice.device import resolve_device, resolve_dtype
 from sluice.engine.block_manager import BlockManager
+from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors
 from sluice.engine.kv_pool import KVPool, KVShape, pages_for_memory
-from sluice.engine.model import load_model
-from sluice.engine.model.loading import hf_named_tensors, load_hf_weights
+from sluice.engine.model_ops import decoder_ops
 from sluice.engine.model_runner import ModelRunner, Readback
-from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors
 from sluice.engine.sampler import sample_tokens
 from sluice.engine.scheduler import ScheduledBatch, Scheduler
 from sluice.engine.sequence import PENDING_TOKEN, OnDone, OnUpdate, Sequence, SequenceState
+from sluice.engine.settings import EngineConfig
 from sluice.engine.stats import EngineStats
 from sluice.engine.stopping import StopChecker
-from sluice.engine.weight_bucket import checksum_mismatches, named_checksums
-from sluice.engine.weights import iter_safetensors
+from sluice.models import load_model
+from sluice.models.loading import hf_named_tensors, load_hf_weights
+from sluice.models.tokenizer import load_tokenizer
+from sluice.weights.buckets import checksum_mismatches, named_checksums
+from sluice.weights.safetensors_files import iter_safetensors
 
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 65536
 
@@ -58,6 +59,7 @@ class LocalEngine:
         self.model_config = AutoConfig.from_pretrained(model_path)
         self.model_path = str(model_path)
         self.model = load_model(model_path, self.device, self.dtype)
+        self.model.ops = decoder_ops(self.device)  # compiled ops and the Triton K/V write on GPU, eager on CPU
         self.context_len = int(config.context_length or self.model_config.max_position_embeddings)
         self.stops = StopChecker(self.tokenizer, self.model_config, self.context_len)
         kv_shape = KVShape(len(self.model.layers), self.model.num_kv_heads, self.model.head_dim, config.page_size, self.dtype)
@@ -164,7 +166,7 @@ class LocalEngine:
                        checksums: Mapping[str, int] | None = None) -> int:
         """Load HF-named tensors or a checkpoint directory between steps; returns the number of tensors.
 
-        ``checksums`` (by HF name, weight_bucket's sums): every incoming tensor is checked before the first copy,
+        ``checksums`` (by HF name, the sums of weights/buckets.py): every incoming tensor is checked before the first copy,
         and a mismatch refuses the whole update (ValueError naming the tensors); a directory is then read into
         memory first. Cached prefixes were computed with the old weights, so the prefix cache is flushed.
         Requests in flight continue on the new weights.

@@ -22,9 +22,9 @@ import torch
 from sluice.device import to_device
 from sluice.engine.attention import AttentionMetadata
 from sluice.engine.kv_pool import KVPool
-from sluice.engine.model.decoder import AttentionFn, DecoderLM
 from sluice.engine.scheduler import ScheduledBatch
 from sluice.engine.sequence import PENDING_TOKEN, Sequence
+from sluice.models.decoder import AttentionFn, DecoderLM
 
 
 class ModelRunner:

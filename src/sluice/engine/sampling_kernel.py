@@ -26,13 +26,12 @@ are drawn slightly less often than p (at most ~V * 2**-32 of mass in all). A chu
 shifts its exp by 0 instead of its max (-inf - -inf would be NaN) and reports sum 0, max -inf, score -inf.
 Ties in the greedy argmax resolve to the lowest index, as in torch.
 
-``python -m sluice.engine.sampling_kernel`` times this against the torch path (one JSON line, CUDA only).
+``python -m sluice.bench.sampling`` times this against the torch path (one JSON line, CUDA only).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 
 import torch
 import triton
@@ -192,36 +191,3 @@ def _merge_kernel(
     # an IEEE division, as torch's logits / T: the token's own logprob is not averaged like the sum above
     tl.store(logprobs_ptr + row, tl.math.div_rn(logit, temperature) - log_sum_exp)
     tl.store(tokens_ptr + row, token.to(tl.int64))
-
-
-def benchmark(batch_sizes: tuple[int, ...] = (64, 256, 1024), vocab_size: int = 151936, iterations: int = 50) -> dict:
-    """Milliseconds per call of the fused kernels and of the torch path, bf16 logits at temperature 1."""
-    from sluice.engine import sampler
-    from sluice.types import SamplingParams
-
-    results = []
-    for batch in batch_sizes:
-        logits = (torch.randn(batch, vocab_size, device="cuda") * 3).to(torch.bfloat16)
-        params = [SamplingParams(temperature=1.0)] * batch
-        fused = functools.partial(sample, logits, [1.0] * batch)
-        reference = functools.partial(sampler.sample_tokens_torch, logits, params, [None] * batch)
-        results.append({"batch": batch, "fused_ms": _time_ms(fused, iterations),
-                        "torch_ms": _time_ms(reference, iterations)})
-        results[-1]["speedup"] = round(results[-1]["torch_ms"] / results[-1]["fused_ms"], 2)
-    return {"device": torch.cuda.get_device_name(), "vocab_size": vocab_size, "dtype": "bfloat16", "results": results}
-
-
-def _time_ms(fn, iterations: int) -> float:
-    for _ in range(3):  # compile and warm up
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iterations):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return round(start.elapsed_time(end) / iterations, 4)
-
-
-if __name__ == "__main__":
-    print(json.dumps(benchmark()))

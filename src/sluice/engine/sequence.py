@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult
+from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult
 
 # Stands in token_ids for a token sampled by a step whose results are not back yet (the overlapped GPU path
 # launches step k+1 before reading step k's tokens). Only a sequence's last token is ever pending.

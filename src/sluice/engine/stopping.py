@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from sluice.engine.protocol import FinishReason
+from sluice.engine.clients.protocol import FinishReason
 from sluice.engine.sequence import Sequence
 
 # Stop strings are searched in the decoded tail of the output, not the whole of it, so the check stays

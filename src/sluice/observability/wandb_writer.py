@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sluice.config import ConfigError
+from sluice.errors import ConfigError
 from sluice.observability.scalars import scalar_items
 
 DEFAULT_PROJECT = "sluice"

@@ -18,8 +18,8 @@ from sluice.buffer import DataBuffer
 from sluice.checkpoint.rollout_data import load_rollout_data, rollout_data_path, save_rollout_data
 from sluice.config import Config, ConfigError, config_to_dict
 from sluice.data import PromptSource, load_prompt_samples
-from sluice.data.tokenizer import load_tokenizer
-from sluice.engine.client import InProcessClient
+from sluice.models.tokenizer import load_tokenizer
+from sluice.engine.clients.in_process import InProcessClient
 from sluice.engine.local_engine import LocalEngine
 from sluice.observability.plots import plot_curves
 from sluice.observability.progress import ProgressReporter

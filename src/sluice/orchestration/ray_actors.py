@@ -36,8 +36,8 @@ def node_address() -> str:
 class EngineActor:
     def __init__(self, model_path: str, config: Config) -> None:
         from sluice.engine.local_engine import LocalEngine
-        from sluice.engine.server import BackgroundServer
-        from sluice.engine.server_context import ServerContext
+        from sluice.engine.server.app import BackgroundServer
+        from sluice.engine.server.context import ServerContext
 
         self.engine = LocalEngine(model_path, config.engine)
         context = ServerContext(self.engine, model_path, model_path, config.engine)

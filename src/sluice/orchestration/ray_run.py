@@ -22,8 +22,8 @@ import threading
 from typing import Any
 
 from sluice.config import Config, ConfigError
-from sluice.engine.http_client import HttpEngineClient
-from sluice.engine.router import MultiEngineClient
+from sluice.engine.clients.http import HttpEngineClient
+from sluice.engine.clients.router import MultiEngineClient
 from sluice.orchestration.local_run import LocalRun, held_groups
 from sluice.orchestration.ray_actors import BufferActor, EngineActor, TrainerActor
 from sluice.rollout.manager import cancel_tasks

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from sluice.config import Config, DataConfig
-from sluice.engine.protocol import EngineClient
+from sluice.engine.clients.protocol import EngineClient
 from sluice.orchestration.hooks import Hooks
 from sluice.rewards.overlong import OverlongShaping
 from sluice.rollout.agent import load_agent_generate

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from sluice.engine.http_client import TRANSPORT_ERRORS
+from sluice.net.transport import TRANSPORT_ERRORS
 from sluice.rewards.contract import RewardValue
 from sluice.types import Sample
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sluice.engine.protocol import FinishReason, GenerateResult
+from sluice.engine.clients.protocol import FinishReason, GenerateResult
 
 PROBE = "sluice-turn-probe"
 

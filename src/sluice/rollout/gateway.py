@@ -29,10 +29,10 @@ import uvicorn
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from sluice.engine.http_errors import RequestError, install_error_handlers, read_body
-from sluice.engine.native_schema import WireSamplingParams
-from sluice.engine.protocol import EngineClient, FinishReason, GenerateRequest, GenerateResult
-from sluice.engine.server import bind_listener, start_in_thread
+from sluice.engine.clients.protocol import EngineClient, FinishReason, GenerateRequest, GenerateResult
+from sluice.engine.server.native_schema import WireSamplingParams
+from sluice.net.http_errors import RequestError, install_error_handlers, read_body
+from sluice.net.listener import bind_listener, start_in_thread
 from sluice.rollout.chat_turns import continuation_ids
 from sluice.rollout.sessions import Session, SessionTable, Turn, continued_turn, current_segment
 from sluice.rollout.tool_calls import parse_tool_calls

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sluice.engine.protocol import EngineClient, FinishReason, GenerateRequest
+from sluice.engine.clients.protocol import EngineClient, FinishReason, GenerateRequest
 from sluice.plugins import Contract, load_plugin
 from sluice.types import Sample, SamplingParams, Status
 

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from sluice.engine.protocol import EngineUnavailable
+from sluice.engine.clients.protocol import EngineUnavailable
 from sluice.rewards import GroupRewardFn, RewardFn, score_group, score_sample
 from sluice.rewards.overlong import OverlongShaping
 from sluice.rollout.generate import SAMPLE_METRICS_KEY, GenerateContext, generate_single_turn

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from sluice.engine.protocol import GenerateRequest
+from sluice.engine.clients.protocol import GenerateRequest
 from sluice.rollout.chat_turns import continuation_ids
 from sluice.rollout.generate import SAMPLE_METRICS_KEY, STATUS_OF_FINISH, GenerateContext
 from sluice.rollout.tool_calls import parse_tool_calls

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sluice.engine.protocol import GenerateResult
+from sluice.engine.clients.protocol import GenerateResult
 from sluice.types import Sample, SamplingParams
 
 

@@ -31,8 +31,6 @@ from urllib.parse import urlparse
 import httpx
 import torch
 
-from sluice.engine.weight_bucket import FLATTENED_BUCKET, tensor_checksums
-from sluice.engine.weight_group import WeightGroup, join_weight_group, local_address_towards, send_weights
 from sluice.sync.buckets import Bucket, plan_buckets
 from sluice.sync.engine_calls import HttpClientPerLoop, call_engine, is_sluice_engine
 from sluice.sync.interface import (
@@ -47,6 +45,8 @@ from sluice.sync.interface import (
     num_bytes,
 )
 from sluice.sync.stage import run_stage
+from sluice.weights.buckets import FLATTENED_BUCKET, tensor_checksums
+from sluice.weights.process_group import WeightGroup, join_weight_group, local_address_towards, send_weights
 
 WIRE_FORMS = ("auto", "flattened", "per_tensor")
 LEAVE_TIMEOUT_S = 1.0  # for the best-effort /destroy_weights_update_group calls after a failure

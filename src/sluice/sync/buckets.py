@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sluice.engine.weight_bucket import BUCKET_ALIGN, TensorSlot, bucket_layout, flatten_bucket
 from sluice.sync.interface import NamedWeights
+from sluice.weights.buckets import BUCKET_ALIGN, TensorSlot, bucket_layout, flatten_bucket
 
 
 @dataclass

@@ -16,15 +16,13 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from safetensors.torch import save_file
 
 from sluice.checkpoint.atomic import move_into_place
-from sluice.engine.client import InProcessClient
-from sluice.engine.local_engine import LocalEngine
-from sluice.engine.weight_bucket import named_checksums
+from sluice.engine.clients.in_process import InProcessClient
 from sluice.sync.engine_calls import HttpClientPerLoop, call_engine, is_sluice_engine
 from sluice.sync.interface import (
     Deadline,
@@ -38,6 +36,10 @@ from sluice.sync.interface import (
     num_bytes,
 )
 from sluice.sync.stage import run_stage
+from sluice.weights.buckets import named_checksums
+
+if TYPE_CHECKING:  # an in-process engine is reached through its own methods; no runtime import of the engine
+    from sluice.engine.local_engine import LocalEngine
 
 WEIGHTS_FILE = "model.safetensors"
 

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 
 from sluice.config.sections import SyncConfig
-from sluice.engine.client import InProcessClient
-from sluice.engine.local_engine import LocalEngine
+from sluice.engine.clients.in_process import InProcessClient
 from sluice.sync.broadcast import BroadcastSync
 from sluice.sync.disk import DiskSync
 from sluice.sync.in_process import InProcessSync
 from sluice.sync.interface import WeightSync
 from sluice.sync.ipc import IpcSync
 
-Engine = str | LocalEngine | InProcessClient  # an engine server's URL, or an engine in this process
+if TYPE_CHECKING:  # an in-process engine is reached through its own methods; no runtime import of the engine
+    from sluice.engine.local_engine import LocalEngine
+
+Engine = Union[str, "LocalEngine", InProcessClient]  # an engine server's URL, or an engine in this process
 
 
 def make_weight_sync(config: SyncConfig, engines: Sequence[Engine], *, device: str | torch.device = "cpu",

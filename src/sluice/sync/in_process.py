@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from sluice.engine.client import InProcessClient
-from sluice.engine.local_engine import LocalEngine
-from sluice.engine.protocol import EngineClient
-from sluice.engine.weight_bucket import named_checksums
+from sluice.engine.clients.in_process import InProcessClient
+from sluice.engine.clients.protocol import EngineClient
 from sluice.sync.interface import (
     EngineResult,
     NamedWeights,
@@ -24,6 +22,10 @@ from sluice.sync.interface import (
     distinct_weights,
     num_bytes,
 )
+from sluice.weights.buckets import named_checksums
+
+if TYPE_CHECKING:  # an in-process engine is reached through its own methods; no runtime import of the engine
+    from sluice.engine.local_engine import LocalEngine
 
 
 async def push_weights(named_weights: dict, clients: list[EngineClient], version: int) -> None:

@@ -34,8 +34,6 @@ import httpx
 import torch
 import torch.multiprocessing  # noqa: F401 - registers torch's tensor reducers with ForkingPickler
 
-from sluice.engine.weight_bucket import FLATTENED_BUCKET, tensor_checksums
-from sluice.engine.weight_ipc import encode_payload, share_cuda_tensor
 from sluice.sync.buckets import Bucket, plan_buckets
 from sluice.sync.engine_calls import HttpClientPerLoop, call_engine, is_sluice_engine
 from sluice.sync.interface import (
@@ -50,6 +48,8 @@ from sluice.sync.interface import (
     num_bytes,
 )
 from sluice.sync.stage import TIMEOUT_FLAG, run_stage
+from sluice.weights.buckets import FLATTENED_BUCKET, tensor_checksums
+from sluice.weights.ipc import encode_payload, share_cuda_tensor
 
 WIRE_FORMS = ("auto", "flattened", "per_tensor")
 ROUTE = "/update_weights_from_tensor"

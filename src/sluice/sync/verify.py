@@ -1,4 +1,4 @@
-"""Checking that engines hold exactly the trainer's weights: compare per-tensor checksums (engine/weight_bucket.py)
+"""Checking that engines hold exactly the trainer's weights: compare per-tensor checksums (weights/buckets.py)
 of the trainer's tensors with those an engine reports (``/get_weights_checksum``, ``LocalEngine.weight_checksums``)."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import httpx
 import torch
 
-from sluice.engine.weight_bucket import named_checksums
 from sluice.sync.engine_calls import call_engine
 from sluice.sync.interface import NamedWeights
+from sluice.weights.buckets import named_checksums
 
 
 def expected_checksums(named_weights: NamedWeights, dtype: torch.dtype | None = None) -> dict[str, int]:

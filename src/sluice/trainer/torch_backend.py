@@ -17,7 +17,7 @@ from sluice.trainer.critic import Critic, ValueBatch
 from sluice.trainer.custom_loss import CustomLossFn, load_custom_loss
 from sluice.trainer.data_parallel import DataParallel
 from sluice.trainer.guards import NonFiniteGuard
-from sluice.trainer.logprobs import token_logprobs
+from sluice.trainer.model_logprobs import token_logprobs
 from sluice.trainer.loss import micro_batch_loss
 from sluice.trainer.optimizer import build_optimizer, optimizer_step
 from sluice.types import TrainBatch

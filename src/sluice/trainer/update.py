@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from sluice.algorithms import effective_sample_size, importance_weight, masked_mean, whiten
 from sluice.config import AlgorithmConfig
-from sluice.trainer.advantages import Advantages, compute_advantages
+from sluice.trainer.batch_advantages import Advantages, compute_advantages
 from sluice.trainer.batching import collate
 from sluice.trainer.custom_advantage import AdvantageFn, AdvantageInputs
 from sluice.trainer.loss import ROLLOUT_LOGPROB_ABS_DIFF

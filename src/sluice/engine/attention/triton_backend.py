@@ -43,7 +43,8 @@ _PROGRAMS_PER_SM = 4  # decode split target; tune with ``bench --sweep`` (sweep_
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile shape and launch knobs of one kernel; the defaults below are starting points, tune with bench.py."""
+    """Tile shape and launch knobs of one kernel; the defaults below are starting points, tune with
+    ``python -m sluice.bench.attention --sweep``."""
 
     block_n: int  # cached positions per K/V tile (power of two, >= 16)
     num_warps: int

@@ -1,11 +1,11 @@
-"""Engine clients: the one interface the rollout generates through."""
+"""The client of an engine in this process: ``EngineClient`` calls turned into ``LocalEngine`` calls."""
 
 from __future__ import annotations
 
 import asyncio
 
+from sluice.engine.clients.protocol import GenerateRequest, GenerateResult, NamedTensors
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.protocol import GenerateRequest, GenerateResult, NamedTensors
 
 
 class InProcessClient:

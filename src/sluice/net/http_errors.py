@@ -1,4 +1,5 @@
-"""Errors of the HTTP server: every refused request gets a 4xx JSON body naming the offending field.
+"""Errors of our HTTP servers (the engine's and the agent gateway): every refused request gets a 4xx JSON body
+naming the offending field.
 
 The body follows OpenAI's error shape, ``{"error": {"message", "type", "param", "code"}}``, which the openai client
 parses and which carries SGLang's ``{"error": {"message"}}`` as a subset.

@@ -1,4 +1,4 @@
-"""Build the engine model from an HF config, and copy HF-named weights into its fused parameters.
+"""Build the model from an HF config, and copy HF-named weights into its fused parameters.
 
 Weights arrive under HF names (from a safetensors directory, or from the trainer, whose model is the HF
 class). ``q_proj``/``k_proj``/``v_proj`` land in row blocks of ``qkv_proj``, ``gate_proj``/``up_proj`` in
@@ -16,9 +16,8 @@ from typing import Iterator, Mapping
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from sluice.engine.model.decoder import DecoderLM
-from sluice.engine.model.fused import decoder_ops
-from sluice.engine.weights import iter_safetensors, safetensors_shapes
+from sluice.models.decoder import DecoderLM
+from sluice.weights.safetensors_files import iter_safetensors, safetensors_shapes
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def build_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtype) -> DecoderLM:
-    """An engine model with uninitialised weights, for ``config``'s architecture."""
+    """A model with uninitialised weights, for ``config``'s architecture; its runner sets ``model.ops``."""
     architecture = (getattr(config, "architectures", None) or ["?"])[0]
     switches = ARCHITECTURES.get(architecture)
     if switches is None:
@@ -60,7 +59,6 @@ def build_model(config: PretrainedConfig, device: torch.device, dtype: torch.dty
     for parameter in model.parameters():
         parameter.data = parameter.data.to(dtype)
         parameter.requires_grad_(False)
-    model.ops = decoder_ops(device)
     return model.eval()
 
 

@@ -15,12 +15,12 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from sluice.engine.async_engine import TokenDelta, TokenStream
-from sluice.engine.http_errors import RequestError, read_body
-from sluice.engine.native_schema import GenerateBody, GenerateItem
-from sluice.engine.protocol import FinishReason, GenerateRequest, GenerateResult
-from sluice.engine.server_context import ServerContext
-from sluice.engine.stream_text import IncrementalText
+from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult
+from sluice.engine.server.async_engine import TokenDelta, TokenStream
+from sluice.engine.server.context import ServerContext
+from sluice.engine.server.native_schema import GenerateBody, GenerateItem
+from sluice.engine.server.stream_text import IncrementalText
+from sluice.net.http_errors import RequestError, read_body
 
 
 def native_generate_router(ctx: ServerContext) -> APIRouter:

@@ -4,24 +4,26 @@ The three families differ in three switches read from the HF config: bias on the
 per-head RMSNorm on q and k before rotary (Qwen3), and the rope scaling type (Llama-3). Q, K and V share one
 fused projection and gate/up another, so a layer runs two matmuls where HF runs five.
 
-A forward takes the step's tokens of all sequences packed flat (``[T]``) with their positions and an
-``AttentionMetadata``; it returns hidden states ``[T, hidden]``. Logits are computed by the caller only for
+A forward takes the step's tokens of all sequences packed flat (``[T]``) with their positions and the attention
+backend's metadata (the engine's ``AttentionMetadata``), which the model only hands on to ``attend`` and
+``ops.rotary_store`` (the backend and the ops are passed in: the model knows no KV pool or scheduler); it
+returns hidden states ``[T, hidden]``. Logits are computed by the caller only for
 the rows it samples from (``compute_logits``), which saves the vocab projection for every prefill token.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from sluice.engine.attention import AttentionMetadata
-from sluice.engine.model.fused import EAGER_OPS, DecoderOps
-from sluice.engine.model.layers import RMSNorm, RotaryEmbedding
+from sluice.models.fused import DecoderOps
+from sluice.models.layers import RMSNorm, RotaryEmbedding
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+# attend(q, k_cache, v_cache, meta, scale) -> output: the attention backend, passed in with its metadata ``meta``
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any, float], torch.Tensor]
 
 
 class Attention(nn.Module):
@@ -95,7 +97,7 @@ class DecoderLM(nn.Module):
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         head_dim = self.layers[0].self_attn.head_dim
         self.rotary = RotaryEmbedding(config, head_dim, max_positions)
-        self.ops: DecoderOps = EAGER_OPS  # build_model swaps in the compiled ops on GPU
+        self.ops: DecoderOps | None = None  # set by whoever runs the model (the engine: model_ops.decoder_ops)
 
     @property
     def num_kv_heads(self) -> int:
@@ -109,7 +111,7 @@ class DecoderLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: Any,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         attend: AttentionFn,
     ) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from sluice.engine.http_errors import RequestError
+from sluice.net.http_errors import RequestError
 from sluice.types import SamplingParams
 
 STRICT = ConfigDict(extra="forbid", strict=True)
@@ -225,7 +225,7 @@ class DiskUpdateBody(BaseModel):
     load_format: str | None = None
     abort_all_requests: bool = False
     flush_cache: bool = True  # our engine always drops cached prefixes computed with the old weights
-    # sluice extension: each tensor's checksum (engine/weight_bucket.py) by name; checked before any is applied
+    # sluice extension: each tensor's checksum (weights/buckets.py) by name; checked before any is applied
     checksums: dict[str, int] | None = None
 
 
@@ -269,11 +269,11 @@ class DistributedUpdateBody(_BucketedUpdate):
     sluice engines only):
 
     - ``load_format: "flattened_bucket"``: the trainer broadcasts the bucket as one byte buffer (one collective)
-      laid out by ``weight_bucket.bucket_layout``, instead of one broadcast per tensor.
-    - ``checksums``: one per name (weight_bucket's sums); a bucket that does not match is refused, naming the
+      laid out by ``weights.buckets.bucket_layout``, instead of one broadcast per tensor.
+    - ``checksums``: one per name (the sums of weights/buckets.py); a bucket that does not match is refused, naming the
       tensor, and nothing of its version is applied.
     - ``bucket_index``/``num_buckets``: this call is one bucket of ``weight_version``; buckets are held back and
-      applied together after the last one (engine/weight_staging.py), so generation never sees half a version.
+      applied together after the last one (engine/server/weight_staging.py), so generation never sees half a version.
     """
 
     model_config = STRICT
@@ -308,15 +308,15 @@ class TensorUpdateBody(_BucketedUpdate):
     """``POST /update_weights_from_tensor``: SGLang's fields, then sluice's extensions.
 
     ``serialized_named_tensors``: one entry per tensor-parallel rank (our engine has one and reads entry 0), each
-    the base64 of a pickle holding CUDA IPC handles, read only through engine/weight_ipc.py's restricted
+    the base64 of a pickle holding CUDA IPC handles, read only through weights/ipc.py's restricted
     unpickler. SGLang's form: a list of (name, tensor) pairs, made with torch's multiprocessing reductions,
     applied at once. Our extensions:
 
     - ``load_format: "flattened_bucket"``: the payload is one uint8 tensor, the bucket's flat buffer, laid out by
-      ``weight_bucket.bucket_layout`` from ``names``, ``dtypes`` and ``shapes`` (one IPC handle per bucket).
-    - ``checksums``: one per tensor, in order (weight_bucket's sums); checked before any weight becomes visible.
+      ``weights.buckets.bucket_layout`` from ``names``, ``dtypes`` and ``shapes`` (one IPC handle per bucket).
+    - ``checksums``: one per tensor, in order (the sums of weights/buckets.py); checked before any weight becomes visible.
     - ``bucket_index``/``num_buckets`` (flattened form only): this call is one bucket of ``weight_version``;
-      buckets are held back and applied together after the last one (engine/weight_staging.py).
+      buckets are held back and applied together after the last one (engine/server/weight_staging.py).
     """
 
     model_config = STRICT

@@ -1,7 +1,8 @@
 """Timing of the Triton paged-attention kernels against SDPA on a contiguous cache (needs CUDA).
 
-``python -m sluice.engine.attention.bench`` prints one JSON line; ``--sweep`` adds timings of other tile
-shapes and split counts (a few minutes of compiling) to choose the defaults in ``triton_backend``.
+``python -m sluice.bench.attention`` prints one JSON line; ``--sweep`` adds timings of other tile
+shapes and split counts (a few minutes of compiling) to choose the defaults in
+``sluice.engine.attention.triton_backend``.
 
 Each case is timed two ways, both with CUDA events, after warm-up, as the median of many samples:
 ``*_ms`` times one eager call (host launch cost included when it exceeds the GPU time: the paged decode

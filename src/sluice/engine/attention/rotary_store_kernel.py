@@ -4,9 +4,10 @@ Unfused, a decode step runs up to six tiny kernels a layer for this (two q/k nor
 ``index_copy``), each bound by launch latency, not bytes. Here one program per token loads its position, slot
 and cos/sin row once; rotates its ``Hq`` query heads into a new ``[T, Hq, D]`` tensor; rotates its ``Hk`` key
 heads into the K cache and copies its value heads into the V cache, at ``slot_mapping`` in the layout of
-``attention.store_kv``. The inputs may be strided views of the fused QKV projection.
+``store_kv`` (this package). The inputs may be strided views of the fused QKV projection.
 
-Numerics: the same roundings as the eager ops in ``fused.py`` (which follow HF). cos/sin are rounded to the
+Numerics: the same roundings as the eager ops (``sluice.models.fused``, composed in
+``sluice.engine.model_ops.rotary_store``), which follow HF. cos/sin are rounded to the
 activation dtype; each product and the sum are computed in fp32 and rounded to the activation dtype, which is
 what PyTorch eager does for bf16 (a product of two bf16 values is exact in fp32, and fp32 has enough extra bits
 that rounding the fp32 sum again gives the correctly rounded bf16 sum). fp32 launches turn off FMA contraction,
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sluice.engine.model.layers import RMSNorm
+from sluice.models.layers import RMSNorm
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -46,7 +47,7 @@ def rotary_store(
     *,
     fallback: Callable,
 ) -> torch.Tensor:
-    """The contract of ``fused.rotary_store``, in one kernel; ``fallback`` (same signature) runs what the
+    """The contract of ``model_ops.rotary_store``, in one kernel; ``fallback`` (same signature) runs what the
     kernel does not cover (see ``supports``). Reads no device values on the host: CUDA-graph capturable."""
     if not supports(q, k, v, cos_table, sin_table, q_norm, k_norm, k_cache, v_cache, positions, slot_mapping):
         return fallback(q, k, v, positions, cos_table, sin_table, q_norm, k_norm, k_cache, v_cache, slot_mapping)

@@ -1,7 +1,7 @@
 """The Engine contract: token ids in, token ids + logprobs + finish reason + weight version out.
 
-The same records are used by the in-process engine and (later) over HTTP, so the rollout code is the same
-whichever engine serves it.
+The same records are used by the in-process engine, the HTTP client and the router, so the rollout code is the
+same whichever engine serves it.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 
-from sluice.engine.protocol import EngineClient, GenerateRequest, GenerateResult, NamedTensors
+from sluice.engine.clients.protocol import EngineClient, GenerateRequest, GenerateResult, NamedTensors
 
 
 class MultiEngineClient:

@@ -9,7 +9,7 @@ side can meet a trainer or an engine built on that helper, as well as another ``
 
 Broadcast order is the contract: the trainer sends the tensors in the order of the ``names`` list it posted, one
 broadcast per tensor (SGLang's form), or one broadcast of the whole bucket's bytes (``receive_bucket``, our
-``flattened_bucket`` form, laid out by ``weight_bucket.bucket_layout``).
+``flattened_bucket`` form, laid out by ``weights.buckets.bucket_layout``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 from torch.distributed import BroadcastOptions, PrefixStore, ProcessGroupGloo, TCPStore
 
-from sluice.engine.weight_bucket import TensorSlot, unflatten_bucket
+from sluice.weights.buckets import TensorSlot, unflatten_bucket
 
 TRAINER_RANK = 0
 

@@ -12,11 +12,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 import sluice
-from sluice.engine.http_errors import RequestError, read_body
-from sluice.engine.native_schema import AbortBody, MemoryBody, PauseBody
-from sluice.engine.protocol import GenerateRequest
-from sluice.engine.server_context import ServerContext
-from sluice.engine.weight_api import weight_router
+from sluice.engine.clients.protocol import GenerateRequest
+from sluice.engine.server.context import ServerContext
+from sluice.engine.server.native_schema import AbortBody, MemoryBody, PauseBody
+from sluice.engine.server.weight_api import weight_router
+from sluice.net.http_errors import RequestError, read_body
 from sluice.types import SamplingParams
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0

@@ -10,13 +10,13 @@ from typing import Callable, Mapping, Protocol
 
 import torch
 
-from sluice.config import EngineConfig
-from sluice.engine.async_engine import AsyncEngine
-from sluice.engine.http_errors import RequestError
-from sluice.engine.protocol import GenerateRequest, GenerateResult
-from sluice.engine.weight_group import WeightGroup
-from sluice.engine.weight_staging import StagedUpdate
+from sluice.engine.clients.protocol import GenerateRequest, GenerateResult
+from sluice.engine.server.async_engine import AsyncEngine
+from sluice.engine.server.weight_staging import StagedUpdate
+from sluice.engine.settings import EngineConfig
+from sluice.net.http_errors import RequestError
 from sluice.types import SamplingParams
+from sluice.weights.process_group import WeightGroup
 
 
 class ServedEngine(Protocol):

@@ -16,13 +16,13 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from sluice.engine.async_engine import TokenDelta, merge_streams
-from sluice.engine.http_errors import RequestError, read_body
-from sluice.engine.native_api import SSE_DONE, output_text, sse
-from sluice.engine.openai_schema import ChatRequest, CompletionRequest, OpenAIRequest
-from sluice.engine.protocol import GenerateRequest, GenerateResult
-from sluice.engine.server_context import ServerContext
-from sluice.engine.stream_text import IncrementalText
+from sluice.engine.clients.protocol import GenerateRequest, GenerateResult
+from sluice.engine.server.async_engine import TokenDelta, merge_streams
+from sluice.engine.server.context import ServerContext
+from sluice.engine.server.native_api import SSE_DONE, output_text, sse
+from sluice.engine.server.openai_schema import ChatRequest, CompletionRequest, OpenAIRequest
+from sluice.engine.server.stream_text import IncrementalText
+from sluice.net.http_errors import RequestError, read_body
 
 
 @dataclass

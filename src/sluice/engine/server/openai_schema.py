@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from sluice.engine.native_schema import STRICT, check_stop, check_top_k, require_neutral
+from sluice.engine.server.native_schema import STRICT, check_stop, check_top_k, require_neutral
 from sluice.types import SamplingParams
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from sluice.engine.protocol import EngineUnavailable, FinishReason, GenerateRequest, GenerateResult, NamedTensors
+from sluice.engine.clients.protocol import EngineUnavailable, FinishReason, GenerateRequest, GenerateResult, NamedTensors
+from sluice.net.transport import TRANSPORT_ERRORS
 from sluice.types import SamplingParams
 
 
@@ -72,7 +73,7 @@ class HttpEngineClient:
         if isinstance(weights, Mapping):
             raise TypeError("HttpEngineClient cannot send named tensors over HTTP: use the distributed path "
                             "(/init_weights_update_group + /update_weights_from_distributed, see "
-                            "sluice.engine.weight_group) or save a checkpoint and pass its directory")
+                            "sluice.weights.process_group) or save a checkpoint and pass its directory")
         body = await self._post("/update_weights_from_disk", {"model_path": str(weights), "weight_version": str(version)},
                                 idempotent=True)
         if body.get("success") is False:
@@ -158,12 +159,6 @@ class HttpEngineClient:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(lambda t: (self._background.discard(t), t.cancelled() or t.exception()))
-
-
-# What a call raises when the engine cannot be reached or stops answering (connect errors, dropped connections,
-# timeouts): the caller treats the engine as unavailable.
-TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError,
-                    asyncio.TimeoutError)
 
 
 def _json_or_raise(url: str, status: int, raw: bytes) -> dict:

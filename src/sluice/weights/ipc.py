@@ -49,7 +49,7 @@ class ForbiddenGlobal(ValueError):
 
     def __init__(self, qualified_name: str):
         super().__init__(f"refused to unpickle {qualified_name}: a weight payload may name only torch's CUDA tensor "
-                         "rebuild and the classes it takes (engine/weight_ipc.py)")
+                         "rebuild and the classes it takes (weights/ipc.py)")
         self.qualified_name = qualified_name
 
 

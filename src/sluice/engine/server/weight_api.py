@@ -8,7 +8,7 @@ one group must not interleave their collectives.
 A broadcast request for a known group always takes part in the broadcast before any check that could refuse it
 (version, checksums): a rank that skipped the collective would leave the trainer blocked until its timeout.
 
-An IPC update maps the trainer's GPU memory (engine/weight_ipc.py). The trainer refills or frees that memory once
+An IPC update maps the trainer's GPU memory (weights/ipc.py). The trainer refills or frees that memory once
 it has our answer, so every copy out of it has finished before we answer: a bucket held back is copied into
 memory of our own, and the device is synchronized after the copies.
 """
@@ -24,25 +24,25 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from sluice.device import resolve_device
-from sluice.engine.http_errors import RequestError, read_body
-from sluice.engine.native_schema import (
+from sluice.engine.server.context import ServerContext
+from sluice.engine.server.native_schema import (
     DestroyGroupBody,
     DiskUpdateBody,
     DistributedUpdateBody,
     InitGroupBody,
     TensorUpdateBody,
 )
-from sluice.engine.server_context import ServerContext
-from sluice.engine.weight_bucket import (
+from sluice.engine.server.weight_staging import stage_bucket
+from sluice.net.http_errors import RequestError, read_body
+from sluice.weights.buckets import (
     FLATTENED_BUCKET,
     bucket_layout,
     checksum_mismatches,
     unflatten_bucket,
     weights_digest,
 )
-from sluice.engine.weight_group import join_weight_group, parse_dtype, receive_bucket, receive_weights
-from sluice.engine.weight_ipc import ForbiddenGlobal, decode_payload, flat_buffer, named_tensors
-from sluice.engine.weight_staging import stage_bucket
+from sluice.weights.ipc import ForbiddenGlobal, decode_payload, flat_buffer, named_tensors
+from sluice.weights.process_group import join_weight_group, parse_dtype, receive_bucket, receive_weights
 
 GROUP_JOIN_TIMEOUT = timedelta(minutes=5)  # when the trainer gives none (SGLang's request has no such field)
 IPC_STAGING = "update_weights_from_tensor"  # staged_updates' key for versions arriving by IPC (there is no group)
@@ -107,7 +107,7 @@ def weight_router(ctx: ServerContext) -> APIRouter:
     async def update_from_tensor(request: Request):
         """SGLang's update by CUDA IPC handles: the trainer's GPU memory, mapped here, is copied into the weights.
 
-        Security: the payload is a pickle, read only through engine/weight_ipc.py's restricted unpickler (torch's
+        Security: the payload is a pickle, read only through weights/ipc.py's restricted unpickler (torch's
         CUDA tensor rebuild and the few classes it names; any other class is refused with a 400 naming it). A
         caller can still make this process map GPU memory that other processes of the user shared, so the server
         binds 127.0.0.1 by default: do not open it (``--host``) to callers you do not trust.

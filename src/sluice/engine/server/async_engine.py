@@ -11,8 +11,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from sluice.engine.client import settle_future as _settle
-from sluice.engine.protocol import GenerateRequest, GenerateResult
+from sluice.engine.clients.in_process import settle_future as _settle
+from sluice.engine.clients.protocol import GenerateRequest, GenerateResult
 
 
 @dataclass

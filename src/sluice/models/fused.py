@@ -1,0 +1,62 @@
+"""The decoder's small elementwise ops (norms, SwiGLU, rotary), and ``DecoderOps``, the set a model runs with.
+
+A decode step of a small model is bound by the number of kernels, not by bytes: HF-style RMSNorm alone is six
+kernels, rotary another eight. Whoever runs the model picks the implementations and hands them over as
+``DecoderOps``: the engine compiles each function below into one Triton kernel on GPU (inductor) and adds the
+K/V cache write of its paged attention (``sluice.engine.model_ops``); on CPU the same functions run eagerly (no
+compiler needed, no warm-up), so tests there pin the numerics the GPU path fuses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """float32 statistics, cast back before the weight: the order HF uses (bf16 parity with the trainer)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(x + residual), x + residual): the residual add of one sublayer and the next sublayer's norm."""
+    hidden = residual + x
+    return rms_norm(hidden, weight, eps), hidden
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: silu(gate) * up on the fused [.., 2 * intermediate] projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor):
+    """Rotate q [T, Hq, D] and k [T, Hk, D] in the rotate-half layout at the given positions.
+
+    HF applies rope in the activation dtype with cos/sin cast to it; doing the same keeps bf16 parity.
+    """
+    cos = cos_table[positions][:, None, :].to(q.dtype)
+    sin = sin_table[positions][:, None, :].to(q.dtype)
+    cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+    return _rotate_half(q, cos, sin), _rotate_half(k, cos, sin)
+
+
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+@dataclass(frozen=True)
+class DecoderOps:
+    rms_norm: Callable
+    add_rms_norm: Callable
+    silu_and_mul: Callable
+    # q/k head norm, rotary and the K/V write of one layer, given by the attention backend's owner (the engine:
+    # ``sluice.engine.model_ops.rotary_store``): (q, k, v, positions, cos, sin, q_norm, k_norm, k_cache, v_cache,
+    # slot_mapping) -> rotated q
+    rotary_store: Callable
+
