@@ -24,13 +24,37 @@ Backends (``attention_backend`` picks one per call; ``backend=`` forces one):
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sluice.models.fused import rms_norm, rotary
+from sluice.models.layers import RMSNorm
+
 _VARLEN_MAX_HEAD_DIM = 256  # Flash-Attention 2's limit
+
+
+@dataclass(frozen=True)
+class PackedCausalAttention:
+    """The trainer's attention backend (``models/attention.py``): q/k head norm, rotary at the given positions
+    (restarting at 0 in every sequence), then ``packed_causal_attention`` over the micro-batch's sequences."""
+
+    cu_seqlens: Tensor  # [S + 1] int32, on the tokens' device
+    max_seqlen: int
+    norm: Callable = rms_norm  # the implementations to compose (compiled ones on GPU)
+    rotate: Callable = rotary
+    backend: str = "auto"
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
+                 q_norm: RMSNorm | None, k_norm: RMSNorm | None, scale: float) -> Tensor:
+        if q_norm is not None:
+            q = self.norm(q, q_norm.weight, q_norm.eps)
+            k = self.norm(k, k_norm.weight, k_norm.eps)
+        q, k = self.rotate(positions, q, k, cos, sin)
+        return packed_causal_attention(q, k, v, self.cu_seqlens, self.max_seqlen, scale, backend=self.backend)
 
 
 def cu_seqlens_from_lengths(lengths: Sequence[int] | Tensor, device: torch.device | str | None = None) -> Tensor:
