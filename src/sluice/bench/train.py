@@ -135,6 +135,7 @@ def batching_report(batch: TrainBatch, config: TrainConfig) -> dict:
 
 
 def time_our_trainer(path: str, samples: list[Sample], args, config: TrainConfig, model_config) -> tuple[TrainTimes, dict]:
+    """Timed steps of TorchTrainer on ``samples``; also its start-up time and how it split the batch."""
     from sluice.trainer.torch_backend import TorchTrainer
 
     started = time.perf_counter()
@@ -149,7 +150,7 @@ def time_our_trainer(path: str, samples: list[Sample], args, config: TrainConfig
 
     times = time_steps(trainer.device, args.warmup_steps, args.steps, lambda: trainer.train_step(batch),
                        getattr(trainer, "optimizer", None), old_logprobs if args.with_old_logprobs else None)
-    return times, {**batching_report(batch, config), "trainer_startup_s": round(startup, 2)}
+    return times, {"trainer_startup_s": round(startup, 2), "batching": batching_report(batch, config)}
 
 
 def figures(times: TrainTimes, tokens: int, flops_train: int, flops_forward: int, peak_tflops: float | None) -> dict:
@@ -200,9 +201,9 @@ def bench_train(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_checkpoint(args.model_shape, tmp, checkpoint_dtype, str(device), args.seed)
         _free_device_memory(device)
-        times, batching = time_our_trainer(str(path), samples, args, config, model_config)
+        times, setup = time_our_trainer(str(path), samples, args, config, model_config)
         _free_device_memory(device)  # the trainer is gone: its weights, moments and cache go back before HF loads
-        report["batching"] = batching
+        report.update(setup)
         report.update(figures(times, tokens, flops_train, flops_forward, peak))
         if args.compare_hf:
             dtype = getattr(torch, config.train_dtype)
