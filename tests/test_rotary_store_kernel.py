@@ -280,16 +280,15 @@ def test_decoder_with_the_kernel_matches_the_eager_decoder(arch, dtype):
     model = build_model(config, torch.device(DEVICE), dtype)
     for name, param in model.named_parameters():
         param.data.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.3 if name.endswith("norm.weight") else 0.1)
-    kernel_ops = dataclasses.replace(model_ops.EAGER_OPS, rotary_store=functools.partial(
-        rotary_store_kernel.rotary_store, fallback=_no_fallback))
+    kernel_store = functools.partial(rotary_store_kernel.rotary_store, fallback=_no_fallback)
+    model.ops = model_ops.EAGER_OPS.decoder
     results = []
-    for ops in (model_ops.EAGER_OPS, kernel_ops):
-        model.ops = ops
+    for store in (model_ops.rotary_store, kernel_store):
         caches = [(torch.zeros(4, 4, model.num_kv_heads, model.head_dim, dtype=dtype, device=DEVICE),
                    torch.zeros(4, 4, model.num_kv_heads, model.head_dim, dtype=dtype, device=DEVICE))
                   for _ in model.layers]
         ids = torch.arange(3, 11, device=DEVICE)
-        hidden = [model(ids[: len(positions)], positions, meta, caches, paged_attention)
+        hidden = [model(ids[: len(positions)], positions, model_ops.PagedAttention(meta, caches, paged_attention, store))
                   for positions, meta in paged_steps()]
         results.append((hidden, caches))
     (eager_hidden, eager_caches), (kernel_hidden, kernel_caches) = results
@@ -303,10 +302,10 @@ def test_decoder_with_the_kernel_matches_the_eager_decoder(arch, dtype):
 
 
 def test_gpu_ops_use_the_kernel_and_cpu_ops_stay_eager():
-    assert model_ops.decoder_ops(torch.device("cpu")).rotary_store is model_ops.rotary_store
+    assert model_ops.engine_ops(torch.device("cpu")).rotary_store is model_ops.rotary_store
     if not torch.cuda.is_available():
         return
-    ops = model_ops.decoder_ops(torch.device("cuda"))
+    ops = model_ops.engine_ops(torch.device("cuda"))
     assert ops.rotary_store.func is rotary_store_kernel.rotary_store
 
 

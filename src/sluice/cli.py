@@ -122,8 +122,9 @@ def _is_flag(token: str) -> bool:
 
 
 def bench_command(argv: list[str]) -> int:
-    """`sluice bench {rollout,sync,loops} [flags]`: benchmarks that print one JSON line."""
-    benches = {"rollout": "sluice.bench.rollout", "sync": "sluice.bench.sync", "loops": "sluice.bench.loops"}
+    """`sluice bench {rollout,sync,loops,train} [flags]`: benchmarks that print one JSON line."""
+    benches = {"rollout": "sluice.bench.rollout", "sync": "sluice.bench.sync", "loops": "sluice.bench.loops",
+               "train": "sluice.bench.train"}
     if not argv or argv[0] not in benches:
         print(f"usage: sluice bench {{{','.join(benches)}}} [flags]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -22,6 +22,12 @@ def _qwen2_5_1_5b() -> PretrainedConfig:
                        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
+def _qwen2_5_7b() -> PretrainedConfig:
+    return Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
 def _qwen3_0_6b() -> PretrainedConfig:
     return Qwen3Config(vocab_size=_QWEN_VOCAB, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
@@ -35,7 +41,8 @@ def _tiny() -> PretrainedConfig:
                        tie_word_embeddings=True)
 
 
-SHAPES = {"qwen2.5-0.5b": _qwen2_5_0_5b, "qwen2.5-1.5b": _qwen2_5_1_5b, "qwen3-0.6b": _qwen3_0_6b, "tiny": _tiny}
+SHAPES = {"qwen2.5-0.5b": _qwen2_5_0_5b, "qwen2.5-1.5b": _qwen2_5_1_5b, "qwen2.5-7b": _qwen2_5_7b,
+          "qwen3-0.6b": _qwen3_0_6b, "tiny": _tiny}
 
 
 def shape_config(name: str) -> PretrainedConfig:

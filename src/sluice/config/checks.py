@@ -235,10 +235,12 @@ def _train(config: Config) -> Iterator[str]:
         yield f"--clip-grad must be >= 0 (0: off), got {train.clip_grad}"
     if train.lr_warmup_iters < 0:
         yield f"--lr-warmup-iters must be >= 0, got {train.lr_warmup_iters}"
-    if train.use_dynamic_batch_size and train.max_tokens_per_gpu is None:
-        yield "--use-dynamic-batch-size needs --max-tokens-per-gpu (the token budget of a micro-batch)"
     if train.max_tokens_per_gpu is not None and not train.use_dynamic_batch_size:
-        yield "--max-tokens-per-gpu has no effect without --use-dynamic-batch-size"
+        yield "--max-tokens-per-gpu has no effect with --no-use-dynamic-batch-size"
+    if train.log_probs_chunk_size is not None and train.log_probs_chunk_size < 1:
+        yield f"--log-probs-chunk-size must be >= 1, got {train.log_probs_chunk_size}"
+    if train.recompute_num_layers < 1:
+        yield f"--recompute-num-layers must be >= 1, got {train.recompute_num_layers}"
     if train.max_tokens_per_gpu is not None and train.max_tokens_per_gpu < 2:
         yield f"--max-tokens-per-gpu must be >= 2, got {train.max_tokens_per_gpu}"
     if train.max_consecutive_nonfinite_steps < 0:

@@ -142,13 +142,37 @@ class TrainConfig:
     train_device: str = field(default="auto", metadata=meta(
         "Device of the trainer: auto (cuda if present), cpu or cuda[:N]."))
     train_dtype: str = field(default="float32", metadata=meta(
-        "Parameter dtype of the trainer; bfloat16 halves memory on GPUs.", choices=("float32", "bfloat16")))
-    use_dynamic_batch_size: bool = field(default=False, metadata=meta(
+        "Compute dtype of the trainer. bfloat16: matrix products and activations in bf16 while the weights, "
+        "gradients and AdamW moments stay float32 (mixed precision with float32 master weights, as Megatron "
+        "trains); float32: everything in float32.", choices=("float32", "bfloat16")))
+    train_model_impl: str = field(default="auto", metadata=meta(
+        "Model code of the trainer. native: sluice's own decoder (the engine's model definition; packed "
+        "variable-length attention, no padding or dense masks); hf: the Hugging Face transformers class; auto: "
+        "native for the families it implements (Qwen2/2.5, Qwen3, Llama), hf for the rest.",
+        choices=("auto", "native", "hf")))
+    use_dynamic_batch_size: bool = field(default=True, metadata=meta(
         "Form micro-batches by token budget (--max-tokens-per-gpu) instead of --micro-batch-size, each packed "
         "into one row (sequences back to back, position ids restarting per sequence, attention kept within "
-        "each sequence): no compute on padding. Does not change the result."))
+        "each sequence): no compute on padding. --no-use-dynamic-batch-size pads --micro-batch-size rows "
+        "instead. Does not change the result."))
     max_tokens_per_gpu: int | None = field(default=None, metadata=meta(
-        "Token budget of one packed micro-batch with --use-dynamic-batch-size (a longer sequence goes alone)."))
+        "Token budget of one packed micro-batch (a longer sequence goes alone). Default: derived from the free "
+        "device memory after the model and optimizer load (GPU), or 16384 (CPU)."))
+    log_probs_chunk_size: int | None = field(default=None, metadata=meta(
+        "Tokens per chunk of the LM head, log-softmax and entropy (forward and backward) with the native "
+        "model: memory O(chunk x vocabulary), never the float32 logits of a whole micro-batch. Default: about "
+        "1 GiB of float32 logits per chunk."))
+    recompute_granularity: str | None = field(default=None, metadata=meta(
+        "Activation checkpointing (native model), Megatron's names: full recomputes whole decoder layers in "
+        "the backward pass (least memory); selective recomputes only the core attention. Default: off.",
+        choices=("full", "selective")))
+    recompute_method: str = field(default="uniform", metadata=meta(
+        "With --recompute-granularity full: uniform checkpoints every group of --recompute-num-layers "
+        "consecutive layers (storing one input per group); block checkpoints only the first "
+        "--recompute-num-layers layers, one by one, and stores the activations of the rest.",
+        choices=("uniform", "block")))
+    recompute_num_layers: int = field(default=1, metadata=meta(
+        "Layers per recomputed group (uniform) or layers recomputed (block); see --recompute-method."))
     critic_load: str | None = field(default=None, metadata=meta(
         "Hugging Face checkpoint to initialise the PPO critic from: a causal LM (its backbone gets a new scalar "
         "head, starting at 0) or a saved critic (*ForTokenClassification, 1 label). Default: --hf-checkpoint."))

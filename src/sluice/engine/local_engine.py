@@ -33,7 +33,7 @@ from sluice.device import resolve_device, resolve_dtype
 from sluice.engine.block_manager import BlockManager
 from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors
 from sluice.engine.kv_pool import KVPool, KVShape, pages_for_memory
-from sluice.engine.model_ops import decoder_ops
+from sluice.engine.model_ops import engine_ops
 from sluice.engine.model_runner import ModelRunner, Readback
 from sluice.engine.sampler import sample_tokens
 from sluice.engine.scheduler import ScheduledBatch, Scheduler
@@ -59,7 +59,8 @@ class LocalEngine:
         self.model_config = AutoConfig.from_pretrained(model_path)
         self.model_path = str(model_path)
         self.model = load_model(model_path, self.device, self.dtype)
-        self.model.ops = decoder_ops(self.device)  # compiled ops and the Triton K/V write on GPU, eager on CPU
+        ops = engine_ops(self.device)  # compiled ops and the Triton K/V write on GPU, eager on CPU
+        self.model.ops = ops.decoder
         self.context_len = int(config.context_length or self.model_config.max_position_embeddings)
         self.stops = StopChecker(self.tokenizer, self.model_config, self.context_len)
         kv_shape = KVShape(len(self.model.layers), self.model.num_kv_heads, self.model.head_dim, config.page_size, self.dtype)
@@ -69,7 +70,8 @@ class LocalEngine:
         budget = config.chunked_prefill_size or (8192 if self.device.type == "cuda" else 4096)
         self.scheduler = Scheduler(self.blocks, config.max_running_requests, max(budget, config.max_running_requests))
         attend, graphable = _attention_backend(self.device, self.model.head_dim)
-        self.runner = ModelRunner(self.model, self.pool, attend, self.context_len, config.max_running_requests)
+        self.runner = ModelRunner(self.model, self.pool, attend, ops.rotary_store, self.context_len,
+                                  config.max_running_requests)
         self._use_graphs = graphable and not config.disable_cuda_graph
         if self._use_graphs:
             self.runner.capture_decode_graphs(min(config.cuda_graph_max_bs or 512, config.max_running_requests))

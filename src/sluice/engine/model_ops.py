@@ -3,8 +3,9 @@
 ``rotary_store`` (q/k head norm, rotary, K/V cache write of one layer) belongs to the engine, not the model: it
 writes the paged cache (``attention.store_kv``). On GPU it is a hand-written Triton kernel
 (``attention/rotary_store_kernel.py``), one launch a layer where the compiled ops take up to six; the eager
-composition below is its reference and its fallback. ``decoder_ops`` picks the set for a device; the engine
-hands it to the model (``DecoderLM.ops``) as it hands it the attention function.
+composition below is its reference and its fallback. ``engine_ops`` picks the set for a device: the model's
+elementwise ops go to the model (``DecoderLM.ops``), ``rotary_store`` into each step's ``PagedAttention``, the
+attention backend the model is called with.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from typing import Callable
 
 import torch
 
+from dataclasses import dataclass
+from typing import Any
+
 from sluice.engine.attention import store_kv
-from sluice.models.fused import DecoderOps, add_rms_norm, rms_norm, rotary, silu_and_mul
+from sluice.models.fused import EAGER_OPS as EAGER_DECODER_OPS, DecoderOps, compile_op, decoder_ops, rms_norm, rotary
 from sluice.models.layers import RMSNorm
 
 
@@ -46,23 +50,42 @@ def rotary_store(
     return q
 
 
-EAGER_OPS = DecoderOps(rms_norm, add_rms_norm, silu_and_mul, rotary_store)
+@dataclass(frozen=True)
+class PagedAttention:
+    """The engine's attention backend (``sluice.models.attention``) for one step: head norm and rotary, the K/V
+    write into each layer's paged cache, then ``attend`` over the cached sequences. Built per step (or once per
+    captured CUDA graph, whose metadata tensors are static)."""
+
+    meta: Any  # the step's AttentionMetadata
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache)
+    attend: Callable  # attend(q, k_cache, v_cache, meta, scale) -> [T, Hq, D]
+    rotary_store: Callable  # signature of ``rotary_store`` above
+
+    def __call__(self, layer, q, k, v, positions, cos, sin, q_norm, k_norm, scale):
+        k_cache, v_cache = self.kv_caches[layer]
+        q = self.rotary_store(q, k, v, positions, cos, sin, q_norm, k_norm, k_cache, v_cache, self.meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, self.meta, scale)
 
 
-def decoder_ops(device: torch.device) -> DecoderOps:
-    """Compiled ops on CUDA (dynamic in the token count: one compile serves every batch size) and the Triton
-    ``rotary_store``, which falls back to the compiled norm and rotary where it does not apply (head dim not a
-    power of two, mixed dtypes); eager elsewhere."""
+@dataclass(frozen=True)
+class EngineOps:
+    """What the engine runs its model with: the model's elementwise ops and its own K/V-writing ``rotary_store``."""
+
+    decoder: DecoderOps
+    rotary_store: Callable
+
+
+EAGER_OPS = EngineOps(EAGER_DECODER_OPS, rotary_store)
+
+
+def engine_ops(device: torch.device) -> EngineOps:
+    """Compiled ops on CUDA and the Triton ``rotary_store``, which falls back to the compiled norm and rotary where
+    it does not apply (head dim not a power of two, mixed dtypes); eager elsewhere."""
     if device.type != "cuda":
         return EAGER_OPS
     from sluice.engine.attention import rotary_store_kernel  # Triton: imported only where it runs
 
-    def compiled(fn):
-        # Not fullgraph: past dynamo's recompile limit (many engines of different dtypes or norm eps in one
-        # process, as in tests) a function falls back to eager instead of failing.
-        return torch.compile(fn, dynamic=True)
+    decoder = decoder_ops(device)
+    unfused = functools.partial(rotary_store, norm=decoder.rms_norm, rotate=compile_op(rotary))
+    return EngineOps(decoder, functools.partial(rotary_store_kernel.rotary_store, fallback=unfused))
 
-    compiled_norm = compiled(rms_norm)
-    unfused = functools.partial(rotary_store, norm=compiled_norm, rotate=compiled(rotary))
-    fused_rotary_store = functools.partial(rotary_store_kernel.rotary_store, fallback=unfused)
-    return DecoderOps(compiled_norm, compiled(add_rms_norm), compiled(silu_and_mul), fused_rotary_store)

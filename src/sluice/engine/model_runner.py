@@ -14,6 +14,7 @@ buffers filled asynchronously, with an event to wait on.
 from __future__ import annotations
 
 import bisect
+from typing import Callable
 
 import numpy as np
 
@@ -24,14 +25,17 @@ from sluice.engine.attention import AttentionMetadata
 from sluice.engine.kv_pool import KVPool
 from sluice.engine.scheduler import ScheduledBatch
 from sluice.engine.sequence import PENDING_TOKEN, Sequence
-from sluice.models.decoder import AttentionFn, DecoderLM
+from sluice.engine.model_ops import PagedAttention
+from sluice.models.decoder import DecoderLM
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderLM, pool: KVPool, attend: AttentionFn, context_len: int, max_running: int):
+    def __init__(self, model: DecoderLM, pool: KVPool, attend: Callable, rotary_store: Callable, context_len: int,
+                 max_running: int):
         self.model = model
         self.pool = pool
         self.attend = attend
+        self.rotary_store = rotary_store
         self.device = pool.device
         self.page_size = pool.shape.page_size
         self.context_len = context_len
@@ -51,6 +55,10 @@ class ModelRunner:
         self._replayed_slots: torch.Tensor | None = None  # the slots of the decode graph just replayed, on device
 
     # ---- batch preparation ------------------------------------------------------------------------
+    def attention(self, meta: AttentionMetadata, kv_caches) -> PagedAttention:
+        """The attention backend the model runs a step with: this step's metadata over the paged cache."""
+        return PagedAttention(meta, kv_caches, self.attend, self.rotary_store)
+
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Input ids, positions, attention metadata, and the packed index of each sampling row."""
         size = self.page_size
@@ -118,7 +126,7 @@ class ModelRunner:
                 cu_seqlens_q=cu_seqlens.to(self.device), max_seqlen_q=1 if decode else max(lengths),
                 max_seqlen_k=max(lengths), is_decode=decode)
             ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
-            hidden = self.model(ids, torch.tensor(positions, device=self.device), meta, caches, self.attend)
+            hidden = self.model(ids, torch.tensor(positions, device=self.device), self.attention(meta, caches))
             self.model.compute_logits(hidden[-count:])
         logits = torch.zeros((4, self.model.config.vocab_size), dtype=self.model.embed_tokens.weight.dtype,
                              device=self.device)
@@ -155,7 +163,7 @@ class ModelRunner:
             logits = self._replay(batch)  # every row samples: remember() reuses the graph's slot input
             return logits[: len(batch.seqs)], sampled
         input_ids, positions, meta, rows = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta, self.pool.layer_caches(), self.attend)
+        hidden = self.model(input_ids, positions, self.attention(meta, self.pool.layer_caches()))
         if not rows:
             return hidden.new_zeros((0, 1)), sampled
         return self.model.compute_logits(hidden.index_select(0, self._tensor(rows, torch.int64))), sampled
@@ -237,11 +245,11 @@ class _DecodeGraph:
         caches = runner.pool.layer_caches()
         model = runner.model
         for _ in range(2):  # warm-up outside the graph: lazy inits, Triton autotuning, cuBLAS handles
-            model.compute_logits(model(self._input_ids(), self.positions, self.meta, caches, runner.attend))
+            model.compute_logits(model(self._input_ids(), self.positions, runner.attention(self.meta, caches)))
         torch.cuda.synchronize(device)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            hidden = model(self._input_ids(), self.positions, self.meta, caches, runner.attend)
+            hidden = model(self._input_ids(), self.positions, runner.attention(self.meta, caches))
             self.logits = model.compute_logits(hidden, out=runner.graph_logits[:batch_size])
 
     def _input_ids(self) -> torch.Tensor:

@@ -19,7 +19,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """float32 statistics, cast back before the weight: the order HF uses (bf16 parity with the trainer)."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    return weight.to(x.dtype) * x32.to(x.dtype)  # float32 master weights meet bf16 activations in bf16
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -55,8 +55,21 @@ class DecoderOps:
     rms_norm: Callable
     add_rms_norm: Callable
     silu_and_mul: Callable
-    # q/k head norm, rotary and the K/V write of one layer, given by the attention backend's owner (the engine:
-    # ``sluice.engine.model_ops.rotary_store``): (q, k, v, positions, cos, sin, q_norm, k_norm, k_cache, v_cache,
-    # slot_mapping) -> rotated q
-    rotary_store: Callable
 
+
+
+EAGER_OPS = DecoderOps(rms_norm, add_rms_norm, silu_and_mul)
+
+
+def compile_op(fn: Callable) -> Callable:
+    """``fn`` as one inductor kernel, dynamic in the token count (one compile serves every batch size). Not
+    fullgraph: past dynamo's recompile limit (many models of different dtypes or norm eps in one process, as in
+    tests) a function falls back to eager instead of failing. Compiled functions keep their autograd."""
+    return torch.compile(fn, dynamic=True)
+
+
+def decoder_ops(device: torch.device) -> DecoderOps:
+    """Compiled ops on CUDA, eager elsewhere (no compiler, no warm-up; the numerics the GPU path fuses)."""
+    if device.type != "cuda":
+        return EAGER_OPS
+    return DecoderOps(compile_op(rms_norm), compile_op(add_rms_norm), compile_op(silu_and_mul))

@@ -76,11 +76,14 @@ class DataParallel:
         return self.world_size > 1
 
     # ---- model ----------------------------------------------------------------------------------------
-    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        """``model`` itself; with FSDP, first sharded in place per decoder layer (``_no_split_modules``) and root."""
+    def shard(self, model: torch.nn.Module, compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """``model`` itself; with FSDP, first sharded in place per decoder layer (``_no_split_modules``) and root.
+
+        A ``compute_dtype`` other than the parameters' makes FSDP gather the weights in it (bf16 over the wire)
+        while gradients are reduced and kept in float32, next to the float32 master shards."""
         if not self.fsdp:
             return model
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         device_type = next(model.parameters()).device.type
         mesh = dist.DeviceMesh.from_group(self.group, device_type)
@@ -89,9 +92,10 @@ class DataParallel:
         if not layers:
             raise ValueError(f"cannot shard {type(model).__name__} with FSDP: it names no decoder layer class "
                              "(_no_split_modules)")
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 # Sum, not FSDP's default mean: the loss is already normalised by the whole step's counts.

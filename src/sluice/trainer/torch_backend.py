@@ -1,16 +1,24 @@
-"""The torch trainer backend: an HF causal LM (and, for PPO, its critic) trained with AdamW on one device, or
-data-parallel over a train pool of processes (see data_parallel.py)."""
+"""The torch trainer backend: the actor (sluice's native decoder, or the HF class for other families; for PPO
+also its critic) trained with AdamW on one device, or data-parallel over a train pool of processes (see
+data_parallel.py).
+
+Precision: the actor's parameters, gradients and AdamW moments are float32 (master weights); with
+--train-dtype bfloat16 the forward and backward run under ``torch.autocast`` in bf16. Weights leave the trainer
+(``named_weights``, HF exports) in the compute dtype, and checkpoints keep the float32 masters.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
 
+import dataclasses
+
 import torch
 from transformers import AutoModelForCausalLM
 
 from sluice.config import AlgorithmConfig, TrainConfig
-from sluice.checkpoint.hf_export import export_hf
+from sluice.checkpoint.hf_export import write_hf_weights
 from sluice.device import resolve_device
 from sluice.trainer.batching import micro_batch_rows
 from sluice.trainer.critic import Critic, ValueBatch
@@ -18,6 +26,9 @@ from sluice.trainer.custom_loss import CustomLossFn, load_custom_loss
 from sluice.trainer.data_parallel import DataParallel
 from sluice.trainer.guards import NonFiniteGuard
 from sluice.trainer.model_logprobs import token_logprobs
+from sluice.trainer.native_model import (NativeForward, hf_state, load_native, native_state, recompute_plan,
+                                         resolve_model_impl)
+from sluice.trainer.token_budget import DecoderShape, derived_token_budget
 from sluice.trainer.loss import micro_batch_loss
 from sluice.trainer.optimizer import build_optimizer, optimizer_step
 from sluice.types import TrainBatch
@@ -48,17 +59,23 @@ class TorchTrainer:
         process_group: torch.distributed.ProcessGroup | None = None,
         fsdp: bool | None = None,
     ):
-        self.config, self.algorithm, self.temperature = train, algorithm, temperature
+        self.algorithm, self.temperature = algorithm, temperature
         self.device = resolve_device(train.train_device)
         self.data_parallel = DataParallel.create(process_group, self.device, fsdp)
+        self.compute_dtype = getattr(torch, train.train_dtype)
+        self.impl = resolve_model_impl(train.train_model_impl, model_path)
+        self.native = None if self.impl == "hf" else NativeForward(
+            self.device, self.compute_dtype, train.log_probs_chunk_size,
+            recompute_plan(train.recompute_granularity, train.recompute_method, train.recompute_num_layers))
         torch.manual_seed(train.seed)
-        self.model = self._load(model_path, getattr(torch, train.train_dtype)).train()
+        self.model = self._load(model_path).train()
         self.ref_model = None
         if algorithm.needs_reference:  # the reference model costs memory: load it only when a KL term needs it
-            self.ref_model = self._load(ref_path or model_path, getattr(torch, train.train_dtype)).eval()
+            self.ref_model = self._load(ref_path or model_path).eval()
             self.ref_model.requires_grad_(False)
-        self.critic = Critic(train.critic_load or model_path, train, algorithm, self.device, self.data_parallel) \
-            if algorithm.uses_critic else None
+        self.config = dataclasses.replace(train, max_tokens_per_gpu=self._token_budget(train))
+        self.critic = Critic(train.critic_load or model_path, self.config, algorithm, self.device,
+                             self.data_parallel) if algorithm.uses_critic else None
         if algorithm.loss_type == "custom_loss" and custom_loss is None:
             custom_loss = load_custom_loss(algorithm.custom_loss_function_path)
         self.custom_loss = custom_loss
@@ -66,8 +83,33 @@ class TorchTrainer:
         self.num_optimizer_steps = 0
         self.guard = NonFiniteGuard(train.max_consecutive_nonfinite_steps)
 
-    def _load(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
-        return self.data_parallel.shard(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device))
+    def _load(self, path: str) -> torch.nn.Module:
+        """Float32 master weights on the training device (sharded with FSDP2 in a data-parallel pool)."""
+        if self.native is not None:
+            model = load_native(path, self.device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
+        return self.data_parallel.shard(model, self.compute_dtype)
+
+    def _token_budget(self, train: TrainConfig) -> int | None:
+        """--max-tokens-per-gpu, or its default (token_budget.py) when micro-batches are packed."""
+        if train.max_tokens_per_gpu is not None or not train.use_dynamic_batch_size:
+            return train.max_tokens_per_gpu
+        config = self.model.config
+        num_params = sum(p.numel() for p in self.model.parameters())
+        recomputed = 0
+        if train.recompute_granularity == "full":
+            plan = recompute_plan(train.recompute_granularity, train.recompute_method, train.recompute_num_layers)
+            recomputed = sum(end - first for first, end, on in plan.segments(config.num_hidden_layers) if on)
+        element_bytes = torch.finfo(self.compute_dtype).bits // 8
+        return derived_token_budget(self.device, DecoderShape.of(config), num_params, element_bytes, recomputed)
+
+    def _token_logprobs(self, model, input_ids, attention_mask, with_entropy: bool = False):
+        if self.native is not None:
+            return self.native.token_logprobs(model, input_ids, attention_mask, self.temperature, with_entropy)
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            return token_logprobs(model, input_ids, attention_mask, self.temperature, with_entropy=with_entropy,
+                                  packed=self.packed)
 
     @torch.no_grad()
     def update_reference(self) -> None:
@@ -95,8 +137,8 @@ class TorchTrainer:
         out = torch.zeros(batch.loss_mask.shape)
         for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
             micro = batch.select(rows)
-            log_probs, _ = token_logprobs(model, micro.input_ids.to(self.device), micro.attention_mask.to(self.device),
-                                          self.temperature, packed=self.packed)
+            log_probs, _ = self._token_logprobs(model, micro.input_ids.to(self.device),
+                                                micro.attention_mask.to(self.device))
             if not is_filler:
                 out[rows, : log_probs.shape[1]] = log_probs.cpu()
         return self.data_parallel.sum_(out)
@@ -126,8 +168,8 @@ class TorchTrainer:
         metric_sums: dict[str, float] = defaultdict(float)
         for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
             micro = _to_device(batch.select(rows), self.device)
-            log_probs, entropy = token_logprobs(self.model, micro.input_ids, micro.attention_mask, self.temperature,
-                                                with_entropy=True, packed=self.packed)
+            log_probs, entropy = self._token_logprobs(self.model, micro.input_ids, micro.attention_mask,
+                                                      with_entropy=True)
             loss, metrics = micro_batch_loss(self.algorithm, micro, log_probs, entropy, num_tokens, num_sequences,
                                              max_len, self.custom_loss)
             if is_filler:  # joins FSDP's gradient collectives with a zero gradient
@@ -171,8 +213,16 @@ class TorchTrainer:
             torch.cuda.empty_cache()
 
     def named_weights(self) -> dict[str, torch.Tensor]:
-        """The actor's full weights by HF name, on every rank (detached views, no copy, unless FSDP gathers them)."""
-        return self.data_parallel.full_weights(self.model)
+        """The actor's full weights by HF name in the compute dtype, on every rank (detached; views of the float32
+        masters when that is the compute dtype, else bf16 copies; FSDP gathers them: a collective)."""
+        weights = self._hf_names(self.data_parallel.full_weights(self.model))
+        return {name: tensor.to(self.compute_dtype) for name, tensor in weights.items()}
+
+    def _hf_names(self, state: dict[str, torch.Tensor], with_tied_head: bool = False) -> dict[str, torch.Tensor]:
+        return hf_state(self.model, state, with_tied_head) if self.native is not None and state else state
+
+    def _native_names(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return native_state(self.model, state) if self.native is not None else state
 
     def state_dict(self, with_optimizer: bool = True) -> dict:
         """Everything a resume needs; ``with_optimizer=False`` (--no-save-optim) leaves out the AdamW moments.
@@ -182,13 +232,14 @@ class TorchTrainer:
         """
         dp = self.data_parallel
         return {
-            "model": dp.model_state(self.model),
+            "model": self._hf_names(dp.model_state(self.model), with_tied_head=True),  # HF names, whichever model code trains
+            "model_impl": self.impl,  # the optimizer state is keyed by this code's parameters
             "optimizer": dp.optimizer_state(self.model, self.optimizer) if with_optimizer else None,
             "scheduler": self.scheduler.state_dict(),
             "num_optimizer_steps": self.num_optimizer_steps,
             "guard": self.guard.state_dict(),
             # The reference changes only with --ref-update-interval; saved so a resume keeps the same one.
-            "ref_model": dp.model_state(self.ref_model) if self.ref_model is not None else None,
+            "ref_model": self._hf_names(dp.model_state(self.ref_model), with_tied_head=True) if self.ref_model is not None else None,
             "critic": self.critic.state_dict(with_optimizer) if self.critic is not None else None,
         }
 
@@ -198,7 +249,12 @@ class TorchTrainer:
         Data-parallel: every rank calls it with the same (rank 0's) state, e.g. each reads the checkpoint file.
         """
         dp = self.data_parallel
-        dp.load_model_state(self.model, state["model"])
+        dp.load_model_state(self.model, self._native_names(state["model"]))
+        saved_impl = state.get("model_impl", "hf")
+        if state.get("optimizer") is not None and saved_impl != self.impl:
+            raise ValueError(f"the checkpoint's optimizer state belongs to the {saved_impl} model code, this run "
+                             f"trains with {self.impl}: resume with --train-model-impl {saved_impl}, or start from "
+                             "its hf/ export")
         if state.get("optimizer") is not None:
             dp.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -206,7 +262,7 @@ class TorchTrainer:
         if "guard" in state:
             self.guard.load_state_dict(state["guard"])
         if self.ref_model is not None and state.get("ref_model") is not None:
-            dp.load_model_state(self.ref_model, state["ref_model"])
+            dp.load_model_state(self.ref_model, self._native_names(state["ref_model"]))
         if self.critic is not None:
             if state.get("critic") is None:
                 raise ValueError("the checkpoint has no critic (it was not saved by a ppo run), so a ppo run cannot "
@@ -218,14 +274,13 @@ class TorchTrainer:
 
         Data-parallel: every rank calls it (FSDP gathers the weights); rank 0 writes.
         """
-        dp = self.data_parallel
-        weights = dp.model_state(self.model) if dp.fsdp else None  # a collective: before the rank test
-        if dp.rank != 0:
+        weights = self.named_weights()  # a collective with FSDP: before the rank test
+        if self.data_parallel.rank != 0:
             return
-        if weights is None:
-            export_hf(self.model, tokenizer, path, atomic=False)
-            return
-        self.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
+        if self.native is not None:
+            write_hf_weights(self.model.config, weights, path)
+        else:
+            self.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 

@@ -1,0 +1,67 @@
+"""The token budget of a packed micro-batch when --max-tokens-per-gpu is not given.
+
+On a GPU the budget is what the free memory holds once the weights are loaded: the memory the first optimizer
+step will still take (float32 gradients and AdamW's two moments, allocated lazily) is set aside, and so is a
+margin for the allocator's fragmentation and the LM head's chunk of logits; the rest, divided by the bytes of
+activations one token keeps for the backward pass, is the budget. The per-token figure counts what a dense
+decoder layer saves (see ``activation_bytes_per_token``) and is an estimate: a run that still runs out of memory
+names --max-tokens-per-gpu in its error. On a CPU memory is rarely the limit and large micro-batches gain
+nothing, so the budget is a fixed ``CPU_TOKEN_BUDGET``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CPU_TOKEN_BUDGET = 16384
+MIN_TOKEN_BUDGET = 1024  # below this a GPU runs too small kernels to be worth it; an OOM then names the flag
+FREE_MEMORY_USE = 0.85  # of the memory left after the optimizer state: the rest covers fragmentation
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What the activation estimate needs of a dense decoder's config."""
+
+    num_layers: int
+    hidden: int
+    q_size: int  # query heads x head dim
+    kv_size: int  # key/value heads x head dim
+    intermediate: int
+
+    @classmethod
+    def of(cls, config) -> "DecoderShape":
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(config.num_hidden_layers, config.hidden_size, heads * head_dim, kv_heads * head_dim,
+                   config.intermediate_size)
+
+
+def activation_bytes_per_token(shape: DecoderShape, element_bytes: int, recomputed_layers: int = 0) -> int:
+    """Bytes one token keeps for the backward pass across the decoder.
+
+    A layer that is not recomputed saves about: its two norms' inputs and outputs (4 x hidden), the QKV
+    projection and the rotated q and k (2 x q + 2 x kv + kv), the attention output (q), the gate/up projection,
+    the SwiGLU output (3 x intermediate) and the sublayer outputs (2 x hidden). A recomputed layer keeps only its
+    input (hidden), and one layer at a time is rebuilt during the backward pass.
+    """
+    per_layer = 6 * shape.hidden + 3 * shape.q_size + 3 * shape.kv_size + 3 * shape.intermediate
+    stored = shape.num_layers - recomputed_layers
+    rebuilt = per_layer if recomputed_layers else 0
+    return element_bytes * (stored * per_layer + recomputed_layers * shape.hidden + rebuilt)
+
+
+def derived_token_budget(device: torch.device, shape: DecoderShape, num_params: int, element_bytes: int,
+                         recomputed_layers: int = 0, optimizer_state_allocated: bool = False) -> int:
+    """The --max-tokens-per-gpu default on ``device`` (see the module docstring)."""
+    if device.type != "cuda":
+        return CPU_TOKEN_BUDGET
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if not optimizer_state_allocated:
+        free -= 12 * num_params  # float32 gradients (4 bytes) and AdamW's two moments (8 bytes)
+    per_token = activation_bytes_per_token(shape, element_bytes, recomputed_layers)
+    budget = int(max(free, 0) * FREE_MEMORY_USE) // per_token
+    return max(MIN_TOKEN_BUDGET, budget)
