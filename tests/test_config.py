@@ -401,9 +401,11 @@ def test_valid_training_config_passes() -> None:
     (["--custom-loss-function-path", "my.loss"], ["--custom-loss-function-path", "--loss-type custom_loss"]),
     (["--loss-type", "custom_loss", "--custom-loss-function-path", "my.loss", "--use-tis"], ["--use-tis", "custom"]),
     # packing
-    (["--use-dynamic-batch-size"], ["--use-dynamic-batch-size", "--max-tokens-per-gpu"]),
-    (["--max-tokens-per-gpu", "512"], ["--max-tokens-per-gpu", "--use-dynamic-batch-size", "no effect"]),
+    (["--no-use-dynamic-batch-size", "--max-tokens-per-gpu", "512"],
+     ["--max-tokens-per-gpu", "--no-use-dynamic-batch-size", "no effect"]),
     (["--use-dynamic-batch-size", "--max-tokens-per-gpu", "1"], ["--max-tokens-per-gpu", ">= 2"]),
+    (["--log-probs-chunk-size", "0"], ["--log-probs-chunk-size", ">= 1"]),
+    (["--recompute-num-layers", "0"], ["--recompute-num-layers", ">= 1"]),
 ])
 def test_validation_rules_name_flags(extra: list[str], flags: list[str]) -> None:
     config = parse_config(VALID_TRAINING + extra)
@@ -573,7 +575,7 @@ def test_token_level_and_critic_flags_parse_with_slime_defaults() -> None:
     assert (algo.kl_coef, algo.gamma, algo.lambd) == (0.0, 1.0, 1.0)
     assert (algo.value_clip, algo.num_critic_only_steps) == (0.2, 0)
     assert (train.critic_load, train.critic_lr, train.use_dynamic_batch_size, train.max_tokens_per_gpu) == (
-        None, None, False, None)
+        None, None, True, None)  # packed by default, the token budget derived by the trainer
     assert not algo.needs_reference and not algo.uses_critic
     algo = parse_config(VALID_TRAINING + ["--advantage-estimator", "ppo", "--kl-coef", "0.1"]).algorithm
     assert algo.needs_reference and algo.uses_critic and algo.policy_loss_name == "ppo_clip"

@@ -25,6 +25,7 @@ PPO = AlgorithmConfig(advantage_estimator="ppo")
 
 
 def critic_for(path: str, **train_kwargs) -> Critic:
+    train_kwargs.setdefault("use_dynamic_batch_size", False)
     train = TrainConfig(train_device="cpu", seed=0, micro_batch_size=3, **train_kwargs)
     return Critic(path, train, PPO, torch.device("cpu"))
 

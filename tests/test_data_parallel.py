@@ -47,14 +47,14 @@ class Scenario:
 SCENARIOS = {
     # KL to a reference (its logprob pass is split too); 2 optimizer steps of 5 and 4 rows: 3 and 2 micro-batches.
     "grpo_kl": Scenario(AlgorithmConfig(use_kl_loss=True, kl_loss_coef=0.1, **CLIP),
-                        TrainConfig(micro_batch_size=2, lr=1e-3, clip_grad=1.0, seed=0), global_batch_size=5),
+                        TrainConfig(micro_batch_size=2, use_dynamic_batch_size=False, lr=1e-3, clip_grad=1.0, seed=0), global_batch_size=5),
     # Packed rows under a token budget (--use-dynamic-batch-size).
     "packed": Scenario(AlgorithmConfig(**CLIP),
                        TrainConfig(use_dynamic_batch_size=True, max_tokens_per_gpu=24, lr=1e-3, seed=0),
                        global_batch_size=9),
     # PPO: the critic's values and its step are split as well.
     "ppo": Scenario(AlgorithmConfig(advantage_estimator="ppo", **CLIP),
-                    TrainConfig(micro_batch_size=3, lr=1e-3, seed=0), global_batch_size=9),
+                    TrainConfig(micro_batch_size=3, use_dynamic_batch_size=False, lr=1e-3, seed=0), global_batch_size=9),
 }
 
 
@@ -87,7 +87,8 @@ def run_scenario(name: str, checkpoint: str, device: str, **data_parallel) -> di
     batch = full_batch()
     forwards: list[int] = []  # real tokens of each actor forward on this process
     trainer.model.register_forward_pre_hook(
-        lambda module, args, kwargs: forwards.append(int((kwargs["input_ids"] != PAD).sum())), with_kwargs=True)
+        lambda module, args, kwargs: forwards.append(int((kwargs.get("input_ids", args[0] if args else None) != PAD)
+                                                         .sum())), with_kwargs=True)  # HF: input_ids=; native: tokens
     result = {"logprobs": trainer.compute_logprobs(batch), "forwards": list(forwards)}
     if trainer.critic is not None:
         result["values"] = trainer.compute_values(batch)

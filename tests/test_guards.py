@@ -85,7 +85,8 @@ def test_a_nan_weight_skips_the_trainer_step_and_then_stops(small_checkpoint):
     samples, advantages = random_samples(6, seed=0)
     batch = collate(samples, advantages, PAD)
     with torch.no_grad():
-        trainer.model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")  # a poisoned weight
+        down_proj = next(p for n, p in trainer.model.named_parameters() if n.endswith("layers.0.mlp.down_proj.weight"))
+        down_proj[0, 0] = float("nan")  # a poisoned weight
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     metrics = trainer.train_step(batch)
     assert torch.isnan(torch.tensor(metrics["train/loss"]))
@@ -112,7 +113,8 @@ def test_out_of_memory_at_engine_start_names_the_engine_knobs(say7, tmp_path, ca
 
 
 def test_out_of_memory_in_training_names_the_batch_knobs():
-    config = parse_config(["--micro-batch-size", "16", "--rollout-max-response-len", "4096"])
+    config = parse_config(["--no-use-dynamic-batch-size", "--micro-batch-size", "16", "--rollout-max-response-len",
+                           "4096"])
     with pytest.raises(torch.OutOfMemoryError) as error, explain_oom(config, "train"):
         torch.empty(1 << 60, dtype=torch.uint8)  # a real allocation failure (not a mock)
     message = str(error.value)
@@ -123,3 +125,8 @@ def test_out_of_memory_in_training_names_the_batch_knobs():
     assert isinstance(error.value.__cause__, RuntimeError)
     with pytest.raises(RuntimeError, match="^unrelated$"), explain_oom(config, "train"):
         raise RuntimeError("unrelated")  # other errors pass through unchanged
+    packed = parse_config([])  # the default: packed micro-batches under a derived token budget
+    with pytest.raises(torch.OutOfMemoryError) as error, explain_oom(packed, "train"):
+        torch.empty(1 << 60, dtype=torch.uint8)
+    assert "--max-tokens-per-gpu (now derived from free memory)" in str(error.value)
+    assert "--recompute-granularity full (now off)" in str(error.value)

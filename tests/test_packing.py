@@ -103,5 +103,11 @@ def test_old_logprobs_of_the_packed_layout_match_the_padded_ones(small_checkpoin
                                atol=1e-5, rtol=0)
 
 
-def test_train_config_defaults_keep_padding():
-    assert TrainConfig().use_dynamic_batch_size is False and TrainConfig().max_tokens_per_gpu is None
+def test_train_config_defaults_pack_under_a_derived_budget(small_checkpoint):
+    """Packed micro-batches by default; with no --max-tokens-per-gpu the trainer derives the budget (a fixed one
+    on CPU, see trainer/token_budget.py)."""
+    from sluice.trainer.token_budget import CPU_TOKEN_BUDGET
+
+    assert TrainConfig().use_dynamic_batch_size is True and TrainConfig().max_tokens_per_gpu is None
+    trainer = make_trainer(small_checkpoint, micro=1)
+    assert trainer.packed and trainer.config.max_tokens_per_gpu == CPU_TOKEN_BUDGET

@@ -86,7 +86,7 @@ def test_generate_groups_fills_every_sample_field(ctx, engine, lively_checkpoint
     assert metrics["rollout/failed_frac"] == 0.0
 
     # The engine's logprobs are the trainer's logprobs of the same tokens (same temperature).
-    trainer = TorchTrainer(lively_checkpoint, TrainConfig(train_device="cpu", micro_batch_size=12),
+    trainer = TorchTrainer(lively_checkpoint, TrainConfig(train_device="cpu", micro_batch_size=12, use_dynamic_batch_size=False),
                            AlgorithmConfig(), temperature=1.0)
     batch = collate(samples, [0.0] * len(samples), pad_id=0)
     trained = batch.loss_mask.bool()
@@ -111,7 +111,7 @@ def test_a_reward_function_that_raises_fails_only_its_samples(ctx, lively_checkp
     assert rollout_metrics(groups, scalar_rewards(groups, manager))["rollout/failed_frac"] == pytest.approx(3 / 9)
 
     # failed samples are dropped from training
-    trainer = TorchTrainer(lively_checkpoint, TrainConfig(train_device="cpu", micro_batch_size=8, lr=1e-4),
+    trainer = TorchTrainer(lively_checkpoint, TrainConfig(train_device="cpu", micro_batch_size=8, use_dynamic_batch_size=False, lr=1e-4),
                            AlgorithmConfig(), temperature=1.0)
     rewards = [manager.rewards(g) for g in groups]
     assert rewards[1] == [0.0, 0.0, 0.0]

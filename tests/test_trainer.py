@@ -147,6 +147,7 @@ def test_collate_layout_is_hand_checked():
 # ----------------------------------------------------------------------------------- tiny-model trainer
 def make_trainer(path: str, micro: int = 8, lr: float = 1e-3, temperature: float = 0.8,
                  algorithm: AlgorithmConfig | None = None, **train_kwargs) -> TorchTrainer:
+    train_kwargs.setdefault("use_dynamic_batch_size", False)  # padded rows of `micro` unless a test packs
     train = TrainConfig(micro_batch_size=micro, lr=lr, train_device="cpu", seed=0, **train_kwargs)
     return TorchTrainer(path, train, algorithm or AlgorithmConfig(eps_clip=0.2, eps_clip_high=0.28), temperature)
 

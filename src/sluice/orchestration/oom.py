@@ -40,13 +40,20 @@ def _engine_knobs(config: Config) -> list[str]:
 def _train_knobs(config: Config) -> list[str]:
     train = config.train
     if train.use_dynamic_batch_size:
-        batch = f"--max-tokens-per-gpu (now {train.max_tokens_per_gpu}): tokens per packed micro-batch"
+        batch = (f"--max-tokens-per-gpu (now {train.max_tokens_per_gpu or 'derived from free memory'}): tokens per "
+                 "packed micro-batch")
     else:
         batch = (f"--micro-batch-size (now {train.micro_batch_size}): sequences per forward/backward pass, or "
                  "--use-dynamic-batch-size with a --max-tokens-per-gpu token budget")
+    knobs = [batch]
+    if train.recompute_granularity != "full":
+        knobs.append(f"--recompute-granularity full (now {train.recompute_granularity or 'off'}): keep only each "
+                     "layer's input for the backward pass")
+    if train.train_dtype != "bfloat16":
+        knobs.append(f"--train-dtype bfloat16 (now {train.train_dtype}): bf16 activations (the float32 master "
+                     "weights and moments stay)")
     return [
-        batch,
-        f"--train-dtype bfloat16 (now {train.train_dtype}): half the memory for weights, gradients and moments",
+        *knobs,
         f"--rollout-max-response-len (now {config.rollout.rollout_max_response_len}): the longest sequence trained",
         f"--sglang-mem-fraction-static (now {config.engine.mem_fraction_static}): a smaller engine share leaves "
         "the trainer more where both share one device",

@@ -66,7 +66,8 @@ class TrainerPool(Protocol):
 
     @property
     def model(self) -> Any:
-        """The actor model as a Hugging Face model, for exports written by this process."""
+        """The actor model for exports written by this process (``checkpoint.hf_export.export_hf`` writes either
+        kind under HF names): a transformers model, or sluice's ``DecoderLM`` where the trainer runs it."""
 
     def shutdown(self) -> None: ...
 

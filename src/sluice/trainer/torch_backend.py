@@ -215,7 +215,7 @@ class TorchTrainer:
     def named_weights(self) -> dict[str, torch.Tensor]:
         """The actor's full weights by HF name in the compute dtype, on every rank (detached; views of the float32
         masters when that is the compute dtype, else bf16 copies; FSDP gathers them: a collective)."""
-        weights = self._hf_names(self.data_parallel.full_weights(self.model))
+        weights = self._hf_names(self.data_parallel.full_weights(self.model), with_tied_head=True)
         return {name: tensor.to(self.compute_dtype) for name, tensor in weights.items()}
 
     def _hf_names(self, state: dict[str, torch.Tensor], with_tied_head: bool = False) -> dict[str, torch.Tensor]:
@@ -278,6 +278,8 @@ class TorchTrainer:
         if self.data_parallel.rank != 0:
             return
         if self.native is not None:
+            if self.model.tie_word_embeddings:
+                weights.pop("lm_head.weight", None)  # HF's checkpoints of tied models leave it out
             write_hf_weights(self.model.config, weights, path)
         else:
             self.model.save_pretrained(path, state_dict=weights, safe_serialization=True)
