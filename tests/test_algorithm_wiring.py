@@ -4,7 +4,6 @@ run per estimator family."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,10 +13,11 @@ from sluice.config import AlgorithmConfig
 from sluice.observability.metrics import read_metrics
 from sluice.trainer.loss import ROLLOUT_LOGPROB_ABS_DIFF, micro_batch_loss
 from sluice.trainer.update import update_policy
-from sluice.types import Sample, SampleGroup, Status, TrainBatch
-from test_train_loop import SHAPE, flags, run_loop
+from sluice.types import TrainBatch
+from helpers.train_loop import flags, run_loop
 from sluice.trainer.batching import collate
-from test_trainer import PAD, make_trainer, ppo_batch, random_samples, run_step
+from helpers.stub_trainer import REWARDS, RecordingTrainer, groups_of
+from helpers.trainer import PAD, make_trainer, ppo_batch, random_samples, run_step
 
 MAX_LEN = 8  # random_samples' longest response
 
@@ -134,37 +134,6 @@ def test_tis_weight_multiplies_the_policy_loss():
 
 
 # ------------------------------------------------------------------------------- update_policy wiring
-class RecordingTrainer:
-    """Trainer stand-in: logprobs 0.1 above the rollout's, records what each train_step received."""
-
-    needs_ref = False
-
-    def __init__(self, step_diffs=(0.5, 0.9)):
-        self.step_diffs, self.steps, self.num_logprob_passes = list(step_diffs), [], 0
-
-    def compute_logprobs(self, batch, reference=False):
-        self.num_logprob_passes += 1
-        return batch.rollout_log_probs + 0.1 * batch.loss_mask
-
-    def train_step(self, batch, max_len=None):
-        self.steps.append((batch, max_len))
-        return {"train/loss": 1.0, ROLLOUT_LOGPROB_ABS_DIFF: self.step_diffs[len(self.steps) - 1]}
-
-
-def groups_of(rewards: list[list[float]], with_logprobs: bool = True) -> list[SampleGroup]:
-    groups = []
-    for g, group_rewards in enumerate(rewards):
-        samples = [Sample(prompt="p", group_index=g, index=g * 10 + i, prompt_tokens=[5, 6],
-                          tokens=[5, 6] + [7] * (i + 1), response_length=i + 1, status=Status.COMPLETED,
-                          rollout_log_probs=[-0.5] * (i + 1) if with_logprobs else [])
-                   for i in range(len(group_rewards))]
-        groups.append(SampleGroup(samples))
-    return groups
-
-
-REWARDS = [[1.0, 0.0], [0.0, 0.0]]
-
-
 @pytest.mark.parametrize(("overrides", "global_batch", "old", "diff"), [
     ({}, 4, "none", 0.5),  # one on-policy step: no extra pass, the diff of the first training forward
     ({}, 2, "recomputed", 0.1),  # two steps: frozen before the first; the diff from that pass
@@ -263,16 +232,6 @@ def test_kl_loss_to_the_initial_checkpoint_is_zero_at_the_first_step(small_check
 
 
 # ------------------------------------------------------------------------------------- a few steps learn
-@pytest.fixture(scope="module")
-def say7(tmp_path_factory):
-    from sluice.demo.model import build_checkpoint
-
-    root = tmp_path_factory.mktemp("estimators")
-    data = root / "say7.jsonl"
-    data.write_text("".join(json.dumps({"input": f"{c}: say 7", "label": "7"}) + "\n" for c in "abcdefghijkl"))
-    return root, build_checkpoint(root / "model", shape=SHAPE, seed=0), data
-
-
 @pytest.mark.parametrize("extra", [
     ["--advantage-estimator", "grpo"],
     ["--advantage-estimator", "dr_grpo"],

@@ -24,9 +24,8 @@ from sluice.rollout.generate import GenerateContext
 from sluice.rollout.manager import RolloutManager
 from sluice.rollout.streaming import LocalBufferHandle, StreamingRollout
 from sluice.types import Sample, SamplingParams, Status
-from test_resume import kill_after_first_checkpoint
-from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
-from test_train_loop import N_SAMPLES, NUM_ROLLOUT, ROLLOUT_BATCH, SEED, flags
+from helpers.train_process import kill_after_first_checkpoint
+from helpers.train_loop import N_SAMPLES, NUM_ROLLOUT, ROLLOUT_BATCH, SEED, flags
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 

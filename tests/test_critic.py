@@ -14,9 +14,9 @@ from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.trainer.batching import collate
 from sluice.trainer.critic import Critic, ValueBatch
 from sluice.trainer.update import update_policy
-from test_algorithm_wiring import REWARDS, RecordingTrainer, groups_of, say7  # noqa: F401 (say7: a fixture)
-from test_train_loop import flags, run_loop
-from test_trainer import PAD, make_trainer, random_samples
+from helpers.stub_trainer import REWARDS, RecordingTrainer, groups_of
+from helpers.train_loop import flags, run_loop
+from helpers.trainer import PAD, make_trainer, random_samples
 
 # The engine passes `past_key_values`, which newer transformers rename (see test_train_loop).
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")

@@ -13,7 +13,7 @@ from sluice.algorithms import ppo_clip
 from sluice.config import AlgorithmConfig, ConfigError, parse_config, validate
 from sluice.trainer.custom_loss import LossInputs, call_custom_loss, load_custom_loss
 from sluice.trainer.loss import micro_batch_loss
-from test_trainer import NUM_TOKENS, PG_A, PG_B, PG_C, PG_D, hand_batch
+from helpers.hand_loss import NUM_TOKENS, PG_A, PG_B, PG_C, PG_D, hand_batch
 
 # The engine passes `past_key_values`, which newer transformers rename (see test_train_loop).
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
@@ -159,7 +159,7 @@ def test_missing_function_at_train_time_is_an_error():
 def test_a_custom_reinforce_loss_raises_the_reward_from_flags(plugin, tmp_path):
     from sluice.demo.model import build_checkpoint
     from sluice.observability.metrics import read_metrics
-    from test_train_loop import SHAPE, flags, run_loop
+    from helpers.train_loop import SHAPE, flags, run_loop
 
     data = tmp_path / "say7.jsonl"
     data.write_text("".join(f'{{"input": "{c}: say 7", "label": "7"}}\n' for c in "abcdefghijkl"))

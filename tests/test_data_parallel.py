@@ -28,7 +28,7 @@ from sluice.trainer.batching import collate, micro_batch_rows
 from sluice.trainer.torch_backend import TorchTrainer
 from sluice.trainer.update import update_policy
 from sluice.types import SampleGroup, Status, TrainBatch
-from test_trainer import PAD, random_samples
+from helpers.trainer import PAD, random_samples
 
 WORLD_SIZE = 2
 MODES = {"replicated": False, "fsdp": True}  # the trainer's ``fsdp`` argument (on CUDA, "fsdp" uses the default)

@@ -8,8 +8,7 @@ import torch
 from sluice.checkpoint.rollout_data import load_rollout_data
 from sluice.config import ConfigError, parse_config, validate
 from sluice.observability.metrics import read_metrics
-from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
-from test_train_loop import N_SAMPLES, ROLLOUT_BATCH, flags, run_loop
+from helpers.train_loop import N_SAMPLES, ROLLOUT_BATCH, flags, run_loop
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 

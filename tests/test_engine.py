@@ -17,6 +17,8 @@ from sluice.engine.local_engine import LocalEngine
 from sluice.engine.sampler import sample_tokens
 from sluice.types import SamplingParams
 
+from helpers.reference import hf_greedy, hf_logprobs
+
 # The engine passes `past_key_values`, which newer transformers rename; the engine silences the notice at import,
 # but pytest resets warning filters per test.
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
@@ -43,24 +45,6 @@ def prompt_ids(engine) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------- references
-@torch.no_grad()
-def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
-    """Greedy decoding with full forwards (no cache, no padding), ignoring EOS."""
-    out: list[int] = []
-    for _ in range(num_tokens):
-        logits = model(input_ids=torch.tensor([prompt + out])).logits[0, -1]
-        out.append(int(logits.argmax()))
-    return out
-
-
-@torch.no_grad()
-def hf_logprobs(model, prompt: list[int], output: list[int], temperature: float = 1.0) -> list[float]:
-    """log softmax(logits / temperature) of each output token, from one forward of prompt + output."""
-    ids = torch.tensor([prompt + output])
-    log_probs = torch.log_softmax(model(input_ids=ids).logits[0].float() / temperature, dim=-1)
-    return [log_probs[len(prompt) - 1 + j, token].item() for j, token in enumerate(output)]
-
-
 def run(coro):
     return asyncio.run(coro)
 

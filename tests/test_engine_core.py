@@ -6,10 +6,9 @@ import threading
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM
 
 from sluice.config import EngineConfig
-from sluice.demo.tokenizer import save_tokenizer
 from sluice.engine.attention import AttentionMetadata
 from sluice.engine.attention.reference import paged_attention
 from sluice.engine.block_manager import BlockManager
@@ -19,47 +18,8 @@ from sluice.engine.scheduler import Scheduler
 from sluice.engine.sequence import Sequence
 from sluice.types import SamplingParams
 
-COMMON = dict(vocab_size=102, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, pad_token_id=0)
-CONFIGS = {
-    "qwen2": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True),
-    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=False),
-    "llama3": lambda: LlamaConfig(**COMMON, attention_bias=True, tie_word_embeddings=False, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-}
-
-
-def build_arch_checkpoint(out_dir, name: str, seed: int = 0) -> str:
-    config = CONFIGS[name]()
-    config.architectures = [type(AutoModelForCausalLM.from_config(config)).__name__]
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # large weights: every output token depends on the whole context
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape) * (0.3 if param.dim() >= 2 else 1.0))
-    model.save_pretrained(out_dir)
-    save_tokenizer(out_dir)
-    return str(out_dir)
-
-
-def generate(engine: LocalEngine, requests: list[GenerateRequest], timeout: float = 60.0):
-    results: dict[str, object] = {}
-    finished = threading.Event()
-
-    def on_done(result, rid):
-        results[rid] = result
-        if len(results) == len(requests):
-            finished.set()
-
-    for request in requests:
-        engine.submit(request, lambda result, rid=request.rid: on_done(result, rid))
-    assert finished.wait(timeout), "engine did not finish in time"
-    return [results[r.rid] for r in requests]
-
-
-def greedy(max_new_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, ignore_eos=True)
+from helpers.architectures import CONFIGS, PROMPTS, build_arch_checkpoint
+from helpers.engine_calls import generate, greedy
 
 
 def hf_reference(model, prompt: list[int], output: list[int]) -> tuple[list[int], torch.Tensor]:
@@ -71,9 +31,6 @@ def hf_reference(model, prompt: list[int], output: list[int]) -> tuple[list[int]
         logits = model(torch.tensor([prompt + output])).logits[0, len(prompt) - 1 : -1].float()
     logprobs = torch.log_softmax(logits, -1).gather(1, torch.tensor(output)[:, None]).squeeze(1)
     return tokens[len(prompt) :], logprobs
-
-
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [5, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23, 24, 25, 26], [30] * 21]
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))

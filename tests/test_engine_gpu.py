@@ -10,7 +10,8 @@ from sluice.config import EngineConfig
 from sluice.engine.clients.protocol import GenerateRequest
 from sluice.engine.local_engine import LocalEngine
 from sluice.types import SamplingParams
-from test_engine_core import CONFIGS, PROMPTS, build_arch_checkpoint, generate, greedy
+from helpers.architectures import CONFIGS, PROMPTS, build_arch_checkpoint
+from helpers.engine_calls import generate, greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -13,7 +13,7 @@ from sluice.engine.clients.protocol import FinishReason, GenerateRequest
 from sluice.engine.local_engine import LocalEngine
 from sluice.engine.sequence import PENDING_TOKEN
 from sluice.types import SamplingParams
-from test_engine_core import generate
+from helpers.engine_calls import generate
 
 
 def make_engine(checkpoint: str, overlap: bool, **settings) -> LocalEngine:

@@ -23,7 +23,7 @@ from sluice.rollout.sessions import segment_sample, segments
 from sluice.trainer.batching import collate
 from sluice.trainer.torch_backend import TorchTrainer
 from sluice.types import Sample, SamplingParams, Status
-from test_multi_turn import ScriptedClient, call
+from helpers.scripted_client import ScriptedClient, call
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 PARAMS = SamplingParams(temperature=1.0, max_new_tokens=64)

@@ -15,7 +15,7 @@ from sluice.observability.metrics import read_metrics
 from sluice.trainer.batching import collate
 from sluice.trainer.torch_backend import TorchTrainer
 from sluice.types import Sample, SamplingParams
-from test_train_loop import run_loop
+from helpers.train_loop import run_loop
 
 pytestmark = [
     pytest.mark.gpu,

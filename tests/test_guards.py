@@ -15,9 +15,8 @@ from sluice.observability.metrics import read_metrics
 from sluice.orchestration.oom import explain_oom
 from sluice.trainer.batching import collate
 from sluice.trainer.guards import NonFiniteTraining
-from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
-from test_train_loop import flags, run_loop
-from test_trainer import PAD, make_trainer, random_samples
+from helpers.train_loop import flags, run_loop
+from helpers.trainer import PAD, make_trainer, random_samples
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 

@@ -14,29 +14,14 @@ import aiohttp
 import httpx
 import pytest
 
-from sluice.config import EngineConfig
 from sluice.engine.clients.http import EngineHTTPError, HttpClientOptions, HttpEngineClient, parse_generate_response
 from sluice.engine.clients.in_process import InProcessClient
 from sluice.engine.clients.protocol import EngineUnavailable, FinishReason, GenerateRequest
 from sluice.engine.clients.router import MultiEngineClient
-from sluice.engine.local_engine import LocalEngine
-from sluice.engine.server.app import BackgroundServer
-from sluice.engine.server.context import ServerContext
 from sluice.engine.server.native_api import version_runs
 from sluice.types import SamplingParams
 
-CPU = EngineConfig(device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def engine_other(lively_checkpoint_other):
-    engine = LocalEngine(lively_checkpoint_other, CPU)
-    yield engine
-    engine.shutdown()
-
-
-def start_server(engine, checkpoint: str, port: int = 0) -> BackgroundServer:
-    return BackgroundServer(ServerContext(engine, checkpoint, "lively", CPU), port=port).start()
+from helpers.servers import free_port, start_server
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +43,6 @@ def reference(engine, ids: list[int], num_tokens: int = 6, **params):
 
 def run(coroutine):
     return asyncio.run(coroutine)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def until_done_or_timeout(task: asyncio.Task, seconds: float) -> bool:

@@ -29,11 +29,11 @@ def test_kernel_module_in_interpreter(module):
 WARM_UP = """
 import sys, tempfile
 sys.path.insert(0, {tests!r})
-from conftest import _build_lively, SMALL_SHAPE_KWARGS
+from helpers.checkpoints import SMALL_SHAPE_KWARGS, build_lively_checkpoint
 from sluice.config import EngineConfig
 from sluice.demo.model import TinyModelShape
 from sluice.engine.local_engine import LocalEngine
-checkpoint = _build_lively(tempfile.mkdtemp(), TinyModelShape(**SMALL_SHAPE_KWARGS), seed=0)
+checkpoint = build_lively_checkpoint(tempfile.mkdtemp(), TinyModelShape(**SMALL_SHAPE_KWARGS), seed=0)
 engine = LocalEngine(checkpoint, EngineConfig(device="cpu", dtype="float32", page_size=4, context_length=32))
 engine.runner.warm_up()
 engine.shutdown()

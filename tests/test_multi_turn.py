@@ -9,20 +9,20 @@ no-tool path and fan-out run on the real engine.
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 from transformers import AutoTokenizer
 
 from sluice.demo.tokenizer import save_tokenizer
 from sluice.engine.clients.in_process import InProcessClient
-from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult
 from sluice.rollout.chat_turns import TemplateError, continuation_text
 from sluice.rollout.generate import GenerateContext
 from sluice.rollout.manager import RolloutManager, rollout_metrics
 from sluice.rollout.multi_turn import generate_with_tools
 from sluice.rollout.tools import load_tools
 from sluice.types import Sample, SamplingParams, Status
+
+from helpers.scripted_client import ScriptedClient, call
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 CALCULATOR = "examples/calculator_agent/tools.py:calculator"
@@ -33,30 +33,6 @@ def tool_tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tool_tokenizer")
     save_tokenizer(path, with_tools=True)
     return AutoTokenizer.from_pretrained(path)
-
-
-class ScriptedClient:
-    """An engine client that 'generates' the given texts in turn (each followed by EOS), with made-up logprobs."""
-
-    def __init__(self, tokenizer, texts: list[str]):
-        self.tokenizer, self.texts, self.requests = tokenizer, list(texts), []
-
-    async def generate(self, request: GenerateRequest) -> GenerateResult:
-        self.requests.append(request)
-        eos = self.tokenizer.eos_token_id
-        ids = self.tokenizer.encode(self.texts.pop(0), add_special_tokens=False) + [eos]
-        ids = ids[: request.sampling_params.max_new_tokens]
-        stopped = ids[-1] == eos
-        logprobs = [-0.01 * (k + 1) for k in range(len(ids))]
-        finish = FinishReason.STOP if stopped else FinishReason.LENGTH
-        return GenerateResult(f"r{len(self.requests)}", ids, logprobs, finish, weight_version=7,
-                              prompt_tokens=len(request.input_ids),
-                              text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                              matched_stop=eos if stopped else None)
-
-
-def call(expression: str, name: str = "calculator") -> str:
-    return "<tool_call>" + json.dumps({"name": name, "arguments": {"expression": expression}}) + "</tool_call>"
 
 
 def run_conversation(tokenizer, texts: list[str], user: str = "34+58=", max_new_tokens: int = 400,

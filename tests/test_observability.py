@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from sluice.observability import MetricsWriter, ProgressReporter, plot_curves, read_metrics
-from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
-from test_train_loop import flags, run_loop
+from helpers.train_loop import flags, run_loop
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

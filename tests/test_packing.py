@@ -11,7 +11,7 @@ from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.trainer.batching import collate, micro_batch_rows
 from sluice.trainer.model_logprobs import token_logprobs
 from sluice.trainer.packing import pack_rows, token_budget_rows
-from test_trainer import PAD, make_trainer, ppo_batch, random_samples, run_step
+from helpers.trainer import PAD, make_trainer, ppo_batch, random_samples, run_step
 
 IDS = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])
 MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])

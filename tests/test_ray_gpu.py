@@ -17,8 +17,7 @@ from sluice.loops import train
 from sluice.observability.metrics import read_metrics
 from sluice.orchestration.ray_run import RayRun, start_run
 from sluice.sync.verify import checksum_differences, engine_checksums
-from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
-from test_train_loop import flags
+from helpers.train_loop import flags
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")]

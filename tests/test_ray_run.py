@@ -21,8 +21,7 @@ from sluice.orchestration import ray_run
 from sluice.orchestration.ray_run import RayPools, RayRun, start_run
 from sluice.sync.verify import checksum_differences, engine_checksums
 from sluice.trainer.update import update_policy
-from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
-from test_train_loop import SEED, flags
+from helpers.train_loop import SEED, flags
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 NUM_ROLLOUT = 10

@@ -5,10 +5,6 @@ an uninterrupted run. Plus: incompatible checkpoints are refused by name; --save
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +17,8 @@ from sluice.demo.model import TinyModelShape, build_checkpoint
 from sluice.engine.local_engine import LocalEngine
 from sluice.observability.metrics import read_metrics
 from sluice.orchestration.local_run import LocalRun
-from test_algorithm_wiring import say7  # noqa: F401 (a fixture: tiny model + the "say 7" prompts)
-from test_train_loop import N_SAMPLES, ROLLOUT_BATCH, flags, run_loop
+from helpers.train_loop import N_SAMPLES, ROLLOUT_BATCH, flags, run_loop
+from helpers.train_process import kill_after_first_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 
@@ -32,23 +28,6 @@ NUM_ROLLOUT = 8
 def rollouts(template_dir: Path) -> dict[int, list]:
     """The debug rollout data of each rollout id: the groups trained at that step."""
     return {int(p.stem.split("_")[1]): load_rollout_data(p) for p in sorted(template_dir.glob("r_*.json"))}
-
-
-def kill_after_first_checkpoint(argv: list[str], save: Path) -> str:
-    """Start `sluice train` in a subprocess and SIGKILL it as soon as a checkpoint exists; returns its name."""
-    proc = subprocess.Popen([sys.executable, "-m", "sluice.cli", "train", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    try:
-        while not (save / "latest").exists():
-            assert proc.poll() is None, f"sluice train ended before its first checkpoint:\n{proc.stderr.read()}"
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    return (save / "latest").read_text().strip()
 
 
 def test_sigkill_mid_run_and_relaunch_matches_an_uninterrupted_run(say7, tmp_path):

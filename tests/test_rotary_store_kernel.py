@@ -32,7 +32,7 @@ from sluice.engine.attention.reference import paged_attention  # noqa: E402
 from sluice.models import fused  # noqa: E402
 from sluice.models.layers import RMSNorm, RotaryEmbedding  # noqa: E402
 from sluice.models.loading import build_model  # noqa: E402
-from test_engine_core import CONFIGS  # noqa: E402
+from helpers.architectures import CONFIGS  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,8 @@ from sluice.engine.server.context import ServerContext
 from sluice.types import SamplingParams
 from sluice.weights.process_group import join_weight_group, send_weights
 
+from helpers.servers import free_port
+
 PROMPTS = ["hi", "what is 2+2?", "reverse 12345 please"]
 
 
@@ -47,12 +48,6 @@ def server(engine, lively_checkpoint):
 def http(server):
     with httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def greedy_body(prompt_ids: list[int], num_tokens: int = 8, **extra) -> dict:

@@ -11,51 +11,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sluice.config import ConfigError, parse_config, validate
-from sluice.demo.model import TinyModelShape, build_checkpoint
+from sluice.demo.model import build_checkpoint
 from sluice.loops import train_sync
 from sluice.observability.metrics import read_metrics
 from sluice.orchestration.local_run import LocalRun
+
+from helpers.train_loop import N_SAMPLES, NUM_ROLLOUT, ROLLOUT_BATCH, SEED, SHAPE, flags, run_loop
 
 # The engine passes `past_key_values`, which newer transformers rename; the engine silences the notice at import,
 # but pytest resets warning filters per test.
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 
-SHAPE = TinyModelShape(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, max_position_embeddings=512)
-NUM_ROLLOUT = 14  # 112 prompts handed out: the run ends mid-epoch of the 12-prompt file
-SEED = 0
-ROLLOUT_BATCH = 8
-N_SAMPLES = 8
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def flags(model: Path, data: Path, run_dir: Path, save: Path, num_rollout: int, *extra: str) -> list[str]:
-    """An easy task: 12 prompts "<c>: say 7", label "7", one response token, exact-match reward.
-
-    The prompt ends in the answer, which the untrained model (tied embeddings, small init) favours a little,
-    so the first rollouts score a few percent (the vocabulary has 102 tokens), not zero, and GRPO has a
-    signal; with seed 0 the reward reaches ~1 within 10 rollouts (the slowest seed seen, 7, ~0.5). Seeds 0-7 (model, data order and
-    trainer) all passed when this test was written: the seed is not cherry-picked.
-    """
-    return [
-        "--hf-checkpoint", str(model), "--prompt-data", str(data), "--label-key", "label",
-        "--rollout-batch-size", str(ROLLOUT_BATCH), "--n-samples-per-prompt", str(N_SAMPLES),
-        "--rollout-max-response-len", "1", "--rollout-shuffle", "--rollout-seed", str(SEED),
-        "--num-rollout", str(num_rollout), "--lr", "3e-2", "--micro-batch-size", "64", "--rm-type", "exact",
-        "--seed", str(SEED), "--train-device", "cpu", "--sglang-device", "cpu", "--run-dir", str(run_dir),
-        "--save", str(save), "--no-progress-bar", *extra,
-    ]
-
-
-def run_loop(argv: list[str]) -> LocalRun:
-    config = parse_config(argv)
-    validate(config)
-    run = LocalRun(config, log=lambda line: None)
-    try:
-        train_sync(run)
-    finally:
-        run.close()
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -4,53 +4,21 @@ and the state_dict round trip. Real tiny Qwen2 checkpoints on CPU."""
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sluice.config import AlgorithmConfig, TrainConfig
+from sluice.config import AlgorithmConfig
 from sluice.trainer.batching import collate, split
 from sluice.trainer.loss import micro_batch_loss
-from sluice.trainer.torch_backend import TorchTrainer
-from sluice.types import Sample, TrainBatch
+from sluice.types import Sample
 
-PAD = 0
-VOCAB = 102  # the demo tokenizer: 3 specials + 96 characters + 3 role names
+from helpers.hand_loss import ENTROPY, NUM_TOKENS, PG_A, PG_B, PG_C, PG_D, hand_batch
+from helpers.trainer import PAD, make_trainer, ppo_batch, random_samples, run_step
 
 
 # ------------------------------------------------------------------------------------- hand-computed loss
-# Two sequences, three target positions each. Masked positions hold wild values that must not matter.
-LOSS_MASK = [[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]]
-LOG_PROBS = [[-5.0, -1.0, -0.6], [-1.3, -0.7, -9.0]]
-OLD_LOG_PROBS = [[-1.0, -1.1, -1.0], [-1.0, -0.7, -0.1]]
-ADVANTAGES = [[1.0, 1.0, 1.0], [-0.5, -0.5, -0.5]]  # broadcast per sequence, as GRPO does
-REF_LOG_PROBS = [[-2.0, -1.2, -0.5], [-1.0, -1.0, -3.0]]
-ENTROPY = [[9.0, 2.0, 1.5], [1.0, 0.5, 9.0]]
-
-# The four trained tokens, by hand (eps_clip 0.2, eps_clip_high 0.28: ratio range [0.8, 1.28]):
-#   a: log-ratio  0.1, A=+1:   r = e^0.1  = 1.1052 inside the range -> loss -A*r     = -e^0.1
-#   b: log-ratio  0.4, A=+1:   r = e^0.4  = 1.4918 > 1.28, clipped  -> loss -A*1.28  = -1.28
-#   c: log-ratio -0.3, A=-0.5: r = e^-0.3 = 0.7408 < 0.8;  max(0.5*0.7408, 0.5*0.8) -> 0.4 (clipped)
-#   d: log-ratio  0.0, A=-0.5: r = 1                                                 -> 0.5
-PG_A, PG_B, PG_C, PG_D = -math.exp(0.1), -1.28, 0.5 * 0.8, 0.5 * 1.0
-NUM_TOKENS = 4
-
-
-def hand_batch(with_ref: bool = False) -> tuple[TrainBatch, torch.Tensor]:
-    batch = TrainBatch(
-        input_ids=torch.zeros((2, 4), dtype=torch.long),
-        attention_mask=torch.ones((2, 4), dtype=torch.long),
-        loss_mask=torch.tensor(LOSS_MASK),
-        advantages=torch.tensor(ADVANTAGES),
-        rollout_log_probs=torch.zeros((2, 3)),
-        old_log_probs=torch.tensor(OLD_LOG_PROBS),
-        ref_log_probs=torch.tensor(REF_LOG_PROBS) if with_ref else None,
-    )
-    return batch, torch.tensor(LOG_PROBS, requires_grad=True)
-
-
 def test_ppo_clip_loss_matches_hand_computation_with_clip_higher():
     config = AlgorithmConfig(eps_clip=0.2, eps_clip_high=0.28)
     batch, log_probs = hand_batch()
@@ -145,29 +113,6 @@ def test_collate_layout_is_hand_checked():
 
 
 # ----------------------------------------------------------------------------------- tiny-model trainer
-def make_trainer(path: str, micro: int = 8, lr: float = 1e-3, temperature: float = 0.8,
-                 algorithm: AlgorithmConfig | None = None, **train_kwargs) -> TorchTrainer:
-    train = TrainConfig(micro_batch_size=micro, lr=lr, train_device="cpu", seed=0, **train_kwargs)
-    return TorchTrainer(path, train, algorithm or AlgorithmConfig(eps_clip=0.2, eps_clip_high=0.28), temperature)
-
-
-def random_samples(num: int, seed: int) -> tuple[list[Sample], list[float]]:
-    """``num`` samples of different prompt and response lengths, one with a tool-output hole in its mask."""
-    rng = random.Random(seed)
-    samples, advantages = [], []
-    for i in range(num):
-        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 9))]
-        response = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 8))]
-        mask = [1] * len(response)
-        if i == 2 and len(response) > 2:
-            mask[1] = 0
-        samples.append(Sample(prompt="p", prompt_tokens=prompt, tokens=prompt + response, loss_mask=mask,
-                              response_length=len(response)))
-        advantages.append(rng.choice([-1.0, 1.0]) * rng.uniform(0.2, 1.5))
-    assert len({len(s.tokens) for s in samples}) >= min(3, num)  # lengths differ, so padding differs per split
-    return samples, advantages
-
-
 def test_compute_logprobs_matches_plain_hf_forward(small_checkpoint):
     trainer = make_trainer(small_checkpoint, micro=3, temperature=0.7)
     samples, advantages = random_samples(5, seed=1)
@@ -186,31 +131,6 @@ def test_compute_logprobs_matches_plain_hf_forward(small_checkpoint):
             # every real target position matches, not only the response ones
             expected = log_softmax[:-1].gather(1, ids[0, 1:, None]).squeeze(1)
             torch.testing.assert_close(got[row, : len(sample.tokens) - 1], expected, atol=1e-5, rtol=0)
-
-
-def run_step(trainer: TorchTrainer, batch: TrainBatch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """One real train_step, also recording each parameter's gradient as the optimizer is about to use it."""
-    grads: dict[str, torch.Tensor] = {}
-
-    def record(optimizer, args, kwargs):
-        grads.update({name: p.grad.detach().clone() for name, p in trainer.model.named_parameters()})
-
-    handle = trainer.optimizer.register_step_pre_hook(record)
-    try:
-        metrics = trainer.train_step(batch)
-    finally:
-        handle.remove()
-    return metrics, grads
-
-
-def ppo_batch(trainer: TorchTrainer) -> TrainBatch:
-    samples, advantages = random_samples(8, seed=0)
-    batch = collate(samples, advantages, PAD)
-    old = trainer.compute_logprobs(batch)
-    # Behaviour logprobs a little off the current policy, so ratios differ from 1 and some tokens clip.
-    noise = torch.empty_like(old).uniform_(-0.4, 0.4, generator=torch.Generator().manual_seed(0))
-    batch.old_log_probs = old + noise * batch.loss_mask
-    return batch
 
 
 @pytest.mark.parametrize("loss_type", ["policy_loss", "sft_loss"])
