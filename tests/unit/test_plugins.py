@@ -17,7 +17,7 @@ from sluice.plugins import Contract, PluginError, check_form, load_plugin, slime
 from sluice.rewards.custom import REWARD_CONTRACT
 from sluice.types import Sample, SampleGroup, Status, TrainBatch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PLUGINS = ROOT / "examples" / "plugins"
 
 # flag -> (reference plug-in as 'module:function' under examples/plugins, extra flags it needs)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-HERE = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernel modules run directly")
@@ -20,8 +20,8 @@ HERE = Path(__file__).parent
 def test_kernel_module_in_interpreter(module):
     pytest.importorskip("triton")
     env = {**os.environ, "SLUICE_TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / module)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTS / "gpu" / module)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
 
@@ -47,6 +47,6 @@ def test_the_engine_warm_up_runs_in_the_interpreter():
     the sampling kernel at every work split, with a context shorter than its synthetic prompts."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", WARM_UP.format(tests=str(HERE))], env=env, capture_output=True,
-                            text=True, timeout=300, cwd=HERE.parent)
+    result = subprocess.run([sys.executable, "-c", WARM_UP.format(tests=str(TESTS))], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=TESTS.parent)
     assert result.returncode == 0 and "warmed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
