@@ -1,8 +1,12 @@
-"""Shared test fixtures."""
+"""Fixtures shared by tests/unit, tests/integration and tests/gpu; plain helpers are in tests/helpers/."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+
+from helpers.checkpoints import SMALL_SHAPE_KWARGS, build_lively_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -11,11 +15,6 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     from sluice.demo.model import build_checkpoint
 
     return str(build_checkpoint(tmp_path_factory.mktemp("ckpt")))
-
-
-# A smaller shape than the demo default, for tests that build engines and trainers many times.
-SMALL_SHAPE_KWARGS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, max_position_embeddings=512)
 
 
 @pytest.fixture(scope="session")
@@ -33,39 +32,16 @@ def small_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_shape) -> s
     return str(build_checkpoint(tmp_path_factory.mktemp("small_ckpt"), shape=small_shape, seed=0))
 
 
-def _build_lively(out_dir, shape, seed: int, std: float = 0.3) -> str:
-    """A small checkpoint whose matrices are redrawn with a large std (seeded).
-
-    At the default init (std 0.02) the tied embeddings dominate and greedy decoding just repeats the last
-    prompt token, so left-padding or cache bugs could go unnoticed; with std 0.3 every output token depends
-    on the whole context, and EOS shows up now and then.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from sluice.demo.model import build_checkpoint
-
-    path = build_checkpoint(out_dir, shape=shape, seed=seed)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-    model.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="session")
 def lively_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_shape) -> str:
     """Small shape, weights with std 0.3 (seed 0): outputs depend on the whole prompt."""
-    return _build_lively(tmp_path_factory.mktemp("lively_ckpt"), small_shape, seed=0)
+    return build_lively_checkpoint(tmp_path_factory.mktemp("lively_ckpt"), small_shape, seed=0)
 
 
 @pytest.fixture(scope="session")
 def lively_checkpoint_other(tmp_path_factory: pytest.TempPathFactory, small_shape) -> str:
     """Same shape as ``lively_checkpoint``, different weights (seed 1): a stand-in for trained weights."""
-    return _build_lively(tmp_path_factory.mktemp("lively_ckpt_other"), small_shape, seed=1)
+    return build_lively_checkpoint(tmp_path_factory.mktemp("lively_ckpt_other"), small_shape, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +53,28 @@ def engine(lively_checkpoint):
     engine = LocalEngine(lively_checkpoint, EngineConfig(device="cpu", dtype="float32"))
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine_other(lively_checkpoint_other):
+    """An in-process engine on ``lively_checkpoint_other``: greedy outputs differ from ``engine``'s."""
+    from sluice.engine.local_engine import LocalEngine
+
+    from helpers.servers import CPU
+
+    engine = LocalEngine(lively_checkpoint_other, CPU)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def say7(tmp_path_factory):
+    """The "say 7" task (helpers/train_loop.py): (root directory, model built at SHAPE with seed 0, prompt file)."""
+    from sluice.demo.model import build_checkpoint
+
+    from helpers.train_loop import SHAPE
+
+    root = tmp_path_factory.mktemp("estimators")
+    data = root / "say7.jsonl"
+    data.write_text("".join(json.dumps({"input": f"{c}: say 7", "label": "7"}) + "\n" for c in "abcdefghijkl"))
+    return root, build_checkpoint(root / "model", shape=SHAPE, seed=0), data

@@ -1,0 +1,79 @@
+"""The engine on the GPU (marker `gpu`): Triton paged attention, CUDA graphs, bf16 parity with transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sluice.config import EngineConfig
+from sluice.engine.clients.protocol import GenerateRequest
+from sluice.engine.local_engine import LocalEngine
+from sluice.types import SamplingParams
+from helpers.architectures import CONFIGS, PROMPTS, build_arch_checkpoint
+from helpers.engine_calls import generate, greedy
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def hf_logprobs(model, prompt: list[int], output: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        ids = torch.tensor([prompt + output], device="cuda")
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(output, device="cuda")[:, None]).squeeze(1).cpu()
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_fp32_gpu_engine_with_graphs_matches_transformers(tmp_path, arch):
+    path = build_arch_checkpoint(tmp_path, arch)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    engine = LocalEngine(path, EngineConfig(device="cuda", dtype="float32", page_size=4, chunked_prefill_size=16,
+                                            max_running_requests=8))
+    try:
+        assert engine.runner.graph_sizes  # decode steps replay CUDA graphs
+        results = generate(engine, [GenerateRequest(p, greedy(12)) for p in PROMPTS])
+    finally:
+        engine.shutdown()
+    for prompt, result in zip(PROMPTS, results):
+        expected = hf_logprobs(hf, prompt, result.output_ids)
+        assert (torch.tensor(result.output_logprobs) - expected).abs().max().item() < 1e-3
+        with torch.no_grad():  # greedy: each token is HF's argmax after the same prefix
+            logits = hf(torch.tensor([prompt + result.output_ids], device="cuda")).logits[0, len(prompt) - 1 : -1]
+        assert logits.argmax(-1).tolist() == result.output_ids
+
+
+def test_graph_replay_equals_eager_decode(lively_checkpoint):
+    requests = [GenerateRequest(list(range(5, 5 + n)), greedy(20)) for n in (3, 17, 40, 9, 64)]
+    outputs = []
+    for disable in (False, True):
+        engine = LocalEngine(lively_checkpoint, EngineConfig(device="cuda", dtype="float32", disable_cuda_graph=disable))
+        try:
+            outputs.append(generate(engine, [GenerateRequest(r.input_ids, r.sampling_params) for r in requests]))
+        finally:
+            engine.shutdown()
+    graph, eager = outputs
+    assert [r.output_ids for r in graph] == [r.output_ids for r in eager]
+    for a, b in zip(graph, eager):
+        assert max(abs(x - y) for x, y in zip(a.output_logprobs, b.output_logprobs)) < 1e-4
+
+
+def test_bf16_engine_logprobs_are_as_close_to_fp32_as_transformers_bf16_is(lively_checkpoint):
+    """bf16 engine logprobs of its sampled tokens vs transformers. The lively checkpoint (weights of std 0.3) has
+    very peaked distributions, where any bf16 forward drifts; so the bar is HF's own bf16 drift from fp32 on the
+    same tokens (measured here: engine vs HF bf16 mean |diff| 0.0215 at 1f6faac)."""
+    hf16 = AutoModelForCausalLM.from_pretrained(lively_checkpoint, dtype=torch.bfloat16).cuda().eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(lively_checkpoint, dtype=torch.float32).cuda().eval()
+    engine = LocalEngine(lively_checkpoint, EngineConfig(device="cuda", dtype="bfloat16"))
+    prompts = [list(range(5, 5 + n)) for n in (4, 19, 33, 60)]
+    try:
+        params = SamplingParams(temperature=1.0, max_new_tokens=32, ignore_eos=True, seed=1)
+        results = generate(engine, [GenerateRequest(p, params) for p in prompts])
+    finally:
+        engine.shutdown()
+    ours = torch.cat([torch.tensor(r.output_logprobs) for r in results])
+    hf_bf16 = torch.cat([hf_logprobs(hf16, p, r.output_ids) for p, r in zip(prompts, results)])
+    hf_fp32 = torch.cat([hf_logprobs(hf32, p, r.output_ids) for p, r in zip(prompts, results)])
+    ours_drift = (ours - hf_fp32).abs().mean().item()
+    hf_drift = (hf_bf16 - hf_fp32).abs().mean().item()
+    assert ours_drift <= 1.5 * hf_drift + 1e-3, (ours_drift, hf_drift)
+    assert (ours - hf_bf16).abs().mean().item() < 0.05

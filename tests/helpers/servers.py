@@ -1,0 +1,21 @@
+"""Engines behind real HTTP servers on 127.0.0.1, in threads of the test process."""
+
+from __future__ import annotations
+
+import socket
+
+from sluice.config import EngineConfig
+from sluice.engine.server.app import BackgroundServer
+from sluice.engine.server.context import ServerContext
+
+CPU = EngineConfig(device="cpu", dtype="float32")
+
+
+def start_server(engine, checkpoint: str, port: int = 0) -> BackgroundServer:
+    return BackgroundServer(ServerContext(engine, checkpoint, "lively", CPU), port=port).start()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
