@@ -251,3 +251,14 @@ def test_bf16_compute_keeps_float32_master_weights(checkpoint):
     assert all(t.dtype == torch.bfloat16 for t in trainer.named_weights().values())
     exp_avg = [s["exp_avg"] for s in trainer.optimizer.state.values()]
     assert exp_avg and all(m.dtype == torch.float32 for m in exp_avg)
+
+
+def test_token_budget_counts_activations_and_recompute_shrinks_them():
+    from sluice.trainer.token_budget import CPU_TOKEN_BUDGET, DecoderShape, activation_bytes_per_token, derived_token_budget
+
+    shape = DecoderShape(num_layers=4, hidden=8, q_size=8, kv_size=4, intermediate=16)
+    per_layer = 8 * 8 + 5 * 8 + 3 * 4 + 3 * 16  # 164 elements a token
+    assert activation_bytes_per_token(shape, 2) == 2 * 4 * per_layer
+    # two layers recomputed: they keep their input (hidden) and one layer is rebuilt at a time
+    assert activation_bytes_per_token(shape, 2, recomputed_layers=2) == 2 * (2 * per_layer + 2 * 8 + per_layer)
+    assert derived_token_budget(torch.device("cpu"), shape, num_params=10, element_bytes=2) == CPU_TOKEN_BUDGET

@@ -17,7 +17,8 @@ import torch
 
 CPU_TOKEN_BUDGET = 16384
 MIN_TOKEN_BUDGET = 1024  # below this a GPU runs too small kernels to be worth it; an OOM then names the flag
-FREE_MEMORY_USE = 0.85  # of the memory left after the optimizer state: the rest covers fragmentation
+FREE_MEMORY_USE = 0.75  # of the memory left after the optimizer state: the rest covers fragmentation,
+# the LM head's chunks, compiled kernels' workspaces and the autocast copies of the weights
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,13 @@ class DecoderShape:
 def activation_bytes_per_token(shape: DecoderShape, element_bytes: int, recomputed_layers: int = 0) -> int:
     """Bytes one token keeps for the backward pass across the decoder.
 
-    A layer that is not recomputed saves about: its two norms' inputs and outputs (4 x hidden), the QKV
-    projection and the rotated q and k (2 x q + 2 x kv + kv), the attention output (q), the gate/up projection,
-    the SwiGLU output (3 x intermediate) and the sublayer outputs (2 x hidden). A recomputed layer keeps only its
+    A layer that is not recomputed saves about: its two norms' inputs and outputs and their float32 statistics
+    (6 x hidden), the QKV projection and the rotated q and k (2 x q + 2 x kv + kv), the attention output (q),
+    K and V repeated to the query heads where the varlen kernel has no GQA (2 x q), the gate/up projection and the
+    SwiGLU output (3 x intermediate) and the sublayer outputs (2 x hidden). A recomputed layer keeps only its
     input (hidden), and one layer at a time is rebuilt during the backward pass.
     """
-    per_layer = 6 * shape.hidden + 3 * shape.q_size + 3 * shape.kv_size + 3 * shape.intermediate
+    per_layer = 8 * shape.hidden + 5 * shape.q_size + 3 * shape.kv_size + 3 * shape.intermediate
     stored = shape.num_layers - recomputed_layers
     rebuilt = per_layer if recomputed_layers else 0
     return element_bytes * (stored * per_layer + recomputed_layers * shape.hidden + rebuilt)
