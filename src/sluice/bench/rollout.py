@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sluice.bench.run_info import device_name, git_commit, sync_device
 from sluice.bench.shapes import SHAPES, parameter_bytes, shape_config, write_random_checkpoint
 from sluice.config import EngineConfig
 from sluice.engine.clients.protocol import GenerateRequest
@@ -97,7 +96,7 @@ def run_hf(path: Path, prompts, output_lens, temperature: float, batch_size: int
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together: less padding
-    _sync(device)
+    sync_device(device)
     started = time.perf_counter()
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -112,23 +111,8 @@ def run_hf(path: Path, prompts, output_lens, temperature: float, batch_size: int
             model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
                            min_new_tokens=new, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
                            pad_token_id=0, eos_token_id=None)
-    _sync(device)
+    sync_device(device)
     return time.perf_counter() - started
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _commit() -> str:
-    if os.environ.get("SLUICE_COMMIT"):  # a copy of the tree without its git history (the GPU machine)
-        return os.environ["SLUICE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def bench_rollout(argv: list[str]) -> dict:
@@ -160,7 +144,7 @@ def bench_rollout(argv: list[str]) -> dict:
                        args.return_logprob)
             engine.flush_cache()
             engine.stats.__init__()
-            _sync(device)
+            sync_device(device)
             started = time.perf_counter()
             results = run_engine(engine, prompts, output_lens, args.temperature, args.return_logprob)
             wall = time.perf_counter() - started
@@ -172,8 +156,8 @@ def bench_rollout(argv: list[str]) -> dict:
             engine.shutdown()
         output_tokens = sum(len(r.output_ids) for r in results)
         report = {
-            "bench": "rollout", "model_shape": args.model_shape, "device": _device_name(device),
-            "dtype": str(dtype).replace("torch.", ""), "commit": _commit(),
+            "bench": "rollout", "model_shape": args.model_shape, "device": device_name(device),
+            "dtype": str(dtype).replace("torch.", ""), "commit": git_commit(),
             "workload": {"num_prompts": args.num_prompts, "n_samples_per_prompt": args.n_samples_per_prompt,
                          "len_range": [args.min_len, args.max_len], "temperature": args.temperature,
                          "return_logprob": args.return_logprob, "ignore_eos": True},
@@ -222,10 +206,6 @@ def _memory_report(device: torch.device, engine: LocalEngine) -> dict:
     return report
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"
 
 
 def main(argv: list[str]) -> int:

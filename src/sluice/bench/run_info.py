@@ -24,11 +24,16 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def synced_clock(device: torch.device) -> float:
-    """perf_counter once the device has finished all queued work: CUDA kernels run asynchronously, so reading
-    the clock without waiting would time the launches, not the work."""
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def synced_clock(device: torch.device) -> float:
+    """perf_counter once the device has finished all queued work: reading the clock without waiting would time
+    the launches, not the work."""
+    sync_device(device)
     return time.perf_counter()
 
 
