@@ -57,7 +57,9 @@ class TrainerPool(Protocol):
     async def push_weights(self, version: int) -> dict[str, float]:
         """Send the trainer's weights to the connected engines as ``version``; returns sync/... metrics."""
 
-    def state_dict(self, with_optimizer: bool = True) -> dict[str, Any]: ...
+    def state_dict(self, with_optimizer: bool = True) -> dict[str, Any]:
+        """Everything a resume needs. In-process it shares storage with the live trainer (no copy of weights or
+        moments is made): write it to a checkpoint, or copy it, before the next ``train``."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
