@@ -110,7 +110,7 @@ def test_missing_file_and_unknown_extension(tmp_path: Path) -> None:
         read_rows(str(tmp_path / "nope.jsonl"))
     csv = tmp_path / "data.csv"
     csv.write_text("a,b\n")
-    with pytest.raises(DataError, match=r"unknown extension '\.csv'; supported: \.jsonl, \.parquet"):
+    with pytest.raises(DataError, match=r"unknown extension '\.csv'; supported: \.jsonl, \.jsonl\.gz, \.jsonl\.zst, \.parquet, \.arrow"):
         read_rows(str(csv))
 
 

@@ -45,10 +45,18 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     prompt_data: str | None = field(default=None, metadata=meta(
-        "Prompt file: .jsonl or .parquet, optionally sliced as path@[a:b]."))
-    input_key: str = field(default="input", metadata=meta("Key of the prompt (text or chat messages) in each row."))
-    label_key: str | None = field(default=None, metadata=meta("Key of the reference answer in each row."))
+        "Prompt data, optionally sliced as path@[a:b] over all its rows: a .jsonl, .jsonl.gz, .jsonl.zst, "
+        ".parquet or .arrow file; a directory (or glob) of such shards, read in name order; or a directory "
+        "written by datasets' save_to_disk."))
+    input_key: str = field(default="input", metadata=meta(
+        "Key of the prompt (text or chat messages) in each row; a dotted path reaches into nested objects "
+        "(as do the other key flags)."))
+    label_key: str | None = field(default=None, metadata=meta(
+        "Key of the reference answer in each row, e.g. reward_model.ground_truth."))
     metadata_key: str = field(default="metadata", metadata=meta("Key of a per-row dict passed to reward functions."))
+    data_source_key: str | None = field(default="data_source", metadata=meta(
+        "Key of the row's data source (verl's column); its value goes to reward functions as "
+        "sample.metadata['data_source'], for rewards that dispatch by source. Rows without it get none."))
     apply_chat_template: bool = field(default=False, metadata=meta(
         "Render each prompt with the tokenizer's chat template (a text prompt becomes one user message)."))
     apply_chat_template_kwargs: dict[str, Any] = field(default_factory=dict, metadata=meta(

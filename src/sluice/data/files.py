@@ -1,35 +1,31 @@
-"""Reading prompt rows from ``.jsonl`` and ``.parquet`` files, optionally sliced as ``path@[a:b]``.
+"""Reading prompt rows from a data path (see ``containers.py``), optionally sliced as ``path@[a:b]``.
 
-Every row keeps where it came from (``file:line`` for jsonl, ``file row N`` for parquet) so that a bad row
-found later, e.g. a missing key while building prompts, can be reported at its exact place in the file;
-a dataset of a million lines is not debuggable from "KeyError: 'input'".
+The slice is over the rows of all shards in order, and only the shards (and parquet row groups) that overlap it
+are read; rows stream from the shards, so a large file is never held whole, only the rows picked.
+Every row keeps where it came from (``file:line`` for jsonl, ``file row N`` otherwise, the shard's own path in a
+directory) so that a bad row found later, e.g. a missing key while building prompts, can be reported at its
+exact place; a dataset of a million lines is not debuggable from "KeyError: 'input'".
 """
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_EXTENSIONS = (".jsonl", ".parquet")
+from sluice.data.containers import KINDS, shards_of
+from sluice.data.rows import DataError, LocatedRow
+from sluice.data.shards import Shard
+
+SUPPORTED_EXTENSIONS = KINDS
 
 # ``path@[a:b]``: the path is everything before the last "@[" that closes with "]" at the very end.
 _SLICED = re.compile(r"^(?P<path>.+)@\[(?P<body>[^\[\]]*)\]$")
 _SLICE_BODY = re.compile(r"^\s*(?P<start>[+-]?\d+)?\s*:\s*(?P<stop>[+-]?\d+)?\s*$")
 
-
-class DataError(ValueError):
-    """A prompt file or one of its rows cannot be used; the message names the file (and line or row)."""
-
-
-@dataclass(frozen=True)
-class LocatedRow:
-    """One row of a data file and a human-readable place for error messages."""
-
-    where: str  # "data.jsonl:12" or "data.parquet row 3" (1-based)
-    row: dict[str, Any]
+__all__ = ["DataError", "LocatedRow", "SUPPORTED_EXTENSIONS", "parse_spec", "iter_located_rows",
+           "read_located_rows", "read_rows", "count_rows"]
 
 
 def parse_spec(spec: str) -> tuple[Path, slice | None]:
@@ -57,58 +53,64 @@ def _empty_slice(path: Path, cut: slice | None, total: int) -> DataError:
     return DataError(f"{path}: slice [{start}:{stop}] of {total} rows selects no rows")
 
 
-def _jsonl_rows(path: Path, cut: slice | None) -> list[LocatedRow]:
-    """Parse the non-blank lines picked by ``cut``; lines outside the slice are not parsed at all."""
-    with path.open("r", encoding="utf-8") as handle:
-        lines = [(number, text) for number, text in enumerate(handle, start=1) if text.strip()]
-    if not lines:
-        raise DataError(f"{path}: file has no rows (empty or only blank lines)")
-    picked = lines[cut] if cut is not None else lines
-    if not picked:
-        raise _empty_slice(path, cut, len(lines))
-    rows = []
-    for number, text in picked:
-        where = f"{path}:{number}"
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
-        if not isinstance(value, dict):
-            raise DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}")
-        rows.append(LocatedRow(where, value))
-    return rows
+def _bounds(shards: list[Shard], cut: slice | None) -> tuple[int, int | None]:
+    """``cut`` as absolute positions; the total row count is needed (and counted) only for negative bounds."""
+    if cut is None:
+        return 0, None
+    if (cut.start or 0) >= 0 and (cut.stop is None or cut.stop >= 0):
+        return cut.start or 0, cut.stop
+    picked = range(sum(shard.num_rows() for shard in shards))[cut]
+    return picked.start, picked.stop
 
 
-def _parquet_rows(path: Path, cut: slice | None) -> list[LocatedRow]:
-    import pyarrow.parquet as pq  # imported here: only parquet users pay for it
+def _select(shards: list[Shard], start: int, stop: int | None) -> Iterator[LocatedRow]:
+    """Rows ``start <= i < stop`` of the shards' concatenation; shards wholly outside are not read."""
+    offset = 0
+    for shard in shards:
+        if stop is not None and offset >= stop:
+            return
+        # A shard that may lie wholly before ``start`` is counted first (free for parquet and Arrow).
+        if start > offset and start >= offset + shard.num_rows():
+            offset += shard.num_rows()
+            continue
+        local_start, num_yielded = max(start - offset, 0), 0
+        for located in shard.rows(local_start, None if stop is None else stop - offset):
+            num_yielded += 1
+            yield located
+        if stop is not None and offset + local_start + num_yielded >= stop:
+            return  # the slice ends in this shard: the rest of it (and its count) is never needed
+        offset += shard.num_rows()  # known by now: counted above, or read to its end
 
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for corrupt or non-parquet files
-        raise DataError(f"{path}: cannot read as parquet: {exc}") from exc
-    if table.num_rows == 0:
-        raise DataError(f"{path}: file has no rows")
-    positions = range(table.num_rows)[cut] if cut is not None else range(table.num_rows)
-    if not positions:
-        raise _empty_slice(path, cut, table.num_rows)
-    picked = table.slice(positions.start, len(positions)).to_pylist()  # a slice without step is contiguous
-    return [LocatedRow(f"{path} row {i + 1}", row) for i, row in zip(positions, picked)]
+
+def iter_located_rows(spec: str) -> Iterator[LocatedRow]:
+    """Stream the rows of ``spec`` (``path`` or ``path@[a:b]``, Python slice semantics) with their places."""
+    path, cut = parse_spec(spec)
+    shards = shards_of(path)
+    start, stop = _bounds(shards, cut)
+    empty = True
+    for located in _select(shards, start, stop):
+        empty = False
+        yield located
+    if empty:
+        total = sum(shard.num_rows() for shard in shards)
+        if total == 0:
+            what = "file has" if len(shards) == 1 and path.is_file() else f"its {len(shards)} shard(s) have"
+            raise DataError(f"{path}: {what} no rows (empty, or only blank lines)")
+        raise _empty_slice(path, cut, total)
 
 
 def read_located_rows(spec: str) -> list[LocatedRow]:
-    """Rows of ``spec`` (``path`` or ``path@[a:b]``, Python slice semantics) with their places in the file."""
-    path, cut = parse_spec(spec)
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_EXTENSIONS:
-        supported = ", ".join(SUPPORTED_EXTENSIONS)
-        raise DataError(f"{path}: unknown extension {suffix or '(none)'!r}; supported: {supported}")
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if not path.is_file():
-        raise DataError(f"{path}: not a regular file")
-    return _jsonl_rows(path, cut) if suffix == ".jsonl" else _parquet_rows(path, cut)
+    """Every row of ``spec`` with its place, as a list."""
+    return list(iter_located_rows(spec))
 
 
 def read_rows(spec: str) -> list[dict[str, Any]]:
-    """The rows of a ``.jsonl`` or ``.parquet`` file, optionally sliced as ``path@[a:b]``; blank lines skipped."""
-    return [located.row for located in read_located_rows(spec)]
+    """The rows of ``spec`` (a file, a directory of shards, a glob; optionally sliced as ``path@[a:b]``)."""
+    return [located.row for located in iter_located_rows(spec)]
+
+
+def count_rows(spec: str) -> int:
+    """How many rows ``spec`` selects, from file metadata where the format has it (one pass for jsonl)."""
+    path, cut = parse_spec(spec)
+    total = sum(shard.num_rows() for shard in shards_of(path))
+    return len(range(total)[cut]) if cut is not None else total

@@ -1,5 +1,9 @@
 """Turning rows of a prompt file into ``Sample`` records: pick keys, render chat templates, tokenize, filter.
 
+Keys are dotted paths into nested rows (``key_path.py``), so verl's layout works as written: ``--input-key
+prompt --label-key reward_model.ground_truth --metadata-key extra_info``, and its ``data_source`` column reaches
+reward functions as ``sample.metadata["data_source"]`` (``--data-source-key``).
+
 All row problems are ``DataError`` naming the file, line (or row) and key, raised at load time, so a bad
 dataset fails before any GPU work starts rather than hours later when the bad row comes up in a batch.
 Prompts over ``--rollout-max-prompt-len`` are dropped and counted in a ``LoadReport``, never silently.
@@ -12,8 +16,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sluice.config.sections import DataConfig
-from sluice.data.files import DataError, LocatedRow, read_located_rows
+from sluice.data.files import DataError, LocatedRow, iter_located_rows
+from sluice.data.key_path import MissingKey, find, lookup
 from sluice.types import Sample
+
+DATA_SOURCE = "data_source"  # the metadata key of a row's --data-source-key value
 
 
 class PromptTokenizer(Protocol):
@@ -41,14 +48,12 @@ class LoadReport:
         return text
 
 
-def _keys_hint(row: dict[str, Any]) -> str:
-    return f"keys present: {sorted(map(str, row))}" if row else "the row is empty"
-
-
-def _required(located: LocatedRow, key: str, flag: str) -> Any:
-    if key not in located.row:
-        raise DataError(f"{located.where}: missing key {key!r} (set by {flag}); {_keys_hint(located.row)}")
-    return located.row[key]
+def required_key(located: LocatedRow, path: str, flag: str) -> Any:
+    """The value at the key path ``path`` (set by ``flag``); a missing part names the row, flag and level."""
+    try:
+        return lookup(located.row, path)
+    except MissingKey as missing:
+        raise DataError(f"{located.where}: missing key {path!r} (set by {flag}); {missing.detail}") from None
 
 
 def _check_messages(where: str, key: str, messages: list[Any]) -> list[dict[str, Any]]:
@@ -91,25 +96,44 @@ def render_prompt(located: LocatedRow, prompt: Any, config: DataConfig, tokenize
     return text
 
 
-def _sample_from_row(located: LocatedRow, config: DataConfig, tokenizer: PromptTokenizer) -> Sample:
-    prompt = _required(located, config.input_key, "--input-key")
-    label = _required(located, config.label_key, "--label-key") if config.label_key else None
+def _metadata(located: LocatedRow, config: DataConfig) -> dict[str, Any]:
+    """The row's metadata (a copy), with its data source under ``data_source`` for rewards that dispatch on it."""
     # None counts as absent: parquet fills a column missing from some rows with nulls.
-    raw_metadata = located.row.get(config.metadata_key)
-    if raw_metadata is not None and not isinstance(raw_metadata, dict):
+    raw = find(located.row, config.metadata_key)
+    if raw is not None and not isinstance(raw, dict):
         raise DataError(
-            f"{located.where}: {config.metadata_key!r} (--metadata-key) must be an object, "
-            f"got {type(raw_metadata).__name__}"
+            f"{located.where}: {config.metadata_key!r} (--metadata-key) must be an object, got {type(raw).__name__}"
         )
+    metadata = copy.deepcopy(raw) if raw else {}
+    source = find(located.row, config.data_source_key) if config.data_source_key else None
+    if source is not None:
+        metadata[DATA_SOURCE] = source
+    return metadata
+
+
+def _sample_from_row(located: LocatedRow, config: DataConfig, tokenizer: PromptTokenizer) -> Sample:
+    prompt = required_key(located, config.input_key, "--input-key")
+    label = required_key(located, config.label_key, "--label-key") if config.label_key else None
+    metadata = _metadata(located, config)
     text = render_prompt(located, prompt, config, tokenizer)
-    metadata = copy.deepcopy(raw_metadata) if raw_metadata else {}
     metadata["prompt_text"] = text
     return Sample(
         prompt=copy.deepcopy(prompt),
         prompt_tokens=list(tokenizer.encode(text, add_special_tokens=False)),
-        label=label,
+        label=copy.deepcopy(label),
         metadata=metadata,
     )
+
+
+def check_first_row(spec: str, config: DataConfig) -> None:
+    """Fail fast on a wrong path or key: open ``spec`` and look up the configured keys in its first row only.
+
+    Cheap for every container (one row is read), so it runs before the tokenizer and models load.
+    """
+    located = next(iter_located_rows(spec))
+    required_key(located, config.input_key, "--input-key")
+    if config.label_key:
+        required_key(located, config.label_key, "--label-key")
 
 
 def load_prompt_samples(spec: str, config: DataConfig, tokenizer: PromptTokenizer) -> tuple[list[Sample], LoadReport]:
@@ -117,11 +141,10 @@ def load_prompt_samples(spec: str, config: DataConfig, tokenizer: PromptTokenize
     limit = config.rollout_max_prompt_len
     if limit is not None and limit <= 0:
         raise DataError(f"--rollout-max-prompt-len must be positive, got {limit}")
-    rows = read_located_rows(spec)
-    samples = [_sample_from_row(located, config, tokenizer) for located in rows]
+    samples = [_sample_from_row(located, config, tokenizer) for located in iter_located_rows(spec)]
     kept = [s for s in samples if limit is None or len(s.prompt_tokens) <= limit]
     report = LoadReport(
-        num_rows=len(rows),
+        num_rows=len(samples),
         num_kept=len(kept),
         num_dropped_too_long=len(samples) - len(kept),
         max_prompt_len=limit,
@@ -130,7 +153,7 @@ def load_prompt_samples(spec: str, config: DataConfig, tokenizer: PromptTokenize
     if not kept:
         shortest = min(len(s.prompt_tokens) for s in samples)
         raise DataError(
-            f"{spec}: all {len(rows)} prompts are longer than --rollout-max-prompt-len={limit} tokens "
+            f"{spec}: all {len(samples)} prompts are longer than --rollout-max-prompt-len={limit} tokens "
             f"(the shortest has {shortest}); raise the limit"
         )
     return kept, report

@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from sluice.config import Config, ConfigError, config_to_dict
-from sluice.data import PromptSource, load_prompt_samples
+from sluice.data import PromptSource, check_first_row, load_prompt_samples
 from sluice.models.tokenizer import load_tokenizer
 from sluice.observability.progress import ProgressReporter
 from sluice.observability.step_log import StepLog
@@ -46,6 +46,7 @@ def build_run(config: Config, log=print) -> Run:
         if config.model.ref_load:
             _check_checkpoint_dir("--ref-load", config.model.ref_load)
         hooks = load_hooks(config)  # every plug-in, checked before anything heavy loads
+        _check_data(config)
         tokenizer = load_tokenizer(checkpoint)
         source, eval_sets = _load_data(config, hooks, tokenizer, log)
         memory = OomAdvice(config)
@@ -92,6 +93,13 @@ def _placement(config: Config, memory: OomAdvice, log) -> Placement:
     from sluice.orchestration.local_pools import LocalPlacement
 
     return LocalPlacement(config, memory)
+
+
+def _check_data(config: Config) -> None:
+    """Open each prompt set and look up the key flags in its first row: a wrong path or key fails here."""
+    train = [config.data.prompt_data] if config.data.prompt_data is not None else []
+    for spec in train + [path for _, path in config.eval_sets]:
+        check_first_row(spec, config.data)
 
 
 def _load_data(config: Config, hooks: Hooks, tokenizer, log):

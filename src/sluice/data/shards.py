@@ -1,0 +1,183 @@
+"""One data file each: its row count and its rows in a position range, streamed.
+
+A shard never holds the whole file in Python objects: jsonl is read line by line (gzip and zstd decompressed on
+the fly), parquet batch by batch within the row groups that overlap the range, Arrow record batch by record
+batch from a memory map. Counting is cheap where the format records it (parquet footers, Arrow batch headers)
+and one pass without JSON parsing for jsonl, cached once done.
+
+Positions are 0-based indices of rows (blank jsonl lines are not rows); places in messages are 1-based lines
+for jsonl (``file:line``) and 1-based rows otherwise (``file row N``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from sluice.data.rows import DataError, LocatedRow
+
+_BATCH_ROWS = 1024  # rows converted to Python objects at a time
+
+
+class Shard(Protocol):
+    """A single data file of a container."""
+
+    path: Path
+
+    def num_rows(self) -> int: ...
+
+    def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
+        """Rows at positions ``start <= i < stop`` (``stop`` None: to the end), in file order."""
+        ...
+
+
+class JsonlShard:
+    """A ``.jsonl`` file, plain or compressed (``.jsonl.gz``, ``.jsonl.zst``)."""
+
+    def __init__(self, path: Path, codec: str | None) -> None:
+        self.path, self.codec = path, codec
+        self._num_rows: int | None = None
+
+    def _open(self) -> IO[str]:
+        if self.codec is None:
+            return self.path.open("r", encoding="utf-8")
+        if self.codec == "gzip":
+            return io.TextIOWrapper(gzip.open(self.path, "rb"), encoding="utf-8")
+        import pyarrow as pa  # pyarrow's zstd codec: no extra dependency for .zst
+
+        return io.TextIOWrapper(pa.CompressedInputStream(pa.OSFile(str(self.path)), "zstd"), encoding="utf-8")
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        """(line number, text) of the non-blank lines; decompression errors name the file."""
+        try:
+            with self._open() as handle:
+                for number, text in enumerate(handle, start=1):
+                    if text.strip():
+                        yield number, text
+        except (OSError, EOFError, UnicodeDecodeError) as exc:  # pyarrow's codec errors are OSErrors
+            raise DataError(f"{self.path}: cannot read as {self.codec or 'utf-8'} jsonl: {exc}") from exc
+
+    def num_rows(self) -> int:
+        if self._num_rows is None:
+            self._num_rows = sum(1 for _ in self._lines())
+        return self._num_rows
+
+    def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
+        position = -1
+        for position, (number, text) in enumerate(self._lines()):
+            if stop is not None and position >= stop:
+                return
+            if position >= start:  # lines before the range are not parsed at all
+                yield LocatedRow(f"{self.path}:{number}", _parse_line(f"{self.path}:{number}", text))
+        self._num_rows = position + 1  # read to the end: the count comes for free
+
+
+def _parse_line(where: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+class ParquetShard:
+    """A ``.parquet`` file; only the row groups that overlap the range are read.
+
+    The file is opened per use, not held: a directory of thousands of shards must not hold thousands of handles.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._metadata: Any = None
+
+    def _failed(self, exc: Exception) -> DataError:
+        return DataError(f"{self.path}: cannot read as parquet: {exc}")
+
+    def metadata(self) -> Any:
+        """The footer: row count and row groups, read without the data."""
+        if self._metadata is None:
+            import pyarrow.parquet as pq  # imported here: only parquet users pay for it
+
+            try:
+                self._metadata = pq.read_metadata(self.path)
+            except Exception as exc:  # pyarrow raises several types for corrupt or non-parquet files
+                raise self._failed(exc) from exc
+        return self._metadata
+
+    def num_rows(self) -> int:
+        return self.metadata().num_rows
+
+    def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
+        import pyarrow.parquet as pq
+
+        metadata = self.metadata()
+        stop = metadata.num_rows if stop is None else min(stop, metadata.num_rows)
+        groups, first, offset = [], 0, 0  # overlapping row groups; the position of the first one's first row
+        for index in range(metadata.num_row_groups):
+            size = metadata.row_group(index).num_rows
+            if offset + size > start and offset < stop:
+                first = offset if not groups else first
+                groups.append(index)
+            offset += size
+        if not groups:
+            return
+        try:
+            with pq.ParquetFile(self.path) as handle:
+                batches = handle.iter_batches(batch_size=_BATCH_ROWS, row_groups=groups)
+                yield from _rows_of_batches(self.path, batches, first, start, stop)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise self._failed(exc) from exc
+
+
+class ArrowShard:
+    """An Arrow IPC file (``.arrow``), in the file or the stream format (``datasets`` writes streams)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._num_rows: int | None = None
+
+    def _batches(self) -> Iterator[Any]:
+        import pyarrow as pa
+
+        try:
+            with pa.memory_map(str(self.path)) as source:  # batches are views into the mapped file, not copies
+                try:
+                    reader = pa.ipc.open_file(source)
+                    batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                except pa.ArrowInvalid:
+                    source.seek(0)
+                    batches = iter(pa.ipc.open_stream(source))
+                yield from batches  # the consumer converts each batch to Python objects before the map closes
+        except pa.ArrowException as exc:
+            raise DataError(f"{self.path}: cannot read as Arrow IPC (file or stream): {exc}") from exc
+
+    def num_rows(self) -> int:
+        if self._num_rows is None:
+            self._num_rows = sum(batch.num_rows for batch in self._batches())
+        return self._num_rows
+
+    def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
+        yield from _rows_of_batches(self.path, self._batches(), 0, start, stop)
+
+
+def _rows_of_batches(path: Path, batches: Iterator[Any], first: int, start: int,
+                     stop: int | None) -> Iterator[LocatedRow]:
+    """Rows ``start <= i < stop`` of record batches whose first row is at position ``first``."""
+    offset = first
+    for batch in batches:
+        if stop is not None and offset >= stop:
+            return
+        low, high = max(start - offset, 0), batch.num_rows if stop is None else min(stop - offset, batch.num_rows)
+        for chunk in range(low, high, _BATCH_ROWS):
+            picked = batch.slice(chunk, min(_BATCH_ROWS, high - chunk)).to_pylist()
+            for i, row in enumerate(picked, start=offset + chunk):
+                yield LocatedRow(f"{path} row {i + 1}", row)
+        offset += batch.num_rows
