@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from sluice.bench.rollout import _commit
+from sluice.bench.run_info import git_commit
 from sluice.demo.run import TASK_NAMES, rl_flags
 from sluice.errors import ConfigError
 
@@ -88,7 +88,7 @@ def bench_loops(argv: list[str]) -> dict:
     files = demo_files(demo_dir)
     out = Path(args.out) if args.out else demo_dir / "bench_loops"
     runs = {name: run_loop(name, files, out / name, args) for name in args.loops}
-    report = {"bench": "loops", "commit": _commit(), "device": args.device, "orchestrator": args.orchestrator,
+    report = {"bench": "loops", "commit": git_commit(), "device": args.device, "orchestrator": args.orchestrator,
               "demo_dir": str(demo_dir), "num_rollout": args.num_rollout, "rollout_batch_size": args.rollout_batch_size,
               "runs": runs}
     if "sync" in runs and "async" in runs:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from sluice.bench.rollout import _commit, _device_name
+from sluice.bench.run_info import device_name, git_commit
 from sluice.bench.shapes import SHAPES, write_random_checkpoint
 from sluice.config import EngineConfig
 from sluice.engine.local_engine import LocalEngine
@@ -73,8 +73,8 @@ def bench_sync(argv: list[str]) -> dict:
         path = _write_checkpoint(args.shape, Path(tmp) / "model", dtype, args.seed)
         weights = _trainer_weights(path, device, dtype, args.seed + 1)
         num_bytes = sum(t.numel() * t.element_size() for t in weights.values())
-        report = {"bench": "sync", "model_shape": args.shape, "device": _device_name(device),
-                  "dtype": str(dtype).removeprefix("torch."), "commit": _commit(), "repeats": args.repeats,
+        report = {"bench": "sync", "model_shape": args.shape, "device": device_name(device),
+                  "dtype": str(dtype).removeprefix("torch."), "commit": git_commit(), "repeats": args.repeats,
                   "num_params": sum(t.numel() for t in weights.values()), "num_bytes": num_bytes,
                   "bucket_bytes": args.bucket_bytes, "goals_ms_gpu": GOALS_MS}
         if "colocated" in methods:
