@@ -384,7 +384,10 @@ class ClusterConfig:
         "cluster at RAY_ADDRESS / --ray-address); auto: ray when any pool flag below asks for more than one "
         "process.", choices=("auto", "local", "ray")))
     ray_address: str | None = field(default=None, metadata=meta(
-        "Ray cluster to join (default: RAY_ADDRESS, else a Ray instance started on this machine)."))
+        "Ray cluster to join: HOST:PORT of its head (ray start --head --port), or auto: the cluster a job "
+        "submitted with `ray job submit` runs in (its RAY_ADDRESS), else one that `ray start` runs on this machine. "
+        "Default: RAY_ADDRESS, else a Ray instance of this run alone, started on this machine and stopped at the "
+        "end."))
     actor_num_nodes: int = field(default=1, metadata=meta("Nodes of the train pool."))
     actor_num_gpus_per_node: int = field(default=1, metadata=meta(
         "Trainer processes per node (one GPU each; on a machine without GPUs, one CPU each). The train pool "

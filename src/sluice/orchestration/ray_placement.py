@@ -10,9 +10,12 @@ What stays in the driver process: the loop, the rollout manager (it reaches the 
 router when there are several), rewards, metrics and checkpoints. The Data Buffer is an actor; the trainer ranks
 train data-parallel and rank 0 pushes weights to the engines (--weight-sync-method broadcast or disk).
 
-Ray is started on this machine unless --ray-address or RAY_ADDRESS names a cluster; it is shut down at the end
-only if this run started it. Servers and process groups listen on loopback when every actor is on this machine
-(Ray started here, or an already started Ray of one node); the actors are told so when they are made.
+Ray: a run joins the cluster that --ray-address or RAY_ADDRESS names (``auto`` inside a job submitted with
+``ray job submit``, whose driver has RAY_ADDRESS set: the cluster the job runs in). With neither, it starts a Ray
+instance on this machine for itself alone (``address="local"``: never one that ``ray start`` left running here), says
+so in its log, and shuts it down at the end. Servers and process groups listen on loopback when every bundle of the
+run's placement groups is on the driver's node (a restarted engine goes back to its bundle, so this holds for the
+whole run); the actors are told so when they are made.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ TRAINER_SETUP_TIMEOUT_S = 1800.0  # loading a large model on every rank takes a 
 PLACEMENT_TIMEOUT_S = 120.0
 
 
+def _resources(resources: dict[str, float]) -> str:
+    """CPUs and GPUs of a cluster, for its log line."""
+    return ", ".join(f"{resources.get(kind, 0):g} {kind}" for kind in ("CPU", "GPU"))
+
+
 class RayPlacement:
     """Ray itself, the placement groups and every actor of the run."""
 
@@ -42,19 +50,9 @@ class RayPlacement:
         import ray
 
         self.config, self.log = config, log
-        cluster = config.cluster
         self.started_ray = False
-        if ray.is_initialized():  # by the caller: its actors are all here only if it has one node
-            self.loopback = len([node for node in ray.nodes() if node.get("Alive")]) == 1
-        else:
-            address = cluster.ray_address or os.environ.get("RAY_ADDRESS")
-            self.loopback = not address
-            if address:
-                ray.init(address=address, log_to_driver=True)
-            else:
-                needed = cluster.train_world_size + cluster.rollout_slots + 1
-                ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, log_to_driver=True)
-                self.started_ray = True
+        if not ray.is_initialized():  # else the caller's Ray is used as it is
+            self._join_or_start()
         self.use_gpus = ray.cluster_resources().get("GPU", 0) > 0
         self.engines: RayEnginePool | None = None
         self.trainer: RayTrainerPool | None = None
@@ -62,10 +60,47 @@ class RayPlacement:
         self._groups = None
         try:
             self._groups = self._placement_groups()
+            self.loopback = self._all_bundles_on_this_node()
         except BaseException:
             if self.started_ray:
                 ray.shutdown()
             raise
+
+    def _join_or_start(self) -> None:
+        """Join the cluster --ray-address or RAY_ADDRESS names, else start Ray on this machine for this run."""
+        import ray
+
+        cluster = self.config.cluster
+        address = cluster.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            source = "--ray-address" if cluster.ray_address else "RAY_ADDRESS"
+            try:
+                ray.init(address=address, log_to_driver=True)
+            except ConnectionError as error:
+                raise ConfigError(
+                    f"{source}={address}: no Ray cluster to join ({error}). Start one with `ray start --head` and "
+                    "submit the run with `ray job submit`, or leave --ray-address and RAY_ADDRESS unset to start Ray "
+                    "on this machine for this run") from None
+            nodes = [node for node in ray.nodes() if node.get("Alive")]
+            self.log(f"Ray: joined the cluster at {ray.get_runtime_context().gcs_address} ({source}={address}): "
+                     f"{len(nodes)} node(s), {_resources(ray.cluster_resources())}")
+            return
+        num_cpus = max(os.cpu_count() or 1, cluster.train_world_size + cluster.rollout_slots + 1)
+        self.log(f"Ray: no --ray-address or RAY_ADDRESS, so this run starts its own Ray on this machine "
+                 f"({num_cpus} CPUs) and stops it at the end. To run on a cluster, submit the run there with "
+                 "`ray job submit` (see the README's cluster section) or pass --ray-address")
+        # "local": a new instance even where `ray start` left one running (ray.init() would join that one)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        self.started_ray = True
+
+    def _all_bundles_on_this_node(self) -> bool:
+        """Whether every bundle of the run's placement groups is on the driver's node."""
+        import ray
+        from ray.util.placement_group import placement_group_table
+
+        here = ray.get_runtime_context().get_node_id()
+        return all(node == here for group, _ in self._groups.values()
+                   for node in placement_group_table(group)["bundles_to_node_id"].values())
 
     def _bundle(self) -> dict[str, float]:
         return {"GPU": 1, "CPU": 1} if self.use_gpus else {"CPU": 1}
