@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from sluice.cli import main
+from sluice.cli import main, parse_serve_args
 from sluice.config import ConfigError, config_to_dict, parse_config
 from sluice.engine.clients.http import EngineHTTPError, HttpEngineClient
 from sluice.engine.clients.in_process import InProcessClient
@@ -149,6 +149,11 @@ def test_listening_beyond_loopback_needs_a_key(engine, lively_checkpoint, capsys
     # `sluice serve` refuses before it loads the model
     assert main(["serve", "--model", lively_checkpoint, "--host", "0.0.0.0", "--port", "0"]) == 2
     assert "--api-key" in capsys.readouterr().err
+    args = parse_serve_args(["--model", "/m", "--host", "0.0.0.0", "--api-key", USER_KEY, "--admin-api-key",
+                             ADMIN_KEY, "--allow-unauthenticated"])
+    assert (args.engine.api_key, args.engine.admin_api_key, args.allow_unauthenticated) == (USER_KEY, ADMIN_KEY, True)
+    with pytest.raises(ConfigError, match="--sglang-api-key must be a non-empty key without spaces"):
+        parse_serve_args(["--model", "/m", "--api-key", "two words"])
     with pytest.raises(ConfigError, match="without an API key"):
         AgentGateway(InProcessClient(engine), engine.tokenizer, engine.context_len, host="0.0.0.0")
 
@@ -234,7 +239,8 @@ def test_a_full_queue_gets_503_with_retry_after_and_drains(bounded, engine):
         assert full.status_code == 503 and full.headers["Retry-After"] == "1"
         assert "--sglang-max-queued-requests" in full.json()["error"]["message"]
         # our engine client waits as Retry-After says and tries again: it gets through once the queue drains
-        retried = threading.Thread(target=lambda: answers.append(len(asyncio.run(generate_over_http(bounded.url, ids)))))
+        retried = threading.Thread(
+            target=lambda: answers.append(len(asyncio.run(generate_over_http(bounded.url, ids)))))
         retried.start()
         time.sleep(1.5)
     finally:
@@ -246,7 +252,7 @@ def test_a_full_queue_gets_503_with_retry_after_and_drains(bounded, engine):
 
 
 # ------------------------------------------------------------------------------------------------ weight roots
-def test_weights_load_only_from_the_allowed_roots(keyed, lively_checkpoint, lively_checkpoint_other):
+def test_weights_load_only_from_the_allowed_roots(keyed, lively_checkpoint):
     admin = bearer(ADMIN_KEY)
     before = httpx.get(keyed.url + "/get_weights_checksum", headers=admin, timeout=60).json()
     outside = tempfile.mkdtemp(prefix="sluice-outside-")  # not under the checkpoint's parent

@@ -26,8 +26,9 @@ def make_weight_sync(config: SyncConfig, engines: Sequence[Engine], *, device: s
                      api_key: str | None = None) -> WeightSync:
     """``device``: where the trainer's full tensors live (broadcast picks NCCL for CUDA, gloo otherwise; ipc needs
     CUDA); ``run_dir``: for the disk method's default directory; ``colocated``: the engine servers share the
-    trainer's GPUs (--colocate); ``api_key``: the key the engine servers' weight routes need. ``auto`` is in_process when every engine lives in this process, ipc for one
-    engine server on the trainer's GPU, broadcast for other servers."""
+    trainer's GPUs (--colocate); ``api_key``: the key the engine servers' weight routes need. ``auto`` is
+    in_process when every engine lives in this process, ipc for one engine server on the trainer's GPU, broadcast
+    for other servers."""
     urls = [engine for engine in engines if isinstance(engine, str)]
     local = [engine for engine in engines if not isinstance(engine, str)]
     method = config.weight_sync_method
