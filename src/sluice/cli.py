@@ -95,19 +95,34 @@ def parse_serve_args(argv: list[str]) -> ServeArgs:
                           description="Serve a model over SGLang's native HTTP API and an OpenAI-compatible API.")
     parser.add_argument("--model", "--model-path", "--hf-checkpoint", dest="model_path", required=True,
                         help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer).")
-    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: loopback only).")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="Address to listen on (default: loopback only; any other needs --api-key).")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="Port; 0 picks a free one.")
     parser.add_argument("--served-model-name", default=None, help="Model name in /v1 responses (default: --model).")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--api-key", default=None,
+                        help="Key every route but /health requires, as 'Authorization: Bearer KEY' (the OpenAI "
+                             "client's api_key); same as --sglang-api-key.")
+    parser.add_argument("--admin-api-key", default=None,
+                        help="Key the control and weight routes require instead (clients given only --api-key then "
+                             "generate but cannot pause, abort or load weights); same as --sglang-admin-api-key.")
+    parser.add_argument("--allow-unauthenticated", action="store_true",
+                        help="Listen beyond loopback without --api-key: only behind a proxy of your own that "
+                             "checks every caller.")
     args, rest = parser.parse_known_args(argv)
     foreign = [a for a in rest if _is_flag(a) and a.split("=", 1)[0] != "--config"
                and not a.startswith("--" + ENGINE_PREFIX)]
     if foreign:
         raise ConfigError(f"unknown flag {foreign[0]}: sluice serve takes --model, --host, --port, "
-                          f"--served-model-name, --log-level and engine flags (--{ENGINE_PREFIX}*)")
+                          f"--served-model-name, --log-level, --api-key, --admin-api-key, --allow-unauthenticated "
+                          f"and engine flags (--{ENGINE_PREFIX}*)")
     config = parse_config(rest)
+    engine = config.engine
+    engine.api_key = args.api_key if args.api_key is not None else engine.api_key
+    engine.admin_api_key = args.admin_api_key if args.admin_api_key is not None else engine.admin_api_key
     validate(config, for_training=False)
-    return ServeArgs(args.model_path, args.host, args.port, args.served_model_name, args.log_level, config.engine)
+    return ServeArgs(args.model_path, args.host, args.port, args.served_model_name, args.log_level, engine,
+                     args.allow_unauthenticated)
 
 
 def _is_flag(token: str) -> bool:

@@ -51,7 +51,7 @@ def test_colocated_run_on_one_gpu(ray_with_gpu, say7, extra):
     try:
         train(run)
         trainer_sums = run.trainer.weight_checksums()
-        version, sums = asyncio.run(engine_checksums(run.engines.urls[0]))
+        version, sums = asyncio.run(engine_checksums(run.engines.urls[0], api_key=run.engines.api_key))
     finally:
         run.close()
     # by CUDA IPC; the engine keeps float32 weights here, so its bytes equal the trainer's

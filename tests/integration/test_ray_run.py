@@ -7,6 +7,7 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 import ray
 
@@ -62,11 +63,17 @@ def test_async_run_on_ray_actors(ray_cluster, say7):
     try:
         train(run)
         trainer_sums = run.trainer.weight_checksums()
-        engines = [asyncio.run(engine_checksums(url)) for url in run.engines.urls]
+        engines = [asyncio.run(engine_checksums(url, api_key=run.engines.api_key)) for url in run.engines.urls]
         prompts = expected_prompts(run, data, ASYNC_ROLLOUTS * BATCH)
         routed = run.engines.client.num_routed
+        key = run.engines.api_key  # generated for this run: none was given
+        unkeyed = [httpx.post(url + path, json=body, timeout=30).status_code for url in run.engines.urls
+                   for path, body in (("/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}}),
+                                      ("/update_weights_from_disk", {"model_path": str(model)}))]
     finally:
         run.close()
+    assert key and len(key) >= 40 and unkeyed == [401] * 4
+    assert not [path for path in (root / "async").rglob("*") if path.is_file() and key.encode() in path.read_bytes()]
     for version, sums in engines:
         assert version == ASYNC_ROLLOUTS and checksum_differences(trainer_sums, sums) == []
     assert min(routed) > 0  # both engines generated
@@ -109,7 +116,7 @@ def test_a_killed_engine_is_restarted_and_nothing_is_lost(ray_cluster, say7, tmp
         train(run)
         restarts = run.weights.num_engine_restarts
         prompts = expected_prompts(run, data, NUM_ROLLOUT * BATCH)
-        version, sums = asyncio.run(engine_checksums(run.engines.urls[0]))
+        version, sums = asyncio.run(engine_checksums(run.engines.urls[0], api_key=run.engines.api_key))
         trainer_sums = run.trainer.weight_checksums()
         # a hung engine (alive, answering pings, generating nothing) is found by the probe and replaced too
         hung_url = run.engines.urls[0]
@@ -117,7 +124,7 @@ def test_a_killed_engine_is_restarted_and_nothing_is_lost(ray_cluster, say7, tmp
         monkeypatch.setattr(ray_pools, "ENGINE_PROBE_TIMEOUT_S", 3.0)
         asyncio.run(run.weights.recover_engines())
         hung_restarts = run.weights.num_engine_restarts - restarts
-        after_hang = asyncio.run(engine_checksums(run.engines.urls[0]))
+        after_hang = asyncio.run(engine_checksums(run.engines.urls[0], api_key=run.engines.api_key))
         replaced = run.engines.urls[0] != hung_url
     finally:
         run.close()

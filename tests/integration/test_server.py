@@ -277,7 +277,8 @@ def test_update_weights_from_disk(http, engine, lively_checkpoint, lively_checkp
     ids = engine.tokenizer.encode(PROMPTS[1])
     before = http.post("/generate", json=greedy_body(ids)).json()["output_ids"]
     version = next_version(http)
-    failed = http.post("/update_weights_from_disk", json={"model_path": "/no/such/dir", "weight_version": str(version)})
+    missing = str(Path(lively_checkpoint).parent / "no_such_dir")  # inside the allowed roots, but not there
+    failed = http.post("/update_weights_from_disk", json={"model_path": missing, "weight_version": str(version)})
     assert failed.status_code == 400 and failed.json()["success"] is False
     assert http.get("/get_weight_version").json()["weight_version"] == str(version - 1)
     try:
@@ -403,9 +404,12 @@ def serve_url(process: subprocess.Popen, timeout_s: float = 60.0) -> str:
     return found["url"]
 
 
-def test_sglang_router_in_front_of_two_servers(engine, lively_checkpoint):
+def test_sglang_router_in_front_of_two_keyed_servers(engine, lively_checkpoint):
+    """The router's --api-key is the key it sends its workers, and the key it asks of its own callers."""
+    key = "router-and-workers-key"
     serve = [sys.executable, "-m", "sluice.cli", "serve", "--model", lively_checkpoint, "--port", "0",
-             "--sglang-device", "cpu", "--sglang-dtype", "float32"]
+             "--sglang-device", "cpu", "--sglang-dtype", "float32", "--api-key", key]
+    auth = {"Authorization": f"Bearer {key}"}
     workers = [spawn(serve), spawn(serve)]
     router = None
     try:
@@ -413,13 +417,13 @@ def test_sglang_router_in_front_of_two_servers(engine, lively_checkpoint):
         port = free_port()
         router = spawn([sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *urls,
                         "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port()),
-                        "--log-level", "warn"])
+                        "--log-level", "warn", "--api-key", key])
         ids = engine.tokenizer.encode(PROMPTS[1])
         body = greedy_body(ids, 6)
         deadline = time.monotonic() + 60
         while True:  # the router registers workers in the background after it starts listening
             try:
-                response = httpx.post(f"http://127.0.0.1:{port}/generate", json=body, timeout=30)
+                response = httpx.post(f"http://127.0.0.1:{port}/generate", json=body, timeout=30, headers=auth)
                 if response.status_code == 200:
                     break
             except httpx.TransportError:
@@ -427,9 +431,12 @@ def test_sglang_router_in_front_of_two_servers(engine, lively_checkpoint):
             assert time.monotonic() < deadline and router.poll() is None, "sglang-router never served /generate"
             time.sleep(0.2)
         assert response.json()["output_ids"] == in_process(engine, ids, 6).output_ids
-        chat = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, json={
-            "model": lively_checkpoint, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
-        assert chat.status_code == 200 and len(chat.json()["choices"][0]["token_ids"]) <= 3
+        chat = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key).chat.completions.create(
+            model=lively_checkpoint, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert len(chat.choices[0].token_ids) <= 3
+        assert httpx.post(f"http://127.0.0.1:{port}/generate", json=body, timeout=30).status_code == 401
+        for url in urls:  # and the workers themselves refuse a caller without the key
+            assert httpx.post(f"{url}/generate", json=body, timeout=30).status_code == 401
     finally:
         for process in [router, *workers]:
             if process is not None:

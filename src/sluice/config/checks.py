@@ -324,9 +324,18 @@ def _engine(config: Config) -> Iterator[str]:
     for flag, value in (("--sglang-max-total-tokens", engine.max_total_tokens),
                         ("--sglang-context-length", engine.context_length),
                         ("--sglang-chunked-prefill-size", engine.chunked_prefill_size),
-                        ("--sglang-cuda-graph-max-bs", engine.cuda_graph_max_bs)):
+                        ("--sglang-cuda-graph-max-bs", engine.cuda_graph_max_bs),
+                        ("--sglang-max-prompts-per-request", engine.max_prompts_per_request),
+                        ("--sglang-max-prompt-tokens", engine.max_prompt_tokens)):
         if value is not None and value < 1:
             yield f"{flag} must be >= 1, got {value}"
+    if engine.max_queued_requests < 0:
+        yield f"--sglang-max-queued-requests must be >= 0, got {engine.max_queued_requests}"
+    if not engine.max_request_body_mb > 0:
+        yield f"--sglang-max-request-body-mb must be > 0, got {engine.max_request_body_mb}"
+    for flag, key in (("--sglang-api-key", engine.api_key), ("--sglang-admin-api-key", engine.admin_api_key)):
+        if key is not None and (not key.strip() or any(c.isspace() or not c.isprintable() for c in key)):
+            yield f"{flag} must be a non-empty key without spaces (it travels as 'Authorization: Bearer KEY')"
 
 
 def _training(config: Config) -> Iterator[str]:

@@ -40,6 +40,7 @@ class FlagSpec:
     help: str
     choices: tuple[str, ...] | None
     metavar: str | None
+    secret: bool = False  # a key: never written to saved configs, checkpoints or trackers
 
     @property
     def key(self) -> str:
@@ -114,7 +115,8 @@ def flag_specs() -> tuple[FlagSpec, ...]:
             specs.append(FlagSpec(
                 section=section, name=f.name, flag=_flag_of(section, f), kind=kind, item=item,
                 optional=optional, default=_default_of(f), help=f.metadata.get("help", ""),
-                choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar")))
+                choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
+                secret=bool(f.metadata.get("secret"))))
     keys = [s.key for s in specs]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:

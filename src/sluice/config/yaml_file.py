@@ -72,8 +72,10 @@ def load_yaml_values(path: str | Path) -> dict[str, Any]:
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
-    """Every field as a flat ``{flag_with_underscores: value}`` dict (engine keys keep ``sglang_``)."""
-    return {s.key: copy.deepcopy(getattr(getattr(config, s.section), s.name)) for s in flag_specs()}
+    """Every field as a flat ``{flag_with_underscores: value}`` dict (engine keys keep ``sglang_``). Secrets (API
+    keys) read None: this dict is what saved configs, checkpoints and trackers record."""
+    return {s.key: None if s.secret else copy.deepcopy(getattr(getattr(config, s.section), s.name))
+            for s in flag_specs()}
 
 
 def save_config(config: Config, path: str | Path) -> None:

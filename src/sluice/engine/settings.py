@@ -10,9 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-def _help(help: str, *, choices: tuple[str, ...] | None = None) -> dict:
-    """Field metadata read by the CLI generator (``sluice.config.flags``)."""
-    return {"help": help} if choices is None else {"help": help, "choices": choices}
+def _help(help: str, *, choices: tuple[str, ...] | None = None, secret: bool = False) -> dict:
+    """Field metadata read by the CLI generator (``sluice.config.flags``); ``secret``: a value never written to
+    saved configs, checkpoints or trackers."""
+    metadata: dict = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if secret:
+        metadata["secret"] = True
+    return metadata
 
 
 @dataclass
@@ -46,3 +52,25 @@ class EngineConfig:
         choices=("auto", "float32", "bfloat16")))
     max_running_requests: int = field(default=256, metadata=_help("Most sequences decoded together."))
     device: str = field(default="auto", metadata=_help("Engine device: auto, cpu or cuda[:N]."))
+
+    # ---- the HTTP server in front of the engine (sluice serve, the engine servers of a Ray run) ----------------
+    api_key: str | None = field(default=None, repr=False, metadata=_help(
+        "Key that every route but /health requires, as 'Authorization: Bearer KEY' (SGLang's --api-key). A run "
+        "that starts engine servers generates a key of its own when this is unset.", secret=True))
+    admin_api_key: str | None = field(default=None, repr=False, metadata=_help(
+        "Key that the control and weight routes (weight updates and groups, pause, continue, abort, flush, "
+        "memory) require instead of --sglang-api-key; it is accepted on every other route too. Unset: those "
+        "routes take --sglang-api-key.", secret=True))
+    weight_load_dirs: list[str] = field(default_factory=list, metadata=_help(
+        "Directories /update_weights_from_disk may load from, besides the model's own parent directory (a run "
+        "adds its weight-sync and checkpoint directories)."))
+    max_request_body_mb: float = field(default=64.0, metadata=_help(
+        "Largest HTTP request body in MiB; a larger one is refused with 413."))
+    max_prompts_per_request: int = field(default=1024, metadata=_help(
+        "Most generations one HTTP request may ask for (prompts of a batch x n); more is refused with 400."))
+    max_prompt_tokens: int | None = field(default=None, metadata=_help(
+        "Longest prompt in tokens one request may send; default: the context length less one. Longer is refused "
+        "with 400."))
+    max_queued_requests: int = field(default=4096, metadata=_help(
+        "Most requests waiting for a running slot (SGLang's --max-queued-requests); a request that would pass it "
+        "is refused with 503 and Retry-After."))

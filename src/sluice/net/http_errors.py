@@ -1,5 +1,5 @@
-"""Errors of our HTTP servers (the engine's and the agent gateway): every refused request gets a 4xx JSON body
-naming the offending field.
+"""Errors of our HTTP servers (the engine's and the agent gateway): every refused request gets a 4xx (or 503) JSON
+body naming the offending field.
 
 The body follows OpenAI's error shape, ``{"error": {"message", "type", "param", "code"}}``, which the openai client
 parses and which carries SGLang's ``{"error": {"message"}}`` as a subset.
@@ -25,16 +25,17 @@ _TYPE_WORDS = {"str", "int", "float", "bool", "list", "dict", "none", "body"}
 class RequestError(ValueError):
     """A request the server refuses; ``field`` is the dotted path of the offending value ("" for the whole body)."""
 
-    def __init__(self, field: str, message: str, status: int = 400):
+    def __init__(self, field: str, message: str, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.status = status
+        self.headers = headers  # e.g. WWW-Authenticate with a 401, Retry-After with a 503
 
 
-def error_response(status: int, message: str, field: str = "") -> JSONResponse:
+def error_response(status: int, message: str, field: str = "", headers: dict[str, str] | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": field or None, "code": status}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 def field_path(location: tuple) -> str:
@@ -67,7 +68,7 @@ def describe_validation(errors: list[dict]) -> tuple[str, str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def _refused(_: Request, error: RequestError) -> JSONResponse:
-        return error_response(error.status, str(error), error.field)
+        return error_response(error.status, str(error), error.field, error.headers)
 
     @app.exception_handler(Exception)
     async def _failed(_: Request, error: Exception) -> JSONResponse:

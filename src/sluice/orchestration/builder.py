@@ -21,6 +21,7 @@ from sluice.observability.progress import ProgressReporter
 from sluice.observability.step_log import StepLog
 from sluice.observability.trackers import Trackers
 from sluice.orchestration.checkpointing import RunCheckpoints
+from sluice.orchestration.engine_access import protect_engine_servers
 from sluice.orchestration.hooks import Hooks, load_hooks
 from sluice.orchestration.offload import OffloadTurns
 from sluice.orchestration.oom import OomAdvice
@@ -38,6 +39,7 @@ from sluice.rollout.finish import BatchFinisher
 def build_run(config: Config, log=print) -> Run:
     """The run ``config`` asks for, its parts started: in this process, or placed by Ray (--orchestrator ray)."""
     hf_logging.disable_progress_bar()
+    config = protect_engine_servers(config)  # before any engine server starts: a key of the run's, weight roots
     loop = asyncio.new_event_loop()
     checkpoint = config.model.hf_checkpoint
     placement, gateway, hooks, engines = None, None, None, None

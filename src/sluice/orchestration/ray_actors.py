@@ -10,6 +10,8 @@
 Actors are created by ``sluice.orchestration.ray_placement`` into placement-group bundles and driven through the
 pools of ``sluice.orchestration.ray_pools``; nothing here decides placement. ``loopback`` (a constructor
 argument): every actor of the run is on this machine, so servers and process groups listen on 127.0.0.1.
+Engine servers check the run's key (orchestration/engine_access.py), which the config brings them; the trainer's
+weight sync sends it.
 """
 
 from __future__ import annotations
@@ -39,12 +41,19 @@ class EngineActor:
         from sluice.engine.server.app import BackgroundServer
         from sluice.engine.server.context import ServerContext
 
+        self.config = config
         self.engine = LocalEngine(model_path, config.engine)
         context = ServerContext(self.engine, model_path, model_path, config.engine)
         self.server = BackgroundServer(context, host=node_address(loopback), port=0).start()
 
     def url(self) -> str:
         return self.server.url
+
+    def client_key(self) -> str | None:
+        """The key the run's clients send to this server (from the run's config, which the driver holds too)."""
+        from sluice.orchestration.engine_access import engine_client_key
+
+        return engine_client_key(self.config.engine)
 
     def weight_version(self) -> int:
         return self.engine.weight_version
@@ -157,12 +166,14 @@ class TrainerActor:
     # ---- weight sync (rank 0) -----------------------------------------------------------------------------
     def connect_engines(self, engine_urls: list[str]) -> None:
         """Set up the weight sync to these engines (--weight-sync-method), replacing any earlier one."""
+        from sluice.orchestration.engine_access import engine_client_key
         from sluice.sync.factory import make_weight_sync
 
         if self.sync is not None:
             self._loop.run_until_complete(self.sync.close())
         self.sync = make_weight_sync(self.config.sync, list(engine_urls), device=self.trainer.device,
-                                     run_dir=self.config.logging.run_dir, colocated=self.config.cluster.colocate)
+                                     run_dir=self.config.logging.run_dir, colocated=self.config.cluster.colocate,
+                                     api_key=engine_client_key(self.config.engine))
         self._loop.run_until_complete(self.sync.connect())
 
     def push_weights(self, version: int) -> dict[str, float]:

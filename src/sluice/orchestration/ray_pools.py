@@ -45,13 +45,19 @@ class RayEnginePool:
         self.urls: list[str] = []
         self.context_len = 0
         self.client: MultiEngineClient | None = None
+        self.api_key: str | None = None  # the run's key to its engine servers (engine_access.py)
 
     def wait_ready(self) -> None:
         import ray
 
         self.urls = ray.get([actor.url.remote() for actor in self.actors], timeout=ENGINE_START_TIMEOUT_S)
         self.context_len = ray.get(self.actors[0].context_len.remote())
-        self.client = MultiEngineClient([HttpEngineClient(url) for url in self.urls])
+        self.api_key = ray.get(self.actors[0].client_key.remote())
+        self.client = MultiEngineClient([HttpEngineClient(url, api_key=self.api_key) for url in self.urls])
+
+    @property
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def lost(self, timeout_s: float | None = None) -> list[int]:
         """Engines whose actor died, or whose engine does not generate one token within ``timeout_s`` (default
@@ -64,7 +70,7 @@ class RayEnginePool:
         for index, (engine, url) in enumerate(zip(self.actors, self.urls)):
             try:
                 ray.get(engine.weight_version.remote(), timeout=timeout_s)
-                httpx.get(url + "/health_generate", timeout=timeout_s).raise_for_status()
+                httpx.get(url + "/health_generate", timeout=timeout_s, headers=self._auth).raise_for_status()
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, httpx.HTTPError):
                 lost.append(index)
         return lost
@@ -75,7 +81,7 @@ class RayEnginePool:
         await asyncio.to_thread(self._restart_actors, indices)
         for index in indices:
             await self.client.clients[index].aclose()
-            self.client.clients[index] = HttpEngineClient(self.urls[index])
+            self.client.clients[index] = HttpEngineClient(self.urls[index], api_key=self.api_key)
 
     def _restart_actors(self, indices: list[int]) -> None:
         import ray

@@ -3,11 +3,15 @@
 Which generate function runs, in order: ``--custom-generate-function-path``; ``--agent-function-path`` (through
 the gateway); the built-in multi-turn tool generate with ``--tools``; else single-turn. The gateway is started
 when an agent or a slime-style plug-in needs HTTP; slime plug-ins then find it at ``args.sglang_router_ip/port``.
+The gateway listens on 127.0.0.1. For an agent it takes a random key of the run's, which the agent gets as
+``AgentTask.api_key``; a slime-style plug-in calls it as it calls SGLang in slime, without a key, so then it has
+none (loopback only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from typing import Any
 
 from sluice.config import Config, DataConfig
@@ -37,8 +41,10 @@ def build_rollout(config: Config, hooks: Hooks, client: EngineClient, tokenizer:
                           chat_template_kwargs=dict(template_kwargs))
     gateway = None
     if hooks.needs_gateway:
+        agent_only = not hooks.slime_http  # slime-style plug-ins call /generate without a key
         gateway = AgentGateway(client, tokenizer, context_len,
-                               chat_template_kwargs=config.data.apply_chat_template_kwargs)
+                               chat_template_kwargs=config.data.apply_chat_template_kwargs,
+                               api_key=secrets.token_urlsafe(32) if agent_only else None)
         gateway.start()
         hooks.slime_args.sglang_router_ip, hooks.slime_args.sglang_router_port = gateway.host, gateway.port
     if hooks.generate is not None:

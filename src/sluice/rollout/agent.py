@@ -21,7 +21,7 @@ from typing import Any
 
 from sluice.plugins import Contract, load_plugin
 from sluice.rewards.contract import as_reward_value
-from sluice.rollout.gateway import GATEWAY_API_KEY, AgentGateway
+from sluice.rollout.gateway import AgentGateway
 from sluice.rollout.generate import STATUS_OF_FINISH, GenerateContext
 from sluice.rollout.sessions import segment_sample, segments
 from sluice.types import Sample, SamplingParams
@@ -35,7 +35,7 @@ class AgentTask:
     """What an agent program gets for one sample."""
 
     base_url: str  # the session's OpenAI base URL: openai.OpenAI(base_url=task.base_url, api_key=task.api_key)
-    api_key: str
+    api_key: str  # the gateway's key for this run: send it (the openai client does) and share it with no one
     model: str  # any name works; this is the one /models lists
     prompt: str | list[dict[str, Any]]  # the sample's prompt: text, or chat messages
     label: Any = None
@@ -49,7 +49,7 @@ def load_agent_generate(path: str, gateway: AgentGateway):
 
     async def generate_with_agent(sample: Sample, sampling_params: SamplingParams, ctx: GenerateContext):
         session = gateway.open_session(sampling_params, sampling_params.max_new_tokens)
-        task = AgentTask(gateway.base_url(session), GATEWAY_API_KEY, gateway.model_name, sample.prompt,
+        task = AgentTask(gateway.base_url(session), gateway.agent_api_key, gateway.model_name, sample.prompt,
                          sample.label, dict(sample.metadata), sample.index)
         try:
             reward = await plugin.call(None, task)

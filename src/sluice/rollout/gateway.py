@@ -11,6 +11,11 @@ Routes:
 - ``POST /generate``: SGLang's native endpoint (token ids or text in, ids and logprobs out, no recording), which
   slime-style generate functions reach at ``args.sglang_router_ip:sglang_router_port``.
 
+Access: the gateway listens on 127.0.0.1 unless given another host, which needs an ``api_key``. With a key, every
+route needs ``Authorization: Bearer <key>`` (agents get it as ``AgentTask.api_key``, which the openai client
+sends). Bodies past ``max_body_bytes`` get 413. The engines behind it are reached through the run's client, which
+carries the run's key to them.
+
 Threads: uvicorn runs the app on its own event loop in a daemon thread; engine calls go through the run's
 client from that loop. Sessions are opened and closed from the rollout's thread (sessions.py guards them).
 """
@@ -31,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sluice.engine.clients.protocol import EngineClient, FinishReason, GenerateRequest, GenerateResult
 from sluice.engine.server.native_schema import WireSamplingParams
+from sluice.net.auth import Access, ApiKeys, check_exposure
+from sluice.net.body_limit import MIB, BodyLimit
 from sluice.net.http_errors import RequestError, install_error_handlers, read_body
 from sluice.net.listener import bind_listener, start_in_thread
 from sluice.rollout.chat_turns import continuation_ids
@@ -38,7 +45,8 @@ from sluice.rollout.sessions import Session, SessionTable, Turn, continued_turn,
 from sluice.rollout.tool_calls import parse_tool_calls
 from sluice.types import SamplingParams
 
-GATEWAY_API_KEY = "sluice"  # the gateway needs none; the openai client insists on one
+PLACEHOLDER_API_KEY = "sluice"  # handed to agents when the gateway has no key: the openai client insists on one
+MAX_BODY_BYTES = 64 * MIB  # chat histories and tool schemas; far past what an agent's context holds
 
 
 class ChatBody(BaseModel):
@@ -65,11 +73,16 @@ class NativeBody(BaseModel):
 
 class AgentGateway:
     def __init__(self, client: EngineClient, tokenizer: Any, context_len: int, model_name: str = "sluice-policy",
-                 chat_template_kwargs: dict[str, Any] | None = None, host: str = "127.0.0.1", port: int = 0):
+                 chat_template_kwargs: dict[str, Any] | None = None, host: str = "127.0.0.1", port: int = 0,
+                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+        """``api_key``: the key every route needs (None: none, on loopback only)."""
         self.client, self.tokenizer, self.context_len = client, tokenizer, context_len
         self.model_name = model_name
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.sessions = SessionTable()
+        self.keys = ApiKeys(api_key)
+        self.max_body_bytes = max_body_bytes
+        check_exposure(host, self.keys, False, "the agent gateway", "api_key", allow_flag=None)
         self.listener = bind_listener(host, port)
         self.host, self.port = host, self.listener.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
@@ -96,6 +109,11 @@ class AgentGateway:
     def base_url(self, session: Session) -> str:
         return f"{self.url}/sessions/{session.id}/v1"
 
+    @property
+    def agent_api_key(self) -> str:
+        """What agents pass as the openai client's ``api_key``."""
+        return self.keys.api_key or PLACEHOLDER_API_KEY
+
     def open_session(self, sampling_params: SamplingParams, budget: int) -> Session:
         return self.sessions.open(sampling_params, budget)
 
@@ -109,8 +127,10 @@ class AgentGateway:
 
     # ---- HTTP (gateway thread) ----------------------------------------------------------------------
     def _app(self) -> FastAPI:
-        app = FastAPI(title="sluice agent gateway", docs_url=None, redoc_url=None)
+        app = FastAPI(title="sluice agent gateway", docs_url=None, redoc_url=None,
+                      dependencies=self.keys.dependency(Access.USER))
         install_error_handlers(app)
+        app.add_middleware(BodyLimit, max_bytes=self.max_body_bytes, flag="the agent gateway's limit")
 
         @app.get("/sessions/{session_id}/v1/models")
         async def models(session_id: str):

@@ -57,10 +57,10 @@ class BroadcastSync(WeightSync):
 
     def __init__(self, engine_urls: list[str], *, bucket_bytes: int = 512 * 2**20, timeout_s: float = 300.0,
                  backend: str = "auto", device: str | torch.device = "cpu", master_address: str | None = None,
-                 wire_form: str = "auto"):
+                 wire_form: str = "auto", api_key: str | None = None):
         """``device``: where the trainer's full tensors live; ``backend`` auto: nccl for a CUDA device, else gloo.
         ``master_address``: the address engines reach the trainer at (default: loopback when every engine is
-        local, else this host's address on the route to the first engine)."""
+        local, else this host's address on the route to the first engine). ``api_key``: the engines' admin key."""
         if not engine_urls:
             raise ValueError("a broadcast sync needs at least one engine URL")
         if wire_form not in WIRE_FORMS:
@@ -74,7 +74,7 @@ class BroadcastSync(WeightSync):
         self.wire_form = wire_form
         self.flattened = wire_form == "flattened"  # decided by connect() for "auto"
         self.group: WeightGroup | None = None
-        self.http = HttpClientPerLoop()
+        self.http = HttpClientPerLoop(api_key)
         # The trainer's flattened-bucket buffer, kept across buckets and pushes (on the group's device): on a CPU
         # a fresh 512 MiB buffer per bucket costs more in page faults than the copy into it.
         self.send_buffer: torch.Tensor | None = None

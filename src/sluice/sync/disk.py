@@ -48,8 +48,9 @@ class DiskSync(WeightSync):
     method = "disk"
 
     def __init__(self, directory: str | Path, engines: Sequence[str | LocalEngine | InProcessClient], *,
-                 timeout_s: float = 300.0):
-        """``engines``: URLs of engine servers and/or in-process engines; all load every version."""
+                 timeout_s: float = 300.0, api_key: str | None = None):
+        """``engines``: URLs of engine servers and/or in-process engines; all load every version. ``api_key``: the
+        servers' admin key; they must list ``directory`` among their weight roots (--sglang-weight-load-dirs)."""
         if not engines:
             raise ValueError("a disk sync needs at least one engine")
         self.directory = Path(directory)
@@ -57,7 +58,7 @@ class DiskSync(WeightSync):
         self.local = [e.engine if isinstance(e, InProcessClient) else e for e in engines if not isinstance(e, str)]
         self.timeout_s = timeout_s
         self.sluice_urls: set[str] | None = None  # servers that take checksums; asked once by connect()
-        self.http = HttpClientPerLoop()
+        self.http = HttpClientPerLoop(api_key)
 
     async def connect(self) -> None:
         if self.sluice_urls is not None:

@@ -1,7 +1,8 @@
 """The weight-sync calls to an engine's HTTP server: one attempt each, bounded by the push's deadline.
 
 Unlike ``HttpEngineClient``, nothing here is retried: a repeated broadcast call would expect a collective the
-trainer does not run again.
+trainer does not run again. Every call carries the engines' key (``Authorization: Bearer``): the weight routes
+need the admin key on a server that has one.
 """
 
 from __future__ import annotations
@@ -26,23 +27,28 @@ class EngineCallFailed(RuntimeError):
 class HttpClientPerLoop:
     """One pooled httpx client per event loop: a client is bound to the loop that made it, and a trainer may run
     each push under its own ``asyncio.run``. A new client's TLS context costs ~40-80 ms to build, so that is
-    built once and shared by every client made here."""
+    built once and shared by every client made here. ``api_key`` goes with every request."""
 
-    def __init__(self):
+    def __init__(self, api_key: str | None = None):
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tls = ssl.create_default_context()
+        self._headers = bearer_headers(api_key)
 
     def get(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client, self._loop = httpx.AsyncClient(verify=self._tls), loop
+            self._client, self._loop = httpx.AsyncClient(verify=self._tls, headers=self._headers), loop
         return self._client
 
     async def aclose(self) -> None:
         if self._client is not None and self._loop is asyncio.get_running_loop():
             await self._client.aclose()
         self._client = self._loop = None
+
+
+def bearer_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 async def call_engine(http: httpx.AsyncClient, url: str, path: str, body: dict | None, timeout_s: float) -> dict:

@@ -22,11 +22,13 @@ Engine = Union[str, "LocalEngine", InProcessClient]  # an engine server's URL, o
 
 
 def make_weight_sync(config: SyncConfig, engines: Sequence[Engine], *, device: str | torch.device = "cpu",
-                     run_dir: str | Path | None = None, colocated: bool = False) -> WeightSync:
+                     run_dir: str | Path | None = None, colocated: bool = False,
+                     api_key: str | None = None) -> WeightSync:
     """``device``: where the trainer's full tensors live (broadcast picks NCCL for CUDA, gloo otherwise; ipc needs
     CUDA); ``run_dir``: for the disk method's default directory; ``colocated``: the engine servers share the
-    trainer's GPUs (--colocate). ``auto`` is in_process when every engine lives in this process, ipc for one
-    engine server on the trainer's GPU, broadcast for other servers."""
+    trainer's GPUs (--colocate); ``api_key``: the key the engine servers' weight routes need. ``auto`` is
+    in_process when every engine lives in this process, ipc for one engine server on the trainer's GPU, broadcast
+    for other servers."""
     urls = [engine for engine in engines if isinstance(engine, str)]
     local = [engine for engine in engines if not isinstance(engine, str)]
     method = config.weight_sync_method
@@ -54,7 +56,7 @@ def make_weight_sync(config: SyncConfig, engines: Sequence[Engine], *, device: s
             raise ValueError("--weight-sync-method broadcast needs engine servers (URLs); an in-process engine "
                              "takes in_process")
         return BroadcastSync(urls, bucket_bytes=config.update_weight_buffer_size,
-                             timeout_s=config.update_weights_timeout, device=device)
+                             timeout_s=config.update_weights_timeout, device=device, api_key=api_key)
     if method == "ipc":
         if local:
             raise ValueError("--weight-sync-method ipc needs engine servers (URLs) on the trainer's host; an "
@@ -62,10 +64,18 @@ def make_weight_sync(config: SyncConfig, engines: Sequence[Engine], *, device: s
         if torch.device(device).type != "cuda":
             raise ValueError(f"--weight-sync-method ipc shares the trainer's GPU memory by CUDA IPC handles; this "
                              f"trainer's weights are on {device} (use broadcast or disk)")
-        return IpcSync(urls, bucket_bytes=config.update_weight_buffer_size, timeout_s=config.update_weights_timeout)
+        return IpcSync(urls, bucket_bytes=config.update_weight_buffer_size, timeout_s=config.update_weights_timeout,
+                       api_key=api_key)
     if method == "disk":
-        directory = config.weight_sync_dir or (Path(run_dir) / "weight_sync" if run_dir is not None else None)
+        directory = weight_sync_dir(config, run_dir)
         if directory is None:
             raise ValueError("--weight-sync-method disk needs --weight-sync-dir (or a run directory)")
-        return DiskSync(directory, list(engines), timeout_s=config.update_weights_timeout)
+        return DiskSync(directory, list(engines), timeout_s=config.update_weights_timeout, api_key=api_key)
     raise ValueError(f"--weight-sync-method {method!r} is not one of auto, in_process, broadcast, ipc, disk")
+
+
+def weight_sync_dir(config: SyncConfig, run_dir: str | Path | None) -> Path | None:
+    """Where the disk method writes each version: --weight-sync-dir, else ``run_dir``/weight_sync."""
+    if config.weight_sync_dir:
+        return Path(config.weight_sync_dir)
+    return Path(run_dir) / "weight_sync" if run_dir is not None else None

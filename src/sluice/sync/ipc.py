@@ -59,9 +59,10 @@ class IpcSync(WeightSync):
     method = "ipc"
 
     def __init__(self, engine_urls: list[str], *, bucket_bytes: int = 512 * 2**20, timeout_s: float = 300.0,
-                 verify: bool = True, wire_form: str = "auto"):
+                 verify: bool = True, wire_form: str = "auto", api_key: str | None = None):
         """``verify``: send per-tensor checksums for sluice engines to check (one extra read of the weights on
-        each side); ``wire_form``: auto asks each engine whether it takes sluice's flattened form."""
+        each side); ``wire_form``: auto asks each engine whether it takes sluice's flattened form; ``api_key``: the
+        engines' admin key."""
         if not engine_urls:
             raise ValueError("an IPC sync needs at least one engine URL")
         if wire_form not in WIRE_FORMS:
@@ -73,7 +74,7 @@ class IpcSync(WeightSync):
         self.wire_form = wire_form
         self.flattened = wire_form == "flattened"  # decided by connect() for "auto"
         self.connected = False
-        self.http = HttpClientPerLoop()
+        self.http = HttpClientPerLoop(api_key)
         # The flattened buckets' buffer on the trainer's GPU, shared by IPC handle; refilled only once every engine
         # answered for the bucket it holds.
         self.send_buffer: torch.Tensor | None = None

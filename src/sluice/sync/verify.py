@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import torch
 
-from sluice.sync.engine_calls import call_engine
+from sluice.sync.engine_calls import bearer_headers, call_engine
 from sluice.sync.interface import NamedWeights
 from sluice.weights.buckets import named_checksums
 
@@ -18,9 +18,10 @@ def expected_checksums(named_weights: NamedWeights, dtype: torch.dtype | None = 
     return named_checksums(named_weights)
 
 
-async def engine_checksums(url: str, timeout_s: float = 60.0) -> tuple[int, dict[str, int]]:
-    """An engine server's weight version and per-tensor checksums."""
-    async with httpx.AsyncClient() as http:
+async def engine_checksums(url: str, timeout_s: float = 60.0,
+                           api_key: str | None = None) -> tuple[int, dict[str, int]]:
+    """An engine server's weight version and per-tensor checksums (``api_key``: the engine's admin key, if any)."""
+    async with httpx.AsyncClient(headers=bearer_headers(api_key)) as http:
         body = await call_engine(http, url.rstrip("/"), "/get_weights_checksum", None, timeout_s)
     return int(body["weight_version"]), {name: int(value) for name, value in body["checksums"].items()}
 

@@ -2,7 +2,12 @@
 
 Connections are pooled and bounded. A request that never reached the server (connect error or timeout) is
 retried with exponential backoff, whatever it was; one that may have reached it is retried only when repeating
-it is harmless (abort, pause, resume, version reads, loading the same weights again), never a generate.
+it is harmless (abort, pause, resume, version reads, loading the same weights again), never a generate. A 503
+with Retry-After (the server's waiting queue was full: the request was refused before it started) is retried
+after the time the server asks for, generates included.
+
+``api_key`` goes with every request as ``Authorization: Bearer <key>``; a server with an admin key needs that one
+for pause, resume, abort and weight updates (it opens generation too).
 
 The transport is aiohttp: a rollout keeps hundreds of generate requests open at once, and aiohttp's connection
 pool hands out a connection in constant time. (httpx's pool scans every connection on each request: at 256
@@ -46,9 +51,10 @@ class EngineHTTPError(RuntimeError):
 
 
 class HttpEngineClient:
-    def __init__(self, base_url: str, options: HttpClientOptions = HttpClientOptions()):
+    def __init__(self, base_url: str, options: HttpClientOptions = HttpClientOptions(), api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.options = options
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._last_version = 0  # for servers whose responses carry no weight version
@@ -127,7 +133,7 @@ class HttpEngineClient:
                 self._session.detach()
             connector = aiohttp.TCPConnector(limit=self.options.max_connections, limit_per_host=0,
                                              keepalive_timeout=self.options.keepalive_s)
-            self._session = aiohttp.ClientSession(connector=connector)
+            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
             self._session_loop = loop
         return self._session
 
@@ -143,7 +149,12 @@ class HttpEngineClient:
         for attempt in range(self.options.max_retries + 1):
             try:
                 async with self._http().request(method, url, json=payload, timeout=timeout) as response:
-                    return _json_or_raise(url, response.status, await response.read())
+                    raw = await response.read()
+                    wait_s = _retry_after(response)
+                    if wait_s is None or attempt == self.options.max_retries:
+                        return _json_or_raise(url, response.status, raw)
+                await asyncio.sleep(min(wait_s, self.options.max_backoff_s) * random.uniform(1.0, 1.5))
+                continue
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 failure, retry = error, True  # the request never reached the server
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError,
@@ -159,6 +170,16 @@ class HttpEngineClient:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(lambda t: (self._background.discard(t), t.cancelled() or t.exception()))
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> float | None:
+    """Seconds a 503 with Retry-After asks to wait before trying again; None for any other answer."""
+    if response.status != 503 or "Retry-After" not in response.headers:
+        return None
+    try:
+        return max(float(response.headers["Retry-After"]), 0.0)
+    except ValueError:
+        return None
 
 
 def _json_or_raise(url: str, status: int, raw: bytes) -> dict:

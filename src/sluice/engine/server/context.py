@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Protocol
 
 import torch
@@ -14,9 +15,17 @@ from sluice.engine.clients.protocol import GenerateRequest, GenerateResult
 from sluice.engine.server.async_engine import AsyncEngine
 from sluice.engine.server.weight_staging import StagedUpdate
 from sluice.engine.settings import EngineConfig
+from sluice.net.auth import ApiKeys
 from sluice.net.http_errors import RequestError
 from sluice.types import SamplingParams
 from sluice.weights.process_group import WeightGroup
+
+
+RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
+
+
+def api_keys(config: EngineConfig) -> ApiKeys:
+    return ApiKeys(config.api_key, config.admin_api_key)
 
 
 class ServedEngine(Protocol):
@@ -61,6 +70,41 @@ class ServerContext:
         self.weights_lock = asyncio.Lock()
 
     @property
+    def keys(self) -> ApiKeys:
+        return api_keys(self.engine_config)
+
+    @property
+    def weight_roots(self) -> list[Path]:
+        """Directories /update_weights_from_disk may load from: the model's parent and --sglang-weight-load-dirs."""
+        extra = (Path(directory).resolve() for directory in self.engine_config.weight_load_dirs)
+        roots = [Path(self.model_path).resolve().parent, *extra]
+        return list(dict.fromkeys(roots))
+
+    def check_weight_path(self, field: str, path: str) -> None:
+        """Refuse (403, naming the allowed roots) a directory outside them; symbolic links are followed first."""
+        resolved = Path(path).resolve()
+        roots = self.weight_roots
+        if not any(resolved.is_relative_to(root) for root in roots):
+            raise RequestError(field, f"{path} is outside the directories this server loads weights from "
+                                      f"({', '.join(map(str, roots))}); add one with --sglang-weight-load-dirs",
+                               status=403)
+
+    def check_batch_size(self, field: str, num_requests: int) -> None:
+        limit = self.engine_config.max_prompts_per_request
+        if num_requests > limit:
+            raise RequestError(field, f"{num_requests} generations in one request; the limit is {limit} "
+                                      "(--sglang-max-prompts-per-request)")
+
+    def admit(self, num_requests: int) -> None:
+        """Refuse with 503 and Retry-After when ``num_requests`` more would overfill the waiting queue."""
+        limit = self.engine_config.max_queued_requests
+        waiting = self.engine.load()["num_waiting"]
+        if waiting + num_requests > limit:
+            raise RequestError("", f"the engine's waiting queue is full ({waiting} waiting, limit {limit}, "
+                                   "--sglang-max-queued-requests); retry later", status=503,
+                               headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @property
     def tokenizer(self):
         return self.engine.tokenizer
 
@@ -81,7 +125,11 @@ class ServerContext:
             raise RequestError(field, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         if len(input_ids) >= self.context_len:
             raise RequestError(field, f"{len(input_ids)} prompt tokens leave no room in the context length "
-                                      f"{self.context_len}")
+                                      f"{self.context_len} (--sglang-context-length)")
+        limit = self.engine_config.max_prompt_tokens
+        if limit is not None and len(input_ids) > limit:
+            raise RequestError(field, f"{len(input_ids)} prompt tokens; the limit is {limit} "
+                                      "(--sglang-max-prompt-tokens)")
 
     def encode(self, field: str, text: str) -> list[int]:
         if self.tokenizer is None:

@@ -2,6 +2,9 @@
 
 Calls that wait for the engine (memory moves) run in worker threads, so the event loop keeps answering /health and
 streaming while they block.
+
+Access (sluice/net/auth.py): /health is open; the info routes need the API key; the scheduling routes (flush,
+abort, pause, continue, memory) and every weight route need the admin key when the server has one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from sluice.engine.clients.protocol import GenerateRequest
 from sluice.engine.server.context import ServerContext
 from sluice.engine.server.native_schema import AbortBody, MemoryBody, PauseBody
 from sluice.engine.server.weight_api import weight_router
+from sluice.net.auth import Access
 from sluice.net.http_errors import RequestError, read_body
 from sluice.types import SamplingParams
 
@@ -24,17 +28,22 @@ HEALTH_GENERATE_TIMEOUT_S = 20.0
 
 def control_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
-    _add_info_routes(router, ctx)
-    _add_scheduling_routes(router, ctx)
-    router.include_router(weight_router(ctx))
-    return router
 
-
-def _add_info_routes(router: APIRouter, ctx: ServerContext) -> None:
     @router.get("/health")
     async def health():
         return {}
 
+    info = APIRouter(dependencies=ctx.keys.dependency(Access.USER))
+    _add_info_routes(info, ctx)
+    control = APIRouter(dependencies=ctx.keys.dependency(Access.ADMIN))
+    _add_scheduling_routes(control, ctx)
+    control.include_router(weight_router(ctx))
+    router.include_router(info)
+    router.include_router(control)
+    return router
+
+
+def _add_info_routes(router: APIRouter, ctx: ServerContext) -> None:
     @router.get("/health_generate")
     async def health_generate():
         """A one-token generation: proves the engine loop runs, not just the HTTP server."""

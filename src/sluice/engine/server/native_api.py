@@ -20,18 +20,21 @@ from sluice.engine.server.async_engine import TokenDelta, TokenStream
 from sluice.engine.server.context import ServerContext
 from sluice.engine.server.native_schema import GenerateBody, GenerateItem
 from sluice.engine.server.stream_text import IncrementalText
+from sluice.net.auth import Access
 from sluice.net.http_errors import RequestError, read_body
 
 
 def native_generate_router(ctx: ServerContext) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(dependencies=ctx.keys.dependency(Access.USER))
 
     @router.post("/generate")
     async def generate(request: Request):
         started = time.perf_counter()
         body = await read_body(request, GenerateBody)
         items = body.items()
+        ctx.check_batch_size("text" if body.text is not None else "input_ids", len(items))
         requests = [_to_request(ctx, item) for item in items]
+        ctx.admit(len(requests))
         if body.stream:
             stream = _open_stream(ctx, requests[0])
             events = _stream_events(ctx, stream, items[0], body.return_text_in_logprobs, started)

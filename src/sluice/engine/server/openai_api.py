@@ -22,6 +22,7 @@ from sluice.engine.server.context import ServerContext
 from sluice.engine.server.native_api import SSE_DONE, output_text, sse
 from sluice.engine.server.openai_schema import ChatRequest, CompletionRequest, OpenAIRequest
 from sluice.engine.server.stream_text import IncrementalText
+from sluice.net.auth import Access
 from sluice.net.http_errors import RequestError, read_body
 
 
@@ -45,7 +46,7 @@ class Call:
 
 
 def openai_router(ctx: ServerContext) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(dependencies=ctx.keys.dependency(Access.USER))
 
     @router.get("/v1/models")
     async def models():
@@ -55,12 +56,15 @@ def openai_router(ctx: ServerContext) -> APIRouter:
     @router.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request, CompletionRequest)
-        prompts = [(field, ctx.encode(field, p) if isinstance(p, str) else p) for field, p in body.prompts()]
+        raw_prompts = body.prompts()
+        ctx.check_batch_size("prompt", len(raw_prompts) * body.n)  # before any tokenizing
+        prompts = [(field, ctx.encode(field, p) if isinstance(p, str) else p) for field, p in raw_prompts]
         return await _serve(ctx, _make_call(ctx, body, prompts, chat=False))
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request, ChatRequest)
+        ctx.check_batch_size("n", body.n)
         return await _serve(ctx, _make_call(ctx, body, [("messages", _chat_prompt(ctx, body))], chat=True))
 
     return router
@@ -89,6 +93,7 @@ def _make_call(ctx: ServerContext, body: OpenAIRequest, prompts: list[tuple[str,
             params = body.sampling_params(max(ctx.context_len - len(ids), 1), index)
             rid = body.rid if single or body.rid is None else f"{body.rid}-{len(requests)}"
             requests.append(ctx.make_request(field, ids, params, return_logprob=True, rid=rid))
+    ctx.admit(len(requests))
     prefix = "chatcmpl" if chat else "cmpl"
     return Call(body, chat, [ids for _, ids in prompts], requests, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
 

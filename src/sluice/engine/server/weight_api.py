@@ -8,6 +8,9 @@ one group must not interleave their collectives.
 A broadcast request for a known group always takes part in the broadcast before any check that could refuse it
 (version, checksums): a rank that skipped the collective would leave the trainer blocked until its timeout.
 
+Only directories under the server's weight roots (the model's parent, --sglang-weight-load-dirs) load from disk:
+any other path is refused with 403 naming the roots, before requests are aborted or a file is read.
+
 An IPC update maps the trainer's GPU memory (weights/ipc.py). The trainer refills or frees that memory once
 it has our answer, so every copy out of it has finished before we answer: a bucket held back is copied into
 memory of our own, and the device is synchronized after the copies.
@@ -55,6 +58,7 @@ def weight_router(ctx: ServerContext) -> APIRouter:
     async def update_from_disk(request: Request):
         body = await read_body(request, DiskUpdateBody)
         version = _weight_version(body.weight_version, ctx.engine.weight_version)
+        ctx.check_weight_path("model_path", body.model_path)  # before anything is aborted or read
         if body.abort_all_requests:
             ctx.engine.abort(None)
         async with ctx.weights_lock:
@@ -109,8 +113,9 @@ def weight_router(ctx: ServerContext) -> APIRouter:
 
         Security: the payload is a pickle, read only through weights/ipc.py's restricted unpickler (torch's
         CUDA tensor rebuild and the few classes it names; any other class is refused with a 400 naming it). A
-        caller can still make this process map GPU memory that other processes of the user shared, so the server
-        binds 127.0.0.1 by default: do not open it (``--host``) to callers you do not trust.
+        caller can still make this process map GPU memory that other processes of the user shared, so this route
+        needs the admin key (or the API key when there is no admin key), and a server without keys listens on
+        loopback only.
         """
         body = await read_body(request, TensorUpdateBody)
         dtypes = [_dtype(i, name) for i, name in enumerate(body.dtypes or [])]
