@@ -345,7 +345,6 @@ def test_valid_training_config_passes() -> None:
     (["--rollout-top-k", "-2"], ["--rollout-top-k"]),
     (["--eps-clip", "0"], ["--eps-clip"]),
     (["--eps-clip-high", "-0.1"], ["--eps-clip-high"]),
-    (["--use-kl-loss"], ["--use-kl-loss", "--kl-loss-coef", "no effect"]),
     (["--kl-loss-coef", "0.1"], ["--kl-loss-coef", "--use-kl-loss"]),
     (["--use-kl-loss", "--kl-loss-coef", "-1"], ["--kl-loss-coef"]),
     (["--kl-loss-type", "k3"], ["--kl-loss-type", "--use-kl-loss", "no effect"]),

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 from sluice.errors import ConfigError
 from sluice.config.sections import BUILTIN_REWARDS, DEFAULT_MAX_TURNS, LABEL_FREE_REWARDS, Config
+from sluice.config.slime_compat import problems as slime_compat_problems
 
 # kl_loss_type spellings that name the same estimator; the loss code only knows the canonical one.
 KL_LOSS_ALIASES = {"low_var_kl": "k3"}
@@ -96,8 +97,7 @@ def _kl(config: Config) -> Iterator[str]:
                "loaded)")
     if algo.kl_loss_coef < 0:
         yield f"--kl-loss-coef must be >= 0, got {algo.kl_loss_coef}"
-    elif algo.use_kl_loss and algo.kl_loss_coef == 0:
-        yield "--use-kl-loss with --kl-loss-coef 0 has no effect: set --kl-loss-coef > 0"
+    # --use-kl-loss with --kl-loss-coef 0 is slime's way to log the KL (train/kl_loss) without training on it.
     elif not algo.use_kl_loss and algo.kl_loss_coef > 0:
         yield f"--kl-loss-coef {algo.kl_loss_coef} has no effect without --use-kl-loss"
     if not algo.needs_reference and algo.kl_loss_type != "k1":  # k1 is the default: any other value was asked for
@@ -389,8 +389,6 @@ def _sync(config: Config) -> Iterator[str]:
     if not cluster.distributed and sync.weight_sync_method in ("broadcast", "ipc"):
         yield (f"--weight-sync-method {sync.weight_sync_method} sends weights to engine processes; this run keeps its "
                "engine in this process (use in_process or disk, or place the pools with Ray)")
-    if not cluster.distributed and cluster.colocate:
-        yield "--colocate places Ray pools on shared devices; a one-process run is colocated already: drop it"
     if sync.weight_sync_dir is not None and sync.weight_sync_method != "disk":
         yield "--weight-sync-dir is where --weight-sync-method disk writes: add that method or drop the flag"
     if sync.update_weights_interval < 1:
@@ -433,7 +431,7 @@ def _async_loop(config: Config) -> Iterator[str]:
 
 _CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
     _batches, _rollout, _sampling, _algorithm, _reward, _hooks, _train, _eval_and_checkpoint, _logging, _debug,
-    _engine, _cluster, _sync)
+    _engine, _cluster, _sync, slime_compat_problems)
 
 
 def validate(config: Config, *, for_training: bool = True) -> None:

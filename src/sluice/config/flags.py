@@ -141,6 +141,11 @@ def closest_flag(flag: str) -> str | None:
 
 def unknown_flag_reason(flag: str) -> str:
     """Why a flag is not accepted and what to use instead; ``flag`` is spelled with dashes."""
+    from sluice.config.slime_compat import rejection  # imports sections, as this module does
+
+    rejected = rejection(flag)
+    if rejected:
+        return rejected
     engine_start = "--" + ENGINE_PREFIX
     if not flag.startswith(engine_start):
         hint = closest_flag(flag)

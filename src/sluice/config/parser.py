@@ -21,6 +21,7 @@ from sluice.config.flags import (
     unknown_flag_reason,
 )
 from sluice.config.sections import BUILTIN_REWARDS, Config
+from sluice.config.slime_compat import resolve
 from sluice.config.yaml_file import config_to_dict, load_yaml_values, save_config
 
 __all__ = [
@@ -28,7 +29,11 @@ __all__ = [
     "validate",
 ]
 
-_SECTION_TITLES = {ENGINE_SECTION: "engine (SGLang server flags)"}
+_SECTION_TITLES = {
+    ENGINE_SECTION: "engine (SGLang server flags)",
+    "megatron": "megatron (slime's Megatron flags: architecture checked against --hf-checkpoint, parallel sizes "
+                "of 1, the rest accepted no-ops; see docs/migrating-from-slime.md)",
+}
 
 
 class _ConfigArgumentParser(argparse.ArgumentParser):
@@ -118,5 +123,6 @@ def parse_config(argv: list[str] | None = None) -> Config:
     values = load_yaml_values(config_path) if config_path else {}
     values.update(cli_values)
     config = config_from_values(values)
+    resolve(config)
     normalise(config)
     return config

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sluice.config.megatron import MegatronConfig
 from sluice.engine.settings import EngineConfig
 
 # Built-in reward functions, selectable with --rm-type; the reward registry implements exactly these.
@@ -140,8 +141,21 @@ class TrainConfig:
         "Samples per optimizer step; default: one step per rollout (rollout batch x samples per prompt)."))
     micro_batch_size: int = field(default=1, metadata=meta(
         "Samples per forward/backward pass; gradients accumulate to the global batch. Does not change the result."))
+    optimizer: str = field(default="adam", metadata=meta(
+        "Optimizer, Megatron's name: adam is AdamW (decoupled --weight-decay), the only one sluice has."))
     lr: float = field(default=1e-6, metadata=meta("Peak learning rate of AdamW."))
-    lr_warmup_iters: int = field(default=0, metadata=meta("Optimizer steps of linear warmup from 0 to --lr."))
+    lr_warmup_iters: int = field(default=0, metadata=meta(
+        "Optimizer steps of linear warmup from --lr-warmup-init to --lr (step k of W runs at (k+1)/W of the way)."))
+    lr_warmup_fraction: float | None = field(default=None, metadata=meta(
+        "Warmup as a fraction of --lr-decay-iters (Megatron's); replaces --lr-warmup-iters."))
+    lr_warmup_init: float = field(default=0.0, metadata=meta("Learning rate the warmup starts from."))
+    lr_decay_style: str = field(default="constant", metadata=meta(
+        "Learning rate after warmup, as Megatron defines it: constant (--lr), or linear / cosine decay from --lr "
+        "to --min-lr, reached at step --lr-decay-iters and held after.", choices=("constant", "linear", "cosine")))
+    lr_decay_iters: int | None = field(default=None, metadata=meta(
+        "Optimizer steps to the end of the decay (warmup included); default: every step of the run, "
+        "--num-rollout x samples per rollout / --global-batch-size, when --num-rollout is set."))
+    min_lr: float = field(default=0.0, metadata=meta("Learning rate at the end of a linear or cosine decay."))
     weight_decay: float = field(default=0.0, metadata=meta("AdamW weight decay."))
     adam_beta1: float = field(default=0.9, metadata=meta("AdamW beta1."))
     adam_beta2: float = field(default=0.999, metadata=meta("AdamW beta2."))
@@ -221,6 +235,9 @@ class AlgorithmConfig:
     eps_clip_high: float | None = field(default=None, metadata=meta("PPO clip range above 1 (clip-higher)."))
     eps_clip_c: float | None = field(default=None, metadata=meta(
         "Dual clip (> 1): cap the loss of negative-advantage tokens at -A * c (not with cispo)."))
+    calculate_per_token_loss: bool = field(default=False, metadata=meta(
+        "slime's flag for averaging the loss over every token of the step: sets --loss-agg-mode token_mean "
+        "(already the default)."))
     loss_agg_mode: str = field(default="token_mean", metadata=meta(
         "How per-token losses become the step loss; counts are over the whole optimizer step.",
         choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")))
@@ -303,6 +320,8 @@ class EvalConfig:
     eval_temperature: float | None = field(default=None, metadata=meta(
         "Eval sampling temperature (0: greedy); default: --rollout-temperature."))
     eval_top_p: float | None = field(default=None, metadata=meta("Eval nucleus mass; default: --rollout-top-p."))
+    eval_top_k: int | None = field(default=None, metadata=meta(
+        "Eval top-k sampling (-1: off, 1: greedy); default: --rollout-top-k."))
     eval_max_response_len: int | None = field(default=None, metadata=meta(
         "Eval max new tokens; default: --rollout-max-response-len."))
     skip_eval_before_train: bool = field(default=False, metadata=meta("Do not evaluate before the first step."))
@@ -469,6 +488,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
     @property
     def samples_per_rollout(self) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from sluice.config import Config, ConfigError, config_to_dict
+from sluice.config.megatron_checks import check_against_checkpoint
 from sluice.data import PromptSource, check_first_row, load_prompt_samples
 from sluice.models.tokenizer import load_tokenizer
 from sluice.observability.progress import ProgressReporter
@@ -47,6 +48,7 @@ def build_run(config: Config, log=print) -> Run:
         _check_checkpoint_dir("--hf-checkpoint", checkpoint)
         if config.model.ref_load:
             _check_checkpoint_dir("--ref-load", config.model.ref_load)
+        check_against_checkpoint(config, log)  # Megatron architecture flags vs config.json; no-op flags logged
         hooks = load_hooks(config)  # every plug-in, checked before anything heavy loads
         _check_data(config)
         tokenizer = load_tokenizer(checkpoint)

@@ -17,5 +17,6 @@ def sampling_params(rollout: RolloutConfig, evaluation: EvalConfig | None = None
         ev = evaluation
         params.temperature = ev.eval_temperature if ev.eval_temperature is not None else params.temperature
         params.top_p = ev.eval_top_p if ev.eval_top_p is not None else params.top_p
+        params.top_k = ev.eval_top_k if ev.eval_top_k is not None else params.top_k
         params.max_new_tokens = ev.eval_max_response_len or params.max_new_tokens
     return params

@@ -1,4 +1,5 @@
-"""AdamW with linear warmup to a constant learning rate, and the clipped optimizer step."""
+"""AdamW with Megatron's learning-rate schedule (warmup, then constant, linear or cosine decay), and the clipped
+optimizer step."""
 
 from __future__ import annotations
 
@@ -10,17 +11,53 @@ import torch
 from sluice.config import TrainConfig
 
 
+def warmup_steps(config: TrainConfig) -> int:
+    """--lr-warmup-iters, or --lr-warmup-fraction of --lr-decay-iters (Megatron's rule: the fraction wins)."""
+    if config.lr_warmup_fraction is not None and config.lr_decay_iters:
+        return int(config.lr_warmup_fraction * config.lr_decay_iters)
+    return max(config.lr_warmup_iters, 0)
+
+
+def lr_at(step: int, config: TrainConfig, peak: float | None = None) -> float:
+    """The learning rate of optimizer step ``step`` (0 = the first), peaking at ``peak`` (default ``config.lr``).
+
+    After warmup this is Megatron's curve with its step count equal to ``step``: the decay fraction is
+    (step - W) / (D - W) and from step D on the rate is --min-lr. Warmup departs by one step: step k < W runs at
+    init + (peak - init) (k + 1) / W, so the first step trains instead of running at the initial rate.
+    --min-lr and --lr-warmup-init scale with ``peak`` / --lr (the critic's schedule has the actor's shape).
+    """
+    base = config.lr if peak is None else peak
+    scale = base / config.lr if config.lr > 0 else 0.0
+    init, low = config.lr_warmup_init * scale, config.min_lr * scale
+    warmup = warmup_steps(config)
+    if step < warmup:
+        return init + (base - init) * (step + 1) / warmup
+    if config.lr_decay_style == "constant" or not config.lr_decay_iters:
+        return base
+    decay = config.lr_decay_iters
+    if step >= decay:
+        return low
+    ratio = (step - warmup) / (decay - warmup)
+    if config.lr_decay_style == "linear":
+        coeff = 1.0 - ratio
+    else:  # cosine
+        coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
+    return low + coeff * (base - low)
+
+
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float | None = None
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over the trainable parameters at ``lr`` (default ``config.lr``) with ``config``'s betas, decay, warmup."""
+    """AdamW over the trainable parameters at ``lr`` (default ``config.lr``) with ``config``'s betas and decay,
+    scheduled by ``lr_at``."""
+    peak = config.lr if lr is None else lr
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=config.lr if lr is None else lr, betas=(config.adam_beta1, config.adam_beta2),
+        params, lr=peak, betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay, foreach=True,
     )
-    warmup = max(config.lr_warmup_iters, 0)
+    # LambdaLR multiplies the peak by the factor; a peak of 0 stays 0 whatever the curve.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        optimizer, lambda step: lr_at(step, config, peak) / peak if peak > 0 else 0.0
     )
     return optimizer, scheduler
 

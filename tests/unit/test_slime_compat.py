@@ -1,0 +1,200 @@
+"""slime's run scripts through sluice's parser and checks: the Megatron flags, the LR schedule, slime's semantics."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers.architectures import build_arch_checkpoint
+from sluice.config import ConfigError, TrainConfig, build_parser, parse_config, validate
+from sluice.config.megatron_checks import check_against_checkpoint
+from sluice.config.slime_compat import FLAGS, Treatment
+from sluice.data import check_first_row
+from sluice.rollout.sampling import sampling_params
+from sluice.trainer.optimizer import build_optimizer, lr_at
+
+PATHS = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory) -> tuple[str, dict]:
+    out = tmp_path_factory.mktemp("qwen3")
+    build_arch_checkpoint(out, "qwen3")
+    return str(out), json.loads((out / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def gsm8k_like(tmp_path_factory) -> str:
+    """A parquet file of slime's GSM8K layout: chat messages and a label."""
+    path = tmp_path_factory.mktemp("data") / "train.parquet"
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "label": str(2 * i)} for i in range(8)]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def model_args(hf: dict) -> list[str]:
+    """slime's scripts/models/qwen3-0.6B.sh with the tiny checkpoint's sizes (it unties the embeddings)."""
+    rope = hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]
+    return [
+        "--swiglu", "--num-layers", str(hf["num_hidden_layers"]), "--hidden-size", str(hf["hidden_size"]),
+        "--ffn-hidden-size", str(hf["intermediate_size"]), "--num-attention-heads", str(hf["num_attention_heads"]),
+        "--group-query-attention", "--num-query-groups", str(hf["num_key_value_heads"]),
+        "--use-rotary-position-embeddings", "--disable-bias-linear", "--normalization", "RMSNorm",
+        "--norm-epsilon", str(hf["rms_norm_eps"]), "--rotary-base", str(int(rope)), "--vocab-size",
+        str(hf["vocab_size"]), "--kv-channels", str(hf["head_dim"]), "--qk-layernorm",
+        "--untie-embeddings-and-output-weights",
+    ]
+
+
+def single_gpu_script(checkpoint: str, data: str, save: str) -> list[str]:
+    """The flags of slime's scripts/run-qwen3-0.6B-single-gpu.sh, paths replaced (--ref-load: the HF model)."""
+    return [
+        "--actor-num-nodes", "1", "--actor-num-gpus-per-node", "1", "--colocate",
+        "--hf-checkpoint", checkpoint, "--ref-load", checkpoint, "--load", save, "--save", save,
+        "--save-interval", "5", "--prompt-data", data, "--input-key", "messages", "--label-key", "label",
+        "--apply-chat-template", "--rollout-shuffle", "--rm-type", "math", "--num-rollout", "10",
+        "--rollout-batch-size", "2", "--n-samples-per-prompt", "4", "--global-batch-size", "8",
+        "--rollout-max-response-len", "512", "--rollout-temperature", "0.8", "--rollout-top-p", "0.95",
+        "--eval-interval", "10", "--skip-eval-before-train", "--eval-prompt-data", "gsm8k", data,
+        "--n-samples-per-eval-prompt", "1", "--eval-max-response-len", "512", "--eval-top-k", "1",
+        "--advantage-estimator", "grpo", "--calculate-per-token-loss", "--use-kl-loss", "--kl-loss-coef", "0.0",
+        "--kl-loss-type", "low_var_kl", "--eps-clip", "0.2", "--eps-clip-high", "0.28", "--optimizer", "adam",
+        "--lr", "1e-6", "--lr-decay-style", "constant", "--weight-decay", "0.1", "--adam-beta1", "0.9",
+        "--adam-beta2", "0.98", "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
+        "--context-parallel-size", "1", "--expert-model-parallel-size", "1", "--expert-tensor-parallel-size", "1",
+        "--use-dynamic-batch-size", "--max-tokens-per-gpu", "4096", "--rollout-num-gpus-per-engine", "1",
+        "--sglang-mem-fraction-static", "0.45", "--sglang-cuda-graph-max-bs", "8", "--attention-dropout", "0.0",
+        "--hidden-dropout", "0.0", "--accumulate-allreduce-grads-in-fp32", "--attention-softmax-in-fp32",
+        "--attention-backend", "flash",
+    ]
+
+
+def test_single_gpu_script_passes_parser_and_checks(qwen3, gsm8k_like, tmp_path) -> None:
+    checkpoint, hf = qwen3
+    argv = single_gpu_script(checkpoint, gsm8k_like, str(tmp_path / "save")) + model_args(hf)
+    config = parse_config(argv)
+    validate(config)
+    notes: list[str] = []
+    check_against_checkpoint(config, notes.append)
+    check_first_row(config.data.prompt_data, config.data)
+    assert config.algorithm.loss_agg_mode == "token_mean" and config.algorithm.kl_loss_coef == 0
+    assert config.cluster.colocate and not config.cluster.distributed
+    assert sampling_params(config.rollout, config.eval).top_k == 1
+    assert sampling_params(config.rollout).top_k == -1
+    assert config.train.lr_decay_iters == 10  # --num-rollout 10 x 8 samples / 8 per step
+    logged = "\n".join(notes)
+    for flag in ("--accumulate-allreduce-grads-in-fp32", "--attention-softmax-in-fp32", "--attention-backend",
+                 "--use-rotary-position-embeddings"):
+        assert flag in logged
+
+
+@pytest.mark.parametrize("flag, wrong", [
+    ("--hidden-size", "128"), ("--num-layers", "3"), ("--ffn-hidden-size", "100"), ("--num-attention-heads", "8"),
+    ("--num-query-groups", "4"), ("--norm-epsilon", "1e-5"), ("--rotary-base", "5"), ("--kv-channels", "32"),
+])
+def test_architecture_mismatch_names_both_values(qwen3, flag, wrong) -> None:
+    checkpoint, hf = qwen3
+    args = model_args(hf)
+    args[args.index(flag) + 1] = wrong
+    config = parse_config(["--hf-checkpoint", checkpoint] + args)
+    with pytest.raises(ConfigError) as err:
+        check_against_checkpoint(config, lambda _: None)
+    message = str(err.value)
+    assert f"{flag} {float(wrong) if flag in ('--norm-epsilon', '--rotary-base') else wrong}" in message
+    assert "the checkpoint has" in message
+
+
+def test_architecture_switches_and_padded_vocab(qwen3) -> None:
+    checkpoint, hf = qwen3
+    args = model_args(hf)
+    config = parse_config(["--hf-checkpoint", checkpoint] + args[:] + ["--vocab-size", "128"])
+    check_against_checkpoint(config, lambda _: None)  # 102 and 128 both pad to 128: Megatron's padded vocab
+    for dropped in ("--qk-layernorm", "--swiglu", "--untie-embeddings-and-output-weights", "--disable-bias-linear"):
+        config = parse_config(["--hf-checkpoint", checkpoint] + [a for a in args if a != dropped])
+        with pytest.raises(ConfigError, match=f"add {dropped}"):
+            check_against_checkpoint(config, lambda _: None)
+    config = parse_config(["--hf-checkpoint", checkpoint] + args + ["--add-qkv-bias"])
+    with pytest.raises(ConfigError, match="--add-qkv-bias is given"):
+        check_against_checkpoint(config, lambda _: None)
+    config = parse_config(["--hf-checkpoint", checkpoint] + args + ["--vocab-size", "300"])
+    with pytest.raises(ConfigError, match="--vocab-size 300, but the checkpoint has 102"):
+        check_against_checkpoint(config, lambda _: None)
+
+
+VALID = ["--hf-checkpoint", "m", "--prompt-data", "d.jsonl", "--rollout-batch-size", "2", "--rm-type", "math",
+         "--label-key", "label"]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--tensor-model-parallel-size", "2"], "FSDP2"),
+    (["--pipeline-model-parallel-size", "4"], "FSDP2"),
+    (["--context-parallel-size", "2"], "FSDP2"),
+    (["--expert-tensor-parallel-size", "2"], "FSDP2"),
+    (["--expert-model-parallel-size", "8"], "MoE"),
+    (["--optimizer", "sgd"], "sluice trains with AdamW"),
+    (["--attention-dropout", "0.1"], "no dropout"),
+    (["--hidden-dropout", "0.1"], "no dropout"),
+    (["--lr-decay-style", "cosine"], "--lr-decay-iters"),
+    (["--position-embedding-type", "learned_absolute"], "rope only"),
+    (["--min-lr", "1e-3"], "--min-lr"),
+])
+def test_refused_values_say_why(extra, expected) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        validate(parse_config(VALID + extra))
+
+
+def test_every_flag_of_the_table_is_understood() -> None:
+    parser_flags = {option for action in build_parser()._actions for option in action.option_strings}
+    for flag, (treatment, _) in FLAGS.items():
+        if treatment is Treatment.REJECTED:
+            with pytest.raises(ConfigError, match=f"{flag} is slime's"):
+                parse_config([flag, "1"])
+        else:
+            assert flag in parser_flags, flag
+    with pytest.raises(ConfigError, match="MoE"):
+        parse_config(["--moe-grouped-gemm"])
+    with pytest.raises(ConfigError, match="unknown flag --rollout-batch-sise; did you mean --rollout-batch-size"):
+        parse_config(["--rollout-batch-sise", "2"])
+
+
+def test_every_flag_of_the_table_is_documented() -> None:
+    doc = (PATHS / "docs" / "migrating-from-slime.md").read_text()
+    assert [flag for flag in FLAGS if f"`{flag}`" not in doc] == []
+
+
+def schedule(**kwargs) -> list[float]:
+    config = TrainConfig(lr=1.0, **kwargs)
+    return [lr_at(step, config) for step in range(12)]
+
+
+def test_lr_schedules_against_hand_values() -> None:
+    assert schedule(lr_warmup_iters=2) == [0.5] + [1.0] * 11
+    linear = schedule(lr_decay_style="linear", lr_decay_iters=10, lr_warmup_iters=2, min_lr=0.2)
+    # warmup 0.5, 1.0; then 1 - 0.8 * (s - 2) / 8 from step 2 to step 10; 0.2 after
+    assert linear == pytest.approx([0.5, 1.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.2])
+    cosine = schedule(lr_decay_style="cosine", lr_decay_iters=10, lr_warmup_fraction=0.2)  # warmup 2 steps
+    expected = [0.5, 1.0] + [0.5 * (math.cos(math.pi * (s - 2) / 8) + 1) for s in range(2, 10)] + [0.0, 0.0]
+    assert cosine == pytest.approx(expected)
+    assert cosine[6] == pytest.approx(0.5)  # half way through the decay
+    assert schedule(lr_warmup_iters=4, lr_warmup_init=0.2)[:4] == pytest.approx([0.4, 0.6, 0.8, 1.0])
+
+
+def test_scheduler_applies_the_curve_and_scales_it_for_another_peak() -> None:
+    config = TrainConfig(lr=0.1, lr_decay_style="linear", lr_decay_iters=4, min_lr=0.02)
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = build_optimizer(model, config)
+    seen = []
+    for _ in range(6):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.1, 0.08, 0.06, 0.04, 0.02, 0.02])
+    critic_optimizer, _ = build_optimizer(model, config, lr=0.2)
+    assert critic_optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert lr_at(4, config, 0.2) == pytest.approx(0.04)  # --min-lr scaled with the peak
