@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from helpers.architectures import build_arch_checkpoint
-from sluice.config import ConfigError, TrainConfig, build_parser, parse_config, validate
+from helpers.hand_loss import hand_batch
+from sluice.config import AlgorithmConfig, ConfigError, TrainConfig, build_parser, parse_config, validate
 from sluice.config.megatron_checks import check_against_checkpoint
 from sluice.config.slime_compat import FLAGS, Treatment
 from sluice.data import check_first_row
 from sluice.rollout.sampling import sampling_params
+from sluice.trainer.loss import micro_batch_loss
 from sluice.trainer.optimizer import build_optimizer, lr_at
 
 PATHS = Path(__file__).resolve().parents[2]
@@ -198,3 +200,15 @@ def test_scheduler_applies_the_curve_and_scales_it_for_another_peak() -> None:
     critic_optimizer, _ = build_optimizer(model, config, lr=0.2)
     assert critic_optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
     assert lr_at(4, config, 0.2) == pytest.approx(0.04)  # --min-lr scaled with the peak
+
+
+def test_kl_loss_with_coefficient_zero_is_logged_not_trained() -> None:
+    """slime's --use-kl-loss --kl-loss-coef 0: train/kl_loss is reported, the loss and gradients are unchanged."""
+    batch, log_probs = hand_batch(with_ref=True)
+    num_tokens = float(batch.loss_mask.sum())
+    plain, plain_metrics = micro_batch_loss(AlgorithmConfig(), batch, log_probs, None, num_tokens, 2)
+    logged, metrics = micro_batch_loss(AlgorithmConfig(use_kl_loss=True, kl_loss_coef=0.0, kl_loss_type="k3"),
+                                       batch, log_probs, None, num_tokens, 2)
+    assert "train/kl_loss" in metrics and "train/kl_loss" not in plain_metrics
+    assert metrics["train/kl_loss"] > 0
+    assert logged.item() == pytest.approx(plain.item())
