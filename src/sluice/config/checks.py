@@ -355,6 +355,29 @@ def _training(config: Config) -> Iterator[str]:
         yield f"--rm-type {rm_type} compares responses with a label: set --label-key"
 
 
+def _devices(config: Config) -> Iterator[str]:
+    """A device this machine lacks fails here, not deep in a model load. Ray actors may run on other nodes, so a
+    distributed run's devices are theirs to check."""
+    if config.cluster.distributed:
+        return
+    for flag, name in (("--train-device", config.train.train_device), ("--sglang-device", config.engine.device)):
+        if name == "auto":
+            continue
+        import torch  # only when a device is named: validating a config stays cheap otherwise
+
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            yield f"{flag} {name!r} is not a device: use auto, cpu or cuda[:N]"
+            continue
+        if device.type != "cuda":
+            continue
+        if not torch.cuda.is_available():
+            yield f"{flag} {name}: this machine has no CUDA device (torch.cuda.is_available() is False); use auto or cpu"
+        elif device.index is not None and device.index >= torch.cuda.device_count():
+            yield f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+
+
 def _cluster(config: Config) -> Iterator[str]:
     cluster = config.cluster
     for flag, value in (("--actor-num-nodes", cluster.actor_num_nodes),
@@ -433,7 +456,7 @@ def _async_loop(config: Config) -> Iterator[str]:
 
 _CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
     _batches, _rollout, _sampling, _algorithm, _reward, _hooks, _train, _eval_and_checkpoint, _logging, _debug,
-    _engine, _cluster, _sync)
+    _engine, _devices, _cluster, _sync)
 
 
 def validate(config: Config, *, for_training: bool = True) -> None:
