@@ -38,3 +38,23 @@ def test_cpu_and_auto_devices_pass() -> None:
 
 def test_distributed_run_leaves_devices_to_its_actors() -> None:
     validate(parse_config([*VALID_TRAINING, "--orchestrator", "ray", "--train-device", "cuda"]))
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "gspo", "cispo", "reinforce_plus_plus_baseline"])
+def test_group_estimator_with_one_sample_names_both_flags(estimator: str) -> None:
+    message = problems_of("--advantage-estimator", estimator, "--n-samples-per-prompt", "1")
+    assert f"--advantage-estimator {estimator} with --n-samples-per-prompt 1" in message
+    assert "advantage 0" in message and "no gradient" in message
+
+
+@pytest.mark.parametrize("flags", [
+    ["--advantage-estimator", "reinforce_plus_plus"],
+    ["--advantage-estimator", "grpo", "--disable-rewards-normalization"],  # plain REINFORCE on the raw reward
+    ["--loss-type", "sft_loss"],
+])
+def test_one_sample_per_prompt_where_it_learns(flags: list[str]) -> None:
+    validate(parse_config([*VALID_TRAINING, "--n-samples-per-prompt", "1", *flags]))
+
+
+def test_one_sample_per_prompt_outside_training() -> None:
+    validate(parse_config(["--n-samples-per-prompt", "1"]), for_training=False)  # eval and serve compute no advantage

@@ -350,6 +350,13 @@ def _training(config: Config) -> Iterator[str]:
     rewards_elsewhere = config.rollout.rollout_function_path or config.rollout.agent_function_path
     if config.algorithm.loss_type != "sft_loss" and no_reward and not rewards_elsewhere:
         yield f"--loss-type {config.algorithm.loss_type} needs a reward: set --rm-type or --custom-rm-path"
+    algo = config.algorithm
+    group_of_one = config.rollout.n_samples_per_prompt == 1 and not algo.disable_rewards_normalization
+    if group_of_one and algo.advantage_estimator not in _DISCOUNTED and algo.loss_type != "sft_loss":
+        yield (f"--advantage-estimator {algo.advantage_estimator} with --n-samples-per-prompt 1: a group estimator "
+               "compares the samples of a prompt, so a group of one has advantage 0 and the policy gets no "
+               "gradient; use --n-samples-per-prompt >= 2, or reinforce_plus_plus / ppo, or "
+               "--disable-rewards-normalization")
     rm_type = config.reward.rm_type
     if rm_type is not None and rm_type not in LABEL_FREE_REWARDS and config.data.label_key is None:
         yield f"--rm-type {rm_type} compares responses with a label: set --label-key"
