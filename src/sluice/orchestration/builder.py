@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from sluice.config import Config, ConfigError, config_to_dict
+from sluice.config.sections import BUILTIN_REWARDS, LABEL_FREE_REWARDS
 from sluice.data import PromptSource, check_first_row, load_prompt_samples
 from sluice.models.tokenizer import load_tokenizer
 from sluice.observability.progress import ProgressReporter
@@ -101,7 +102,15 @@ def _check_data(config: Config) -> None:
     """Open each prompt set and look up the key flags in its first row: a wrong path or key fails here."""
     train = [config.data.prompt_data] if config.data.prompt_data is not None else []
     for spec in train + [path for _, path in config.eval_sets]:
-        check_first_row(spec, config.data)
+        check_first_row(spec, config.data, text_reward=_text_reward(config))
+
+
+def _text_reward(config: Config) -> str | None:
+    """The built-in --rm-type that compares labels as text (None for a custom or label-free reward)."""
+    rm_type = config.reward.rm_type
+    if config.reward.custom_rm_path is None and rm_type in BUILTIN_REWARDS and rm_type not in LABEL_FREE_REWARDS:
+        return rm_type
+    return None
 
 
 def _load_data(config: Config, hooks: Hooks, tokenizer, log):
@@ -109,7 +118,8 @@ def _load_data(config: Config, hooks: Hooks, tokenizer, log):
     data = prompt_data_config(config, hooks)
     samples = []
     if config.data.prompt_data is not None:
-        samples, report = load_prompt_samples(config.data.prompt_data, data, tokenizer)
+        samples, report = load_prompt_samples(config.data.prompt_data, data, tokenizer,
+                                             text_reward=_text_reward(config))
         _report_load(config, config.data.prompt_data, report, log)
     if hooks.data_source is not None:
         source = hooks.data_source(samples, config.data.rollout_seed, data, tokenizer, hooks.slime_args)
@@ -117,7 +127,7 @@ def _load_data(config: Config, hooks: Hooks, tokenizer, log):
         source = PromptSource(samples, config.data.rollout_shuffle, config.data.rollout_seed)
     eval_sets = {}
     for name, path in config.eval_sets:
-        eval_samples, eval_report = load_prompt_samples(path, data, tokenizer)
+        eval_samples, eval_report = load_prompt_samples(path, data, tokenizer, text_reward=_text_reward(config))
         _report_load(config, path, eval_report, log)
         eval_sets[name] = eval_samples
     return source, eval_sets
