@@ -225,11 +225,11 @@ def test_hook_flag_checks_name_their_flags(extra, message):
 
 
 def test_rewards_elsewhere_and_label_free_rewards_are_valid():
-    no_reward = [a for a in BASE]
+    no_reward = BASE + ["--n-samples-per-prompt", "2"]
     validate(parse_config(no_reward + ["--agent-function-path", "a.b"]))
     validate(parse_config(no_reward + ["--rm-type", "random"]))  # no --label-key needed
     validate(parse_config(["--hf-checkpoint", "m", "--data-source-path", "a.B", "--rollout-batch-size", "2",
-                           "--rm-type", "exact", "--label-key", "label"]))
+                           "--n-samples-per-prompt", "2", "--rm-type", "exact", "--label-key", "label"]))
     assert Status.FAILED.value == "failed"
 
 
