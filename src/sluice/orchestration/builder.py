@@ -10,6 +10,7 @@ A failure part-way stops whatever was started.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
@@ -46,6 +47,7 @@ def build_run(config: Config, log=print) -> Run:
     placement, gateway, hooks, engines = None, None, None, None
     try:
         _check_checkpoint_dir("--hf-checkpoint", checkpoint)
+        _check_context(config, checkpoint)
         if config.model.ref_load:
             _check_checkpoint_dir("--ref-load", config.model.ref_load)
         hooks = load_hooks(config)  # every plug-in, checked before anything heavy loads
@@ -179,6 +181,23 @@ def held_groups(config: Config) -> int:
     batch = config.rollout.rollout_batch_size or 1
     bound = config.staleness_bound
     return batch * max(bound, 1) if config.sync.async_train else batch * (bound + 1)
+
+
+def _check_context(config: Config, checkpoint: str) -> None:
+    """A response budget must leave room for a prompt in the engine's context (prompt + response), read from the
+    checkpoint's config.json before any model loads; the engine would otherwise cap every request silently."""
+    if config.engine.context_length is not None:
+        context, source = config.engine.context_length, "--sglang-context-length"
+    else:
+        context = json.loads((Path(checkpoint) / "config.json").read_text()).get("max_position_embeddings")
+        source = f"max_position_embeddings in {Path(checkpoint) / 'config.json'}"
+    if not isinstance(context, int):
+        return  # a config without the field (e.g. nested text configs): the engine reports what it finds
+    for flag, value in (("--rollout-max-response-len", config.rollout.rollout_max_response_len),
+                        ("--eval-max-response-len", config.eval.eval_max_response_len)):
+        if value is not None and value >= context:
+            raise ConfigError(f"{flag} {value} leaves no room for a prompt in the model's context of {context} "
+                              f"tokens ({source}): set it below {context}, to the longest response you expect")
 
 
 def _check_checkpoint_dir(flag: str, path: str) -> None:
