@@ -127,12 +127,25 @@ def _load_data(config: Config, hooks: Hooks, tokenizer, log):
         source = hooks.data_source(samples, config.data.rollout_seed, data, tokenizer, hooks.slime_args)
     else:
         source = PromptSource(samples, config.data.rollout_shuffle, config.data.rollout_seed)
+        _warn_batch_beyond_data(config, len(samples), log)
     eval_sets = {}
     for name, path in config.eval_sets:
         eval_samples, eval_report = load_prompt_samples(path, data, tokenizer, text_reward=_text_reward(config))
         _report_load(config, path, eval_report, log)
         eval_sets[name] = eval_samples
     return source, eval_sets
+
+
+def _warn_batch_beyond_data(config: Config, num_prompts: int, log) -> None:
+    """A rollout larger than the data draws each prompt several times (the source wraps into the next epoch):
+    legitimate, but easily a mistake, e.g. a test file's 8 rows under a 512-prompt batch."""
+    flag, per_rollout = "--rollout-batch-size", config.rollout.rollout_batch_size
+    if config.rollout.over_sampling_batch_size is not None:  # dynamic sampling draws this many per round
+        flag, per_rollout = "--over-sampling-batch-size", config.rollout.over_sampling_batch_size
+    if per_rollout is not None and 0 < num_prompts < per_rollout:
+        log(f"warning: {flag} {per_rollout} is larger than the {num_prompts} prompts of {config.data.prompt_data}: "
+            f"each rollout draws every prompt about {per_rollout / num_prompts:.3g} times; lower {flag} to at most "
+            f"{num_prompts}, or raise --n-samples-per-prompt for more samples of each prompt")
 
 
 def _report_load(config: Config, path: str, report, log) -> None:
