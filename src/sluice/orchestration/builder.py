@@ -47,11 +47,11 @@ def build_run(config: Config, log=print) -> Run:
     placement, gateway, hooks, engines = None, None, None, None
     try:
         _check_checkpoint_dir("--hf-checkpoint", checkpoint)
-        _check_context(config, checkpoint)
         if config.model.ref_load:
             _check_checkpoint_dir("--ref-load", config.model.ref_load)
         hooks = load_hooks(config)  # every plug-in, checked before anything heavy loads
         _check_data(config)
+        _check_context(config, checkpoint)
         tokenizer = load_tokenizer(checkpoint)
         source, eval_sets = _load_data(config, hooks, tokenizer, log)
         memory = OomAdvice(config)
