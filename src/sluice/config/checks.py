@@ -380,7 +380,8 @@ def _devices(config: Config) -> Iterator[str]:
         if device.type != "cuda":
             continue
         if not torch.cuda.is_available():
-            yield f"{flag} {name}: this machine has no CUDA device (torch.cuda.is_available() is False); use auto or cpu"
+            yield (f"{flag} {name}: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                   "use auto or cpu")
         elif device.index is not None and device.index >= torch.cuda.device_count():
             yield f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
 
