@@ -136,6 +136,21 @@ def _import_file(file: Path, flag: str, path: str):
     return module
 
 
+def _not_on_path_hint(exc: Exception, module_part: str, attr: str) -> str:
+    """How to reach a module that is not on the import path: by its file, or with its folder on PYTHONPATH.
+
+    Only when the missing module is the plug-in's own (or a package above it); a missing dependency inside
+    it is reported as it is."""
+    parts = module_part.split(".")
+    if not isinstance(exc, ModuleNotFoundError) or exc.name not in {".".join(parts[:i + 1]) for i in range(len(parts))}:
+        return ""
+    file = Path(*parts).with_suffix(".py")
+    if file.is_file():
+        return (f"; {file} is in {Path.cwd()} but not on Python's import path: name it as '{file}:{attr}', "
+                "or run with PYTHONPATH=.")
+    return f"; if it is a file, name it as 'path/to/file.py:{attr}', or add its folder to PYTHONPATH"
+
+
 def resolve(path: str, flag: str) -> Any:
     """The object ``path`` names; errors name the flag, the path and the missing piece."""
     module_part, attr = split_path(path, flag)
@@ -145,8 +160,8 @@ def resolve(path: str, flag: str) -> Any:
         try:
             module = importlib.import_module(module_part)
         except Exception as exc:  # ImportError, or anything the module raises while importing
-            raise PluginImportError(
-                f"{flag} {path!r}: cannot import {module_part!r}: {type(exc).__name__}: {exc}") from exc
+            raise PluginImportError(f"{flag} {path!r}: cannot import {module_part!r}: {type(exc).__name__}: {exc}"
+                                    f"{_not_on_path_hint(exc, module_part, attr)}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -130,3 +130,27 @@ def test_unloadable_custom_reward_fails_before_loading_models(tiny_checkpoint, t
     argv = argv[:index] + argv[index + 2:] + ["--custom-rm-path", "no_such_module_xyz.score"]
     assert main(argv) == 2
     assert "--custom-rm-path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--rollout-max-response-len", "--eval-max-response-len"])
+def test_response_budget_beyond_the_context_fails_before_loading_models(flag, tiny_checkpoint, tmp_path, capsys):
+    data = write_data(tmp_path / "data.jsonl")
+    with open(f"{tiny_checkpoint}/config.json") as handle:
+        context = json.load(handle)["max_position_embeddings"]
+    assert main([*train_flags(tiny_checkpoint, data, tmp_path / "run"), flag, str(context)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{flag} {context} leaves no room for a prompt in the model's context of {context} tokens "
+            f"(max_position_embeddings in {tiny_checkpoint}/config.json)") in err
+    argv = [*train_flags(tiny_checkpoint, data, tmp_path / "run"), "--sglang-context-length", "64", flag, "100"]
+    assert main(argv) == 2
+    assert "model's context of 64 tokens (--sglang-context-length)" in capsys.readouterr().err
+
+
+def test_rollout_batch_larger_than_the_data_is_a_warning_naming_both_numbers(tiny_checkpoint, tmp_path, capsys):
+    data = write_data(tmp_path / "prompts.jsonl", rows=1)
+    argv = train_flags(tiny_checkpoint, data, tmp_path / "run")  # --rollout-batch-size 2
+    assert main(argv) == 0
+    assert (f"warning: --rollout-batch-size 2 is larger than the 1 prompts of {data}: each rollout draws every "
+            "prompt about 2 times; lower --rollout-batch-size to at most 1") in capsys.readouterr().out
+    assert main(train_flags(tiny_checkpoint, write_data(tmp_path / "two.jsonl", rows=2), tmp_path / "run2")) == 0
+    assert "warning: --rollout-batch-size" not in capsys.readouterr().out

@@ -12,7 +12,7 @@ import torch
 from sluice.cli import main
 from sluice.config import parse_config
 from sluice.observability.metrics import read_metrics
-from sluice.orchestration.oom import explain_oom
+from sluice.orchestration.oom import explain_oom, oom_advice
 from sluice.trainer.batching import collate
 from sluice.trainer.guards import NonFiniteTraining
 from helpers.train_loop import flags, run_loop
@@ -129,3 +129,17 @@ def test_out_of_memory_in_training_names_the_batch_knobs():
         torch.empty(1 << 60, dtype=torch.uint8)
     assert "--max-tokens-per-gpu (now derived from free memory)" in str(error.value)
     assert "--recompute-granularity full (now off)" in str(error.value)
+
+
+def test_out_of_memory_advice_names_the_offload_flag_that_applies():
+    one_process = parse_config([])
+    train, rollout = oom_advice(one_process, "train"), oom_advice(one_process, "rollout")
+    assert "Or turn on:\n  --offload-rollout (now off): the engines release their KV cache" in train
+    assert "Or turn on:\n  --offload-train (now off): the trainer's weights and optimizer state" in rollout
+    assert "do not exist" not in train + rollout
+    assert "--offload-train" in oom_advice(parse_config(["--offload-rollout"]), "rollout")
+    assert "Or turn on" not in oom_advice(parse_config(["--offload-rollout"]), "train")  # already on
+    assert "Or turn on" not in oom_advice(parse_config(["--offload"]), "rollout")
+    separate_pools = parse_config(["--orchestrator", "ray"])  # pools on their own devices: nothing to free
+    assert "Or turn on" not in oom_advice(separate_pools, "train")
+    assert "--offload-rollout (now off)" in oom_advice(parse_config(["--orchestrator", "ray", "--colocate"]), "train")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from sluice.config.sections import DataConfig
-from sluice.data import DataError, LoadReport, PromptSource, load_prompt_samples, read_rows
+from sluice.data import DataError, LoadReport, PromptSource, check_first_row, load_prompt_samples, read_rows
 from sluice.types import Sample
 
 ROWS = [
@@ -287,3 +288,18 @@ def test_num_rollouts_for_epochs_rounds_up() -> None:
         source.num_rollouts_for_epochs(0, 4)
     with pytest.raises(ValueError, match="positive int"):
         source.next_batch(0)
+
+
+@pytest.mark.parametrize(("label", "kind"), [({"value": "7"}, "object (dict)"), (["7", "seven"], "array (list)")])
+def test_structured_label_with_text_reward_names_row_key_and_type(tmp_path: Path, tokenizer, label, kind) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [{"input": "a", "label": "7"}, {"input": "b", "label": label}])
+    expected = (rf"p\.jsonl:2: label 'label' \(--label-key\) is a JSON {re.escape(kind)}; "
+                r"--rm-type exact compares text")
+    with pytest.raises(DataError, match=expected):
+        load_prompt_samples(path, config(), tokenizer, text_reward="exact")
+    check_first_row(path, config(), text_reward="exact")  # the first row is fine
+    first_bad = write_jsonl(tmp_path / "q.jsonl", [{"input": "b", "label": label}])
+    with pytest.raises(DataError, match=r"q\.jsonl:1: label 'label'"):
+        check_first_row(first_bad, config(), text_reward="exact")
+    samples, _ = load_prompt_samples(path, config(), tokenizer)  # a custom reward takes any JSON label
+    assert samples[1].label == label

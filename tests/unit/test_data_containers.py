@@ -5,6 +5,7 @@ source reaches the sample, and the prompt cursor resumes at the exact row of a s
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -177,3 +178,22 @@ def test_a_resumed_cursor_over_shards_continues_at_the_exact_row(containers: dic
     assert handed_out + resumed.next_batch(17) == expected
     if not shuffle:  # unshuffled, the position is the row: the sixth row is the second of the third shard
         assert expected[5].label == ROWS[5]["answer"]["value"] and expected[5].metadata["data_source"] == "s2"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_non_utf8_line_names_file_and_line(tmp_path: Path, suffix: str) -> None:
+    # Latin-1 "é" (0xe9) on line 3, after a blank line: the line number counts the file's own lines.
+    text = b'{"input": "ok"}\n\n{"input": "caf\xe9"}\n'
+    path = tmp_path / f"latin1{suffix}"
+    if suffix == ".jsonl.gz":
+        import gzip
+        text = gzip.compress(text)
+    elif suffix == ".jsonl.zst":
+        import pyarrow as pa
+        with pa.CompressedOutputStream(str(path), "zstd") as stream:
+            stream.write(text)
+    if suffix != ".jsonl.zst":
+        path.write_bytes(text)
+    with pytest.raises(DataError, match=re.escape(f"latin1{suffix}:3: not valid UTF-8: byte 0xe9 at byte 15")):
+        read_rows(str(path))
+    assert read_rows(str(path) + "@[:1]") == [{"input": "ok"}]

@@ -67,7 +67,8 @@ def test_a_filter_that_does_not_load_is_a_config_error_naming_the_flag(small_che
     from sluice.orchestration import build_run
 
     config = parse_config(["--hf-checkpoint", small_checkpoint, "--prompt-data", str(tmp_path / "none.jsonl"),
-                           "--rollout-batch-size", "2", "--rm-type", "exact", "--label-key", "label",
+                           "--rollout-batch-size", "2", "--n-samples-per-prompt", "2", "--rm-type", "exact",
+                           "--label-key", "label",
                            "--dynamic-sampling-filter-path", path, "--run-dir", str(tmp_path / "run")])
     validate(config)
     with pytest.raises(ConfigError, match="--dynamic-sampling-filter-path"):
@@ -76,7 +77,7 @@ def test_a_filter_that_does_not_load_is_a_config_error_naming_the_flag(small_che
 
 # ---- config -----------------------------------------------------------------------------------------
 BASE = ["--hf-checkpoint", "m", "--prompt-data", "d.jsonl", "--rollout-batch-size", "4", "--rm-type", "exact",
-        "--label-key", "label", "--rollout-max-response-len", "16"]
+        "--label-key", "label", "--rollout-max-response-len", "16", "--n-samples-per-prompt", "2"]
 
 
 @pytest.mark.parametrize("extra, flag", [

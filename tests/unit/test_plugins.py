@@ -225,11 +225,11 @@ def test_hook_flag_checks_name_their_flags(extra, message):
 
 
 def test_rewards_elsewhere_and_label_free_rewards_are_valid():
-    no_reward = [a for a in BASE]
+    no_reward = BASE + ["--n-samples-per-prompt", "2"]
     validate(parse_config(no_reward + ["--agent-function-path", "a.b"]))
     validate(parse_config(no_reward + ["--rm-type", "random"]))  # no --label-key needed
     validate(parse_config(["--hf-checkpoint", "m", "--data-source-path", "a.B", "--rollout-batch-size", "2",
-                           "--rm-type", "exact", "--label-key", "label"]))
+                           "--n-samples-per-prompt", "2", "--rm-type", "exact", "--label-key", "label"]))
     assert Status.FAILED.value == "failed"
 
 
@@ -243,3 +243,27 @@ def test_the_docs_table_lists_every_hook_with_its_example():
         assert f"def {name}" in (PLUGINS / f"{module}.py").read_text() or f"class {name}" in (
             PLUGINS / f"{module}.py").read_text()
         assert name in docs, name
+
+
+def test_module_not_on_import_path_suggests_file_form_and_pythonpath(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "my_local_rm.py").write_text("def fn(sample):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)  # the file is here, but the current folder is not on sys.path (as for `sluice train`)
+    with pytest.raises(PluginError) as caught:
+        load_plugin("my_local_rm.fn", REWARD_CONTRACT)
+    message = str(caught.value)
+    assert "--custom-rm-path 'my_local_rm.fn': cannot import 'my_local_rm'" in message
+    assert f"my_local_rm.py is in {tmp_path} but not on Python's import path: name it as 'my_local_rm.py:fn', " \
+           "or run with PYTHONPATH=." in message
+    assert load_plugin("my_local_rm.py:fn", REWARD_CONTRACT).name == "fn"
+    with pytest.raises(PluginError, match=r"if it is a file, name it as 'path/to/file\.py:score', or add its folder "
+                                          "to PYTHONPATH"):
+        load_plugin("absent_pkg_xyz.rm.score", REWARD_CONTRACT)
+
+
+def test_missing_dependency_inside_a_plugin_gets_no_path_hint(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "needs_dep_rm.py").write_text("import absent_dependency_xyz\n\ndef fn(sample):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError) as caught:
+        load_plugin("needs_dep_rm.fn", REWARD_CONTRACT)
+    assert "No module named 'absent_dependency_xyz'" in str(caught.value)
+    assert "PYTHONPATH" not in str(caught.value)

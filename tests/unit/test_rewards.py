@@ -8,7 +8,9 @@ import textwrap
 import threading
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 from sluice.rewards import (
     boxed_exact,
@@ -19,6 +21,7 @@ from sluice.rewards import (
     math_reward,
     score_samples,
 )
+from sluice.rewards.contract import as_reward_value
 from sluice.types import Sample, Status
 
 HALF = "The answer is $\\frac{1}{2}$"
@@ -273,3 +276,30 @@ def test_config_and_reward_registry_agree_on_builtin_names():
     from sluice.rewards import BUILTIN_REWARDS as REGISTRY
 
     assert set(CONFIG_NAMES) == set(REGISTRY)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (1, 1.0), (True, 1.0), (0.5, 0.5), (np.float32(0.25), 0.25), (np.int64(2), 2.0), (np.bool_(True), 1.0),
+    (np.array(0.5), 0.5), (torch.tensor(0.75), 0.75), ({"acc": 1, "len": np.float64(0.5)}, {"acc": 1.0, "len": 0.5}),
+])
+def test_reward_values_that_are_numbers(value, expected) -> None:
+    assert as_reward_value(value, "my_rm.score") == expected
+
+
+@pytest.mark.parametrize(("value", "kind"), [
+    ("1.0", "str"), (b"1", "bytes"), (None, "NoneType"), ([1.0], "list"), (1j, "complex"), (np.array([1.0]), "ndarray"),
+])
+def test_reward_value_that_is_not_a_number_names_function_and_type(value, kind) -> None:
+    with pytest.raises(TypeError, match=rf"my_rm\.score returned a reward that is not a number: .* \({kind}\)"):
+        as_reward_value(value, "my_rm.score")
+    with pytest.raises(TypeError, match=rf"my_rm\.score returned a dict whose 'acc' is not a number: .* \({kind}\)"):
+        as_reward_value({"acc": value}, "my_rm.score")
+
+
+def test_reward_returning_numeric_text_fails_the_sample(tmp_path, monkeypatch) -> None:
+    module = _write_module(tmp_path, monkeypatch, 'def returns_number_text(sample):\n    return "1.0"\n')
+    sample = Sample(prompt="q")
+    asyncio.run(score_samples(get_reward_fn(None, f"{module}.returns_number_text"), [sample], max_concurrency=1))
+    assert sample.status is Status.FAILED
+    assert f"{module}.returns_number_text returned a reward that is not a number: '1.0' (str)" in \
+        sample.metadata["reward_error"]

@@ -350,9 +350,40 @@ def _training(config: Config) -> Iterator[str]:
     rewards_elsewhere = config.rollout.rollout_function_path or config.rollout.agent_function_path
     if config.algorithm.loss_type != "sft_loss" and no_reward and not rewards_elsewhere:
         yield f"--loss-type {config.algorithm.loss_type} needs a reward: set --rm-type or --custom-rm-path"
+    algo = config.algorithm
+    group_of_one = config.rollout.n_samples_per_prompt == 1 and not algo.disable_rewards_normalization
+    if group_of_one and algo.advantage_estimator not in _DISCOUNTED and algo.loss_type != "sft_loss":
+        yield (f"--advantage-estimator {algo.advantage_estimator} with --n-samples-per-prompt 1: a group estimator "
+               "compares the samples of a prompt, so a group of one has advantage 0 and the policy gets no "
+               "gradient; use --n-samples-per-prompt >= 2, or reinforce_plus_plus / ppo, or "
+               "--disable-rewards-normalization")
     rm_type = config.reward.rm_type
     if rm_type is not None and rm_type not in LABEL_FREE_REWARDS and config.data.label_key is None:
         yield f"--rm-type {rm_type} compares responses with a label: set --label-key"
+
+
+def _devices(config: Config) -> Iterator[str]:
+    """A device this machine lacks fails here, not deep in a model load. Ray actors may run on other nodes, so a
+    distributed run's devices are theirs to check."""
+    if config.cluster.distributed:
+        return
+    for flag, name in (("--train-device", config.train.train_device), ("--sglang-device", config.engine.device)):
+        if name == "auto":
+            continue
+        import torch  # only when a device is named: validating a config stays cheap otherwise
+
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            yield f"{flag} {name!r} is not a device: use auto, cpu or cuda[:N]"
+            continue
+        if device.type != "cuda":
+            continue
+        if not torch.cuda.is_available():
+            yield (f"{flag} {name}: this machine has no CUDA device (torch.cuda.is_available() is False); "
+                   "use auto or cpu")
+        elif device.index is not None and device.index >= torch.cuda.device_count():
+            yield f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
 
 
 def _cluster(config: Config) -> Iterator[str]:
@@ -431,7 +462,7 @@ def _async_loop(config: Config) -> Iterator[str]:
 
 _CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
     _batches, _rollout, _sampling, _algorithm, _reward, _hooks, _train, _eval_and_checkpoint, _logging, _debug,
-    _engine, _cluster, _sync, slime_compat_problems)
+    _engine, _devices, _cluster, _sync, slime_compat_problems)
 
 
 def validate(config: Config, *, for_training: bool = True) -> None:

@@ -111,9 +111,24 @@ def _metadata(located: LocatedRow, config: DataConfig) -> dict[str, Any]:
     return metadata
 
 
-def _sample_from_row(located: LocatedRow, config: DataConfig, tokenizer: PromptTokenizer) -> Sample:
+def _label(located: LocatedRow, config: DataConfig, text_reward: str | None) -> Any:
+    """The row's label; a text reward (``text_reward``, its --rm-type) needs a string or number, since an object
+    or array would be compared as its Python text (``"{'a': 1}"``), which a response can match exactly."""
+    label = required_key(located, config.label_key, "--label-key")
+    if text_reward is not None and isinstance(label, (dict, list)):
+        kind = "object" if isinstance(label, dict) else "array"
+        raise DataError(
+            f"{located.where}: label {config.label_key!r} (--label-key) is a JSON {kind} "
+            f"({type(label).__name__}); --rm-type {text_reward} compares text, so give a string or number "
+            "(e.g. a nested key such as --label-key reward_model.ground_truth), or score it with --custom-rm-path"
+        )
+    return label
+
+
+def _sample_from_row(located: LocatedRow, config: DataConfig, tokenizer: PromptTokenizer,
+                     text_reward: str | None) -> Sample:
     prompt = required_key(located, config.input_key, "--input-key")
-    label = required_key(located, config.label_key, "--label-key") if config.label_key else None
+    label = _label(located, config, text_reward) if config.label_key else None
     metadata = _metadata(located, config)
     text = render_prompt(located, prompt, config, tokenizer)
     metadata["prompt_text"] = text
@@ -125,23 +140,28 @@ def _sample_from_row(located: LocatedRow, config: DataConfig, tokenizer: PromptT
     )
 
 
-def check_first_row(spec: str, config: DataConfig) -> None:
+def check_first_row(spec: str, config: DataConfig, *, text_reward: str | None = None) -> None:
     """Fail fast on a wrong path or key: open ``spec`` and look up the configured keys in its first row only.
 
     Cheap for every container (one row is read), so it runs before the tokenizer and models load.
+    ``text_reward``: the --rm-type that compares labels as text, if any (then a label must be a string or number).
     """
     located = next(iter_located_rows(spec))
     required_key(located, config.input_key, "--input-key")
     if config.label_key:
-        required_key(located, config.label_key, "--label-key")
+        _label(located, config, text_reward)
 
 
-def load_prompt_samples(spec: str, config: DataConfig, tokenizer: PromptTokenizer) -> tuple[list[Sample], LoadReport]:
-    """Samples for every usable row of ``spec``, in file order, and a report of what was dropped."""
+def load_prompt_samples(spec: str, config: DataConfig, tokenizer: PromptTokenizer, *,
+                        text_reward: str | None = None) -> tuple[list[Sample], LoadReport]:
+    """Samples for every usable row of ``spec``, in file order, and a report of what was dropped.
+
+    ``text_reward``: as for ``check_first_row``.
+    """
     limit = config.rollout_max_prompt_len
     if limit is not None and limit <= 0:
         raise DataError(f"--rollout-max-prompt-len must be positive, got {limit}")
-    samples = [_sample_from_row(located, config, tokenizer) for located in iter_located_rows(spec)]
+    samples = [_sample_from_row(located, config, tokenizer, text_reward) for located in iter_located_rows(spec)]
     kept = [s for s in samples if limit is None or len(s.prompt_tokens) <= limit]
     report = LoadReport(
         num_rows=len(samples),

@@ -42,23 +42,24 @@ class JsonlShard:
         self.path, self.codec = path, codec
         self._num_rows: int | None = None
 
-    def _open(self) -> IO[str]:
+    def _open(self) -> IO[bytes]:
+        # Bytes, decoded line by line: a text stream decodes ahead in chunks, so its error could not name the line.
         if self.codec is None:
-            return self.path.open("r", encoding="utf-8")
+            return self.path.open("rb")
         if self.codec == "gzip":
-            return io.TextIOWrapper(gzip.open(self.path, "rb"), encoding="utf-8")
+            return gzip.open(self.path, "rb")
         import pyarrow as pa  # pyarrow's zstd codec: no extra dependency for .zst
 
-        return io.TextIOWrapper(pa.CompressedInputStream(pa.OSFile(str(self.path)), "zstd"), encoding="utf-8")
+        return io.BufferedReader(pa.CompressedInputStream(pa.OSFile(str(self.path)), "zstd"))
 
-    def _lines(self) -> Iterator[tuple[int, str]]:
-        """(line number, text) of the non-blank lines; decompression errors name the file."""
+    def _lines(self) -> Iterator[tuple[int, bytes]]:
+        """(line number, bytes) of the non-blank lines; decompression errors name the file."""
         try:
             with self._open() as handle:
-                for number, text in enumerate(handle, start=1):
-                    if text.strip():
-                        yield number, text
-        except (OSError, EOFError, UnicodeDecodeError) as exc:  # pyarrow's codec errors are OSErrors
+                for number, raw in enumerate(handle, start=1):
+                    if raw.strip():
+                        yield number, raw
+        except (OSError, EOFError) as exc:  # pyarrow's codec errors are OSErrors
             raise DataError(f"{self.path}: cannot read as {self.codec or 'utf-8'} jsonl: {exc}") from exc
 
     def num_rows(self) -> int:
@@ -68,12 +69,21 @@ class JsonlShard:
 
     def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
         position = -1
-        for position, (number, text) in enumerate(self._lines()):
+        for position, (number, raw) in enumerate(self._lines()):
             if stop is not None and position >= stop:
                 return
-            if position >= start:  # lines before the range are not parsed at all
-                yield LocatedRow(f"{self.path}:{number}", _parse_line(f"{self.path}:{number}", text))
+            if position >= start:  # lines before the range are not decoded or parsed at all
+                where = f"{self.path}:{number}"
+                yield LocatedRow(where, _parse_line(where, _decode(where, raw)))
         self._num_rows = position + 1  # read to the end: the count comes for free
+
+
+def _decode(where: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not valid UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line "
+                        f"({exc.reason}); re-encode the file as UTF-8, e.g. iconv -f <its encoding> -t utf-8") from exc
 
 
 def _parse_line(where: str, text: str) -> dict[str, Any]:

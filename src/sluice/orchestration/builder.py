@@ -10,12 +10,14 @@ A failure part-way stops whatever was started.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
 from sluice.config import Config, ConfigError, config_to_dict
 from sluice.config.megatron_checks import check_against_checkpoint
+from sluice.config.sections import BUILTIN_REWARDS, LABEL_FREE_REWARDS
 from sluice.data import PromptSource, check_first_row, load_prompt_samples
 from sluice.models.tokenizer import load_tokenizer
 from sluice.observability.progress import ProgressReporter
@@ -51,6 +53,7 @@ def build_run(config: Config, log=print) -> Run:
         check_against_checkpoint(config, log)  # Megatron architecture flags vs config.json; no-op flags logged
         hooks = load_hooks(config)  # every plug-in, checked before anything heavy loads
         _check_data(config)
+        _check_context(config, checkpoint)
         tokenizer = load_tokenizer(checkpoint)
         source, eval_sets = _load_data(config, hooks, tokenizer, log)
         memory = OomAdvice(config)
@@ -103,7 +106,15 @@ def _check_data(config: Config) -> None:
     """Open each prompt set and look up the key flags in its first row: a wrong path or key fails here."""
     train = [config.data.prompt_data] if config.data.prompt_data is not None else []
     for spec in train + [path for _, path in config.eval_sets]:
-        check_first_row(spec, config.data)
+        check_first_row(spec, config.data, text_reward=_text_reward(config))
+
+
+def _text_reward(config: Config) -> str | None:
+    """The built-in --rm-type that compares labels as text (None for a custom or label-free reward)."""
+    rm_type = config.reward.rm_type
+    if config.reward.custom_rm_path is None and rm_type in BUILTIN_REWARDS and rm_type not in LABEL_FREE_REWARDS:
+        return rm_type
+    return None
 
 
 def _load_data(config: Config, hooks: Hooks, tokenizer, log):
@@ -111,18 +122,32 @@ def _load_data(config: Config, hooks: Hooks, tokenizer, log):
     data = prompt_data_config(config, hooks)
     samples = []
     if config.data.prompt_data is not None:
-        samples, report = load_prompt_samples(config.data.prompt_data, data, tokenizer)
+        samples, report = load_prompt_samples(config.data.prompt_data, data, tokenizer,
+                                             text_reward=_text_reward(config))
         _report_load(config, config.data.prompt_data, report, log)
     if hooks.data_source is not None:
         source = hooks.data_source(samples, config.data.rollout_seed, data, tokenizer, hooks.slime_args)
     else:
         source = PromptSource(samples, config.data.rollout_shuffle, config.data.rollout_seed)
+        _warn_batch_beyond_data(config, len(samples), log)
     eval_sets = {}
     for name, path in config.eval_sets:
-        eval_samples, eval_report = load_prompt_samples(path, data, tokenizer)
+        eval_samples, eval_report = load_prompt_samples(path, data, tokenizer, text_reward=_text_reward(config))
         _report_load(config, path, eval_report, log)
         eval_sets[name] = eval_samples
     return source, eval_sets
+
+
+def _warn_batch_beyond_data(config: Config, num_prompts: int, log) -> None:
+    """A rollout larger than the data draws each prompt several times (the source wraps into the next epoch):
+    legitimate, but easily a mistake, e.g. a test file's 8 rows under a 512-prompt batch."""
+    flag, per_rollout = "--rollout-batch-size", config.rollout.rollout_batch_size
+    if config.rollout.over_sampling_batch_size is not None:  # dynamic sampling draws this many per round
+        flag, per_rollout = "--over-sampling-batch-size", config.rollout.over_sampling_batch_size
+    if per_rollout is not None and 0 < num_prompts < per_rollout:
+        log(f"warning: {flag} {per_rollout} is larger than the {num_prompts} prompts of {config.data.prompt_data}: "
+            f"each rollout draws every prompt about {per_rollout / num_prompts:.3g} times; lower {flag} to at most "
+            f"{num_prompts}, or raise --n-samples-per-prompt for more samples of each prompt")
 
 
 def _report_load(config: Config, path: str, report, log) -> None:
@@ -171,6 +196,23 @@ def held_groups(config: Config) -> int:
     batch = config.rollout.rollout_batch_size or 1
     bound = config.staleness_bound
     return batch * max(bound, 1) if config.sync.async_train else batch * (bound + 1)
+
+
+def _check_context(config: Config, checkpoint: str) -> None:
+    """A response budget must leave room for a prompt in the engine's context (prompt + response), read from the
+    checkpoint's config.json before any model loads; the engine would otherwise cap every request silently."""
+    if config.engine.context_length is not None:
+        context, source = config.engine.context_length, "--sglang-context-length"
+    else:
+        context = json.loads((Path(checkpoint) / "config.json").read_text()).get("max_position_embeddings")
+        source = f"max_position_embeddings in {Path(checkpoint) / 'config.json'}"
+    if not isinstance(context, int):
+        return  # a config without the field (e.g. nested text configs): the engine reports what it finds
+    for flag, value in (("--rollout-max-response-len", config.rollout.rollout_max_response_len),
+                        ("--eval-max-response-len", config.eval.eval_max_response_len)):
+        if value is not None and value >= context:
+            raise ConfigError(f"{flag} {value} leaves no room for a prompt in the model's context of {context} "
+                              f"tokens ({source}): set it below {context}, to the longest response you expect")
 
 
 def _check_checkpoint_dir(flag: str, path: str) -> None:

@@ -60,11 +60,27 @@ def _train_knobs(config: Config) -> list[str]:
     ]
 
 
+def _offload_knob(config: Config, stage: str) -> str | None:
+    """The offload flag that frees the other pool's memory for ``stage``, where the pools share devices (one
+    process, or --colocate) and it is not on yet."""
+    cluster = config.cluster
+    if cluster.offload or (cluster.distributed and not cluster.colocate):
+        return None
+    if stage == "train" and not cluster.offload_rollout:
+        return ("--offload-rollout (now off): the engines release their KV cache and weights while the trainer "
+                "trains (--offload: both turns)")
+    if stage != "train" and not cluster.offload_train:
+        return ("--offload-train (now off): the trainer's weights and optimizer state move to host memory while "
+                "the engines generate (--offload: both turns)")
+    return None
+
+
 def oom_advice(config: Config, stage: str) -> str:
-    """What to lower when ``stage`` (engine start, rollout, eval, train) runs out of memory."""
+    """What to lower (or turn on) when ``stage`` (engine start, rollout, eval, train) runs out of memory."""
     knobs = _train_knobs(config) if stage == "train" else _engine_knobs(config)
-    return (f"out of memory during {stage}. Lower one of:\n  " + "\n  ".join(knobs) +
-            "\n(slime's --offload-train / --offload-rollout do not exist in the single-process mode yet.)")
+    advice = f"out of memory during {stage}. Lower one of:\n  " + "\n  ".join(knobs)
+    offload = _offload_knob(config, stage)
+    return advice + (f"\nOr turn on:\n  {offload}" if offload else "")
 
 
 @contextmanager

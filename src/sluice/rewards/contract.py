@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Awaitable, Callable
 
 from sluice.types import Sample
@@ -29,7 +30,14 @@ def as_reward_value(value: object, source: str) -> RewardValue:
 
 
 def _as_float(value: object, what: str) -> float:
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} is not a number: {value!r} ({type(value).__name__})") from exc
+    # float() alone would accept the text "1.0" (and "nan"): a reward that returns text is a bug to report,
+    # not a number to parse. bool, int, float and numpy scalars are numbers.Real; numpy's bool_ is not, and a
+    # 0-d array or tensor holds its number behind ``item()``.
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        item = value.item()  # type: ignore[union-attr]
+        if isinstance(item, numbers.Real):
+            return float(item)
+    raise TypeError(f"{what} is not a number: {value!r} ({type(value).__name__}); return an int, float or bool, "
+                    "or a dict of them with the reward under --reward-key")

@@ -1,0 +1,60 @@
+"""Bad flags fail before any model loads, with a message that names the flag(s) and what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sluice.config import ConfigError, parse_config, validate
+
+# A minimal training run that passes validation; each test breaks one thing.
+VALID_TRAINING = [
+    "--hf-checkpoint", "models/tiny", "--prompt-data", "data/train.jsonl",
+    "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--rm-type", "math", "--label-key", "answer",
+]
+
+
+def problems_of(*flags: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        validate(parse_config([*VALID_TRAINING, *flags]))
+    return str(caught.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("flag", ["--train-device", "--sglang-device"])
+def test_cuda_device_without_cuda_names_flag(flag: str) -> None:
+    assert f"{flag} cuda: this machine has no CUDA device" in problems_of(flag, "cuda")
+    assert f"{flag} cuda:1: this machine has no CUDA device" in problems_of(flag, "cuda:1")
+
+
+@pytest.mark.parametrize("flag", ["--train-device", "--sglang-device"])
+def test_unknown_device_names_flag(flag: str) -> None:
+    assert f"{flag} 'gpu0' is not a device: use auto, cpu or cuda[:N]" in problems_of(flag, "gpu0")
+
+
+def test_cpu_and_auto_devices_pass() -> None:
+    validate(parse_config([*VALID_TRAINING, "--train-device", "cpu", "--sglang-device", "auto"]))
+
+
+def test_distributed_run_leaves_devices_to_its_actors() -> None:
+    validate(parse_config([*VALID_TRAINING, "--orchestrator", "ray", "--train-device", "cuda"]))
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "gspo", "cispo", "reinforce_plus_plus_baseline"])
+def test_group_estimator_with_one_sample_names_both_flags(estimator: str) -> None:
+    message = problems_of("--advantage-estimator", estimator, "--n-samples-per-prompt", "1")
+    assert f"--advantage-estimator {estimator} with --n-samples-per-prompt 1" in message
+    assert "advantage 0" in message and "no gradient" in message
+
+
+@pytest.mark.parametrize("flags", [
+    ["--advantage-estimator", "reinforce_plus_plus"],
+    ["--advantage-estimator", "grpo", "--disable-rewards-normalization"],  # plain REINFORCE on the raw reward
+    ["--loss-type", "sft_loss"],
+])
+def test_one_sample_per_prompt_where_it_learns(flags: list[str]) -> None:
+    validate(parse_config([*VALID_TRAINING, "--n-samples-per-prompt", "1", *flags]))
+
+
+def test_one_sample_per_prompt_outside_training() -> None:
+    validate(parse_config(["--n-samples-per-prompt", "1"]), for_training=False)  # eval and serve compute no advantage
