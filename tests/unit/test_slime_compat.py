@@ -151,6 +151,13 @@ def test_refused_values_say_why(extra, expected) -> None:
         validate(parse_config(VALID + extra))
 
 
+def test_warmup_longer_than_the_run_is_refused_only_where_the_rate_decays() -> None:
+    short = VALID + ["--num-rollout", "2", "--n-samples-per-prompt", "2", "--lr-warmup-iters", "5"]
+    validate(parse_config(short))  # constant after warmup: nothing decays, so nothing to overrun
+    with pytest.raises(ConfigError, match="--lr-warmup-iters 5 is longer than --lr-decay-iters 2"):
+        validate(parse_config(short + ["--lr-decay-style", "cosine", "--lr-decay-iters", "2"]))
+
+
 def test_every_flag_of_the_table_is_understood() -> None:
     parser_flags = {option for action in build_parser()._actions for option in action.option_strings}
     for flag, (treatment, _) in FLAGS.items():

@@ -156,7 +156,8 @@ def _schedule(train) -> Iterator[str]:
     if train.lr_decay_style != "constant" and not train.lr_decay_iters:
         yield (f"--lr-decay-style {train.lr_decay_style} decays over --lr-decay-iters optimizer steps: set it "
                "(or --num-rollout, from which it is derived)")
-    if train.lr_decay_iters and train.lr_warmup_fraction is None and train.lr_warmup_iters > train.lr_decay_iters:
+    if (train.lr_decay_style != "constant" and train.lr_decay_iters and train.lr_warmup_fraction is None
+            and train.lr_warmup_iters > train.lr_decay_iters):  # a constant rate after warmup never decays
         yield (f"--lr-warmup-iters {train.lr_warmup_iters} is longer than --lr-decay-iters {train.lr_decay_iters}")
 
 
