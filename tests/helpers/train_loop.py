@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from pathlib import Path
 
 from sluice.config import parse_config, validate
@@ -36,12 +38,13 @@ def flags(model: Path, data: Path, run_dir: Path, save: Path, num_rollout: int, 
     ]
 
 
-def run_loop(argv: list[str]) -> Run:
+def run_loop(argv: list[str], loop: Callable[[Run], None] = train_sync) -> Run:
+    """Parse, check, build and run ``loop`` (default the sync loop; ``loops.train`` picks by --async), then close."""
     config = parse_config(argv)
     validate(config)
     run = build_run(config, log=lambda line: None)
     try:
-        train_sync(run)
+        loop(run)
     finally:
         run.close()
     return run

@@ -26,19 +26,14 @@ from sluice.rollout.manager import RolloutManager
 from sluice.rollout.streaming import StreamingRollout
 from sluice.types import Sample, SamplingParams, Status
 from helpers.train_process import kill_after_first_checkpoint
+from helpers import train_loop
 from helpers.train_loop import N_SAMPLES, NUM_ROLLOUT, ROLLOUT_BATCH, SEED, flags
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 
 
 def run_loop(argv: list[str]) -> None:
-    config = parse_config(argv)
-    validate(config)
-    run = build_run(config, log=lambda line: None)
-    try:
-        train(run)
-    finally:
-        run.close()
+    train_loop.run_loop(argv, loop=train)
 
 
 def trained_prompts(rollout_dir: Path, num_rollout: int) -> list[str]:

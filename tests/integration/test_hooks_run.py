@@ -9,11 +9,10 @@ import json
 import pytest
 
 from sluice.cli import main
-from sluice.config import parse_config, validate
 from sluice.demo.model import build_checkpoint
-from sluice.loops import train_sync
 from sluice.observability.metrics import read_metrics
-from sluice.orchestration import build_run
+
+from helpers.train_loop import run_loop
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 SLIME_GENERATE = '''
@@ -52,14 +51,8 @@ def base(task, run_dir, *extra) -> list[str]:
 
 
 def run(argv: list[str]) -> list[dict]:
-    config = parse_config(argv)
-    validate(config)
-    local = build_run(config, log=lambda line: None)
-    try:
-        train_sync(local)
-    finally:
-        local.close()
-    return [r for r in read_metrics(config.logging.run_dir + "/metrics.jsonl") if "rollout/num_samples" in r]
+    finished = run_loop(argv)
+    return [r for r in read_metrics(finished.config.logging.run_dir + "/metrics.jsonl") if "rollout/num_samples" in r]
 
 
 def test_rollout_buffer_filter_advantage_eval_and_reward_plugins(task, tmp_path):
