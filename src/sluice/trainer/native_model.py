@@ -72,7 +72,6 @@ class NativeForward:
         self.device, self.compute_dtype = device, compute_dtype
         self.chunk_size, self.recompute = chunk_size, recompute
         self._rotate = compile_op(eager_rotary) if device.type == "cuda" else eager_rotary
-        self._norm = decoder_ops(device).rms_norm
 
     def token_logprobs(self, model: DecoderLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        temperature: float, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,7 +84,7 @@ class NativeForward:
         lengths = attention_mask.sum(dim=1)
         attention = PackedCausalAttention(cu_seqlens_from_lengths(lengths, input_ids.device),
                                           int(lengths.max().item()) if lengths.numel() else 0,
-                                          norm=self._norm, rotate=self._rotate)
+                                          norm=model.ops.rms_norm, rotate=self._rotate)
         tokens = packing.input_ids[0]
         rows = packing.target_index[packing.target_valid]  # packed position t predicts packed token t + 1
 
