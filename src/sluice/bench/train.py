@@ -35,7 +35,6 @@ from sluice.bench.train_timing import TrainTimes, time_steps
 from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.device import resolve_device
 from sluice.trainer.batching import collate, micro_batch_rows
-from sluice.trainer.token_budget import DecoderShape, derived_token_budget
 from sluice.types import Sample, TrainBatch
 
 H100_DENSE_BF16_TFLOPS = 989.0
@@ -107,22 +106,6 @@ def train_config(args: argparse.Namespace, device: torch.device) -> TrainConfig:
                        recompute_num_layers=args.recompute_num_layers)
 
 
-def resolve_token_budget(trainer, config: TrainConfig, model_config) -> None:
-    """Fill in --max-tokens-per-gpu where the trainer left it unset, with its documented default
-    (token_budget.derived_token_budget on the loaded model), so the micro-batches counted here are the ones
-    the trainer runs."""
-    if not config.use_dynamic_batch_size or config.max_tokens_per_gpu is not None:
-        return
-    shape = DecoderShape.of(model_config)
-    recomputed = 0
-    if config.recompute_granularity == "full":
-        recomputed = shape.num_layers if config.recompute_method == "uniform" else \
-            min(config.recompute_num_layers, shape.num_layers)
-    num_params = sum(p.numel() for p in trainer.model.parameters())
-    element_bytes = torch.finfo(getattr(torch, config.train_dtype)).bits // 8
-    config.max_tokens_per_gpu = derived_token_budget(trainer.device, shape, num_params, element_bytes, recomputed)
-
-
 def batching_report(batch: TrainBatch, config: TrainConfig) -> dict:
     """How the trainer splits the batch: micro-batch count and the tokens it computes, padding included."""
     lengths = batch.attention_mask.sum(dim=1)
@@ -141,7 +124,6 @@ def time_our_trainer(path: str, samples: list[Sample], args, config: TrainConfig
     started = time.perf_counter()
     trainer = TorchTrainer(path, config, AlgorithmConfig(), temperature=1.0)
     startup = time.perf_counter() - started
-    resolve_token_budget(trainer, config, model_config)
     advantages = torch.randn(len(samples), generator=torch.Generator().manual_seed(args.seed)).tolist()
     batch = collate(samples, advantages, pad_id=0)
 
@@ -150,7 +132,7 @@ def time_our_trainer(path: str, samples: list[Sample], args, config: TrainConfig
 
     times = time_steps(trainer.device, args.warmup_steps, args.steps, lambda: trainer.train_step(batch),
                        getattr(trainer, "optimizer", None), old_logprobs if args.with_old_logprobs else None)
-    return times, {"trainer_startup_s": round(startup, 2), "batching": batching_report(batch, config)}
+    return times, {"trainer_startup_s": round(startup, 2), "batching": batching_report(batch, trainer.config)}
 
 
 def figures(times: TrainTimes, tokens: int, flops_train: int, flops_forward: int, peak_tflops: float | None) -> dict:

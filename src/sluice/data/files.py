@@ -14,18 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sluice.data.containers import KINDS, shards_of
+from sluice.data.containers import shards_of
 from sluice.data.rows import DataError, LocatedRow
 from sluice.data.shards import Shard
 
-SUPPORTED_EXTENSIONS = KINDS
 
 # ``path@[a:b]``: the path is everything before the last "@[" that closes with "]" at the very end.
 _SLICED = re.compile(r"^(?P<path>.+)@\[(?P<body>[^\[\]]*)\]$")
 _SLICE_BODY = re.compile(r"^\s*(?P<start>[+-]?\d+)?\s*:\s*(?P<stop>[+-]?\d+)?\s*$")
 
-__all__ = ["DataError", "LocatedRow", "SUPPORTED_EXTENSIONS", "parse_spec", "iter_located_rows",
-           "read_located_rows", "read_rows", "count_rows"]
+__all__ = ["DataError", "LocatedRow", "parse_spec", "iter_located_rows", "read_rows", "count_rows"]
 
 
 def parse_spec(spec: str) -> tuple[Path, slice | None]:
@@ -97,11 +95,6 @@ def iter_located_rows(spec: str) -> Iterator[LocatedRow]:
             what = "file has" if len(shards) == 1 and path.is_file() else f"its {len(shards)} shard(s) have"
             raise DataError(f"{path}: {what} no rows (empty, or only blank lines)")
         raise _empty_slice(path, cut, total)
-
-
-def read_located_rows(spec: str) -> list[LocatedRow]:
-    """Every row of ``spec`` with its place, as a list."""
-    return list(iter_located_rows(spec))
 
 
 def read_rows(spec: str) -> list[dict[str, Any]]:

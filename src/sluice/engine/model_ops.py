@@ -11,12 +11,10 @@ attention backend the model is called with.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
-
-from dataclasses import dataclass
-from typing import Any
 
 from sluice.engine.attention import store_kv
 from sluice.models.fused import EAGER_OPS as EAGER_DECODER_OPS, DecoderOps, compile_op, decoder_ops, rms_norm, rotary

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig
 
 from sluice.models.attention import AttentionBackend
-from sluice.models.fused import DecoderOps
+from sluice.models.fused import EAGER_OPS, DecoderOps
 from sluice.models.layers import RMSNorm, RotaryEmbedding
 
 
@@ -126,7 +126,7 @@ class DecoderLM(nn.Module):
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         head_dim = self.layers[0].self_attn.head_dim
         self.rotary = RotaryEmbedding(config, head_dim, max_positions)
-        self.ops: DecoderOps | None = None  # set by whoever runs the model (engine: model_ops; trainer: fused)
+        self.ops: DecoderOps = EAGER_OPS  # the runner swaps in compiled ops on GPU (engine: model_ops; trainer)
 
     @property
     def num_kv_heads(self) -> int:
@@ -156,8 +156,8 @@ class DecoderLM(nn.Module):
         return hidden if head is None else head(hidden, self.lm_head_weight)
 
     def _run_layers(self, first, end, hidden, residual, positions, attention, recompute_core):
-        for layer in self.layers[first:end]:
-            hidden, residual = layer(hidden, residual, positions, self.rotary, attention, self.ops, recompute_core)
+        for index in range(first, end):  # indexing, not a slice: slicing builds a new ModuleList each call
+            hidden, residual = self.layers[index](hidden, residual, positions, self.rotary, attention, self.ops, recompute_core)
         return hidden, residual
 
     @property

@@ -23,6 +23,7 @@ Backends (``attention_backend`` picks one per call; ``backend=`` forces one):
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,11 +114,17 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> None:
         raise ValueError(f"cu_seqlens must be [S + 1], got shape {tuple(cu_seqlens.shape)}")
 
 
+@functools.cache
+def _varlen_parameters(varlen_attn) -> frozenset[str]:
+    """``varlen_attn``'s keyword names, read once per function (this runs in every layer's forward)."""
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> Tensor:
     """One ``varlen_attn`` call, its arguments matched to the installed torch's signature."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_parameters(varlen_attn)
     kwargs: dict = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "scale" in params:
         kwargs["scale"] = scale

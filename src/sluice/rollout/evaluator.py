@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from sluice.config import EvalConfig, RolloutConfig
 from sluice.rollout.evaluation import EvalFn, EvalRequest
-from sluice.rollout.finish import MemoryGuard
+from sluice.rollout.finish import MemoryGuard, scalar_rewards
 from sluice.rollout.manager import RolloutManager
 from sluice.rollout.sampling import sampling_params
 from sluice.rollout.step import PromptBatches
@@ -45,7 +45,7 @@ class Evaluator:
                     samples, self.eval.n_samples_per_eval_prompt, sampling_params(self.rollout, self.eval),
                     shape_rewards=False)
             self.memory.check_engines(groups)
-            rewards = [r for g in groups for r in self.manager.rewards(g)]
+            rewards = [r for group_rewards in scalar_rewards(groups, self.manager) for r in group_rewards]
             out[f"eval/{name}/reward_mean"] = statistics.fmean(rewards)
             out[f"eval/{name}/accuracy"] = sum(r >= 1.0 for r in rewards) / len(rewards)
             num_tokens += sum(s.response_length for g in groups for s in g.samples)

@@ -21,7 +21,6 @@ step); the next push builds a new one under a new name and port.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import time
 import uuid
@@ -31,6 +30,7 @@ from urllib.parse import urlparse
 import httpx
 import torch
 
+from sluice.net.auth import is_loopback
 from sluice.sync.buckets import Bucket, plan_buckets
 from sluice.sync.engine_calls import HttpClientPerLoop, call_engine, is_sluice_engine
 from sluice.sync.interface import (
@@ -209,18 +209,9 @@ def _shut_down(group: WeightGroup | None, failed: bool = False) -> None:
 
 def _master_address(urls: list[str]) -> str:
     hosts = [urlparse(url).hostname or "127.0.0.1" for url in urls]
-    if all(_is_loopback(host) for host in hosts):
+    if all(is_loopback(host) for host in hosts):
         return "127.0.0.1"
     return local_address_towards(hosts[0], urlparse(urls[0]).port or 80)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def free_port(address: str) -> int:

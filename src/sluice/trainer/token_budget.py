@@ -56,14 +56,13 @@ def activation_bytes_per_token(shape: DecoderShape, element_bytes: int, recomput
 
 
 def derived_token_budget(device: torch.device, shape: DecoderShape, num_params: int, element_bytes: int,
-                         recomputed_layers: int = 0, optimizer_state_allocated: bool = False) -> int:
+                         recomputed_layers: int = 0) -> int:
     """The --max-tokens-per-gpu default on ``device`` (see the module docstring)."""
     if device.type != "cuda":
         return CPU_TOKEN_BUDGET
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if not optimizer_state_allocated:
-        free -= 12 * num_params  # float32 gradients (4 bytes) and AdamW's two moments (8 bytes)
+    free -= 12 * num_params  # float32 gradients (4 bytes) and AdamW's two moments (8 bytes), allocated lazily
     per_token = activation_bytes_per_token(shape, element_bytes, recomputed_layers)
     budget = int(max(free, 0) * FREE_MEMORY_USE) // per_token
     return max(MIN_TOKEN_BUDGET, budget)

@@ -97,10 +97,8 @@ class TorchTrainer:
             return train.max_tokens_per_gpu
         config = self.model.config
         num_params = sum(p.numel() for p in self.model.parameters())
-        recomputed = 0
-        if train.recompute_granularity == "full":
-            plan = recompute_plan(train.recompute_granularity, train.recompute_method, train.recompute_num_layers)
-            recomputed = sum(end - first for first, end, on in plan.segments(config.num_hidden_layers) if on)
+        plan = self.native.recompute if self.native is not None else None  # the HF class never recomputes
+        recomputed = sum(end - first for first, end, on in plan.segments(config.num_hidden_layers) if on) if plan else 0
         element_bytes = torch.finfo(self.compute_dtype).bits // 8
         return derived_token_budget(self.device, DecoderShape.of(config), num_params, element_bytes, recomputed)
 
@@ -216,7 +214,13 @@ class TorchTrainer:
         """The actor's full weights by HF name in the compute dtype, on every rank (detached; views of the float32
         masters when that is the compute dtype, else bf16 copies; FSDP gathers them: a collective)."""
         weights = self._hf_names(self.data_parallel.full_weights(self.model), with_tied_head=True)
-        return {name: tensor.to(self.compute_dtype) for name, tensor in weights.items()}
+        cast: dict[tuple, torch.Tensor] = {}  # a tied head and embedding share storage: cast it once
+        for name, tensor in weights.items():
+            key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+            if key not in cast:
+                cast[key] = tensor.to(self.compute_dtype)
+            weights[name] = cast[key]
+        return weights
 
     def _hf_names(self, state: dict[str, torch.Tensor], with_tied_head: bool = False) -> dict[str, torch.Tensor]:
         return hf_state(self.model, state, with_tied_head) if self.native is not None and state else state
