@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from sluice.models.decoder import DecoderLM
+from sluice.models.hf_layout import split_sizes, to_hf
 from sluice.weights.safetensors_files import iter_safetensors, safetensors_shapes
 
 
@@ -34,7 +35,6 @@ ARCHITECTURES = {
 }
 
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def build_model(config: PretrainedConfig, device: torch.device, dtype: torch.dtype) -> DecoderLM:
@@ -82,7 +82,11 @@ def load_hf_weights(model: DecoderLM, weights: Mapping[str, torch.Tensor] | str 
     else:
         shapes = safetensors_shapes(weights)
         items = iter_safetensors(weights)
-    targets = {name: _target(model, name) for name in shapes if not _IGNORED.match(name)}
+    named = _hf_targets(model)
+    unknown = [name for name in shapes if name not in named and not _IGNORED.match(name)]
+    if unknown:
+        raise KeyError(f"weight {unknown[0]!r} does not exist in the engine's model")
+    targets = {name: named[name] for name in shapes if name in named}
     for name, target in targets.items():
         if tuple(target.shape) != shapes[name]:
             raise ValueError(f"weight {name!r}: shape {shapes[name]} does not match the engine's {tuple(target.shape)}")
@@ -94,70 +98,18 @@ def load_hf_weights(model: DecoderLM, weights: Mapping[str, torch.Tensor] | str 
 
 def hf_named_tensors(model: DecoderLM) -> dict[str, torch.Tensor]:
     """The model's weights under HF names (views into the fused parameters): for checks and checksums."""
-    return {name: _target(model, name) for name in _required_names(model)}
+    return to_hf(dict(model.named_parameters()), split_sizes(model), tied=model.lm_head is None)
 
 
-def _target(model: DecoderLM, hf_name: str) -> torch.Tensor:
-    """The tensor (a view for fused projections) that an HF-named weight is copied into."""
-    if hf_name == "model.embed_tokens.weight":
-        return model.embed_tokens.weight
-    if hf_name == "model.norm.weight":
-        return model.norm.weight
-    if hf_name == "lm_head.weight":
-        return model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    match = _LAYER.match(hf_name)
-    if match is None or int(match.group(1)) >= len(model.layers):
-        raise KeyError(f"weight {hf_name!r} does not exist in the engine's model")
-    layer, rest = model.layers[int(match.group(1))], match.group(2)
-    attention = layer.self_attn
-    q, kv = attention.q_size, attention.kv_size
-    blocks = {
-        "self_attn.q_proj": (attention.qkv_proj, 0, q),
-        "self_attn.k_proj": (attention.qkv_proj, q, q + kv),
-        "self_attn.v_proj": (attention.qkv_proj, q + kv, q + 2 * kv),
-        "mlp.gate_proj": (layer.mlp.gate_up_proj, 0, layer.mlp.down_proj.in_features),
-        "mlp.up_proj": (layer.mlp.gate_up_proj, layer.mlp.down_proj.in_features, 2 * layer.mlp.down_proj.in_features),
-    }
-    module_name, _, kind = rest.rpartition(".")
-    if module_name in blocks:
-        module, start, stop = blocks[module_name]
-        tensor = getattr(module, kind, None)
-        if tensor is not None:
-            return tensor[start:stop]
-    else:
-        tensor = _plain(layer, rest)
-        if tensor is not None:
-            return tensor
-    raise KeyError(f"weight {hf_name!r} does not exist in the engine's model")
-
-
-def _plain(module: torch.nn.Module, dotted: str) -> torch.Tensor | None:
-    try:
-        tensor = module.get_parameter(dotted)
-    except AttributeError:
-        return None
-    return tensor
+def _hf_targets(model: DecoderLM) -> dict[str, torch.Tensor]:
+    """Every HF name a weight may arrive under -> the tensor (a view for fused projections) it is copied into.
+    A tied model also takes ``lm_head.weight`` (some checkpoints of tied models carry it) into the embedding."""
+    targets = {name: tensor.detach() for name, tensor in hf_named_tensors(model).items()}
+    if model.lm_head is None:
+        targets["lm_head.weight"] = targets["model.embed_tokens.weight"]
+    return targets
 
 
 def _required_names(model: DecoderLM) -> list[str]:
     """HF names that together cover every parameter of the model."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if model.lm_head is not None:
-        names.append("lm_head.weight")
-    for index, layer in enumerate(model.layers):
-        prefix = f"model.layers.{index}."
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            names.append(f"{prefix}self_attn.{proj}.weight")
-            if layer.self_attn.qkv_proj.bias is not None:
-                names.append(f"{prefix}self_attn.{proj}.bias")
-        names.append(f"{prefix}self_attn.o_proj.weight")
-        if layer.self_attn.o_proj.bias is not None:
-            names.append(f"{prefix}self_attn.o_proj.bias")
-        if layer.self_attn.q_norm is not None:
-            names += [f"{prefix}self_attn.q_norm.weight", f"{prefix}self_attn.k_norm.weight"]
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            names.append(f"{prefix}mlp.{proj}.weight")
-            if layer.mlp.down_proj.bias is not None:
-                names.append(f"{prefix}mlp.{proj}.bias")
-        names += [f"{prefix}input_layernorm.weight", f"{prefix}post_attention_layernorm.weight"]
-    return names
+    return list(hf_named_tensors(model))
