@@ -12,6 +12,7 @@ from typing import Any
 
 from sluice.engine.clients.http import HttpEngineClient
 from sluice.engine.clients.router import MultiEngineClient
+from sluice.net.transport import bearer_headers
 from sluice.types import Sample, SampleGroup
 
 ENGINE_START_TIMEOUT_S = 600.0
@@ -57,7 +58,7 @@ class RayEnginePool:
 
     @property
     def _auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return bearer_headers(self.api_key)
 
     def lost(self, timeout_s: float | None = None) -> list[int]:
         """Engines whose actor died, or whose engine does not generate one token within ``timeout_s`` (default

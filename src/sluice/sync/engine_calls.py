@@ -12,6 +12,8 @@ import ssl
 
 import httpx
 
+from sluice.net.transport import bearer_headers
+
 SLUICE_ENGINE = "sluice"  # /get_server_info's "engine" field on our server; SGLang reports none
 
 
@@ -45,10 +47,6 @@ class HttpClientPerLoop:
         if self._client is not None and self._loop is asyncio.get_running_loop():
             await self._client.aclose()
         self._client = self._loop = None
-
-
-def bearer_headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 async def call_engine(http: httpx.AsyncClient, url: str, path: str, body: dict | None, timeout_s: float) -> dict:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import httpx
 import torch
 
-from sluice.sync.engine_calls import bearer_headers, call_engine
+from sluice.net.transport import bearer_headers
+from sluice.sync.engine_calls import call_engine
 from sluice.sync.interface import NamedWeights
 from sluice.weights.buckets import named_checksums
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from sluice.engine.clients.protocol import EngineUnavailable, FinishReason, GenerateRequest, GenerateResult, NamedTensors
-from sluice.net.transport import TRANSPORT_ERRORS
+from sluice.net.transport import TRANSPORT_ERRORS, bearer_headers
 from sluice.types import SamplingParams
 
 
@@ -54,7 +54,7 @@ class HttpEngineClient:
     def __init__(self, base_url: str, options: HttpClientOptions = HttpClientOptions(), api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.options = options
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = bearer_headers(api_key)
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._last_version = 0  # for servers whose responses carry no weight version
