@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -25,6 +26,7 @@ from sluice.engine.clients.protocol import GenerateRequest
 from sluice.engine.server.app import BackgroundServer
 from sluice.engine.server.context import ServerContext
 from sluice.net.auth import ApiKeys, is_loopback
+from sluice.net.listener import bind_listener
 from sluice.rollout.gateway import AgentGateway
 from sluice.types import SamplingParams
 from helpers.servers import CPU
@@ -156,6 +158,20 @@ def test_listening_beyond_loopback_needs_a_key(engine, lively_checkpoint, capsys
         parse_serve_args(["--model", "/m", "--api-key", "two words"])
     with pytest.raises(ConfigError, match="without an API key"):
         AgentGateway(InProcessClient(engine), engine.tokenizer, engine.context_len, host="0.0.0.0")
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(tmp_path, capsys):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:  # the model path does not exist: the port must be checked first
+        assert main(["serve", "--model", str(tmp_path / "absent"), "--port", str(port)]) == 2
+        with pytest.raises(ConfigError, match=f"the agent gateway: cannot listen on 127.0.0.1:{port}"):
+            bind_listener("127.0.0.1", port, "the agent gateway")
+    finally:
+        taken.close()
+    assert f"--host 127.0.0.1 --port {port}: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 def test_the_gateway_checks_its_key(engine):

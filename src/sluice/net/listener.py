@@ -15,8 +15,9 @@ import uvicorn
 from sluice.errors import ConfigError
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; connections made before the server loop starts wait in its backlog."""
+def bind_listener(host: str, port: int, owner: str) -> socket.socket:
+    """A listening TCP socket; connections made before the server loop starts wait in its backlog. ``owner`` names
+    what asked for it in the error (the flag that set the port, or the server it is for)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it, a response
     # written in two parts (headers, body) waits out the client's delayed ACK, 40 ms per keep-alive call.
@@ -26,7 +27,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
         listener.bind((host, port))
     except OSError as error:
         listener.close()
-        raise ConfigError(f"--port {port}: cannot listen on {host}:{port}: {error.strerror}") from None
+        raise ConfigError(f"{owner}: cannot listen on {host}:{port}: {error.strerror}") from None
     listener.listen(2048)
     return listener
 

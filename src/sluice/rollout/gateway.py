@@ -83,7 +83,7 @@ class AgentGateway:
         self.keys = ApiKeys(api_key)
         self.max_body_bytes = max_body_bytes
         check_exposure(host, self.keys, False, "the agent gateway", "api_key", allow_flag=None)
-        self.listener = bind_listener(host, port)
+        self.listener = bind_listener(host, port, "the agent gateway")
         self.host, self.port = host, self.listener.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self._app(), log_level="warning"))

@@ -68,7 +68,8 @@ def run_server(args: ServeArgs) -> int:
     from sluice.engine.local_engine import LocalEngine
 
     check_server_exposure(args.host, args.engine, args.allow_unauthenticated)
-    listener = bind_listener(args.host, args.port)  # first, so a busy port fails before the model loads
+    # first, so a busy port fails before the model loads
+    listener = bind_listener(args.host, args.port, f"--host {args.host} --port {args.port}")
     engine = LocalEngine(args.model_path, args.engine)
     port = listener.getsockname()[1]
     ctx = ServerContext(engine, args.model_path, args.served_model_name or args.model_path, args.engine,
@@ -106,7 +107,7 @@ class BackgroundServer:
     def __init__(self, ctx: ServerContext, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
                  allow_unauthenticated: bool = False):
         check_server_exposure(host, ctx.engine_config, allow_unauthenticated)
-        self.listener = bind_listener(host, port)
+        self.listener = bind_listener(host, port, "the engine server")
         ctx.host, ctx.port = host, self.listener.getsockname()[1]  # the real port, for /get_server_info
         self.url = f"http://{host}:{ctx.port}"
         self.server = uvicorn.Server(uvicorn_config(build_app(ctx), log_level))
