@@ -8,7 +8,7 @@ import pytest
 from sluice.observability import plot_panels
 from sluice.observability.plot_data import STAGE_COLOURS, ema, metric_colour, smoothing_weight
 
-NUM_STEPS = 20
+NUM_STEPS = 40  # enough points to be smoothed
 
 
 def sync_records(num_steps: int = NUM_STEPS) -> list[dict]:
@@ -84,6 +84,11 @@ def test_the_reward_panel_has_a_mean_plus_minus_std_band_and_the_signal_fraction
     assert band.high[4] == pytest.approx(records[4]["rollout/reward_mean"] + 0.1)
     assert plot.axis("fractions of the rollout batch").keys == [
         "rollout/accuracy", "rollout/zero_std_group_fraction", "rollout/truncated_frac"]
+    assert titles(plot) == ["rollout reward", "fractions of the rollout batch"]  # no eval points, no eval panel
+    with_eval = records + [{"step": 0, "eval/say7/accuracy": 0.5, "eval/say7/reward_mean": 0.5}]
+    evals = plot_panels.rewards(with_eval).axis("eval")
+    assert [line.key for line in evals.lines] == ["eval/say7/accuracy"]
+    assert [line.key for line in evals.right] == ["eval/say7/reward_mean"]  # its own scale, on the right
 
 
 def test_lines_on_one_axis_differ_in_dash_and_marker():
@@ -97,8 +102,8 @@ def test_long_series_are_smoothed_short_ones_are_not():
     assert line.smoothed is not None and line.smoothed != line.values
     (short,) = plot_panels.reward_axis(sync_records(num_steps=5)).lines
     assert short.smoothed is None
-    assert smoothing_weight(9) == 0.0 and smoothing_weight(20) == pytest.approx(0.5)
-    assert smoothing_weight(1000) == 0.9
+    assert smoothing_weight(20) == 0.0 and smoothing_weight(60) == pytest.approx(0.5)
+    assert smoothing_weight(10_000) == 0.9
     # debiased: a constant series stays that constant from the first point; by hand for 0, 1 at weight 0.5
     assert ema([2.0, 2.0, 2.0], 0.5) == pytest.approx([2.0, 2.0, 2.0])
     assert ema([0.0, 1.0], 0.5) == pytest.approx([0.0, 0.5 / 0.75])

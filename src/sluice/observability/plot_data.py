@@ -36,7 +36,8 @@ METRIC_COLOURS = {
 }
 DASHES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v")
-MIN_POINTS_TO_SMOOTH = 10
+SMOOTHING_SPAN_FRACTION = 1 / 20  # the moving average spans about this share of the run's points
+MAX_SMOOTHING_WEIGHT = 0.9
 
 
 def metric_colour(key: str) -> str:
@@ -54,11 +55,16 @@ def metric_colour(key: str) -> str:
 
 
 def smoothing_weight(num_points: int) -> float:
-    """EMA weight for a series of ``num_points``: none below MIN_POINTS_TO_SMOOTH (each point matters), then
-    an average over about the last tenth of the run, at most 0.9."""
-    if num_points < MIN_POINTS_TO_SMOOTH:
+    """EMA weight for a series of ``num_points``: light, so the curve does not lag the run.
+
+    An EMA of weight w averages over about (1 + w) / (1 - w) points; that span is set to a twentieth of the
+    series, so up to 20 points nothing is smoothed (each point matters), 60 points get w = 0.5, and a long run
+    at most MAX_SMOOTHING_WEIGHT.
+    """
+    span = num_points * SMOOTHING_SPAN_FRACTION
+    if span <= 1.0:
         return 0.0
-    return min(0.9, 1.0 - 10.0 / num_points)
+    return min(MAX_SMOOTHING_WEIGHT, (span - 1.0) / (span + 1.0))
 
 
 def ema(values: list[float], weight: float) -> list[float]:

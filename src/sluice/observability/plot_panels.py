@@ -51,13 +51,14 @@ def overview(records: Records) -> Plot:
 
 def rewards(records: Records) -> Plot:
     """Reward mean +- std; the batch fractions that say whether it can learn (accuracy, groups without a reward
-    spread, truncation); eval."""
+    spread, truncation); eval, when the run has eval points."""
     fraction_keys = ["rollout/accuracy", "rollout/zero_std_group_fraction", "rollout/truncated_frac"]
     fractions = Axis("fractions of the rollout batch", "fraction",
                      lines(records, fraction_keys, {k: k.split("/")[1] for k in fraction_keys}), ylim=(-0.03, 1.03))
     panels = [reward_axis(records), fractions]
     evals = eval_axis(records)
-    panels.append(evals if evals is not None else Axis("eval", "accuracy", (), empty_note="no eval points"))
+    if evals is not None:
+        panels.append(evals)
     return Plot(tuple(panels))
 
 

@@ -57,8 +57,10 @@ def _draw_axis(ax, panel: Axis) -> None:
         handles, labels = handles + more_handles, labels + [f"{label} (right)" for label in more_labels]
     if handles:
         ax.legend(handles, labels, loc="best", fontsize="small")
-    elif not panel.bands:
+    elif not panel.bands:  # an empty axis: its note instead of meaningless 0..1 ticks
         ax.text(0.5, 0.5, panel.empty_note, ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
     if panel.ylim is not None:
         ax.set_ylim(*panel.ylim)
     ax.set_ylabel(panel.ylabel)
