@@ -11,7 +11,7 @@ import torch
 
 from sluice.config import AlgorithmConfig
 from sluice.observability.metrics import read_metrics
-from sluice.trainer.loss import ROLLOUT_LOGPROB_ABS_DIFF, micro_batch_loss
+from sluice.trainer.loss import REF_KL, ROLLOUT_LOGPROB_ABS_DIFF, ROLLOUT_POLICY_KL, micro_batch_loss
 from sluice.trainer.update import update_policy
 from sluice.types import TrainBatch
 from helpers.train_loop import flags, run_loop
@@ -133,6 +133,27 @@ def test_tis_weight_multiplies_the_policy_loss():
         micro_batch_loss(config, batch, log_probs, None, 2, 2)
 
 
+def k3_by_hand(sampler: float, other: float) -> float:
+    """Schulman's k3 of KL(sampler || other) at one token drawn from the sampler: r - 1 - log r, r = p_other / p_sampler."""
+    ratio = math.exp(other - sampler)
+    return ratio - 1.0 - math.log(ratio)
+
+
+def test_rollout_policy_kl_and_ref_kl_match_a_hand_computation():
+    # Trainer logprobs -1 at both tokens; the engine sampled them at -1.5 and -0.7; the reference has -1.2, -1.0.
+    batch, log_probs = one_token_rows([0.0, 0.0], [1.0, -1.0])
+    batch.rollout_log_probs = torch.tensor([[-1.5], [-0.7]])
+    batch.ref_log_probs = torch.tensor([[-1.2], [-1.0]])
+    _, metrics = micro_batch_loss(AlgorithmConfig(), batch, log_probs, None, 2, 2)
+    rollout_kl = (k3_by_hand(-1.5, -1.0) + k3_by_hand(-0.7, -1.0)) / 2  # (0.1487 + 0.0408) / 2
+    assert metrics[ROLLOUT_POLICY_KL] == pytest.approx(rollout_kl, rel=1e-6)
+    assert metrics[REF_KL] == pytest.approx((k3_by_hand(-1.0, -1.2) + k3_by_hand(-1.0, -1.0)) / 2, rel=1e-6)
+    assert metrics[REF_KL] > 0 and "train/kl_loss" not in metrics  # logged without a KL term in the loss
+
+    batch.ref_log_probs = None  # no reference model: no reference KL
+    assert REF_KL not in micro_batch_loss(AlgorithmConfig(), batch, log_probs, None, 2, 2)[1]
+
+
 # ------------------------------------------------------------------------------- update_policy wiring
 @pytest.mark.parametrize(("overrides", "global_batch", "old", "diff"), [
     ({}, 4, "none", 0.5),  # one on-policy step: no extra pass, the diff of the first training forward
@@ -145,6 +166,8 @@ def test_old_log_probs_and_the_mismatch_metric(overrides, global_batch, old, dif
     metrics = update_policy(trainer, groups_of(REWARDS), AlgorithmConfig(**overrides), REWARDS, global_batch, PAD,
                             max_response_len=7)
     assert metrics[ROLLOUT_LOGPROB_ABS_DIFF] == pytest.approx(diff)
+    if old == "recomputed":  # the stand-in's logprobs are the rollout's + 0.1: k3 = e^0.1 - 1 - 0.1
+        assert metrics[ROLLOUT_POLICY_KL] == pytest.approx(math.exp(0.1) - 1.1, rel=1e-5)
     assert trainer.num_logprob_passes == (old == "recomputed")
     for batch, max_len in trainer.steps:
         assert max_len == 7

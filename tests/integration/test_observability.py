@@ -245,7 +245,8 @@ def test_a_run_logs_every_metric_to_jsonl_tensorboard_and_offline_wandb(say7, tm
         "rollout/response_len_p50", "rollout/response_len_p90", "rollout/response_len_p99",
         "train/ppo_kl", "train/entropy", "train/clipfrac", "train/grad_norm", "train/rollout_logprob_abs_diff",
         "rollout/staleness_mean", "rollout/staleness_max", "train/nonfinite_skipped_steps",
-        "train/nonfinite_skipped_total",
+        "train/nonfinite_skipped_total", "rollout/zero_std_group_fraction", "train/advantage_abs_mean",
+        "train/rollout_policy_kl",
     ]
     assert [k for k in expected if not isinstance(step.get(k), (int, float))] == []
     assert step["rollout/staleness_max"] == 0 and step["train/nonfinite_skipped_total"] == 0

@@ -1,8 +1,12 @@
-"""Training curves as a PNG, from metrics.jsonl alone, so a run can be judged without a tracking server."""
+"""Training curves as PNGs, from metrics.jsonl alone, so a run can be judged without a tracking server.
+
+plot_panels.py decides what each figure shows (as data); this module only draws it.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,183 +15,107 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sluice.observability.keys import REWARD_MEAN, STEP_TIME, eval_accuracy_name
+from sluice.observability import plot_panels
 from sluice.observability.metrics import read_metrics
+from sluice.observability.plot_data import Axis, Bars, Line, Plot
+
+RAW_ALPHA = 0.3  # the raw curve behind its moving average: visible, but not competing with it
+BAND_ALPHA = 0.15
+MARKERS_PER_LINE = 12  # markers tell coinciding lines apart; more would clutter a long run
 
 
-def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of ``key`` over the records that have it as a number; null (NaN) points are left out."""
-    steps: list[float] = []
-    values: list[float] = []
-    for record in records:
-        value = record.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and "step" in record:
-            steps.append(record["step"])
-            values.append(value)
-    return steps, values
+def _draw_line(ax, line: Line, index: int) -> None:
+    """The raw values (faint when a moving average is drawn over them), then the average.
 
-
-def plot_curves(metrics_path: str | os.PathLike[str], out_png: str | os.PathLike[str]) -> Path:
-    """Draw rollout reward mean and every ``eval/<name>/accuracy`` against step; returns the PNG's path.
-
-    Rewards and eval accuracies get separate panels because they live on different scales and cadences
-    (every step vs every few steps). With no eval points the figure has only the reward panel, and an
-    empty metrics file still yields a PNG saying so, so a plotting call at the end of a run never fails.
+    Coinciding lines must all stay visible: each later line on an axis is drawn thinner, dashed and with
+    hollow markers over the earlier ones, and the sparse markers are offset per line.
     """
-    records = read_metrics(metrics_path)
-    eval_keys = sorted({key for record in records for key in record if eval_accuracy_name(key)})
-    eval_series = {key: _series(records, key) for key in eval_keys}
-    eval_series = {key: series for key, series in eval_series.items() if series[0]}
-
-    panels = 2 if eval_series else 1
-    fig = Figure(figsize=(7, 3.2 * panels), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
-
-    reward_ax = axes[0]
-    steps, values = _series(records, REWARD_MEAN)
-    if steps:
-        reward_ax.plot(steps, values, marker="." if len(steps) < 50 else None, label="reward mean")
-    else:
-        reward_ax.text(0.5, 0.5, "no reward points", ha="center", va="center", transform=reward_ax.transAxes)
-    reward_ax.set_title("rollout reward mean")
-    reward_ax.set_xlabel("step")
-    reward_ax.set_ylabel("reward")
-    reward_ax.grid(alpha=0.3)
-
-    if eval_series:
-        eval_ax = axes[1]
-        for key, (steps, values) in eval_series.items():
-            eval_ax.plot(steps, values, marker="o", label=eval_accuracy_name(key))
-        eval_ax.set_title("eval accuracy")
-        eval_ax.set_xlabel("step")
-        eval_ax.set_ylabel("accuracy")
-        eval_ax.grid(alpha=0.3)
-        eval_ax.legend(loc="best", fontsize="small")
-
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=100)
-    return out
+    every = max(1, len(line.steps) // MARKERS_PER_LINE)
+    style = dict(color=line.colour, linestyle=line.dash, linewidth=max(1.0, 2.2 - 0.5 * index),
+                 marker=line.marker, markersize=4 + index, markevery=(index % every, every),
+                 markerfacecolor=line.colour if index == 0 else "none")
+    if line.smoothed is None:
+        ax.plot(line.steps, line.values, label=line.label, **style)
+        return
+    ax.plot(line.steps, line.values, color=line.colour, linestyle="-", linewidth=0.8, alpha=RAW_ALPHA)
+    ax.plot(line.steps, line.smoothed, label=f"{line.label} (EMA)", **style)
 
 
-# ---- the report panels of `sluice plot` ----------------------------------------------------------------
+def _draw_axis(ax, panel: Axis) -> None:
+    for band in panel.bands:
+        ax.fill_between(band.steps, band.low, band.high, color=band.colour, alpha=BAND_ALPHA, linewidth=0,
+                        label=band.label)
+    for index, line in enumerate(panel.lines):
+        _draw_line(ax, line, index)
+    handles, labels = ax.get_legend_handles_labels()
+    if panel.right:
+        twin = ax.twinx()
+        for index, line in enumerate(panel.right):
+            _draw_line(twin, line, len(panel.lines) + index)
+        twin.set_ylabel(panel.right_ylabel)
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + [f"{label} (right)" for label in more_labels]
+    if handles:
+        ax.legend(handles, labels, loc="best", fontsize="small")
+    elif not panel.bands:  # an empty axis: its note instead of meaningless 0..1 ticks
+        ax.text(0.5, 0.5, panel.empty_note, ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if panel.ylim is not None:
+        ax.set_ylim(*panel.ylim)
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(alpha=0.3)
 
-def _new_figure(panels: int) -> tuple[Figure, list]:
-    fig = Figure(figsize=(7, 3.0 * panels), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, list(fig.subplots(panels, 1, squeeze=False)[:, 0])
 
-
-def _lines(ax, records: list[dict[str, Any]], keys: list[str], title: str, ylabel: str,
-           labels: dict[str, str] | None = None) -> bool:
-    """One line per key that has points; returns whether anything was drawn (else says so on the axes)."""
-    drawn = False
-    for key in keys:
-        steps, values = _series(records, key)
-        if steps:
-            ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=(labels or {}).get(key, key))
-            drawn = True
-    if drawn:
+def _draw_bars(ax, panel: Bars) -> None:
+    bottom = [0.0] * len(panel.steps)
+    for stage, heights, colour in panel.layers:
+        ax.bar(panel.steps, heights, bottom=bottom, label=stage, width=0.8, color=colour)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    if panel.layers and panel.steps:
         ax.legend(loc="best", fontsize="small")
     else:
         ax.text(0.5, 0.5, "no points", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    return drawn
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(alpha=0.3, axis="y")
 
 
-def _save(fig: Figure, out: Path) -> Path:
+def render(plot: Plot, out: str | os.PathLike[str], height_per_panel: float = 3.0) -> Path:
+    """Draw ``plot`` (panels top to bottom, sharing the step axis) to a PNG at ``out``; returns its path."""
+    fig = Figure(figsize=(8, height_per_panel * len(plot.panels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(plot.panels), 1, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, plot.panels):
+        (_draw_bars if isinstance(panel, Bars) else _draw_axis)(ax, panel)
+        ax.set_title(panel.title)
+        ax.set_xlabel("step")
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", dpi=90)
     return out
 
 
-def _keys_matching(records: list[dict[str, Any]], prefix: str, suffix: str) -> list[str]:
-    return sorted({k for r in records for k in r if k.startswith(prefix) and k.endswith(suffix)})
+def plot_curves(metrics_path: str | os.PathLike[str], out_png: str | os.PathLike[str]) -> Path:
+    """The overview: rollout reward (mean +- std) and every ``eval/<name>/accuracy`` against step.
+
+    With no eval points the figure has only the reward panel, and an empty metrics file still yields a PNG
+    saying so, so a plotting call at the end of a run never fails.
+    """
+    return render(plot_panels.overview(read_metrics(metrics_path)), out_png, height_per_panel=3.2)
 
 
-def plot_rewards(records: list[dict[str, Any]], out: Path) -> Path:
-    """Rollout reward (mean, accuracy) and every eval set's accuracy and reward."""
-    fig, (rollout_ax, eval_ax) = _new_figure(2)
-    _lines(rollout_ax, records, [REWARD_MEAN, "rollout/accuracy"], "rollout reward", "reward")
-    eval_keys = _keys_matching(records, "eval/", "/accuracy") + _keys_matching(records, "eval/", "/reward_mean")
-    _lines(eval_ax, records, eval_keys, "eval", "accuracy / reward")
-    return _save(fig, out)
-
-
-def plot_response_length(records: list[dict[str, Any]], out: Path) -> Path:
-    """Response length: mean and percentiles as lines, min to max as a band."""
-    fig, (ax,) = _new_figure(1)
-    keys = ["rollout/response_len_mean", "rollout/response_len_p50", "rollout/response_len_p90",
-            "rollout/response_len_p99"]
-    _lines(ax, records, keys, "response length (tokens)", "tokens",
-           {k: k.rsplit("_", 1)[-1] for k in keys})
-    low_steps, low = _series(records, "rollout/response_len_min")
-    high_steps, high = _series(records, "rollout/response_len_max")
-    if low_steps and low_steps == high_steps:
-        ax.fill_between(low_steps, low, high, alpha=0.15, label="min-max")
-        ax.legend(loc="best", fontsize="small")
-    return _save(fig, out)
-
-
-def plot_kl_entropy(records: list[dict[str, Any]], out: Path) -> Path:
-    """KL terms (to the old policy, to the reference) and the policy's entropy."""
-    fig, (kl_ax, entropy_ax) = _new_figure(2)
-    _lines(kl_ax, records, ["train/ppo_kl", "train/kl_loss"], "KL", "nats / token")
-    _lines(entropy_ax, records, ["train/entropy"], "entropy", "nats / token")
-    return _save(fig, out)
-
-
-def plot_optimization(records: list[dict[str, Any]], out: Path) -> Path:
-    """Loss, gradient norm, clip fractions and the trainer-vs-engine logprob mismatch."""
-    fig, (loss_ax, clip_ax) = _new_figure(2)
-    _lines(loss_ax, records, ["train/loss", "train/grad_norm"], "loss and gradient norm", "value")
-    _lines(clip_ax, records, ["train/clipfrac", "train/rollout_logprob_abs_diff"],
-           "clip fraction and logprob mismatch", "fraction / nats")
-    return _save(fig, out)
-
-
-def plot_throughput(records: list[dict[str, Any]], out: Path) -> Path:
-    """Tokens per second of each stage that counts tokens."""
-    fig, (ax,) = _new_figure(1)
-    keys = _keys_matching(records, "perf/", "_tokens_per_s")
-    _lines(ax, records, keys, "throughput", "tokens / s", {k: k[5:-len("_tokens_per_s")] for k in keys})
-    return _save(fig, out)
-
-
-def plot_stage_times(records: list[dict[str, Any]], out: Path) -> Path:
-    """Where each step's time went: one stacked bar per step, one colour per stage."""
-    fig, (ax,) = _new_figure(1)
-    order = {f"perf/{stage}_time_s": i for i, stage in enumerate(("rollout", "train", "sync", "eval", "save"))}
-    keys = sorted((k for k in _keys_matching(records, "perf/", "_time_s") if k != STEP_TIME),
-                  key=lambda k: (order.get(k, len(order)), k))  # pipeline order, then any other stage
-    steps = sorted({r["step"] for r in records if any(k in r for k in keys)})
-    bottom = [0.0] * len(steps)
-    for key in keys:
-        by_step = dict(zip(*_series(records, key)))
-        heights = [by_step.get(step, 0.0) for step in steps]
-        ax.bar(steps, heights, bottom=bottom, label=key[5:-len("_time_s")], width=0.8)
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    if keys and steps:
-        ax.legend(loc="best", fontsize="small")
-    else:
-        ax.text(0.5, 0.5, "no points", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("time per step by stage")
-    ax.set_xlabel("step")
-    ax.set_ylabel("seconds")
-    ax.grid(alpha=0.3, axis="y")
-    return _save(fig, out)
+def _panel(build: Callable[[list[dict[str, Any]]], Plot]) -> Callable[[list[dict[str, Any]], Path], Path]:
+    """A REPORT_PANELS drawing function: records -> the figure ``build`` describes, as a PNG at ``out``."""
+    return lambda records, out: render(build(records), out)
 
 
 # File name -> (panel function, caption); the order of the HTML page.
 REPORT_PANELS = {
-    "reward.png": (plot_rewards, "Reward and eval curves"),
-    "response_length.png": (plot_response_length, "Response length"),
-    "kl_entropy.png": (plot_kl_entropy, "KL and entropy"),
-    "optimization.png": (plot_optimization, "Loss, gradient norm, clipping, logprob mismatch"),
-    "throughput.png": (plot_throughput, "Throughput"),
-    "stage_time.png": (plot_stage_times, "Stage time breakdown"),
+    "reward.png": (_panel(plot_panels.rewards), "Reward (mean ± std), batch fractions, eval"),
+    "response_length.png": (_panel(plot_panels.response_length), "Response length"),
+    "kl_entropy.png": (_panel(plot_panels.kl_entropy), "KL to the reference, policy drift, entropy"),
+    "optimization.png": (_panel(plot_panels.optimization), "Loss, gradient norm, clip fractions"),
+    "throughput.png": (_panel(plot_panels.throughput), "Throughput"),
+    "stage_time.png": (_panel(plot_panels.pipeline),
+                       "Time per stage, idle fraction of each pool, staleness (async runs)"),
 }

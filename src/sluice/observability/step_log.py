@@ -1,5 +1,5 @@
-"""Where each step's metrics go: the trackers (metrics.jsonl, TensorBoard, W&B), the progress bar, and a log
-line for the evaluation before training."""
+"""Where each step's metrics go: the trackers (metrics.jsonl, TensorBoard, W&B), the progress bar, a log
+line for the evaluation before training, and the learning-signal warnings (signal.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 from sluice.observability.progress import ProgressReporter
+from sluice.observability.signal import SignalWatch
 from sluice.observability.trackers import Trackers
 
 
 class StepLog:
     def __init__(self, trackers: Trackers, progress: ProgressReporter, log_line: Callable[[str], None]) -> None:
         self.trackers, self.progress, self.log_line = trackers, progress, log_line
+        self.signal = SignalWatch()
 
     def record(self, step: int, metrics: dict[str, float]) -> None:
         """The metrics of ``step`` completed rollout steps (0: the evaluation before training)."""
@@ -21,6 +23,7 @@ class StepLog:
             self.log_line("before training: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items())))
         else:
             self.progress.update(step - 1, metrics)
+            self.signal.check(step, metrics)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps to continue the same tracker runs on resume."""

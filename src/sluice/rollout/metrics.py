@@ -1,5 +1,5 @@
 """The metrics of a finished rollout batch: rewards, accuracy, response lengths, truncation and failure rates,
-staleness, and the per-sample numbers a generate function reports (tool calls, turns)."""
+staleness, the share of groups with no reward spread, and the per-sample numbers a generate function reports (tool calls, turns)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,23 @@ def rollout_metrics(groups: list[SampleGroup], rewards: list[list[float]], polic
         out[f"{prefix}/accuracy"] = sum(r >= 1.0 for r in flat_rewards) / len(flat_rewards)
         out[f"{prefix}/reward_std"] = float(np.std(flat_rewards))
     out.update(_staleness_metrics(groups, policy_version, prefix))
+    if groups:
+        out[f"{prefix}/zero_std_group_fraction"] = zero_std_group_fraction(groups, rewards)
     return out
+
+
+def zero_std_group_fraction(groups: list[SampleGroup], rewards: list[list[float]]) -> float:
+    """The fraction of groups whose trained (not failed) samples all have the same reward.
+
+    Such a group gives every sample the same group-relative advantage (0 for GRPO and its kin), so it teaches
+    the policy nothing; at 1.0 no group does. A group of one sample, or with every sample failed, counts as
+    equal: it has no spread either.
+    """
+    equal = 0
+    for group, group_rewards in zip(groups, rewards, strict=True):
+        kept = {r for s, r in zip(group.samples, group_rewards, strict=True) if s.status != Status.FAILED}
+        equal += len(kept) <= 1
+    return equal / len(groups)
 
 
 def _reported_metrics(groups: list[SampleGroup], prefix: str) -> dict[str, float]:

@@ -18,6 +18,20 @@ from sluice.trainer.custom_loss import CustomLossFn, LossInputs, call_custom_los
 from sluice.types import TrainBatch
 
 ROLLOUT_LOGPROB_ABS_DIFF = "train/rollout_logprob_abs_diff"
+# k3 estimate of KL(rollout policy || trainer policy): the engine sampled the tokens, so the rollout policy is the
+# sampling distribution the estimator needs. Nonzero in a synchronous run too, where the two differ only by
+# numerics (kernels, dtype); it grows with staleness in an async run.
+ROLLOUT_POLICY_KL = "train/rollout_policy_kl"
+# k3 estimate of KL(trainer policy || reference model), logged whenever a reference model is loaded, whatever
+# --kl-loss-type and --kl-loss-coef (slime's --use-kl-loss --kl-loss-coef 0 loads it only to log the KL).
+REF_KL = "train/ref_kl"
+
+
+def rollout_mismatch(log_probs: torch.Tensor, rollout_log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token gaps between the trainer's logprobs and the engine's, by metric name (mask them before use)."""
+    log_probs = log_probs.detach()
+    return {ROLLOUT_LOGPROB_ABS_DIFF: (log_probs - rollout_log_probs).abs(),
+            ROLLOUT_POLICY_KL: kl_estimate(rollout_log_probs, log_probs, "k3")}
 
 
 def micro_batch_loss(
@@ -49,7 +63,7 @@ def micro_batch_loss(
     if config.loss_type == "sft_loss":  # SFT targets come from data, not the engine: no rollout logprobs
         per_token = sft_nll(log_probs)
     else:
-        metrics[ROLLOUT_LOGPROB_ABS_DIFF] = token_mean((log_probs.detach() - batch.rollout_log_probs).abs())
+        metrics.update({k: token_mean(v) for k, v in rollout_mismatch(log_probs, batch.rollout_log_probs).items()})
         if config.loss_type == "custom_loss":
             if custom_loss is None:
                 raise ValueError("--loss-type custom_loss needs the loaded --custom-loss-function-path function")
@@ -57,6 +71,8 @@ def micro_batch_loss(
             metrics.update(custom_metrics)
         else:
             per_token = _policy_loss(config, batch, log_probs, token_mean, metrics)
+    if batch.ref_log_probs is not None:
+        metrics[REF_KL] = token_mean(kl_estimate(log_probs.detach(), batch.ref_log_probs, "k3"))
     if config.use_kl_loss:
         kl = kl_estimate(log_probs, batch.ref_log_probs, config.kl_loss_type)
         per_token = per_token + config.kl_loss_coef * kl

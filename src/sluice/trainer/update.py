@@ -9,8 +9,12 @@ from sluice.config import AlgorithmConfig
 from sluice.trainer.batch_advantages import Advantages, compute_advantages
 from sluice.trainer.batching import collate
 from sluice.trainer.custom_advantage import AdvantageFn, AdvantageInputs
-from sluice.trainer.loss import ROLLOUT_LOGPROB_ABS_DIFF
+from sluice.trainer.loss import ROLLOUT_LOGPROB_ABS_DIFF, ROLLOUT_POLICY_KL, rollout_mismatch
 from sluice.types import Sample, SampleGroup, Status, TrainBatch
+
+MISMATCH_KEYS = (ROLLOUT_LOGPROB_ABS_DIFF, ROLLOUT_POLICY_KL)
+# Mean |advantage| over the trained tokens of the rollout batch (after --normalize-advantages).
+ADVANTAGE_ABS_MEAN = "train/advantage_abs_mean"
 
 
 def update_policy(trainer, groups: list[SampleGroup], algorithm: AlgorithmConfig, rewards: list[list[float]],
@@ -32,7 +36,7 @@ def update_policy(trainer, groups: list[SampleGroup], algorithm: AlgorithmConfig
     num_steps = max(1, -(-len(samples) // global_batch_size))
     if trainer.needs_ref:
         batch.ref_log_probs = trainer.compute_logprobs(batch, reference=True)
-    recomputed_diff = _set_old_log_probs(trainer, batch, samples, algorithm, num_steps)
+    recomputed_mismatch = _set_old_log_probs(trainer, batch, samples, algorithm, num_steps)
     advantages = Advantages(batch.advantages)
     if algorithm.loss_type != "sft_loss":
         kept_rewards = [[r for _, r in m] for m in kept]
@@ -43,24 +47,24 @@ def update_policy(trainer, groups: list[SampleGroup], algorithm: AlgorithmConfig
     if algorithm.normalize_advantages:  # over the whole rollout batch, before it is split into steps
         batch.advantages = whiten(batch.advantages, batch.loss_mask).to(batch.advantages.dtype)
     sums: dict[str, float] = defaultdict(float, advantages.metrics)
+    if algorithm.loss_type != "sft_loss":  # 0 means no learning signal (observability/signal.py warns)
+        sums[ADVANTAGE_ABS_MEAN] = masked_mean(batch.advantages.abs(), batch.loss_mask).item()
     if algorithm.use_tis and algorithm.loss_type == "policy_loss":
         sums["train/tis_ess"] = _mean_step_ess(batch, algorithm, global_batch_size, num_steps)
-    first_step_diff = None
+    first_step_mismatch: dict[str, float] = {}
     for step in range(num_steps):
         rows = slice(step * global_batch_size, (step + 1) * global_batch_size)
         metrics: dict[str, float] = {}
         if train_actor:
             metrics = trainer.train_step(batch.select(rows), max_len=max_response_len)
-            diff = metrics.pop(ROLLOUT_LOGPROB_ABS_DIFF, None)
+            mismatch = {key: metrics.pop(key) for key in MISMATCH_KEYS if key in metrics}
             if step == 0:  # later steps see an updated policy: only the first forward measures the mismatch
-                first_step_diff = diff
+                first_step_mismatch = mismatch
         if advantages.value_batch is not None:
             metrics.update(trainer.train_critic_step(advantages.value_batch.select(rows), max_response_len))
         for key, value in metrics.items():
             sums[key] += value / num_steps
-    diff = recomputed_diff if recomputed_diff is not None else first_step_diff
-    if diff is not None:
-        sums[ROLLOUT_LOGPROB_ABS_DIFF] = diff
+    sums.update(recomputed_mismatch if recomputed_mismatch is not None else first_step_mismatch)
     sums["train/num_samples"] = float(len(samples))
     sums["train/num_steps"] = float(num_steps)
     if not train_actor:
@@ -69,9 +73,9 @@ def update_policy(trainer, groups: list[SampleGroup], algorithm: AlgorithmConfig
 
 
 def _set_old_log_probs(trainer, batch: TrainBatch, samples: list[Sample], algorithm: AlgorithmConfig,
-                       num_steps: int) -> float | None:
-    """Fills ``batch.old_log_probs`` where the loss needs them; returns the mean |trainer - rollout| logprob
-    over trained tokens when the trainer's old logprobs were recomputed, else None.
+                       num_steps: int) -> dict[str, float] | None:
+    """Fills ``batch.old_log_probs`` where the loss needs them; returns the trainer-vs-engine mismatch metrics
+    (loss.rollout_mismatch, means over trained tokens) when the trainer's old logprobs were recomputed, else None.
 
     Left None for one on-policy step: the loss then uses the detached current logprobs (ratio exactly 1).
     """
@@ -90,8 +94,8 @@ def _set_old_log_probs(trainer, batch: TrainBatch, samples: list[Sample], algori
         # Later steps of this rollout see an updated policy (and TIS compares the trainer's behaviour
         # logprobs with the engine's): freeze them before the first step.
         batch.old_log_probs = trainer.compute_logprobs(batch)
-        abs_diff = (batch.old_log_probs - batch.rollout_log_probs).abs()
-        return masked_mean(abs_diff, batch.loss_mask).item()
+        return {key: masked_mean(gap, batch.loss_mask).item()
+                for key, gap in rollout_mismatch(batch.old_log_probs, batch.rollout_log_probs).items()}
     return None
 
 
