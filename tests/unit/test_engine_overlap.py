@@ -81,7 +81,7 @@ def test_streamed_pieces_and_aborted_outputs_hold_no_pending_token(lively_checkp
         done = threading.Event()
         box = []
 
-        def on_update(ids, logprobs):
+        def on_update(ids, logprobs, top):
             assert len(ids) == len(logprobs)
             pieces.extend(ids)
             if len(pieces) >= 5:
@@ -112,7 +112,7 @@ def test_a_weight_update_lands_after_the_step_in_flight(lively_checkpoint, livel
         done = threading.Event()
         box = []
 
-        def on_update(ids, logprobs):
+        def on_update(ids, logprobs, top):
             if not paused.is_set():
                 engine.pause()
                 paused.set()
@@ -156,7 +156,7 @@ def test_control_calls_wait_for_the_step_in_flight(lively_checkpoint, monkeypatc
     done = threading.Event()
     box = []
 
-    def on_update(ids, logprobs):  # on the worker thread, outside the step lock, the next step launched
+    def on_update(ids, logprobs, top):  # on the worker thread, outside the step lock, the next step launched
         if not in_callback.is_set():
             in_callback.set()
             time.sleep(0.3)  # a control call made now must wait for the worker, not slip in beside the step

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from sluice.engine.clients.protocol import EngineUnavailable, FinishReason, GenerateRequest, GenerateResult, NamedTensors
+from sluice.engine.clients.protocol import (EngineUnavailable, FinishReason, GenerateRequest, GenerateResult,
+                                            NamedTensors, TopLogprobs)
 from sluice.net.transport import TRANSPORT_ERRORS
 from sluice.types import SamplingParams
 
@@ -64,6 +65,8 @@ class HttpEngineClient:
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         payload = {"input_ids": list(request.input_ids), "sampling_params": wire_sampling_params(request.sampling_params),
                    "return_logprob": request.return_logprob, "rid": request.rid}
+        if request.top_logprobs_num:  # SGLang reports top logprobs only along with the token logprobs
+            payload.update(return_logprob=True, top_logprobs_num=request.top_logprobs_num)
         try:
             body = await self._send("POST", "/generate", payload, False, self.options.generate_timeout_s)
         except asyncio.CancelledError:
@@ -250,7 +253,23 @@ def parse_generate_response(body: dict, request: GenerateRequest, fallback_versi
         matched_stop=finish.get("matched"),
         cached_tokens=int(meta.get("cached_tokens", 0)),
         weight_versions=_expand_version_runs(meta.get("weight_version_runs"), len(output_ids)),
+        output_top_logprobs=_parse_top_logprobs(meta, request.top_logprobs_num, len(output_ids)),
     )
+
+
+def _parse_top_logprobs(meta: dict, count: int, num_tokens: int) -> list[TopLogprobs]:
+    """SGLang's ``output_top_logprobs`` (per output token, ``[[logprob, token_id, text], ...]``) as records."""
+    if not count:
+        return []
+    positions = meta.get("output_top_logprobs")
+    if not isinstance(positions, list) or len(positions) != num_tokens:
+        raise ValueError(f"meta_info.output_top_logprobs should list {num_tokens} positions (top_logprobs_num "
+                         f"{count} was asked for); got {str(positions)[:200]}")
+    try:
+        return [TopLogprobs([int(t[1]) for t in triples], [float(t[0]) for t in triples]) for triples in positions]
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"meta_info.output_top_logprobs {str(positions)[:200]} is not a list of "
+                         "[logprob, token_id, text] triples per position") from None
 
 
 def _expand_version_runs(runs, num_tokens: int) -> list[int]:
