@@ -152,6 +152,16 @@ def test_top_logprobs_are_the_reference_alternatives_before_truncation(served, h
     assert results[2].output_top_logprobs == []
 
 
+def test_a_limit_past_the_context_ends_the_request_at_the_context(served, hf_lively, prompt_ids):
+    """The context bounds prompt + output whatever max_new_tokens says (HTTP servers refuse such a limit with 400;
+    the HTTP client lowers it to the room the prompt leaves)."""
+    context_len = hf_lively.config.max_position_embeddings
+    prompt = (prompt_ids[1] * context_len)[: context_len - 5]
+    result = run(served.client, lambda client: client.generate(GenerateRequest(prompt, greedy(10**6, ignore_eos=True))))
+    assert result.finish_reason is FinishReason.LENGTH
+    assert result.output_ids == hf_greedy(hf_lively, prompt, 5)
+
+
 def test_sampled_tokens_come_with_their_logprobs_at_the_temperature(served, hf_lively, prompt_ids):
     prompt = prompt_ids[1]
     params = SamplingParams(temperature=0.7, max_new_tokens=12, ignore_eos=True, seed=3)
