@@ -2,8 +2,9 @@
 
 Convention: the same as the sampled token's logprob (engine/sampler.py): log_softmax(logits / temperature), taken
 before top-p / top-k / min-p truncation, at temperature 1 for greedy rows. So the sampled token's entry, when it is
-among the top, equals its reported logprob, and the values are those a trainer computes. (vLLM reports the same
-numbers by default, from the processed logits' log-softmax before truncation; OpenAI documents no convention.)
+among the top, equals its reported logprob, and the values are those a trainer computes. Others differ: vLLM by
+default (``--logprobs-mode raw_logprobs``) reports the raw logits' log-softmax, before temperature; SGLang takes
+them after temperature (before it with ``SGLANG_RETURN_ORIGINAL_LOGPROB``); OpenAI documents no convention.
 
 Only the rows that asked are touched: their logits are gathered, scaled and log-softmaxed again (the sampler's
 fused kernel never materialises the full log-probs), and one ``topk`` runs at the largest count asked for. A batch
