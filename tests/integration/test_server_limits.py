@@ -110,6 +110,14 @@ def test_a_limit_that_fills_the_context_exactly_is_served(http):
     assert reply["meta_info"]["finish_reason"]["type"] == "length" and len(reply["output_ids"]) == 12
 
 
+def test_the_default_limit_is_not_held_against_a_long_prompt(http):
+    """As in SGLang, only a max_new_tokens the client gave is checked: the default (128) ends at the context."""
+    reply = http.post("/generate", json={"input_ids": [5] * 500, "sampling_params": {"ignore_eos": True}}).json()
+    assert reply["meta_info"]["finish_reason"]["type"] == "length" and len(reply["output_ids"]) == 12
+    short = http.post("/generate", json={"input_ids": [5] * 3, "sampling_params": {"ignore_eos": True}}).json()
+    assert len(short["output_ids"]) == 128
+
+
 def test_the_openai_client_raises_bad_request_with_the_message(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="maximum context length of 512 tokens") as refused:

@@ -109,10 +109,17 @@ class WireSamplingParams(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def to_sampling_params(self, max_new_tokens_cap: int) -> SamplingParams:
-        """Our engine's record; ``max_new_tokens_cap`` (room left in the context) replaces a None limit."""
+        """Our engine's record; ``max_new_tokens_cap`` (room left in the context) replaces a None limit and bounds
+        the default one: as in SGLang, only a limit the client gave is checked against the context."""
+        if self.max_new_tokens is None:
+            max_new_tokens = max_new_tokens_cap
+        elif "max_new_tokens" not in self.model_fields_set:
+            max_new_tokens = min(self.max_new_tokens, max_new_tokens_cap)
+        else:
+            max_new_tokens = self.max_new_tokens
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else max_new_tokens_cap,
+            max_new_tokens=max_new_tokens,
             stop=self.stop_list, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens, seed=self.sampling_seed,
         )
