@@ -77,3 +77,35 @@ def test_bf16_engine_logprobs_are_as_close_to_fp32_as_transformers_bf16_is(livel
     hf_drift = (hf_bf16 - hf_fp32).abs().mean().item()
     assert ours_drift <= 1.5 * hf_drift + 1e-3, (ours_drift, hf_drift)
     assert (ours - hf_bf16).abs().mean().item() < 0.05
+
+
+def test_top_logprobs_on_the_gpu_match_transformers_with_overlap_and_graphs(lively_checkpoint):
+    """Top candidates come back through the overlapped readback (pinned copies, graph-replayed decode), greedy and
+    sampled (the fused kernel and the torch path) alike, with the same values as a float32 forward."""
+    hf = AutoModelForCausalLM.from_pretrained(lively_checkpoint, dtype=torch.float32).cuda().eval()
+    engine = LocalEngine(lively_checkpoint, EngineConfig(device="cuda", dtype="float32"))
+    requests = [GenerateRequest([5, 6, 7], greedy(10), top_logprobs_num=5),
+                GenerateRequest([8, 9], SamplingParams(temperature=0.7, max_new_tokens=10, ignore_eos=True),
+                                top_logprobs_num=3),
+                GenerateRequest([10, 11], SamplingParams(temperature=0.7, top_p=0.6, max_new_tokens=10,
+                                                         ignore_eos=True), top_logprobs_num=1),
+                GenerateRequest([12], greedy(10))]
+    try:
+        assert engine.overlap and engine.runner.graph_sizes
+        fused = generate(engine, requests[:2] + requests[3:])  # no row truncates: the fused sampling kernels
+        results = fused[:2] + generate(engine, requests[2:3]) + fused[2:]  # top-p: the torch path
+    finally:
+        engine.shutdown()
+    for request, result in zip(requests, results):
+        if not request.top_logprobs_num:
+            assert result.output_top_logprobs == []
+            continue
+        temperature = request.sampling_params.temperature or 1.0
+        with torch.no_grad():
+            ids = torch.tensor([request.input_ids + result.output_ids], device="cuda")
+            logits = hf(ids).logits[0, len(request.input_ids) - 1 : -1].float()
+        values, tokens = torch.log_softmax(logits / temperature, -1).topk(request.top_logprobs_num, dim=-1)
+        assert len(result.output_top_logprobs) == len(result.output_ids) == 10
+        assert [top.token_ids for top in result.output_top_logprobs] == tokens.tolist()
+        got = torch.tensor([top.logprobs for top in result.output_top_logprobs])
+        assert (got - values.cpu()).abs().max().item() < 1e-3

@@ -26,7 +26,7 @@ from sluice.engine.local_engine import LocalEngine
 from sluice.models.tokenizer import load_tokenizer
 from sluice.types import SamplingParams
 
-from helpers.reference import hf_greedy, hf_logprobs
+from helpers.reference import hf_greedy, hf_logprobs, hf_top_logprobs
 from helpers.servers import CPU, start_server
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
@@ -124,6 +124,42 @@ def test_greedy_generate_returns_the_reference_tokens_their_logprobs_and_the_ver
         assert result.finish_reason is FinishReason.LENGTH
         assert result.prompt_tokens == len(request.input_ids)
         assert_version_stamped(result, version)
+
+
+def test_top_logprobs_are_the_reference_alternatives_before_truncation(served, hf_lively, prompt_ids):
+    """Greedy and sampled (top-p truncated) requests: each output position's top candidates, at the request's
+    temperature and before truncation; a request that does not ask gets none."""
+    greedy_request = GenerateRequest(prompt_ids[0], greedy(6, ignore_eos=True), top_logprobs_num=4)
+    sampled = SamplingParams(temperature=0.7, top_p=0.5, max_new_tokens=6, ignore_eos=True, seed=5)
+    sampled_request = GenerateRequest(prompt_ids[2], sampled, top_logprobs_num=2)
+    plain_request = GenerateRequest(prompt_ids[1], greedy(3, ignore_eos=True))
+
+    async def scenario(client):
+        return await asyncio.gather(*(client.generate(r) for r in (greedy_request, sampled_request, plain_request)))
+
+    results = run(served.client, scenario)
+    for request, result, temperature in zip((greedy_request, sampled_request), results, (1.0, 0.7)):
+        expected = hf_top_logprobs(hf_lively, request.input_ids, result.output_ids, request.top_logprobs_num,
+                                   temperature)
+        assert len(result.output_top_logprobs) == len(result.output_ids) == 6
+        for top, (ids, logprobs), token, logprob in zip(result.output_top_logprobs, expected, result.output_ids,
+                                                        result.output_logprobs):
+            assert top.token_ids == ids and top.logprobs == pytest.approx(logprobs, abs=1e-4)
+            assert top.logprobs == sorted(top.logprobs, reverse=True)
+            if token in top.token_ids:  # the sampled token's entry is its reported logprob
+                assert top.logprobs[top.token_ids.index(token)] == pytest.approx(logprob, abs=1e-5)
+    assert results[0].output_ids == [top.token_ids[0] for top in results[0].output_top_logprobs]  # greedy: argmax
+    assert results[2].output_top_logprobs == []
+
+
+def test_a_limit_past_the_context_ends_the_request_at_the_context(served, hf_lively, prompt_ids):
+    """The context bounds prompt + output whatever max_new_tokens says (HTTP servers refuse such a limit with 400;
+    the HTTP client lowers it to the room the prompt leaves)."""
+    context_len = hf_lively.config.max_position_embeddings
+    prompt = (prompt_ids[1] * context_len)[: context_len - 5]
+    result = run(served.client, lambda client: client.generate(GenerateRequest(prompt, greedy(10**6, ignore_eos=True))))
+    assert result.finish_reason is FinishReason.LENGTH
+    assert result.output_ids == hf_greedy(hf_lively, prompt, 5)
 
 
 def test_sampled_tokens_come_with_their_logprobs_at_the_temperature(served, hf_lively, prompt_ids):

@@ -184,7 +184,7 @@ def test_stream_builds_up_to_the_plain_result(http, engine):
     ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]]}, "group_name"),
     ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 3,
                                     "world_size": 2}, "rank_offset"),
-    ("/v1/completions", {"model": "m", "prompt": "hi", "logprobs": 3}, "logprobs"),
+    ("/v1/completions", {"model": "m", "prompt": "hi", "logprobs": 21}, "logprobs"),
     ("/v1/completions", {"model": "m", "prompt": [], "max_tokens": 2}, "prompt"),
     ("/v1/chat/completions", {"model": "m", "messages": []}, "messages"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},

@@ -38,7 +38,8 @@ def mixed_requests(engine: LocalEngine) -> list[GenerateRequest]:
             params.update(temperature=0.0, seed=None, stop=[text[1:3]])
         if i % 4 == 1:
             params["ignore_eos"] = True
-        requests.append(GenerateRequest(prompt, SamplingParams(**params), return_logprob=True, rid=f"r{i}"))
+        requests.append(GenerateRequest(prompt, SamplingParams(**params), return_logprob=True, rid=f"r{i}",
+                                        top_logprobs_num=i % 4))
     return requests
 
 
@@ -55,8 +56,8 @@ def test_overlapped_steps_give_the_same_results(lively_checkpoint, settings):
         requests = mixed_requests(stepwise)
         assert stepwise.flush_cache()  # both engines start from an empty prefix cache
         expected = generate(stepwise, requests)
-        got = generate(overlapped, [GenerateRequest(r.input_ids, r.sampling_params, return_logprob=True, rid=r.rid)
-                                    for r in requests])
+        got = generate(overlapped, [GenerateRequest(r.input_ids, r.sampling_params, return_logprob=True, rid=r.rid,
+                                                    top_logprobs_num=r.top_logprobs_num) for r in requests])
         if "max_total_tokens" in settings:
             assert overlapped.scheduler.num_preemptions > 0
     finally:
@@ -65,10 +66,15 @@ def test_overlapped_steps_give_the_same_results(lively_checkpoint, settings):
     reasons = {r.finish_reason for r in expected}
     assert reasons == {FinishReason.STOP, FinishReason.LENGTH}  # the cases above stop both ways
     assert any(r.matched_stop is not None and isinstance(r.matched_stop, str) for r in expected)
-    for want, have in zip(expected, got):
+    for request, want, have in zip(requests, expected, got):
         assert outcome(have) == outcome(want)
         assert max((abs(a - b) for a, b in zip(have.output_logprobs, want.output_logprobs)), default=0.0) < 1e-5
         assert len(have.output_logprobs) == len(have.output_ids)
+        # top candidates: one per kept token (none from a dropped overlapped step), the same as step by step
+        assert len(have.output_top_logprobs) == (len(have.output_ids) if request.top_logprobs_num else 0)
+        for top, reference in zip(have.output_top_logprobs, want.output_top_logprobs):
+            assert top.token_ids == reference.token_ids and len(top.token_ids) == request.top_logprobs_num
+            assert top.logprobs == pytest.approx(reference.logprobs, abs=1e-5)
 
 
 def test_streamed_pieces_and_aborted_outputs_hold_no_pending_token(lively_checkpoint):
@@ -81,7 +87,7 @@ def test_streamed_pieces_and_aborted_outputs_hold_no_pending_token(lively_checkp
         done = threading.Event()
         box = []
 
-        def on_update(ids, logprobs):
+        def on_update(ids, logprobs, top):
             assert len(ids) == len(logprobs)
             pieces.extend(ids)
             if len(pieces) >= 5:
@@ -112,7 +118,7 @@ def test_a_weight_update_lands_after_the_step_in_flight(lively_checkpoint, livel
         done = threading.Event()
         box = []
 
-        def on_update(ids, logprobs):
+        def on_update(ids, logprobs, top):
             if not paused.is_set():
                 engine.pause()
                 paused.set()
@@ -156,7 +162,7 @@ def test_control_calls_wait_for_the_step_in_flight(lively_checkpoint, monkeypatc
     done = threading.Event()
     box = []
 
-    def on_update(ids, logprobs):  # on the worker thread, outside the step lock, the next step launched
+    def on_update(ids, logprobs, top):  # on the worker thread, outside the step lock, the next step launched
         if not in_callback.is_set():
             in_callback.set()
             time.sleep(0.3)  # a control call made now must wait for the worker, not slip in beside the step

@@ -41,6 +41,7 @@ from sluice.engine.sequence import PENDING_TOKEN, OnDone, OnUpdate, Sequence, Se
 from sluice.engine.settings import EngineConfig
 from sluice.engine.stats import EngineStats
 from sluice.engine.stopping import StopChecker
+from sluice.engine.top_logprobs import top_logprobs
 from sluice.models import load_model
 from sluice.models.loading import hf_named_tensors, load_hf_weights
 from sluice.models.tokenizer import load_tokenizer
@@ -130,6 +131,9 @@ class LocalEngine:
             raise ValueError(f"input_ids must lie in [0, {vocab}); got {min(prompt)}..{max(prompt)}")
         if len(prompt) + 1 > self.pool.capacity_tokens:
             raise ValueError(f"prompt of {len(prompt)} tokens exceeds the KV pool ({self.pool.capacity_tokens} tokens)")
+        if not 0 <= request.top_logprobs_num <= vocab:
+            raise ValueError(f"top_logprobs_num must lie in [0, {vocab}] (the vocabulary size); "
+                             f"got {request.top_logprobs_num}")
         if self.tokenizer is None and request.sampling_params.stop:
             raise ValueError("stop strings need a tokenizer; this engine runs with --sglang-skip-tokenizer-init")
         generator = None
@@ -346,8 +350,10 @@ class LocalEngine:
         seqs = [batch.seqs[i] for i in rows]
         readback, positions = None, []
         if seqs:
-            token_t, logprob_t = sample_tokens(logits, [s.request.sampling_params for s in seqs], [s.generator for s in seqs])
-            readback = self.runner.remember(seqs, token_t, logprob_t)
+            params = [s.request.sampling_params for s in seqs]
+            token_t, logprob_t = sample_tokens(logits, params, [s.generator for s in seqs])
+            top = top_logprobs(logits, params, [s.request.top_logprobs_num for s in seqs])
+            readback = self.runner.remember(seqs, token_t, logprob_t, top)
             for seq in seqs:
                 positions.append(len(seq.token_ids))
                 seq.token_ids.append(PENDING_TOKEN)
@@ -360,12 +366,15 @@ class LocalEngine:
         """Put the step's tokens in place of their pending entries; stop checks; prefix-cache registration."""
         started = time.perf_counter()
         tokens, logprobs = launched.readback.result() if launched.readback is not None else ([], [])
+        tops = launched.readback.top_logprobs() if launched.readback is not None else {}
         synced = time.perf_counter()
-        for seq, position, token, logprob in zip(launched.seqs, launched.positions, tokens, logprobs):
+        for row, (seq, position, token, logprob) in enumerate(zip(launched.seqs, launched.positions, tokens, logprobs)):
             if seq.state == SequenceState.FINISHED:  # aborted, or stopped on the token before: this one is dropped
                 continue
             seq.token_ids[position] = token  # the next step's pending token may follow it
             seq.output_logprobs.append(logprob)
+            if row in tops:
+                seq.output_top_logprobs.append(tops[row])
             seq.output_versions.append(launched.weight_version)
             if seq.on_update is not None:
                 updates.append(seq)
@@ -417,9 +426,10 @@ class LocalEngine:
             count = len(seq.output_logprobs)  # tokens read back (a pending one may follow them)
             new_ids = seq.output_ids[seq.num_reported : count]
             new_logprobs = seq.output_logprobs[seq.num_reported : count]
+            new_top = seq.output_top_logprobs[seq.num_reported : count]
             seq.num_reported = count
             if new_ids:
-                _call(seq.on_update, new_ids, new_logprobs)
+                _call(seq.on_update, new_ids, new_logprobs, new_top)
         for seq in done:
             _call(seq.on_done, self._result(seq))
 
@@ -438,6 +448,7 @@ class LocalEngine:
             matched_stop=seq.matched_stop,
             cached_tokens=seq.cached_tokens,
             weight_versions=list(seq.output_versions),
+            output_top_logprobs=list(seq.output_top_logprobs),
         )
 
 

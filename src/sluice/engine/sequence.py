@@ -8,14 +8,15 @@ from typing import Callable
 
 import torch
 
-from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult
+from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult, TopLogprobs
 
 # Stands in token_ids for a token sampled by a step whose results are not back yet (the overlapped GPU path
 # launches step k+1 before reading step k's tokens). Only a sequence's last token is ever pending.
 PENDING_TOKEN = -1
 
 OnDone = Callable[["GenerateResult | BaseException"], None]
-OnUpdate = Callable[[list[int], list[float]], None]
+# new output ids, their logprobs, and their top candidates (empty unless the request set top_logprobs_num)
+OnUpdate = Callable[[list[int], list[float], list[TopLogprobs]], None]
 
 
 class SequenceState(enum.Enum):
@@ -41,6 +42,7 @@ class Sequence:
     num_table_pages: int = 0  # leading pages already written to that row
     output_logprobs: list[float] = field(default_factory=list)
     output_versions: list[int] = field(default_factory=list)  # weight version that sampled each output token
+    output_top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per output token, if the request asked
     num_reported: int = 0  # output tokens already passed to on_update
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted_once: bool = False

@@ -8,6 +8,7 @@ parses and which carries SGLang's ``{"error": {"message"}}`` as a subset.
 from __future__ import annotations
 
 import json
+import re
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+# "field: message", how a check across several fields (a model validator, whose error has no location of its own)
+# names the field it refuses.
+_NAMED_MESSAGE = re.compile(r"(?P<field>[A-Za-z_][A-Za-z0-9_]*): (?P<message>.+)", re.DOTALL)
 
 # Parts of a pydantic error location that name a union member, not a field of the request (so do model class
 # names, which start with a capital letter).
@@ -62,7 +67,12 @@ def describe_validation(errors: list[dict]) -> tuple[str, str]:
         message = "unknown field"
     elif first.get("type") == "model_attributes_type":
         message = "expected a JSON object"
-    return field, message.removeprefix("Value error, ")
+    message = message.removeprefix("Value error, ")
+    named = _NAMED_MESSAGE.match(message)
+    if named and first.get("type") == "value_error":  # a check across fields names its field first
+        field = f"{field}.{named['field']}" if field else named["field"]
+        message = named["message"]
+    return field, message
 
 
 def install_error_handlers(app: FastAPI) -> None:

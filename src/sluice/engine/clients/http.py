@@ -25,9 +25,13 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from sluice.engine.clients.protocol import EngineUnavailable, FinishReason, GenerateRequest, GenerateResult, NamedTensors
+from sluice.engine.clients.protocol import (EngineUnavailable, FinishReason, GenerateRequest, GenerateResult,
+                                            NamedTensors, TopLogprobs)
 from sluice.net.transport import TRANSPORT_ERRORS, bearer_headers
 from sluice.types import SamplingParams
+
+
+SLUICE_OWNER = "sluice"  # /v1/models' owned_by on sluice's server (SGLang's says "sglang")
 
 
 @dataclass(frozen=True)
@@ -58,13 +62,18 @@ class HttpEngineClient:
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._last_version = 0  # for servers whose responses carry no weight version
+        self._context: tuple[int | None, int] | None = None  # see _read_context; read at the first generate
         self._background: set[asyncio.Task] = set()
 
     # ---- EngineClient ---------------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> GenerateResult:
-        payload = {"input_ids": list(request.input_ids), "sampling_params": wire_sampling_params(request.sampling_params),
+        sampling = wire_sampling_params(request.sampling_params)
+        payload = {"input_ids": list(request.input_ids), "sampling_params": sampling,
                    "return_logprob": request.return_logprob, "rid": request.rid}
+        if request.top_logprobs_num:  # SGLang reports top logprobs only along with the token logprobs
+            payload.update(return_logprob=True, top_logprobs_num=request.top_logprobs_num)
         try:
+            sampling["max_new_tokens"] = await self._fitting_max_new_tokens(request)
             body = await self._send("POST", "/generate", payload, False, self.options.generate_timeout_s)
         except asyncio.CancelledError:
             self._in_background(self.abort(request.rid))  # the engine should not decode for nobody
@@ -74,6 +83,33 @@ class HttpEngineClient:
         result = parse_generate_response(body, request, self._last_version)
         self._last_version = max(self._last_version, result.weight_version)
         return result
+
+    async def _fitting_max_new_tokens(self, request: GenerateRequest) -> int:
+        """The contract ends a request at the context limit (finish reason length), as the in-process engine does;
+        a server refuses a prompt + max_new_tokens past its context with 400 instead. So the limit is lowered to
+        the room the prompt leaves, read from /v1/models once. SGLang refuses a request that would fill its context
+        exactly, sluice's server does not: one token less is asked of a server that is not sluice's."""
+        if self._context is None:
+            self._context = await self._read_context()
+        context_len, reserve = self._context
+        wanted = request.sampling_params.max_new_tokens
+        if context_len is None:
+            return wanted
+        room = context_len - reserve - len(request.input_ids)
+        return min(wanted, room) if room >= 1 else wanted  # no room at all: the server's 400 names the prompt
+
+    async def _read_context(self) -> tuple[int | None, int]:
+        """(context length, tokens the server keeps free) from /v1/models; (None, 0) where it is not reported."""
+        try:
+            body = await self._send("GET", "/v1/models", None, True, self.options.control_timeout_s)
+        except EngineHTTPError:  # a server without the OpenAI routes: its own errors will tell
+            return None, 0
+        models = body.get("data") if isinstance(body, dict) else None
+        card = models[0] if isinstance(models, list) and models and isinstance(models[0], dict) else {}
+        context_len = card.get("max_model_len")
+        if not isinstance(context_len, int):
+            return None, 0
+        return context_len, 0 if card.get("owned_by") == SLUICE_OWNER else 1
 
     async def update_weights(self, weights: NamedTensors | str, version: int) -> None:
         if isinstance(weights, Mapping):
@@ -250,7 +286,23 @@ def parse_generate_response(body: dict, request: GenerateRequest, fallback_versi
         matched_stop=finish.get("matched"),
         cached_tokens=int(meta.get("cached_tokens", 0)),
         weight_versions=_expand_version_runs(meta.get("weight_version_runs"), len(output_ids)),
+        output_top_logprobs=_parse_top_logprobs(meta, request.top_logprobs_num, len(output_ids)),
     )
+
+
+def _parse_top_logprobs(meta: dict, count: int, num_tokens: int) -> list[TopLogprobs]:
+    """SGLang's ``output_top_logprobs`` (per output token, ``[[logprob, token_id, text], ...]``) as records."""
+    if not count:
+        return []
+    positions = meta.get("output_top_logprobs")
+    if not isinstance(positions, list) or len(positions) != num_tokens:
+        raise ValueError(f"meta_info.output_top_logprobs should list {num_tokens} positions (top_logprobs_num "
+                         f"{count} was asked for); got {str(positions)[:200]}")
+    try:
+        return [TopLogprobs([int(t[1]) for t in triples], [float(t[0]) for t in triples]) for triples in positions]
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"meta_info.output_top_logprobs {str(positions)[:200]} is not a list of "
+                         "[logprob, token_id, text] triples per position") from None
 
 
 def _expand_version_runs(runs, num_tokens: int) -> list[int]:

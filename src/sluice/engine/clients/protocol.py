@@ -28,10 +28,22 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass
+class TopLogprobs:
+    """The most likely tokens at one output position, most likely first; ``logprobs`` follow the convention of
+    ``GenerateResult.output_logprobs`` (log_softmax(logits / temperature), before top-p/top-k/min-p truncation), so
+    the sampled token's entry, when it is among them, equals its output logprob."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # descending
+
+
+@dataclass
 class GenerateRequest:
     input_ids: list[int]
     sampling_params: SamplingParams
     return_logprob: bool = True
+    # How many most likely tokens (and their logprobs) to report at each output position; 0: none, and no cost.
+    top_logprobs_num: int = 0
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Requests sharing a key (the samples of one GRPO group, the turns of one conversation) go to the same
     # engine behind a MultiEngineClient, so they share its prefix cache; None: route by the prompt's tokens.
@@ -52,6 +64,8 @@ class GenerateResult:
     # weight version that sampled each output token: a request that lives through a weight update (continuing
     # on the new weights) shows where the change happened; empty from engines that do not report it (HTTP)
     weight_versions: list[int] = field(default_factory=list)
+    # one entry per output token when the request set top_logprobs_num, else empty
+    output_top_logprobs: list[TopLogprobs] = field(default_factory=list)
 
 
 NamedTensors = Mapping[str, torch.Tensor]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from sluice.engine.clients.in_process import settle_future as _settle
-from sluice.engine.clients.protocol import GenerateRequest, GenerateResult
+from sluice.engine.clients.protocol import GenerateRequest, GenerateResult, TopLogprobs
 
 
 @dataclass
@@ -21,6 +21,7 @@ class TokenDelta:
 
     output_ids: list[int]
     output_logprobs: list[float]
+    output_top_logprobs: list[TopLogprobs]  # empty unless the request set top_logprobs_num
 
 
 class AsyncEngine:
@@ -56,7 +57,7 @@ class TokenStream:
         engine.submit(
             request,
             on_done=lambda outcome: _post(loop, put, outcome),
-            on_update=lambda ids, logprobs: _post(loop, put, TokenDelta(list(ids), list(logprobs))),
+            on_update=lambda ids, logprobs, top: _post(loop, put, TokenDelta(list(ids), list(logprobs), list(top))),
         )
 
     def __aiter__(self) -> AsyncIterator[TokenDelta | GenerateResult]:

@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Protocol
 
 import torch
 
-from sluice.engine.clients.protocol import GenerateRequest, GenerateResult
+from sluice.engine.clients.protocol import GenerateRequest, GenerateResult, TopLogprobs
 from sluice.engine.server.async_engine import AsyncEngine
 from sluice.engine.server.weight_staging import StagedUpdate
 from sluice.engine.settings import EngineConfig
@@ -37,7 +37,7 @@ class ServedEngine(Protocol):
     weight_version: int
 
     def submit(self, request: GenerateRequest, on_done: Callable[[GenerateResult | BaseException], None],
-               on_update: Callable[[list[int], list[float]], None] | None = None) -> None: ...
+               on_update: Callable[[list[int], list[float], list[TopLogprobs]], None] | None = None) -> None: ...
     def abort(self, rid: str | None = None) -> None: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
@@ -123,9 +123,9 @@ class ServerContext:
         bad = next((t for t in input_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise RequestError(field, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(input_ids) >= self.context_len:
-            raise RequestError(field, f"{len(input_ids)} prompt tokens leave no room in the context length "
-                                      f"{self.context_len} (--sglang-context-length)")
+        if len(input_ids) >= self.context_len:  # SGLang's check and message: no room for one output token
+            raise RequestError(field, f"The input ({len(input_ids)} tokens) is longer than the model's context "
+                                      f"length ({self.context_len} tokens, --sglang-context-length).")
         limit = self.engine_config.max_prompt_tokens
         if limit is not None and len(input_ids) > limit:
             raise RequestError(field, f"{len(input_ids)} prompt tokens; the limit is {limit} "
@@ -141,8 +141,31 @@ class ServerContext:
         """One token's text, for logprob entries; "" without a tokenizer."""
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
 
+    def check_room(self, field: str, num_prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse, naming ``field``, a token limit that the prompt leaves no room for, in SGLang's words. The
+        engine can fill the whole context (prompt + output = context length), so that is allowed; SGLang's own
+        check also refuses that equality."""
+        total = num_prompt_tokens + max_new_tokens
+        if total > self.context_len:
+            raise RequestError(field, f"Requested token count exceeds the model's maximum context length of "
+                                      f"{self.context_len} tokens. You requested a total of {total} tokens: "
+                                      f"{num_prompt_tokens} tokens from the input messages and {max_new_tokens} "
+                                      "tokens for the completion. Please reduce the number of tokens in the input "
+                                      "messages or the completion to fit within the limit.")
+
+    def check_top_logprobs(self, field: str, count: int) -> None:
+        limit = self.engine_config.max_top_logprobs
+        if count > limit:
+            raise RequestError(field, f"{count} top logprobs per token requested; the limit is {limit} "
+                                      "(--sglang-max-top-logprobs)")
+
     def make_request(self, field: str, input_ids: list[int], params: SamplingParams, return_logprob: bool,
-                     rid: str | None = None) -> GenerateRequest:
-        """A checked request; a ``max_new_tokens`` past the context length ends with finish reason length."""
+                     rid: str | None = None, *, max_tokens_field: str, top_logprobs_num: int = 0,
+                     top_logprobs_field: str = "") -> GenerateRequest:
+        """A checked request: the prompt, the room its ``max_new_tokens`` (given as ``max_tokens_field``) asks
+        for, and the top-logprob count against the server's limit."""
         self.check_prompt(field, input_ids)
-        return GenerateRequest(list(input_ids), params, return_logprob=return_logprob, rid=rid or uuid.uuid4().hex)
+        self.check_room(max_tokens_field, len(input_ids), params.max_new_tokens)
+        self.check_top_logprobs(top_logprobs_field, top_logprobs_num)
+        return GenerateRequest(list(input_ids), params, return_logprob=return_logprob, rid=rid or uuid.uuid4().hex,
+                               top_logprobs_num=top_logprobs_num)

@@ -15,7 +15,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult
+from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult, TopLogprobs
 from sluice.engine.server.async_engine import TokenDelta, TokenStream
 from sluice.engine.server.context import ServerContext
 from sluice.engine.server.native_schema import GenerateBody, GenerateItem
@@ -55,7 +55,9 @@ def native_generate_router(ctx: ServerContext) -> APIRouter:
 def _to_request(ctx: ServerContext, item: GenerateItem) -> GenerateRequest:
     input_ids = ctx.encode(item.field, item.prompt) if isinstance(item.prompt, str) else item.prompt
     params = item.sampling_params.to_sampling_params(max(ctx.context_len - len(input_ids), 1))
-    return ctx.make_request(item.field, input_ids, params, item.return_logprob, item.rid)
+    return ctx.make_request(item.field, input_ids, params, item.return_logprob, item.rid,
+                            max_tokens_field=f"{item.params_field}.max_new_tokens",
+                            top_logprobs_num=item.top_logprobs_num, top_logprobs_field=item.top_logprobs_field)
 
 
 def _open_stream(ctx: ServerContext, request: GenerateRequest) -> TokenStream:
@@ -87,6 +89,12 @@ def _logprob_triples(ctx: ServerContext, ids: list[int], logprobs: list[float], 
     return [[lp, tid, ctx.decode_token(tid) if with_text else None] for lp, tid in zip(logprobs, ids)]
 
 
+def _top_triples(ctx: ServerContext, tops: list[TopLogprobs], with_text: bool) -> list[list[list]]:
+    """SGLang's ``output_top_logprobs``: per output token, its top candidates as triples, most likely first."""
+    return [_logprob_triples(ctx, top.token_ids, top.logprobs, with_text) for top in tops]
+
+
+
 def native_output(ctx: ServerContext, result: GenerateResult, item: GenerateItem, with_text: bool,
                   started: float) -> dict:
     meta = {
@@ -102,6 +110,8 @@ def native_output(ctx: ServerContext, result: GenerateResult, item: GenerateItem
         meta["weight_version_runs"] = version_runs(result.weight_versions)
     if item.return_logprob:
         meta["output_token_logprobs"] = _logprob_triples(ctx, result.output_ids, result.output_logprobs, with_text)
+    if item.top_logprobs_num:
+        meta["output_top_logprobs"] = _top_triples(ctx, result.output_top_logprobs, with_text)
     text = output_text(result, item.sampling_params.no_stop_trim)
     return {"text": text, "output_ids": list(result.output_ids), "meta_info": meta}
 
@@ -118,11 +128,13 @@ def version_runs(versions: list[int]) -> list[list[int]]:
 
 
 def _partial_output(ctx: ServerContext, request: GenerateRequest, text: str, ids: list[int],
-                    logprobs: list[float], with_text: bool) -> dict:
+                    logprobs: list[float], tops: list[TopLogprobs], with_text: bool) -> dict:
     meta = {"id": request.rid, "finish_reason": None, "prompt_tokens": len(request.input_ids),
             "completion_tokens": len(ids), "cached_tokens": 0, "weight_version": str(ctx.engine.weight_version)}
     if request.return_logprob:
         meta["output_token_logprobs"] = _logprob_triples(ctx, ids, logprobs, with_text)
+    if request.top_logprobs_num:
+        meta["output_top_logprobs"] = _top_triples(ctx, tops, with_text)
     return {"text": text, "output_ids": list(ids), "meta_info": meta}
 
 
@@ -139,13 +151,15 @@ async def _stream_events(ctx: ServerContext, stream: TokenStream, item: Generate
     text = IncrementalText(ctx.tokenizer, params.skip_special_tokens, params.stop_list)
     ids: list[int] = []
     logprobs: list[float] = []
+    tops: list[TopLogprobs] = []
     try:
         async for event in stream:
             if isinstance(event, TokenDelta):
                 ids += event.output_ids
                 logprobs += event.output_logprobs
+                tops += event.output_top_logprobs
                 text.push(event.output_ids)
-                yield sse(_partial_output(ctx, stream.request, text.sent, ids, logprobs, with_text))
+                yield sse(_partial_output(ctx, stream.request, text.sent, ids, logprobs, tops, with_text))
             else:
                 yield sse(native_output(ctx, event, item, with_text, started))
     except Exception as error:  # noqa: BLE001 - the status line is already sent; report in-band as SGLang does

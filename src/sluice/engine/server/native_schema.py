@@ -14,8 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from sluice.net.http_errors import RequestError
 from sluice.types import SamplingParams
 
-STRICT = ConfigDict(extra="forbid", strict=True)
+# NaN and infinities are refused: Python's json module reads them, and a NaN passes no bound check.
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128
+# Seeds seed a torch generator, which takes a 64-bit integer; vLLM bounds its seed the same way.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 # SGLang sampling options kept only at these values: anything else would silently change the distribution.
 UNSUPPORTED_SAMPLING = {
@@ -72,7 +75,7 @@ class WireSamplingParams(BaseModel):
     # Fast tokenizers never put spaces between special tokens, so both values decode the same.
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
-    sampling_seed: int | None = None
+    sampling_seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int = 1
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -106,10 +109,17 @@ class WireSamplingParams(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def to_sampling_params(self, max_new_tokens_cap: int) -> SamplingParams:
-        """Our engine's record; ``max_new_tokens_cap`` (room left in the context) replaces a None limit."""
+        """Our engine's record; ``max_new_tokens_cap`` (room left in the context) replaces a None limit and bounds
+        the default one: as in SGLang, only a limit the client gave is checked against the context."""
+        if self.max_new_tokens is None:
+            max_new_tokens = max_new_tokens_cap
+        elif "max_new_tokens" not in self.model_fields_set:
+            max_new_tokens = min(self.max_new_tokens, max_new_tokens_cap)
+        else:
+            max_new_tokens = self.max_new_tokens
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            max_new_tokens=self.max_new_tokens if self.max_new_tokens is not None else max_new_tokens_cap,
+            max_new_tokens=max_new_tokens,
             stop=self.stop_list, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens, seed=self.sampling_seed,
         )
@@ -124,8 +134,10 @@ class GenerateBody(BaseModel):
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: WireSamplingParams | list[WireSamplingParams] = Field(default_factory=WireSamplingParams)
     return_logprob: bool | list[bool] = False
-    logprob_start_len: int | list[int] = -1  # accepted; only output-token logprobs are returned
-    top_logprobs_num: Literal[0] = 0
+    # -1: no prompt-token logprobs. Other values are accepted, but only output-token logprobs are returned (and
+    # with top_logprobs_num refused: the prompt's top logprobs are not computed).
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0  # with return_logprob: meta_info.output_top_logprobs
     return_text_in_logprobs: bool = False
     stream: bool = False
     rid: str | list[str] | None = None
@@ -177,8 +189,33 @@ class GenerateBody(BaseModel):
         params = _per_item(self.sampling_params, count, "sampling_params")
         logprob = _per_item(self.return_logprob, count, "return_logprob")
         rids = _per_item(self.rid, count, "rid")
-        return [GenerateItem(f"{field}[{i}]" if self.is_batch else field, prompts[i], params[i], logprob[i], rids[i])
-                for i in range(count)]
+        tops = _per_item(self.top_logprobs_num, count, "top_logprobs_num")
+        starts = _per_item(self.logprob_start_len, count, "logprob_start_len")
+        items = []
+        for i in range(count):
+            top_field = _item_field("top_logprobs_num", self.top_logprobs_num, i)
+            _check_top_logprobs(top_field, tops[i], logprob[i], starts[i])
+            items.append(GenerateItem(f"{field}[{i}]" if self.is_batch else field, prompts[i], params[i], logprob[i],
+                                      rids[i], _item_field("sampling_params", self.sampling_params, i), tops[i],
+                                      top_field))
+        return items
+
+
+def _item_field(name: str, value, index: int) -> str:
+    """Where item ``index``'s value of a per-item field sits: ``name[index]`` for a list, ``name`` if shared."""
+    return f"{name}[{index}]" if isinstance(value, list) else name
+
+
+def _check_top_logprobs(field: str, count: int, return_logprob: bool, logprob_start_len: int) -> None:
+    """Top logprobs come with ``return_logprob`` (SGLang ignores them without it: refused here, not dropped), for
+    output tokens only."""
+    if count < 0:
+        raise RequestError(field, f"must be >= 0, got {count}")
+    if count and not return_logprob:
+        raise RequestError(field, "top logprobs come with the token logprobs: set return_logprob true")
+    if count and logprob_start_len >= 0:
+        raise RequestError("logprob_start_len", f"{logprob_start_len} asks for input_top_logprobs, which sluice's "
+                                                "engine does not compute (only output tokens'): give -1")
 
 
 @dataclass
@@ -190,6 +227,9 @@ class GenerateItem:
     sampling_params: WireSamplingParams
     return_logprob: bool
     rid: str | None
+    params_field: str  # where its sampling_params sit in the body
+    top_logprobs_num: int
+    top_logprobs_field: str
 
 
 def _per_item(value, count: int, name: str) -> list:

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from sluice.engine.clients.protocol import GenerateRequest, GenerateResult
+from sluice.engine.clients.protocol import GenerateRequest, GenerateResult, TopLogprobs
 from sluice.engine.server.async_engine import TokenDelta, merge_streams
 from sluice.engine.server.context import ServerContext
 from sluice.engine.server.native_api import SSE_DONE, output_text, sse
@@ -92,7 +92,10 @@ def _make_call(ctx: ServerContext, body: OpenAIRequest, prompts: list[tuple[str,
         for index in range(body.n):
             params = body.sampling_params(max(ctx.context_len - len(ids), 1), index)
             rid = body.rid if single or body.rid is None else f"{body.rid}-{len(requests)}"
-            requests.append(ctx.make_request(field, ids, params, return_logprob=True, rid=rid))
+            requests.append(ctx.make_request(field, ids, params, return_logprob=True, rid=rid,
+                                             max_tokens_field=body.max_tokens_field,
+                                             top_logprobs_num=body.top_logprobs_num,
+                                             top_logprobs_field=body.top_logprobs_field))
     ctx.admit(len(requests))
     prefix = "chatcmpl" if chat else "cmpl"
     return Call(body, chat, [ids for _, ids in prompts], requests, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
@@ -126,7 +129,8 @@ def _usage(call: Call, results: list[GenerateResult]) -> dict:
 
 def _choice(ctx: ServerContext, call: Call, index: int, result: GenerateResult) -> dict:
     text = output_text(result, call.body.no_stop_trim)
-    logprobs = _logprobs(ctx, call, result.output_ids, result.output_logprobs) if call.want_logprobs() else None
+    logprobs = (_logprobs(ctx, call, result.output_ids, result.output_logprobs, result.output_top_logprobs)
+                if call.want_logprobs() else None)
     choice = {"index": index, "logprobs": logprobs, "finish_reason": result.finish_reason.value,
               "matched_stop": result.matched_stop, "token_ids": list(result.output_ids)}
     if call.chat:
@@ -137,17 +141,38 @@ def _choice(ctx: ServerContext, call: Call, index: int, result: GenerateResult) 
     return choice
 
 
-def _logprobs(ctx: ServerContext, call: Call, ids: list[int], logprobs: list[float], offset: int = 0) -> dict:
-    """OpenAI's shapes: chat ``{"content": [{token, logprob, bytes, top_logprobs}]}``; completions parallel lists."""
+def _logprobs(ctx: ServerContext, call: Call, ids: list[int], logprobs: list[float], tops: list[TopLogprobs],
+              offset: int = 0) -> dict:
+    """OpenAI's shapes: chat ``{"content": [{token, logprob, bytes, top_logprobs}]}``; completions parallel lists,
+    ``top_logprobs`` one ``{token text: logprob}`` per token."""
     pieces = [ctx.decode_token(t) for t in ids]
+    tops = tops or [TopLogprobs([], [])] * len(ids)  # none asked for
     if call.chat:
-        return {"content": [{"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8")), "top_logprobs": []}
-                            for piece, lp in zip(pieces, logprobs)]}
+        return {"content": [{**_chat_entry(piece, lp), "top_logprobs": _chat_top(ctx, top)}
+                            for piece, lp, top in zip(pieces, logprobs, tops)]}
     offsets, position = [], offset
     for piece in pieces:
         offsets.append(position)
         position += len(piece)
-    return {"tokens": pieces, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+    top_dicts = [_completion_top(ctx, top, piece, lp) for piece, lp, top in zip(pieces, logprobs, tops)]
+    return {"tokens": pieces, "token_logprobs": list(logprobs), "top_logprobs": top_dicts, "text_offset": offsets}
+
+
+def _chat_entry(piece: str, logprob: float) -> dict:
+    return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
+
+
+def _chat_top(ctx: ServerContext, top: TopLogprobs) -> list[dict]:
+    return [_chat_entry(ctx.decode_token(t), lp) for t, lp in zip(top.token_ids, top.logprobs)]
+
+
+def _completion_top(ctx: ServerContext, top: TopLogprobs, sampled_piece: str, sampled_logprob: float) -> dict:
+    """The ``logprobs`` most likely tokens plus the sampled one (OpenAI: "up to logprobs+1 elements"). Keyed by
+    text, as OpenAI's format is: two tokens that decode to the same text share one key, the likelier one's."""
+    entries = {sampled_piece: sampled_logprob}
+    for token_id, logprob in zip(reversed(top.token_ids), reversed(top.logprobs)):  # likeliest written last
+        entries[ctx.decode_token(token_id)] = logprob
+    return dict(sorted(entries.items(), key=lambda item: -item[1]))
 
 
 async def _stream(ctx: ServerContext, call: Call, streams) -> AsyncIterator[str]:
@@ -161,11 +186,12 @@ async def _stream(ctx: ServerContext, call: Call, streams) -> AsyncIterator[str]
         async for index, event in merge_streams(streams):
             if isinstance(event, TokenDelta):
                 piece = texts[index].push(event.output_ids)
-                yield sse(_chunk(ctx, call, index, _delta(ctx, call, piece, event.output_ids, event.output_logprobs)))
+                delta = _delta(ctx, call, piece, event.output_ids, event.output_logprobs, event.output_top_logprobs)
+                yield sse(_chunk(ctx, call, index, delta))
             else:
                 results[index] = event
                 piece = texts[index].finish(output_text(event, call.body.no_stop_trim))
-                yield sse(_chunk(ctx, call, index, _delta(ctx, call, piece, [], [], event.finish_reason.value)))
+                yield sse(_chunk(ctx, call, index, _delta(ctx, call, piece, [], [], [], event.finish_reason.value)))
     except Exception as error:  # noqa: BLE001 - headers are sent; report in-band
         yield sse({"error": {"message": f"generation failed: {error}", "type": "server_error", "code": 500}})
     if call.body.stream_options and call.body.stream_options.include_usage and all(results):
@@ -175,9 +201,9 @@ async def _stream(ctx: ServerContext, call: Call, streams) -> AsyncIterator[str]
 
 
 def _delta(ctx: ServerContext, call: Call, piece: str, ids: list[int], logprobs: list[float],
-           finish_reason: str | None = None) -> dict:
+           tops: list[TopLogprobs], finish_reason: str | None = None) -> dict:
     fields = {"finish_reason": finish_reason, "token_ids": ids,
-              "logprobs": _logprobs(ctx, call, ids, logprobs) if call.want_logprobs() and ids else None}
+              "logprobs": _logprobs(ctx, call, ids, logprobs, tops) if call.want_logprobs() and ids else None}
     if call.chat:
         fields["delta"] = {"content": piece} if piece or finish_reason is None else {}
     else:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from sluice.engine.server.native_schema import STRICT, check_stop, check_top_k, require_neutral
+from sluice.engine.server.native_schema import SEED_MAX, SEED_MIN, STRICT, check_stop, check_top_k, require_neutral
 from sluice.types import SamplingParams
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -40,7 +40,7 @@ class OpenAIRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     user: str | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -80,12 +80,34 @@ class OpenAIRequest(BaseModel):
     def _neutral_only(cls, value, info: ValidationInfo):
         return require_neutral(value, _NEUTRAL[info.field_name])
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "OpenAIRequest":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed with stream true")
+        if self.seed is not None and self.seed + self.n - 1 > SEED_MAX:  # choice i is seeded with seed + i
+            raise ValueError(f"seed: with n={self.n}, seed + n - 1 must be at most {SEED_MAX}; got {self.seed}")
+        return self
+
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def wanted_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The field that set the token limit, for error messages."""
+        return "max_tokens"
+
+    @property
+    def top_logprobs_num(self) -> int:
+        """Alternatives asked for at each output token."""
+        return 0
+
+    @property
+    def top_logprobs_field(self) -> str:
+        return "top_logprobs"
 
     def sampling_params(self, room: int, index: int) -> SamplingParams:
         """Settings of the ``index``-th choice; ``room`` (context left) caps an unset max_tokens.
@@ -109,13 +131,13 @@ class CompletionRequest(OpenAIRequest):
     suffix: str | None = None
     best_of: int | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_top(cls, value: int | None) -> int | None:
-        if value:
-            raise ValueError(f"top-{value} alternatives are not computed by sluice's engine; use logprobs=0 for "
-                             "the sampled tokens' logprobs")
-        return value
+    @property
+    def top_logprobs_num(self) -> int:
+        return self.logprobs or 0
+
+    @property
+    def top_logprobs_field(self) -> str:
+        return "logprobs"
 
     def prompts(self) -> list[tuple[str, str | list[int]]]:
         """(field, text or token ids) per prompt."""
@@ -156,13 +178,19 @@ class ChatRequest(OpenAIRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top(cls, value: int | None) -> int | None:
-        if value:
-            raise ValueError("top alternatives are not computed by sluice's engine; use logprobs=true with "
-                             "top_logprobs 0 or unset")
-        return value
+    @model_validator(mode="after")
+    def _top_with_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs true")
+        return self
+
+    @property
+    def top_logprobs_num(self) -> int:
+        return self.top_logprobs or 0
+
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     @field_validator("response_format")
     @classmethod
