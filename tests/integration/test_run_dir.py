@@ -200,3 +200,16 @@ def test_eval_accuracy_threshold_counts_rewards_at_or_above_it(tiny_checkpoint, 
     assert main(flags(tiny_checkpoint, data, "--run-dir", str(tmp_path / "nan"), "--eval-accuracy-threshold",
                       "nan")) == 2
     assert "--eval-accuracy-threshold must be a finite number, got nan" in capsys.readouterr().err
+
+
+def test_the_demo_runs_again_into_its_own_directory_without_flags(tmp_path, capsys):
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--sft-steps", "1", "--num-rollout", "1",
+            "--rollout-batch-size", "2", "--num-train", "8", "--num-eval", "2", "--hidden-size", "32",
+            "--intermediate-size", "64", "--num-layers", "1", "--no-progress-bar"]
+    assert main(argv) == 0
+    assert main(argv) == 0  # the second demo replaces the first one's RL records
+    out = capsys.readouterr().out
+    rl = tmp_path / "demo" / "rl"
+    assert "--overwrite-run-dir: deleted the earlier run's metrics.jsonl" in out
+    assert [r["step"] for r in read_metrics(rl)] == [0, 1]
+    assert len(read_launches(rl)) == 1 and "--overwrite-run-dir" in read_launches(rl)[0]["command"]
