@@ -86,6 +86,8 @@ def test_default_run_dirs_are_new_each_time_with_runs_latest_linking_the_newest(
                                                                                 monkeypatch, capsys):
     data = write_data(tmp_path / "prompts.jsonl")
     monkeypatch.chdir(tmp_path)
+    assert main(flags(tiny_checkpoint, tmp_path / "missing.jsonl")) == 2  # stopped by a later check ...
+    assert not (tmp_path / "runs").exists()  # ... its reserved directory is gone again
     assert main(flags(tiny_checkpoint, data)) == 0
     assert main(flags(tiny_checkpoint, data)) == 0  # the same command again: a second run, not appended
     capsys.readouterr()

@@ -41,15 +41,18 @@ class Launch:
     torch: str
 
 
-def git_commit(source: Path | None = None) -> str | None:
-    """HEAD of the git checkout holding ``source`` (default: the sluice package), or None outside one."""
-    where = source or Path(sluice.__file__).resolve().parent
+def git_commit() -> str | None:
+    """HEAD of the sluice checkout this package runs from (an editable install: <checkout>/src/sluice), with
+    "+dirty" for uncommitted changes; None for an installed wheel, no git, or a git that does not answer."""
+    checkout = Path(sluice.__file__).resolve().parents[2]
+    if not ((checkout / ".git").exists() and (checkout / "pyproject.toml").is_file()):
+        return None  # not a checkout: a wheel inside some other repository must not report that one's commit
     try:
-        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):  # no git, not a checkout (an installed wheel), or too slow
+    except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")
 

@@ -105,6 +105,7 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
                    hooks.reward, log)
     except BaseException:
         stop_parts(loop, placement, gateway, [engines.client if engines else None, hooks and hooks.reward], log)
+        run_dir.release()
         raise
 
 

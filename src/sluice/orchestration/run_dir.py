@@ -68,14 +68,22 @@ def _resumes_here(run_dir: Path, load: str, checkpoint: Path | None) -> bool:
     return _same(recorded.get("save"), load)
 
 
-def _timestamped_dir(now: datetime.datetime) -> Path:
-    """A new runs/<date>-<time>; a suffix -2, -3, ... when runs start within the same second."""
+def _reserve_timestamped_dir(now: datetime.datetime) -> Path:
+    """Create a new, empty runs/<date>-<time>; a suffix -2, -3, ... when runs start within the same second.
+
+    Created here, not planned: two runs launched together (a sweep) must never share a directory, and only the
+    creation itself is atomic. ``RunDirPlan.release`` removes it again if the run stops before it writes there.
+    """
     base = RUNS_ROOT / now.strftime("%Y%m%d-%H%M%S")
+    RUNS_ROOT.mkdir(parents=True, exist_ok=True)
     candidate, number = base, 1
-    while candidate.exists():
-        number += 1
-        candidate = base.with_name(f"{base.name}-{number}")
-    return candidate
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = base.with_name(f"{base.name}-{number}")
 
 
 def _refusal(run_dir: Path, records: list[str], config: Config, checkpoint: Path | None) -> str:
@@ -136,17 +144,27 @@ class RunDirPlan:
         if self.link_latest:
             _point_latest(self.run_dir, log)
 
+    def release(self) -> None:
+        """Remove a default run directory the run stopped before writing to (a mistake found by a later check)."""
+        if self.link_latest:
+            for directory in (self.run_dir, self.run_dir.parent):  # runs/ too, if this run made it
+                try:
+                    directory.rmdir()  # only if empty
+                except OSError:
+                    return
+
 
 def plan_run_dir(config: Config, now: datetime.datetime | None = None) -> tuple[Config, RunDirPlan]:
-    """The config with its run directory resolved, and the plan for that directory. Writes nothing: raises
-    ConfigError when the directory (or --save) holds another run."""
+    """The config with its run directory resolved, and the plan for that directory. Raises ConfigError when the
+    directory (or --save) holds another run, having written nothing. Writes nothing else either, except that a
+    default directory (no --run-dir) is created empty, to reserve it."""
     ckpt, logging = config.checkpoint, config.logging
     checkpoint = resume_checkpoint(ckpt.load, ckpt.save) if ckpt.load else None
     _check_save_dir(config)
     given = logging.run_dir
     if given is None and checkpoint is not None:
         given = _checkpoint_run_dir(checkpoint)
-    run_dir = Path(given) if given is not None else _timestamped_dir(now or datetime.datetime.now())
+    run_dir = Path(given) if given is not None else _reserve_timestamped_dir(now or datetime.datetime.now())
     records = earlier_run_records(run_dir)
     if records and ckpt.load and _resumes_here(run_dir, ckpt.load, checkpoint):
         records = []  # the resumed run's own records: continued, not replaced
