@@ -15,15 +15,44 @@ if TYPE_CHECKING:
     from sluice.engine.server.app import ServeArgs
 
 
+# Each command and its one-line purpose, as `sluice --help` lists them.
+COMMANDS = {
+    "train": "RL (or SFT) post-training of a Hugging Face checkpoint: rollout, reward, train, weight sync, eval",
+    "serve": "serve a model over SGLang's HTTP API and an OpenAI-compatible API",
+    "bench": "benchmarks (rollout, train, sync, loops) that print one JSON line each",
+    "demo": "build a tiny model and tasks, warm-start it with SFT, then train it with GRPO",
+    "plot": "draw a run directory's plots and summary.html from its metrics.jsonl",
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: sluice [-h] [--version] {{{','.join(COMMANDS)}}} ...", "",
+             "RL post-training of LLMs: our own rollout engine, a PyTorch trainer and a data buffer.", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {purpose}" for name, purpose in COMMANDS.items()]
+    lines += ["", "options:", "  -h, --help  show this help and exit", "  --version   print the version and exit",
+              "", "sluice COMMAND --help lists the flags of COMMAND."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": train_command, "serve": serve_command, "bench": bench_command, "demo": demo_command,
                 "plot": plot_command}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        if argv and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] == "--version":
+        from sluice import __version__
+
+        print(f"sluice {__version__}")
+        return 0
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in commands:
+        if argv:
             print(f"sluice: unknown command {argv[0]!r}; choose one of {', '.join(commands)}", file=sys.stderr)
-        print("usage: sluice {train,serve,bench,demo,plot} [flags]   (sluice COMMAND --help for its flags)", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        print(usage(), file=sys.stderr)
+        return 2
     try:
         return commands[argv[0]](argv[1:])
     except (ConfigError, DataError) as error:
@@ -55,13 +84,14 @@ def train_command(argv: list[str]) -> int:
 
     config = parse_config(argv)
     validate(config)
-    run = build_run(config)
+    run = build_run(config, command=["sluice", "train", *argv])
     try:
         train(run)
     finally:
         png = run.close()
-    report = render_report(config.logging.run_dir)
-    print(f"metrics: {config.logging.run_dir}/metrics.jsonl  curves: {png}  summary: {report.html}")
+    run_dir = run.config.logging.run_dir  # resolved by build_run (a default runs/<date>-<time>)
+    report = render_report(run_dir)
+    print(f"metrics: {run_dir}/metrics.jsonl  curves: {png}  summary: {report.html}")
     return 0
 
 
@@ -141,8 +171,10 @@ def bench_command(argv: list[str]) -> int:
     benches = {"rollout": "sluice.bench.rollout", "sync": "sluice.bench.sync", "loops": "sluice.bench.loops",
                "train": "sluice.bench.train"}
     if not argv or argv[0] not in benches:
-        print(f"usage: sluice bench {{{','.join(benches)}}} [flags]", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        stream = sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr
+        print(f"usage: sluice bench [-h] {{{','.join(benches)}}} [flags]   (sluice bench NAME --help for its flags)",
+              file=stream)
+        return 0 if stream is sys.stdout else 2
     import importlib
 
     return importlib.import_module(benches[argv[0]]).main(argv[1:])

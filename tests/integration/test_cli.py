@@ -63,11 +63,40 @@ def test_unknown_command_exits_2(capsys):
     assert "train, serve, bench, demo, plot" in err
 
 
-def test_no_command_exits_2_and_help_exits_0(capsys):
+def test_no_command_exits_2_and_help_lists_every_command_with_its_purpose(capsys):
     assert main([]) == 2
     assert "usage: sluice" in capsys.readouterr().err
     assert main(["--help"]) == 0
-    assert "usage: sluice" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sluice [-h] [--version] {train,serve,bench,demo,plot} ...")
+    for command in ("train", "serve", "bench", "demo", "plot"):
+        line = next(line for line in out.splitlines() if line.startswith(f"  {command} "))
+        assert len(line.split()) > 3, line  # the command and a purpose of several words
+
+
+def test_version_prints_the_package_version(capsys):
+    from sluice import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"sluice {__version__}\n"
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["train", "--help"], "usage: sluice train [-h] [--config FILE]"),
+    (["serve", "--help"], "usage: sluice serve [-h] --model MODEL_PATH"),
+    (["demo", "--help"], "usage: sluice demo [-h]"),
+    (["plot", "--help"], "usage: sluice plot [-h]"),
+    (["bench", "--help"], "usage: sluice bench [-h] {rollout,sync,loops,train}"),
+    (["bench", "rollout", "--help"], "usage: sluice bench rollout [-h]"),
+    (["bench", "train", "--help"], "usage: sluice bench train [-h]"),
+])
+def test_each_command_shows_its_own_usage_line(argv, usage, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:  # argparse's --help
+        code = exit_info.code
+    assert code == 0
+    assert capsys.readouterr().out.startswith(usage)
 
 
 def test_plot_writes_a_png(tmp_path, capsys):

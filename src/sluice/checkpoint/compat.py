@@ -29,7 +29,7 @@ MODEL_SHAPE_KEYS: tuple[str, ...] = (
     "num_key_value_heads", "head_dim", "tie_word_embeddings",
 )
 # Keys that differ between any two runs and say nothing about compatibility.
-_ALWAYS_DIFFERENT = ("load", "save", "run_dir")
+_ALWAYS_DIFFERENT = ("load", "save", "run_dir", "overwrite_run_dir")
 
 
 def model_shape(hf_config: dict[str, Any]) -> dict[str, Any]:

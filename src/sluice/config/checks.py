@@ -6,6 +6,7 @@ at once so one edit can fix every problem.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 from sluice.errors import ConfigError
@@ -252,6 +253,8 @@ def _eval_and_checkpoint(config: Config) -> Iterator[str]:
     ev, ckpt = config.eval, config.checkpoint
     if len(ev.eval_prompt_data) % 2:
         yield f"--eval-prompt-data takes NAME PATH pairs, got {len(ev.eval_prompt_data)} values"
+    if not math.isfinite(ev.eval_accuracy_threshold):
+        yield f"--eval-accuracy-threshold must be a finite number, got {ev.eval_accuracy_threshold}"
     if ev.eval_interval is not None and ev.eval_interval <= 0:
         yield f"--eval-interval must be > 0, got {ev.eval_interval}"
     if ev.n_samples_per_eval_prompt < 1:
@@ -282,6 +285,8 @@ def _path_template(flag: str, template: str | None) -> Iterator[str]:
 
 def _logging(config: Config) -> Iterator[str]:
     logging = config.logging
+    if logging.num_logged_samples < 0:
+        yield f"--num-logged-samples must be >= 0 (0: none), got {logging.num_logged_samples}"
     if logging.tensorboard_dir is not None and not logging.use_tensorboard:
         yield "--tensorboard-dir has no effect without --use-tensorboard"
     if not logging.use_wandb:

@@ -84,7 +84,7 @@ def _argument_options(spec: FlagSpec) -> dict[str, Any]:
     return options
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "sluice train") -> argparse.ArgumentParser:
     """The parser of every config flag plus ``--config FILE``; one argument group per section.
 
     Every default is ``argparse.SUPPRESS``, so the parsed namespace holds exactly the flags given on
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     Usage errors raise ConfigError.
     """
     parser = _ConfigArgumentParser(
-        prog="sluice", description="RL post-training of LLMs.", allow_abbrev=False)
+        prog=prog, description="RL post-training of LLMs: rollout, reward, train, weight sync, eval.",
+        allow_abbrev=False)
     parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
                         help="YAML file of flag: value pairs (either spelling); command-line flags override it.")
     groups = {name: parser.add_argument_group(_SECTION_TITLES.get(name, name)) for name in section_types()}

@@ -325,6 +325,9 @@ class EvalConfig:
     eval_max_response_len: int | None = field(default=None, metadata=meta(
         "Eval max new tokens; default: --rollout-max-response-len."))
     skip_eval_before_train: bool = field(default=False, metadata=meta("Do not evaluate before the first step."))
+    eval_accuracy_threshold: float = field(default=1.0, metadata=meta(
+        "eval/<set>/accuracy (and rollout/accuracy) is the fraction of samples whose scalar reward is >= this "
+        "value; 1.0 fits 0/1 rewards such as --rm-type exact."))
     eval_function_path: str | None = field(default=None, metadata=meta(
         "Replaces evaluation: async fn(request: sluice.rollout.EvalRequest) -> dict[str, float] (metrics), or "
         "slime's fn(args, rollout_id, data_source, evaluation=True)."))
@@ -357,9 +360,20 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    run_dir: str = field(default="runs/latest", metadata=meta(
-        "Where metrics.jsonl (always written, one JSON object per step), the curves PNG and, with --use-wandb, "
-        "the wandb/ directory go."))
+    run_dir: str | None = field(default=None, metadata=meta(
+        "This run's directory: metrics.jsonl (one JSON object per step), samples.jsonl, the config (config.yaml) "
+        "and command line (commands.jsonl) it ran with, the plots, summary.html and, with --use-wandb, wandb/. "
+        "Default: a new runs/<date>-<time> (runs/latest links to the newest); with --load, the run directory "
+        "recorded in the checkpoint. A directory that holds another run's records is refused unless --load "
+        "resumes that run or --overwrite-run-dir is given."))
+    overwrite_run_dir: bool = field(default=False, metadata=meta(
+        "Start a new run in a --run-dir that holds an earlier run's records: they (metrics.jsonl, samples.jsonl, "
+        "config.yaml, commands.jsonl, plots, summary.html, tensorboard/, wandb/) are deleted first. Checkpoints in "
+        "--save are never deleted. Never recorded as true in the run's config.yaml, so a rerun of it is checked "
+        "again."))
+    num_logged_samples: int = field(default=2, metadata=meta(
+        "Example prompt / response / reward triples kept per rollout step and per eval set: printed (truncated) "
+        "to the console and written in full to RUN_DIR/samples.jsonl and summary.html; 0: none."))
     progress_bar: bool = field(default=True, metadata=meta(
         "Show progress bars with ETA for the run and for each rollout (off, or when stdout is not a terminal: "
         "one log line per step, with an ETA)."))

@@ -57,7 +57,8 @@ def rl_flags(model_dir: Path, files: dict[str, Path], run_dir: Path, args) -> li
         "--eval-prompt-data", "add", str(files["eval_add"]), "reverse", str(files["eval_reverse"]),
         "--n-samples-per-eval-prompt", "1", "--eval-temperature", "0",
         "--seed", str(args.seed), "--train-device", args.device, "--sglang-device", args.device,
-        "--run-dir", str(run_dir), *([] if args.progress_bar else ["--no-progress-bar"]),
+        # the demo rebuilds everything under --out on each run, its RL run directory included
+        "--run-dir", str(run_dir), "--overwrite-run-dir", *([] if args.progress_bar else ["--no-progress-bar"]),
         # async: PPO's ratio against the policy that sampled each token (one version behind), see the README
         *(["--async", "--use-rollout-logprobs"] if getattr(args, "async_train", False) else []),
         "--orchestrator", getattr(args, "orchestrator", "local"),
@@ -89,7 +90,7 @@ def run_demo(args, log=print) -> dict:
     sft_seconds = time.perf_counter() - start
 
     log("RL: sluice train " + shlex.join(flags))
-    run = build_run(config, log=log)
+    run = build_run(config, log=log, command=["sluice", "train", *flags])
     try:
         train(run)
     finally:

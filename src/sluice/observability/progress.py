@@ -142,6 +142,13 @@ class ProgressReporter:
             return None
         return (time.monotonic() - started_at) / (done - first) * max(self.total_steps - done, 0)
 
+    def write(self, line: str) -> None:
+        """Print ``line`` on the console; above the bar when one is drawn (a plain print would tear it)."""
+        if self._bar is not None:
+            tqdm.write(line, file=self._stream)
+        else:
+            print(line, file=self._stream, flush=True)
+
     def stage(self, name: str, total: int | None) -> StageBar:
         """A transient bar for a stage within a step; a no-op object when bars are off (see class doc)."""
         return StageBar(name, total, self._stream if self._use_bar else None)

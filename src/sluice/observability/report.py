@@ -1,7 +1,8 @@
-"""``sluice plot RUN_DIR``: the run's PNG panels and one static HTML page, from metrics.jsonl alone.
+"""``sluice plot RUN_DIR``: the run's PNG panels and one static HTML page, from the run directory's records.
 
 The page embeds every PNG (base64), so it can be mailed or attached to an issue as one file, links each to
-its file next to it, and ends with a table of every metric's latest value.
+its file next to it; it shows how the run was started (command line, versions, config), a table of every
+metric's latest value, and the example samples (report_sections.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from sluice.observability.metrics import read_metrics
 from sluice.observability.plots import REPORT_PANELS, plot_curves
+from sluice.observability.report_sections import config_section, launches_section, samples_section
 
 SUMMARY_FILE = "summary.html"
 PLOTS_DIR = "plots"
@@ -53,10 +55,12 @@ def _page(run_dir: Path, panels: list[tuple[Path, str]], records: list[dict[str,
         f"<title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif;max-width:60em;margin:auto}img{max-width:100%}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
-        "td.num{text-align:right;font-family:monospace}</style>",
+        "td.num{text-align:right;font-family:monospace}"
+        "pre{white-space:pre-wrap;word-break:break-word;margin:0}td pre{max-width:24em}</style>",
         "</head>", "<body>", f"<h1>{html.escape(title)}</h1>",
         f"<p>{len(records)} records, steps {min(steps, default=0)} to {max(steps, default=0)}.</p>",
     ]
+    parts += launches_section(run_dir)
     for png, caption in panels:
         data = base64.b64encode(png.read_bytes()).decode("ascii")
         link = html.escape(os.path.relpath(png, out_dir))
@@ -66,7 +70,9 @@ def _page(run_dir: Path, panels: list[tuple[Path, str]], records: list[dict[str,
     for key, (step, value) in latest_values(records).items():
         parts.append(f"<tr><td>{html.escape(key)}</td><td class=\"num\">{step}</td>"
                      f"<td class=\"num\">{html.escape(_format(value))}</td></tr>")
-    parts += ["</table>", "</body>", "</html>", ""]
+    parts += ["</table>"]
+    parts += samples_section(run_dir) + config_section(run_dir)
+    parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
 
 

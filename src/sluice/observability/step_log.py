@@ -1,5 +1,6 @@
 """Where each step's metrics go: the trackers (metrics.jsonl, TensorBoard, W&B), the progress bar, a log
-line for the evaluation before training, and the learning-signal warnings (signal.py)."""
+line for the evaluation before training, and the learning-signal warnings (signal.py); and where its example
+samples go (samples.jsonl and the console)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ from collections.abc import Callable
 from typing import Any
 
 from sluice.observability.progress import ProgressReporter
+from sluice.observability.samples import SampleLog
 from sluice.observability.signal import SignalWatch
 from sluice.observability.trackers import Trackers
 
 
 class StepLog:
-    def __init__(self, trackers: Trackers, progress: ProgressReporter, log_line: Callable[[str], None]) -> None:
+    def __init__(self, trackers: Trackers, progress: ProgressReporter, log_line: Callable[[str], None],
+                 samples: SampleLog | None = None) -> None:
         self.trackers, self.progress, self.log_line = trackers, progress, log_line
         self.signal = SignalWatch()
+        self.samples = samples  # the rollout's finisher and the evaluator record their examples here
 
     def record(self, step: int, metrics: dict[str, float]) -> None:
         """The metrics of ``step`` completed rollout steps (0: the evaluation before training)."""
@@ -30,5 +34,7 @@ class StepLog:
         return self.trackers.state_dict()
 
     def close(self) -> None:
+        if self.samples is not None:
+            self.samples.close()
         self.progress.close()
         self.trackers.close()

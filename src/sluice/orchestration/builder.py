@@ -1,7 +1,10 @@
 """Building a run from its config: every part made, placed (in this process or on Ray actors), wired, and
 restored from --load; the loops then call the parts (loops.py).
 
-Order: the plug-ins are loaded and checked before anything heavy; then the tokenizer and the data; the Data
+Order: the run directory is checked first (orchestration/run_dir.py: another run's records are refused before
+anything is written); the plug-ins are loaded and checked before anything heavy, and the data's first rows and the
+context length; only then is the run directory made and the config and command line recorded in it (a mistake
+caught so far leaves no files); then the tokenizer and the data; the Data
 Buffer; the engines (not with --debug-train-only: rollouts are replayed); the rollout manager; the trainer
 (not with --debug-rollout-only); then a resume from --load, and the trackers, which continue the resumed run.
 A failure part-way stops whatever was started.
@@ -21,6 +24,8 @@ from sluice.config.sections import BUILTIN_REWARDS, LABEL_FREE_REWARDS
 from sluice.data import PromptSource, check_first_row, load_prompt_samples
 from sluice.models.tokenizer import load_tokenizer
 from sluice.observability.progress import ProgressReporter
+from sluice.observability.run_record import record_launch
+from sluice.observability.samples import SampleLog
 from sluice.observability.step_log import StepLog
 from sluice.observability.trackers import Trackers
 from sluice.orchestration.checkpointing import RunCheckpoints
@@ -32,6 +37,7 @@ from sluice.orchestration.pools import Placement
 from sluice.orchestration.resume import read_model_shape
 from sluice.orchestration.rollout_setup import build_rollout, prompt_data_config
 from sluice.orchestration.run import Run, stop_parts
+from sluice.orchestration.run_dir import plan_run_dir
 from sluice.orchestration.schedule import Schedule
 from sluice.orchestration.weight_updates import WeightUpdates
 from sluice.rollout.batches import RolloutBatches
@@ -39,9 +45,15 @@ from sluice.rollout.evaluator import Evaluator
 from sluice.rollout.finish import BatchFinisher
 
 
-def build_run(config: Config, log=print) -> Run:
-    """The run ``config`` asks for, its parts started: in this process, or placed by Ray (--orchestrator ray)."""
+def build_run(config: Config, log=print, command: list[str] | None = None) -> Run:
+    """The run ``config`` asks for, its parts started: in this process, or placed by Ray (--orchestrator ray).
+
+    ``command``: the `sluice train` flags behind ``config``, recorded in the run directory (commands.jsonl) with
+    the process's own command line; None where there are none (a run built in code).
+    """
     hf_logging.disable_progress_bar()
+    config, run_dir = plan_run_dir(config)  # before anything is written or loaded; the run dir resolved
+    as_given = config  # what the run dir records: the keys and weight roots added next are the run's own
     config = protect_engine_servers(config)  # before any engine server starts: a key of the run's, weight roots
     loop = asyncio.new_event_loop()
     checkpoint = config.model.hf_checkpoint
@@ -54,6 +66,8 @@ def build_run(config: Config, log=print) -> Run:
         hooks = load_hooks(config)  # every plug-in, checked before anything heavy loads
         _check_data(config)
         _check_context(config, checkpoint)
+        run_dir.apply(log)
+        record_launch(run_dir.run_dir, as_given, command, run_dir.checkpoint)
         tokenizer = load_tokenizer(checkpoint)
         source, eval_sets = _load_data(config, hooks, tokenizer, log)
         memory = OomAdvice(config)
@@ -77,18 +91,21 @@ def build_run(config: Config, log=print) -> Run:
         start_rollout = resumed["rollout_id"] + 1 if resumed else 0
         step_log = _step_log(config, resumed, start_rollout, num_rollout, log)
         finisher = BatchFinisher(manager, memory, config.rollout.max_failed_sample_ratio,
-                                 config.debug.save_debug_rollout_data)
+                                 config.debug.save_debug_rollout_data, config.eval.eval_accuracy_threshold,
+                                 step_log.samples)
         batches = RolloutBatches(manager, buffer, buffer_handle, config.rollout, config.debug, finisher, memory,
                                  step_log.progress, loop, log, rollout_fn=hooks.rollout,
                                  group_filter=hooks.group_filter, buffer_filter=hooks.buffer_filter,
                                  engine_watch=weights.watch_engines if can_recover else None)
-        evaluator = Evaluator(manager, eval_sets, config.rollout, config.eval, memory, loop, source, hooks.evaluate)
+        evaluator = Evaluator(manager, eval_sets, config.rollout, config.eval, memory, loop, source, hooks.evaluate,
+                              step_log.samples)
         return Run(config, tokenizer, source, buffer, engines, trainer, manager, batches, evaluator, weights,
                    OffloadTurns(config.cluster, engines, trainer), checkpoints, step_log,
                    _schedule(config, start_rollout, num_rollout, bool(eval_sets)), placement, loop, gateway,
                    hooks.reward, log)
     except BaseException:
         stop_parts(loop, placement, gateway, [engines.client if engines else None, hooks and hooks.reward], log)
+        run_dir.release()
         raise
 
 
@@ -172,11 +189,12 @@ def _step_log(config: Config, resumed: dict | None, start_rollout: int, num_roll
     trackers = Trackers(config.logging, config_to_dict(config), resume_after_step,
                         wandb_run_id=(resumed or {}).get("trackers", {}).get("wandb_run_id"))
     progress = ProgressReporter(num_rollout, enabled=config.logging.progress_bar, initial_step=start_rollout)
+    samples = SampleLog(config.logging.run_dir, config.logging.num_logged_samples, progress.write, resume_after_step)
     unlogged = (resumed or {}).get("step_metrics")
     metrics_file = trackers.jsonl
     if unlogged is not None and metrics_file.continues_file and metrics_file.last_step < start_rollout:
         trackers.log(unlogged, step=start_rollout)  # the run was killed after its save, before its log
-    return StepLog(trackers, progress, log)
+    return StepLog(trackers, progress, log, samples)
 
 
 def _schedule(config: Config, start_rollout: int, num_rollout: int, has_eval_sets: bool) -> Schedule:

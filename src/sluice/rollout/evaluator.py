@@ -1,5 +1,6 @@
 """The run's evaluation on the --eval-prompt-data sets: --eval-function-path, or the built-in one (mean reward,
-accuracy as the fraction of samples with reward >= 1, and the response tokens generated)."""
+accuracy as the fraction of samples with reward >= --eval-accuracy-threshold, and the response tokens generated;
+a few example samples of each set go to the sample log)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from dataclasses import dataclass
 
 from sluice.config import EvalConfig, RolloutConfig
 from sluice.rollout.evaluation import EvalFn, EvalRequest
-from sluice.rollout.finish import MemoryGuard, scalar_rewards
+from sluice.rollout.finish import MemoryGuard, SampleSink, scalar_rewards
 from sluice.rollout.manager import RolloutManager
+from sluice.rollout.metrics import accuracy
 from sluice.rollout.sampling import sampling_params
 from sluice.rollout.step import PromptBatches
 from sluice.types import Sample
@@ -26,6 +28,7 @@ class Evaluator:
     loop: asyncio.AbstractEventLoop  # the run's one event loop
     source: PromptBatches | None = None  # the training prompt source (slime's eval functions receive it)
     evaluate_fn: EvalFn | None = None  # --eval-function-path
+    samples: SampleSink | None = None  # example samples of each eval set (not of --eval-function-path's)
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The metrics of an evaluation after ``step`` rollout steps (0: before training)."""
@@ -35,7 +38,8 @@ class Evaluator:
         """``evaluate`` on the running event loop (the async loop's: its engine clients stay on one loop)."""
         if self.evaluate_fn is not None:
             request = EvalRequest(step, self.eval_sets, self.eval.n_samples_per_eval_prompt,
-                                  sampling_params(self.rollout, self.eval), self.manager, self.source)
+                                  sampling_params(self.rollout, self.eval), self.manager, self.source,
+                                  self.eval.eval_accuracy_threshold)
             return await self.evaluate_fn(request)
         out: dict[str, float] = {}
         num_tokens = 0
@@ -45,9 +49,12 @@ class Evaluator:
                     samples, self.eval.n_samples_per_eval_prompt, sampling_params(self.rollout, self.eval),
                     shape_rewards=False)
             self.memory.check_engines(groups)
-            rewards = [r for group_rewards in scalar_rewards(groups, self.manager) for r in group_rewards]
+            group_rewards = scalar_rewards(groups, self.manager)
+            rewards = [r for per_group in group_rewards for r in per_group]
             out[f"eval/{name}/reward_mean"] = statistics.fmean(rewards)
-            out[f"eval/{name}/accuracy"] = sum(r >= 1.0 for r in rewards) / len(rewards)
+            out[f"eval/{name}/accuracy"] = accuracy(rewards, self.eval.eval_accuracy_threshold)
+            if self.samples is not None:
+                self.samples.record(step, f"eval/{name}", groups, group_rewards)
             num_tokens += sum(s.response_length for g in groups for s in g.samples)
         out["eval/response_tokens"] = float(num_tokens)
         return out

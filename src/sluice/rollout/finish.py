@@ -9,7 +9,8 @@ the async loop after taking them from the buffer). In order, it:
    (--load-debug-rollout-data) was checked when it was generated, and is not checked again;
 3. saves the batch for --save-debug-rollout-data;
 4. pulls each sample's scalar reward once (--reward-key picks from a dict reward);
-5. computes the batch's metrics once (rollout/metrics.py), plus what the step's generation reported.
+5. computes the batch's metrics once (rollout/metrics.py), plus what the step's generation reported;
+6. hands the batch to the sample log, which keeps a few examples (--num-logged-samples).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ class MemoryGuard(Protocol):
 
     def check_engines(self, groups: list[SampleGroup]) -> None:
         """Raise with the advice when a sample failed because its engine ran out of memory."""
+
+
+class SampleSink(Protocol):
+    """Where example samples go (observability/samples.py: samples.jsonl and the console)."""
+
+    def record(self, step: int, source: str, groups: list[SampleGroup], rewards: list[list[float]]) -> None:
+        """Keep a few of ``groups``' samples of ``step`` (rollout steps completed); ``source``: "rollout" or
+        "eval/<set>"; ``rewards``: their scalar rewards, group by group."""
 
 
 @dataclass
@@ -71,6 +80,8 @@ class BatchFinisher:
     memory: MemoryGuard
     max_failed_sample_ratio: float  # --max-failed-sample-ratio
     save_rollout_data: str | None = None  # --save-debug-rollout-data: a path template with {rollout_id}
+    accuracy_threshold: float = 1.0  # --eval-accuracy-threshold
+    samples: SampleSink | None = None  # example samples of each step
 
     def finish(self, groups: list[SampleGroup], rollout_id: int, *, generated: bool = True,
                step_metrics: dict[str, float] | None = None) -> FinishedBatch:
@@ -84,6 +95,9 @@ class BatchFinisher:
             save_rollout_data(rollout_data_path(self.save_rollout_data, rollout_id), rollout_id, groups)
         rewards = scalar_rewards(groups, self.manager)
         metrics = rollout_metrics(groups, rewards, policy_version=rollout_id,
-                                  overlong_shaped=self.manager.overlong is not None)
+                                  overlong_shaped=self.manager.overlong is not None,
+                                  accuracy_threshold=self.accuracy_threshold)
         metrics.update(step_metrics or {})
+        if self.samples is not None:
+            self.samples.record(rollout_id + 1, "rollout", groups, rewards)
         return FinishedBatch(groups, rewards, metrics)

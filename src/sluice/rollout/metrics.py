@@ -23,11 +23,18 @@ def distribution(name: str, values: list[float]) -> dict[str, float]:
     return out
 
 
+def accuracy(rewards: list[float], threshold: float) -> float:
+    """The fraction of ``rewards`` at or above ``threshold`` (--eval-accuracy-threshold); 0.0 for none."""
+    return sum(r >= threshold for r in rewards) / len(rewards) if rewards else 0.0
+
+
 def rollout_metrics(groups: list[SampleGroup], rewards: list[list[float]], policy_version: int = 0,
-                    overlong_shaped: bool = False, prefix: str = "rollout") -> dict[str, float]:
+                    overlong_shaped: bool = False, prefix: str = "rollout",
+                    accuracy_threshold: float = 1.0) -> dict[str, float]:
     """Statistics of a batch's samples; ``rewards`` are their scalar rewards, group by group.
 
-    accuracy: the fraction of samples with reward >= 1 (the eval definition). staleness: how many weight
+    accuracy: the fraction of samples with reward >= ``accuracy_threshold`` (--eval-accuracy-threshold, the eval
+    definition). staleness: how many weight
     updates behind ``policy_version`` (the version being trained) the weights that generated a sample were,
     counted from its oldest generation call; always 0 in the synchronous loop. ``overlong_shaped``: the rewards
     carry DAPO's overlong penalty (--overlong-buffer-len), whose mean is reported.
@@ -49,7 +56,7 @@ def rollout_metrics(groups: list[SampleGroup], rewards: list[list[float]], polic
     out.update(distribution(f"{prefix}/response_len", lengths))
     out[f"{prefix}/response_tokens"] = float(sum(lengths))
     if flat_rewards:
-        out[f"{prefix}/accuracy"] = sum(r >= 1.0 for r in flat_rewards) / len(flat_rewards)
+        out[f"{prefix}/accuracy"] = accuracy(flat_rewards, accuracy_threshold)
         out[f"{prefix}/reward_std"] = float(np.std(flat_rewards))
     out.update(_staleness_metrics(groups, policy_version, prefix))
     if groups:
