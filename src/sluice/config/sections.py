@@ -489,6 +489,10 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    # Not a section and not a flag: the slime / Megatron / SGLang flags given that sluice accepts without a config
+    # field of their own (no-ops, and flags mapped onto sluice's fields), flag -> its words. Filled by the parser,
+    # logged once at start (slime_compat.noop_notes), never saved: the flags they map to are.
+    compat_flags: dict[str, list[str]] = field(default_factory=dict, metadata={"internal": True})
 
     @property
     def samples_per_rollout(self) -> int:
