@@ -219,3 +219,36 @@ def test_kl_loss_with_coefficient_zero_is_logged_not_trained() -> None:
     assert "train/kl_loss" in metrics and "train/kl_loss" not in plain_metrics
     assert metrics["train/kl_loss"] > 0
     assert logged.item() == pytest.approx(plain.item())
+
+
+def test_flags_without_a_field_are_mapped_or_logged_once() -> None:
+    config = parse_config(VALID + [
+        "--sglang-cuda-graph-bs", "1", "2", "4", "48", "--sglang-server-concurrency", "64", "--transformer-impl",
+        "transformer_engine", "--no-check-for-nan-in-loss-and-grad", "--update-weight-disk-dir", "/tmp/sync",
+        "--dynamic-sampling-filter-path", "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std"])
+    assert config.engine.cuda_graph_max_bs == 48
+    assert config.rollout.rollout_max_concurrency == 64 * config.cluster.num_engines
+    assert config.sync.weight_sync_dir == "/tmp/sync"
+    assert config.rollout.dynamic_sampling_filter_path == "sluice.rollout.filters.drop_uniform_rewards"
+    notes: list[str] = []
+    check_against_checkpoint(config, notes.append)
+    assert [n.split(" ")[0] for n in notes] == ["--transformer-impl", "--no-check-for-nan-in-loss-and-grad"]
+    assert "own model code" in notes[0]
+    with pytest.raises(ConfigError, match="--sglang-cuda-graph-bs takes integers, got 'x'"):
+        parse_config(VALID + ["--sglang-cuda-graph-bs", "x"])
+
+
+def test_disable_compute_advantages_is_for_sft_only() -> None:
+    validate(parse_config(VALID + ["--loss-type", "sft_loss", "--disable-compute-advantages-and-returns"]))
+    with pytest.raises(ConfigError, match="--disable-compute-advantages-and-returns: sluice skips advantages only"):
+        validate(parse_config(VALID + ["--disable-compute-advantages-and-returns"]))
+
+
+def test_refused_flags_name_origin_and_alternative() -> None:
+    for flag, words, expected in (
+            ("--multi-latent-attention", [], "is a Megatron flag that sluice does not take: multi-latent attention"),
+            ("--sglang-speculative-algorithm", ["EAGLE"], "is an SGLang flag that sluice does not take: speculative"),
+            ("--use-opd", [], "is a slime flag that sluice does not take: on-policy distillation"),
+            ("--sglang-not-a-flag", ["1"], "unknown flag --sglang-not-a-flag: the engine does not support")):
+        with pytest.raises(ConfigError, match=expected):
+            parse_config(VALID + [flag] + words)

@@ -17,7 +17,7 @@ from sluice.config.compat_rows import Row, Treatment
 from sluice.config.megatron_flags import MEGATRON_FLAGS, MEGATRON_PREFIXES
 from sluice.config.sections import Config
 from sluice.config.sglang_flags import SGLANG_FLAGS, SGLANG_PREFIXES
-from sluice.config.slime_flags import SLIME_FLAGS
+from sluice.config.slime_flags import SLIME_BUILTIN_HOOKS, SLIME_FLAGS
 from sluice.errors import ConfigError
 
 __all__ = ["FLAGS", "REJECTED_PREFIXES", "Row", "Treatment", "compat_arguments", "noop_notes", "problems",
@@ -62,7 +62,8 @@ def compat_arguments(own_flags: set[str]) -> Iterator[tuple[str, Row]]:
 
 def resolve(config: Config) -> None:
     """Applies the mapped flags in place: --calculate-per-token-loss, --bf16, --sglang-cuda-graph-bs,
-    --sglang-server-concurrency, --update-weight-disk-dir, and --lr-decay-iters' default."""
+    --sglang-server-concurrency, --update-weight-disk-dir, slime's built-in filter path, and --lr-decay-iters'
+    default."""
     if config.algorithm.calculate_per_token_loss:
         config.algorithm.loss_agg_mode = "token_mean"
     if config.megatron.bf16:
@@ -75,6 +76,9 @@ def resolve(config: Config) -> None:
         config.rollout.rollout_max_concurrency = per_engine * config.cluster.num_engines
     if "--update-weight-disk-dir" in given:
         config.sync.weight_sync_dir = given["--update-weight-disk-dir"][0]
+    rollout = config.rollout
+    rollout.dynamic_sampling_filter_path = SLIME_BUILTIN_HOOKS.get(rollout.dynamic_sampling_filter_path,
+                                                                   rollout.dynamic_sampling_filter_path)
     train, rollout = config.train, config.rollout
     if train.lr_decay_iters is None and rollout.num_rollout and config.global_batch_size:
         train.lr_decay_iters = rollout.num_rollout * config.samples_per_rollout // config.global_batch_size

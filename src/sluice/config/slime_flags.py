@@ -184,3 +184,10 @@ SLIME_FLAGS: dict[str, Row] = {
         "--ci-disable-kl-checker", "--ci-load-grad-norm", "--ci-save-grad-norm",
         "--ci-train-rollout-logprob-abs-diff-threshold")},
 }
+
+# slime's built-in plug-ins that its scripts name by dotted path, and sluice's own function for the same job.
+SLIME_BUILTIN_HOOKS: dict[str, str] = {
+    # slime keeps a group whose reward std exceeds 1e-6; sluice's keeps one whose rewards are not all equal.
+    "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std":
+        "sluice.rollout.filters.drop_uniform_rewards",
+}
