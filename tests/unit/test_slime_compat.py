@@ -252,3 +252,33 @@ def test_refused_flags_name_origin_and_alternative() -> None:
             ("--sglang-not-a-flag", ["1"], "unknown flag --sglang-not-a-flag: the engine does not support")):
         with pytest.raises(ConfigError, match=expected):
             parse_config(VALID + [flag] + words)
+
+
+def torch_dist_dir(root: Path) -> Path:
+    """Megatron's torch_dist layout as slime's tools write it (tiny stand-in files)."""
+    iteration = root / "iter_0000005"
+    iteration.mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("5")
+    for name in ("__0_0.distcp", "__0_1.distcp", "common.pt", "metadata.json"):
+        (iteration / name).write_bytes(b"\0")
+    return root
+
+
+@pytest.mark.parametrize("flag", ["--ref-load", "--load"])
+def test_a_torch_dist_checkpoint_is_refused_before_any_model_loads(flag, qwen3, gsm8k_like, tmp_path) -> None:
+    from sluice.checkpoint.megatron_dir import is_torch_dist_checkpoint
+    from sluice.orchestration.builder import build_run
+
+    megatron = torch_dist_dir(tmp_path / "Qwen3-0.6B_torch_dist")
+    assert is_torch_dist_checkpoint(megatron) and is_torch_dist_checkpoint(megatron / "iter_0000005")
+    assert not is_torch_dist_checkpoint(qwen3[0]) and not is_torch_dist_checkpoint(tmp_path / "absent")
+    config = parse_config(["--hf-checkpoint", qwen3[0], "--prompt-data", gsm8k_like, "--input-key", "messages",
+                           "--rollout-batch-size", "2", "--rm-type", "math", "--train-device", "cpu",
+                           flag, str(megatron)])
+    logged: list[str] = []
+    with pytest.raises(ConfigError) as err:
+        build_run(config, logged.append)
+    message = str(err.value)
+    assert message.startswith(f"{flag} {megatron} is a Megatron torch_dist checkpoint")
+    assert "tools/convert_torch_dist_to_hf.py" in message and "Hugging Face" in message
+    assert logged == []  # refused first: nothing was checked, loaded or logged before
