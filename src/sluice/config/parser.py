@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from sluice.config.checks import normalise, validate
+from sluice.config.checks import validate
 from sluice.errors import ConfigError
 from sluice.config.flags import (
     ENGINE_SECTION,
@@ -144,5 +144,4 @@ def parse_config(argv: list[str] | None = None) -> Config:
     config = config_from_values(values)
     config.compat_flags = compat_flags
     resolve(config)
-    normalise(config)
     return config
