@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers.architectures import build_arch_checkpoint
+from helpers.architectures import build_arch_checkpoint, megatron_model_args
 from helpers.hand_loss import hand_batch
 from sluice.config import AlgorithmConfig, ConfigError, TrainConfig, build_parser, parse_config, validate
 from sluice.config.megatron_checks import check_against_checkpoint
@@ -42,16 +42,7 @@ def gsm8k_like(tmp_path_factory) -> str:
 
 def model_args(hf: dict) -> list[str]:
     """slime's scripts/models/qwen3-0.6B.sh with the tiny checkpoint's sizes (it unties the embeddings)."""
-    rope = hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]
-    return [
-        "--swiglu", "--num-layers", str(hf["num_hidden_layers"]), "--hidden-size", str(hf["hidden_size"]),
-        "--ffn-hidden-size", str(hf["intermediate_size"]), "--num-attention-heads", str(hf["num_attention_heads"]),
-        "--group-query-attention", "--num-query-groups", str(hf["num_key_value_heads"]),
-        "--use-rotary-position-embeddings", "--disable-bias-linear", "--normalization", "RMSNorm",
-        "--norm-epsilon", str(hf["rms_norm_eps"]), "--rotary-base", str(int(rope)), "--vocab-size",
-        str(hf["vocab_size"]), "--kv-channels", str(hf["head_dim"]), "--qk-layernorm",
-        "--untie-embeddings-and-output-weights",
-    ]
+    return megatron_model_args(hf)
 
 
 def single_gpu_script(checkpoint: str, data: str, save: str) -> list[str]:
