@@ -90,6 +90,13 @@ def test_every_flag_of_slimes_parser_is_understood() -> None:
             assert message and "sluice does not take" in message, f"{flag}: unknown"
 
 
+def test_every_commented_out_flag_of_the_scripts_is_understood() -> None:
+    """Flags a user may switch on by uncommenting a line (``# --use-tis``) are sluice's or refused with a reason."""
+    commented = {flag for script in SCRIPTS.values() for flag in script["commented_flags"]}
+    assert {"--use-wandb", "--kl-coef", "--fp8-param-gather"} <= commented
+    assert sorted(f for f in commented if f not in OWN_FLAGS and rejection(f) is None) == []
+
+
 @pytest.mark.parametrize("path", sorted(SCRIPTS))
 def test_script_runs_through_the_parser_and_checks(path, local_paths) -> None:
     argv, given = [], set()

@@ -60,6 +60,8 @@ MEGATRON_FLAGS: dict[str, Row] = {
                            "value"),
     "--fp8-recipe": refuse("FP8 training: sluice trains in bfloat16 or float32 (--train-dtype); drop the flag",
                            "value"),
+    "--fp8-param-gather": refuse("FP8 training: sluice trains in bfloat16 or float32 (--train-dtype); drop the flag",
+                                 "switch"),
     "--deterministic-mode": refuse("Megatron's deterministic kernels: sluice has no deterministic mode; fix "
                                    "--seed and --rollout-seed for repeatable data and sampling", "switch"),
     "--optimizer": implemented("adam (AdamW) accepted; others refused"),

@@ -37,6 +37,7 @@ SGLANG_FLAGS: dict[str, Row] = {
     "--sglang-moe-dense-tp-size": refuse(_REPLICAS, "value"),
     "--sglang-moe-a2a-backend": refuse(_REPLICAS, "value"),
     "--sglang-deepep-mode": refuse(_REPLICAS, "value"),
+    "--sglang-enable-deepep-moe": refuse(_REPLICAS, "switch"),
     "--sglang-pp-size": refuse("engine pipeline parallelism is not in sluice: use --rollout-num-gpus-per-engine "
                                "(tensor parallelism)", "value"),
     "--sglang-pipeline-parallel-size": refuse("engine pipeline parallelism is not in sluice: use "

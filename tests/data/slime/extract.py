@@ -7,7 +7,7 @@ every ``add_argument`` call in slime/utils/arguments.py and slime/backends/sglan
 and sglang-router's own options, which slime adds by prefixing SGLang's parser, are not listed: they come from
 those packages). A script's argument list is what its ``python3 train.py`` line passes: the inline flags plus the
 ``${NAME[@]}`` arrays it expands, a ``MODEL_ARGS`` array coming from the ``scripts/models/*.sh`` file it sources.
-Comments are dropped; ``${VAR:-default}`` becomes the default and ``$VAR`` a plain assignment's value where the
+Commented-out argument lines are listed apart (``commented_flags``); ``${VAR:-default}`` becomes the default and ``$VAR`` a plain assignment's value where the
 script has one, other shell values stay as written (the test replaces them).
 """
 
@@ -129,6 +129,16 @@ def _resolve(word: str, assignments: dict[str, str]) -> str:
     return _PLAIN_VAR.sub(lambda m: assignments.get(m.group(1), m.group(0)), word)
 
 
+def commented_flags(text: str) -> list[str]:
+    """Flags of commented-out argument lines (``# --use-tis``): a user may switch them on."""
+    flags = []
+    for line in text.splitlines():
+        body = line.strip().lstrip("#").strip()
+        if line.strip().startswith("#") and body.startswith("--"):
+            flags += [w for w in _words(body.replace("#", " ")) if re.fullmatch(r"--[a-z][a-z0-9-]*", w)]
+    return sorted(set(flags))
+
+
 def script_argv(repo: str, commit: str, path: str) -> dict:
     text = git_show(repo, commit, path)
     arrays, assignments = arrays_and_assignments(text)
@@ -145,7 +155,7 @@ def script_argv(repo: str, commit: str, path: str) -> dict:
         argv.extend(arrays.get(expanded.group(1), []) if expanded else [word])  # bash: unset is empty
     argv = [_resolve(w, assignments) for w in argv]
     return {"path": path, "commit": commit, "entry": entry, "model_script": model_script,
-            "args": argument_lines(argv)}
+            "commented_flags": commented_flags(text), "args": argument_lines(argv)}
 
 
 def main() -> None:
