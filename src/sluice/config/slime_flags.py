@@ -11,7 +11,8 @@ _CI = "one of slime's CI self-checks; sluice's checks live in its test suite: dr
 _HF_ONLY = ("sluice loads Hugging Face checkpoints (--hf-checkpoint, --ref-load, --critic-load), not Megatron "
             "checkpoint steps: convert the step with slime's tools/convert_torch_dist_to_hf.py")
 _OPD = "on-policy distillation is not in sluice; a teacher's logprobs can be added by a --custom-generate-function-path"
-_EVAL_KEYS = "evaluation reads the same keys and limits as training (--input-key, --label-key, --rollout-max-prompt-len)"
+_EVAL_KEYS = ("evaluation reads the same keys and limits as training (--input-key, --label-key, "
+              "--rollout-max-prompt-len)")
 _EXTERNAL_ROLLOUT = "sluice's rollout runs its own engines (or --agent-function-path programs): drop the flag"
 _WEIGHT_SYNC = "use --weight-sync-method in_process | broadcast | disk (with --weight-sync-dir)"
 _SINGLE_BACKEND = "sluice has one trainer backend (PyTorch, FSDP2)"
@@ -61,7 +62,8 @@ SLIME_FLAGS: dict[str, Row] = {
     "--multimodal-keys": refuse("sluice trains text-only models", "value"),
     "--disable-rollout-global-dataset": refuse("sluice always reads --prompt-data (or --data-source-path for a "
                                                "custom source)", "switch"),
-    "--data-pad-size-multiplier": noop("packed micro-batches are not padded", "value"),
+    "--data-pad-size-multiplier": noop("sluice pads no sequence to a multiple: packed micro-batches hold the real "
+                                       "tokens only", "value"),
     "--loss-mask-type": refuse("sluice's SFT loss covers the response tokens after the prompt; a multi-turn mask "
                                "comes from the generate function's loss_mask", "value"),
     # Batching and rollout.
@@ -82,8 +84,8 @@ SLIME_FLAGS: dict[str, Row] = {
     "--rollout-buffer-url": refuse(_EXTERNAL_ROLLOUT, "value"),
     "--fetch-trajectory-retry-times": refuse(_EXTERNAL_ROLLOUT, "value"),
     "--min-batch-collection-ratio": refuse(_EXTERNAL_ROLLOUT, "value"),
-    "--rollout-data-transport": noop("rollout data reaches the trainer through the Data Buffer (Ray object store "
-                                     "with --orchestrator ray)", "value"),
+    "--rollout-data-transport": noop("sluice moves rollout data to the trainer itself (in process, or between its "
+                                     "Ray actors); there is no transport to choose", "value"),
     "--use-distributed-post": noop("sluice's rollout manager sends requests with asyncio from one process",
                                    "switch"),
     **{flag: refuse("sluice has no periodic engine health check to tune; a failed request fails its sample "
@@ -114,8 +116,9 @@ SLIME_FLAGS: dict[str, Row] = {
     "--opd-kl-coef": refuse(_OPD, "value"),
     "--opd-teacher-load": refuse(_OPD, "value"),
     "--opd-teacher-ckpt-step": refuse(_OPD, "value"),
-    "--recompute-loss-function": noop("the loss is computed per micro-batch from chunked logprobs "
-                                      "(--log-probs-chunk-size), which keeps no full-vocabulary activations", "switch"),
+    "--recompute-loss-function": noop("with sluice's native model the loss is computed from chunked logprobs "
+                                      "(--log-probs-chunk-size), which keep no full-vocabulary activations",
+                                      "switch"),
     "--enable-mtp-training": refuse("multi-token prediction layers are not trained by sluice: drop the flag",
                                     "switch"),
     # Eval.
@@ -131,7 +134,8 @@ SLIME_FLAGS: dict[str, Row] = {
     # Hooks slime has and sluice does not (sluice's are listed in docs/customization.md).
     **{flag: refuse("this hook point is not in sluice: " + _HOOKS, "value") for flag in (
         "--custom-convert-samples-to-train-data-path", "--custom-eval-rollout-log-function-path",
-        "--custom-rollout-log-function-path", "--custom-reward-post-process-path", "--custom-update-weight-post-write-path",
+        "--custom-rollout-log-function-path", "--custom-reward-post-process-path",
+        "--custom-update-weight-post-write-path",
         "--rollout-sample-filter-path", "--rollout-sample-hook-path", "--rollout-all-samples-process-path",
         "--rollout-data-postprocess-path")},
     **{flag: refuse(_MEGATRON_ONLY, "value") for flag in (
