@@ -33,3 +33,16 @@ def build_arch_checkpoint(out_dir, name: str, seed: int = 0) -> str:
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [5, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23, 24, 25, 26], [30] * 21]
+
+
+def megatron_model_args(hf: dict) -> list[str]:
+    """slime's scripts/models/qwen3-*.sh MODEL_ARGS with a checkpoint's sizes (config.json as a dict)."""
+    rope = hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]
+    return [
+        "--swiglu", "--num-layers", str(hf["num_hidden_layers"]), "--hidden-size", str(hf["hidden_size"]),
+        "--ffn-hidden-size", str(hf["intermediate_size"]), "--num-attention-heads", str(hf["num_attention_heads"]),
+        "--group-query-attention", "--num-query-groups", str(hf["num_key_value_heads"]),
+        "--use-rotary-position-embeddings", "--disable-bias-linear", "--normalization", "RMSNorm",
+        "--norm-epsilon", str(hf["rms_norm_eps"]), "--rotary-base", str(int(rope)), "--vocab-size",
+        str(hf["vocab_size"]), "--kv-channels", str(hf["head_dim"]), "--qk-layernorm",
+    ] + ([] if hf.get("tie_word_embeddings", True) else ["--untie-embeddings-and-output-weights"])

@@ -260,6 +260,7 @@ def test_kl_loss_to_the_initial_checkpoint_is_zero_at_the_first_step(small_check
     ["--advantage-estimator", "dr_grpo"],
     ["--advantage-estimator", "rloo"],
     ["--advantage-estimator", "reinforce_plus_plus_baseline"],
+    ["--advantage-estimator", "reinforce_plus_plus_baseline_sample"],
     ["--advantage-estimator", "reinforce_plus_plus", "--kl-coef", "0.01"],
     ["--advantage-estimator", "ppo", "--critic-lr", "1e-2", "--lambd", "0.95"],
     # The KL penalty in the reward of a group estimator, and packed micro-batches by token budget.

@@ -48,13 +48,40 @@ def test_dr_grpo_and_rloo_hand_values():
     close(A.rloo(r)[0], [[1 - 2.5, 2 - 2.0, 3 - 1.5]])
 
 
-def test_reinforce_plus_plus_baseline_uses_batch_std():
-    adv, _ = A.reinforce_plus_plus_baseline(T([[1.0, 0.0], [3.0, 3.0]]))
+def test_reinforce_plus_plus_baseline_sample_uses_the_samples_std():
+    adv, _ = A.reinforce_plus_plus_baseline_sample(T([[1.0, 0.0], [3.0, 3.0]]))
     s = math.sqrt(0.5 / 3)  # centred [.5,-.5,0,0], unbiased over the 4 samples
     close(adv, [[0.5 / (s + EPS), -0.5 / (s + EPS)], [0.0, 0.0]])
 
 
-@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline", "gspo", "cispo"])
+# Rewards [[1, 0], [3, 3]] centred per group: [0.5, -0.5, 0, 0]; responses of 2, 1, 1 and 3 trained tokens.
+RPP_MASK = T([[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 1, 1]])
+
+
+def test_reinforce_plus_plus_baseline_whitens_over_tokens_as_slime_and_verl():
+    adv, metrics = A.reinforce_plus_plus_baseline(T([0.5, -0.5, 0.0, 0.0]), RPP_MASK)
+    # 7 trained tokens: 0.5, 0.5 | -0.5 | 0 | 0, 0, 0. Mean 0.5 / 7 = 1/14; the deviations 3/7, 3/7, -4/7 and
+    # four of -1/14 square to 35/49, so the unbiased variance is (35/49) / 6 = 5/42.
+    mean, std = 1 / 14, math.sqrt(5 / 42)
+    a = lambda v: (v - mean) / (std + EPS)  # noqa: E731
+    close(adv, [[a(0.5), a(0.5), 0.0], [a(-0.5), 0.0, 0.0], [a(0.0), 0.0, 0.0], [a(0.0), a(0.0), a(0.0)]])
+    close(metrics["return_mean"], mean)
+    # The sample-level form gives another scale and leaves a group-mean sample at exactly 0.
+    sample_form, _ = A.reinforce_plus_plus_baseline_sample(T([[1.0, 0.0], [3.0, 3.0]]))
+    assert abs(adv[0, 0].item() - sample_form[0, 0].item()) > 0.01 and adv[2, 0].item() != 0.0  # 1.242 vs 1.225
+
+
+def test_reinforce_plus_plus_baseline_subtracts_the_token_kl_before_whitening():
+    kl = T([[0.2, 0.0, 9.0], [1.0, 9.0, 9.0], [0.0, 9.0, 9.0], [0.4, 0.2, 0.0]])  # 9.0: off the mask, ignored
+    adv, _ = A.reinforce_plus_plus_baseline(T([0.5, -0.5, 0.0, 0.0]), RPP_MASK, kl, kl_coef=0.5)
+    tokens = [0.5 - 0.1, 0.5, -0.5 - 0.5, 0.0, -0.2, -0.1, 0.0]  # r - 0.5 * kl on the 7 trained tokens
+    mean = sum(tokens) / 7
+    std = math.sqrt(sum((t - mean) ** 2 for t in tokens) / 6)
+    a = [(t - mean) / (std + EPS) for t in tokens]
+    close(adv, [[a[0], a[1], 0.0], [a[2], 0.0, 0.0], [a[3], 0.0, 0.0], [a[4], a[5], a[6]]])
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline_sample", "gspo", "cispo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_constant_groups_and_singletons_give_exact_zeros(name, dtype):
     fn = registry.get("advantage", name)
@@ -212,7 +239,9 @@ def test_kl_hand_values():
     k3 = [math.exp(-0.5) + 0.5 - 1, math.e - 2, 0.0]
     close(A.kl_estimate(lp, ref, "k3"), k3)
     close(A.kl_estimate(lp, ref, "low_var_kl"), k3)
-    close(A.kl_estimate(T([-100.0]), T([0.0]), "k3"), [10.0])  # clamped, not inf
+    close(A.kl_estimate(T([-100.0]), T([0.0]), "low_var_kl"), [10.0])  # clamped, not inf
+    # slime's k3 is not clamped: only the log-ratio is (at 20, against overflow)
+    close(A.kl_estimate(T([-3.0, -100.0]), T([0.0, 0.0]), "k3"), [math.exp(3) - 4, math.expm1(20) - 20])
     tiny = A.kl_estimate(T([0.0, 1e-6, -1e-6]), T([1e-6, 0.0, 0.0]), "k3")  # exp(x)-x-1 would cancel < 0
     assert (tiny >= 0).all() and (tiny <= 1e-11).all()
     with pytest.raises(KeyError, match="k1, k2, k3, low_var_kl"):
@@ -385,3 +414,35 @@ def test_explained_variance_hand_values():
     assert A.explained_variance(T([[1.0, 2.5, 2.5, -7.0]]), returns, mask) == pytest.approx(0.75)
     assert A.explained_variance(returns, returns, mask) == pytest.approx(1.0)
     assert A.explained_variance(T([[0.0, 0.0, 0.0, 0.0]]), T([[1.0, 1.0, 1.0, 5.0]]), mask) == 0.0  # Var(R) = 0
+
+
+def test_the_trainer_uses_slimes_token_form_under_slimes_name():
+    """compute_advantages with --advantage-estimator reinforce_plus_plus_baseline (and _sample) on ragged groups."""
+    from sluice.config import AlgorithmConfig
+    from sluice.trainer.batch_advantages import compute_advantages
+    from sluice.types import TrainBatch
+
+    zeros = torch.zeros(4, 3)
+    batch = TrainBatch(input_ids=torch.zeros(4, 4, dtype=torch.long), attention_mask=torch.ones(4, 4),
+                       loss_mask=RPP_MASK.float(), advantages=zeros, rollout_log_probs=zeros)
+    rewards = [[1.0, 0.0], [3.0, 3.0]]
+    token = compute_advantages(None, batch, AlgorithmConfig(advantage_estimator="reinforce_plus_plus_baseline"),
+                               rewards)
+    close(token.token_advantages, A.reinforce_plus_plus_baseline(T([0.5, -0.5, 0.0, 0.0]), RPP_MASK)[0])
+    sample = compute_advantages(None, batch, AlgorithmConfig(
+        advantage_estimator="reinforce_plus_plus_baseline_sample"), rewards)
+    s = math.sqrt(0.5 / 3)
+    close(sample.token_advantages, [[0.5 / (s + EPS)] * 2 + [0.0], [-0.5 / (s + EPS), 0.0, 0.0], [0.0] * 3, [0.0] * 3])
+    raw = compute_advantages(None, batch, AlgorithmConfig(advantage_estimator="reinforce_plus_plus_baseline",
+                                                          disable_rewards_normalization=True), rewards)
+    close(raw.token_advantages, A.reinforce_plus_plus_baseline(T([1.0, 0.0, 3.0, 3.0]), RPP_MASK)[0])
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "gspo", "cispo"])
+def test_disable_grpo_std_normalization_drops_the_std_of_every_grpo_advantage(estimator):
+    from sluice.trainer.batching import group_advantages
+
+    rewards = [[1.0, 0.0, 0.0, 0.0]]
+    close(group_advantages(estimator, rewards, disable_std_normalization=True), [0.75, -0.25, -0.25, -0.25])
+    s = math.sqrt(0.75 / 3)  # unbiased std of the centred group
+    close(group_advantages(estimator, rewards), [0.75 / (s + EPS)] + [-0.25 / (s + EPS)] * 3)

@@ -40,7 +40,8 @@ def test_distributed_run_leaves_devices_to_its_actors() -> None:
     validate(parse_config([*VALID_TRAINING, "--orchestrator", "ray", "--train-device", "cuda"]))
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "gspo", "cispo", "reinforce_plus_plus_baseline"])
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "gspo", "cispo", "reinforce_plus_plus_baseline",
+                                       "reinforce_plus_plus_baseline_sample"])
 def test_group_estimator_with_one_sample_names_both_flags(estimator: str) -> None:
     message = problems_of("--advantage-estimator", estimator, "--n-samples-per-prompt", "1")
     assert f"--advantage-estimator {estimator} with --n-samples-per-prompt 1" in message
@@ -58,3 +59,9 @@ def test_one_sample_per_prompt_where_it_learns(flags: list[str]) -> None:
 
 def test_one_sample_per_prompt_outside_training() -> None:
     validate(parse_config(["--n-samples-per-prompt", "1"]), for_training=False)  # eval and serve compute no advantage
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "dr_grpo", "reinforce_plus_plus_baseline", "ppo"])
+def test_grpo_std_switch_without_a_grpo_std_is_refused(estimator: str) -> None:
+    message = problems_of("--advantage-estimator", estimator, "--disable-grpo-std-normalization")
+    assert f"--disable-grpo-std-normalization has no effect with --advantage-estimator {estimator}" in message

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers.architectures import build_arch_checkpoint
+from helpers.architectures import build_arch_checkpoint, megatron_model_args
 from helpers.hand_loss import hand_batch
 from sluice.config import AlgorithmConfig, ConfigError, TrainConfig, build_parser, parse_config, validate
 from sluice.config.megatron_checks import check_against_checkpoint
@@ -42,16 +42,7 @@ def gsm8k_like(tmp_path_factory) -> str:
 
 def model_args(hf: dict) -> list[str]:
     """slime's scripts/models/qwen3-0.6B.sh with the tiny checkpoint's sizes (it unties the embeddings)."""
-    rope = hf.get("rope_theta") or hf["rope_parameters"]["rope_theta"]
-    return [
-        "--swiglu", "--num-layers", str(hf["num_hidden_layers"]), "--hidden-size", str(hf["hidden_size"]),
-        "--ffn-hidden-size", str(hf["intermediate_size"]), "--num-attention-heads", str(hf["num_attention_heads"]),
-        "--group-query-attention", "--num-query-groups", str(hf["num_key_value_heads"]),
-        "--use-rotary-position-embeddings", "--disable-bias-linear", "--normalization", "RMSNorm",
-        "--norm-epsilon", str(hf["rms_norm_eps"]), "--rotary-base", str(int(rope)), "--vocab-size",
-        str(hf["vocab_size"]), "--kv-channels", str(hf["head_dim"]), "--qk-layernorm",
-        "--untie-embeddings-and-output-weights",
-    ]
+    return megatron_model_args(hf)
 
 
 def single_gpu_script(checkpoint: str, data: str, save: str) -> list[str]:
@@ -160,9 +151,9 @@ def test_warmup_longer_than_the_run_is_refused_only_where_the_rate_decays() -> N
 
 def test_every_flag_of_the_table_is_understood() -> None:
     parser_flags = {option for action in build_parser()._actions for option in action.option_strings}
-    for flag, (treatment, _) in FLAGS.items():
+    for flag, (treatment, _, _) in FLAGS.items():
         if treatment is Treatment.REJECTED:
-            with pytest.raises(ConfigError, match=f"{flag} is slime's"):
+            with pytest.raises(ConfigError, match=f"{flag} is an? (slime|Megatron|SGLang) flag that sluice does not take"):
                 parse_config([flag, "1"])
         else:
             assert flag in parser_flags, flag
@@ -219,3 +210,66 @@ def test_kl_loss_with_coefficient_zero_is_logged_not_trained() -> None:
     assert "train/kl_loss" in metrics and "train/kl_loss" not in plain_metrics
     assert metrics["train/kl_loss"] > 0
     assert logged.item() == pytest.approx(plain.item())
+
+
+def test_flags_without_a_field_are_mapped_or_logged_once() -> None:
+    config = parse_config(VALID + [
+        "--sglang-cuda-graph-bs", "1", "2", "4", "48", "--sglang-server-concurrency", "64", "--transformer-impl",
+        "transformer_engine", "--no-check-for-nan-in-loss-and-grad", "--update-weight-disk-dir", "/tmp/sync",
+        "--dynamic-sampling-filter-path", "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std"])
+    assert config.engine.cuda_graph_max_bs == 48
+    assert config.rollout.rollout_max_concurrency == 64 * config.cluster.num_engines
+    assert config.sync.weight_sync_dir == "/tmp/sync"
+    assert config.rollout.dynamic_sampling_filter_path == "sluice.rollout.filters.drop_uniform_rewards"
+    notes: list[str] = []
+    check_against_checkpoint(config, notes.append)
+    assert [n.split(" ")[0] for n in notes] == ["--transformer-impl", "--no-check-for-nan-in-loss-and-grad"]
+    assert "own model code" in notes[0]
+    with pytest.raises(ConfigError, match="--sglang-cuda-graph-bs takes integers, got 'x'"):
+        parse_config(VALID + ["--sglang-cuda-graph-bs", "x"])
+
+
+def test_disable_compute_advantages_is_for_sft_only() -> None:
+    validate(parse_config(VALID + ["--loss-type", "sft_loss", "--disable-compute-advantages-and-returns"]))
+    with pytest.raises(ConfigError, match="--disable-compute-advantages-and-returns: sluice skips advantages only"):
+        validate(parse_config(VALID + ["--disable-compute-advantages-and-returns"]))
+
+
+def test_refused_flags_name_origin_and_alternative() -> None:
+    for flag, words, expected in (
+            ("--multi-latent-attention", [], "is a Megatron flag that sluice does not take: multi-latent attention"),
+            ("--sglang-speculative-algorithm", ["EAGLE"], "is an SGLang flag that sluice does not take: speculative"),
+            ("--use-opd", [], "is a slime flag that sluice does not take: on-policy distillation"),
+            ("--sglang-not-a-flag", ["1"], "unknown flag --sglang-not-a-flag: the engine does not support")):
+        with pytest.raises(ConfigError, match=expected):
+            parse_config(VALID + [flag] + words)
+
+
+def torch_dist_dir(root: Path) -> Path:
+    """Megatron's torch_dist layout as slime's tools write it (tiny stand-in files)."""
+    iteration = root / "iter_0000005"
+    iteration.mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("5")
+    for name in ("__0_0.distcp", "__0_1.distcp", "common.pt", "metadata.json"):
+        (iteration / name).write_bytes(b"\0")
+    return root
+
+
+@pytest.mark.parametrize("flag", ["--ref-load", "--load"])
+def test_a_torch_dist_checkpoint_is_refused_before_any_model_loads(flag, qwen3, gsm8k_like, tmp_path) -> None:
+    from sluice.checkpoint.megatron_dir import is_torch_dist_checkpoint
+    from sluice.orchestration.builder import build_run
+
+    megatron = torch_dist_dir(tmp_path / "Qwen3-0.6B_torch_dist")
+    assert is_torch_dist_checkpoint(megatron) and is_torch_dist_checkpoint(megatron / "iter_0000005")
+    assert not is_torch_dist_checkpoint(qwen3[0]) and not is_torch_dist_checkpoint(tmp_path / "absent")
+    config = parse_config(["--hf-checkpoint", qwen3[0], "--prompt-data", gsm8k_like, "--input-key", "messages",
+                           "--rollout-batch-size", "2", "--rm-type", "math", "--train-device", "cpu",
+                           flag, str(megatron)])
+    logged: list[str] = []
+    with pytest.raises(ConfigError) as err:
+        build_run(config, logged.append)
+    message = str(err.value)
+    assert message.startswith(f"{flag} {megatron} is a Megatron torch_dist checkpoint")
+    assert "tools/convert_torch_dist_to_hf.py" in message and "Hugging Face" in message
+    assert logged == []  # refused first: nothing was checked, loaded or logged before

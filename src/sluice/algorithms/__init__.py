@@ -9,7 +9,7 @@ from sluice.algorithms.advantages import (
     broadcast_to_tokens,
     dr_grpo,
     grpo,
-    reinforce_plus_plus_baseline,
+    reinforce_plus_plus_baseline_sample,
     rloo,
 )
 from sluice.algorithms.aggregation import aggregate
@@ -25,6 +25,7 @@ from sluice.algorithms.returns import (
     gae,
     kl_penalized_rewards,
     reinforce_plus_plus,
+    reinforce_plus_plus_baseline,
     token_level_rewards,
 )
 from sluice.algorithms.sft_loss import sft_nll
@@ -35,5 +36,5 @@ __all__ = [
     "effective_sample_size", "entropy_from_logits", "explained_variance", "gae", "get", "grpo", "gspo",
     "importance_weight", "kl_estimate", "kl_penalized_rewards", "log_probs_from_logits", "masked_mean", "masked_std",
     "masked_sum", "names", "ppo_clip", "register", "reinforce_plus_plus", "reinforce_plus_plus_baseline",
-    "rloo", "sft_nll", "token_level_rewards", "whiten",
+    "reinforce_plus_plus_baseline_sample", "rloo", "sft_nll", "token_level_rewards", "whiten",
 ]

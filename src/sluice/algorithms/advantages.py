@@ -103,15 +103,16 @@ def rloo(rewards: Tensor) -> tuple[Tensor, dict[str, float]]:
     return adv, _metrics(rewards, adv, constant)
 
 
-@register(KIND, "reinforce_plus_plus_baseline")
-def reinforce_plus_plus_baseline(rewards: Tensor, eps: float = STD_EPS) -> tuple[Tensor, dict[str, float]]:
-    """REINFORCE++-baseline: subtract the group mean, then divide by the std over the *whole batch*.
+@register(KIND, "reinforce_plus_plus_baseline_sample")
+def reinforce_plus_plus_baseline_sample(rewards: Tensor, eps: float = STD_EPS) -> tuple[Tensor, dict[str, float]]:
+    """REINFORCE++-baseline, sample-level form: subtract the group mean, then divide by the std over the
+    *samples* of the whole batch.
 
     Why: the group mean removes prompt difficulty, while a single batch-wide scale (instead of GRPO's
     per-group std) does not blow up groups whose rewards barely differ. The centred values already have
     mean 0 over the batch, so no second shift is applied. The std is the unbiased (n-1) std over all
-    num_groups * n samples, eps added to it. This is the sample-level form; the token-weighted form used by
-    some frameworks is ``whiten(broadcast_to_tokens(dr_grpo(r)[0], mask), mask)``.
+    num_groups * n samples, eps added to it: every sample weighs the same, whatever its length. slime and verl
+    use the token-weighted form, which is sluice's ``reinforce_plus_plus_baseline`` (returns.py).
     Hazard: the batch is whatever you pass; under data parallelism pass the full rollout, not a shard.
     """
     _check(rewards)

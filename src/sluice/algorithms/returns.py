@@ -1,4 +1,5 @@
-"""Token-level estimators: REINFORCE++ discounted returns and GAE (PPO with a critic).
+"""Token-level estimators: REINFORCE++ discounted returns, REINFORCE++-baseline (slime's and verl's token form)
+and GAE (PPO with a critic).
 
 Both walk each sequence backwards over the tokens where ``loss_mask`` is set. Masked-out tokens inside
 a response (tool output in multi-turn rollouts, padding) are *transparent*: they carry no reward, are not
@@ -85,6 +86,30 @@ def reinforce_plus_plus(
     adv = whiten(returns, m) if normalize else returns
     metrics = {"return_mean": masked_mean(returns, m).item(), "advantage_mean": masked_mean(adv, m).item()}
     return adv, metrics
+
+
+@register(KIND, "reinforce_plus_plus_baseline")
+def reinforce_plus_plus_baseline(
+    baselined_rewards: Tensor, loss_mask: Tensor, kl: Tensor | None = None, kl_coef: float = 0.0
+) -> tuple[Tensor, dict[str, float]]:
+    """REINFORCE++-baseline as slime and verl compute it: each sample's reward minus its group's mean, broadcast
+    over its trained tokens, minus ``kl_coef * kl`` per token, then whitened over all trained tokens of the batch
+    (mean shift and unbiased std, eps on the std).
+
+    ``baselined_rewards [B]`` already has the group mean subtracted (slime does it when it post-processes the
+    rollout's rewards); ``loss_mask`` and ``kl`` are ``[B, T]``. Unlike the sample-level form
+    (``advantages.reinforce_plus_plus_baseline_sample``) the statistics are token-weighted: a long response
+    counts once per token, so it pulls the mean and the scale more than a short one; and the whitening shifts
+    the mean, so a sample whose reward equals its group's mean gets a nonzero advantage when the batch's token
+    mean is not 0. Hazard: whitening is over this tensor only (see ``whiten``).
+    """
+    m = loss_mask.bool()
+    dtype = torch.promote_types(baselined_rewards.dtype, torch.float32)
+    per_token = torch.where(m, baselined_rewards.reshape(-1, 1).to(dtype), 0.0)
+    if kl is not None and kl_coef != 0.0:
+        per_token = torch.where(m, per_token - kl_coef * kl.detach().to(dtype), 0.0)
+    adv = whiten(per_token, m)
+    return adv, {"return_mean": masked_mean(per_token, m).item(), "advantage_mean": masked_mean(adv, m).item()}
 
 
 @register(KIND, "gae")

@@ -13,15 +13,6 @@ from sluice.errors import ConfigError
 from sluice.config.sections import BUILTIN_REWARDS, DEFAULT_MAX_TURNS, LABEL_FREE_REWARDS, Config
 from sluice.config.slime_compat import problems as slime_compat_problems
 
-# kl_loss_type spellings that name the same estimator; the loss code only knows the canonical one.
-KL_LOSS_ALIASES = {"low_var_kl": "k3"}
-
-
-def normalise(config: Config) -> None:
-    """Rewrites aliases to their canonical value in place, so downstream code sees one spelling."""
-    algo = config.algorithm
-    algo.kl_loss_type = KL_LOSS_ALIASES.get(algo.kl_loss_type, algo.kl_loss_type)
-
 
 def _batches(config: Config) -> Iterator[str]:
     rollout, train = config.rollout, config.train
@@ -140,6 +131,9 @@ def _estimator(config: Config) -> Iterator[str]:
     if algo.disable_rewards_normalization and estimator in _DISCOUNTED:
         yield (f"--disable-rewards-normalization has no effect with --advantage-estimator {estimator}: "
                "only the group estimators normalise rewards")
+    if algo.disable_grpo_std_normalization and estimator not in ("grpo", "gspo", "cispo"):
+        yield (f"--disable-grpo-std-normalization has no effect with --advantage-estimator {estimator}: only grpo, "
+               "gspo and cispo divide by the group's std")
     if algo.disable_rewards_normalization and algo.disable_grpo_std_normalization:
         yield ("--disable-grpo-std-normalization has no effect with --disable-rewards-normalization "
                "(no group statistics are used at all)")
@@ -478,7 +472,6 @@ def validate(config: Config, *, for_training: bool = True) -> None:
     ``for_training=False`` (e.g. evaluation only) skips the requirements of a training run:
     --hf-checkpoint, --prompt-data, --rollout-batch-size and a reward for policy_loss.
     """
-    normalise(config)
     checks = _CHECKS + ((_training,) if for_training else ())
     problems = [message for check in checks for message in check(config)]
     if len(problems) == 1:

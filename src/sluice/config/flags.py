@@ -101,7 +101,7 @@ def _flag_of(section: str, f: Field) -> str:
 def section_types() -> dict[str, type]:
     """Section attribute name -> its dataclass, in declaration order."""
     hints = get_type_hints(Config)
-    return {f.name: hints[f.name] for f in fields(Config)}
+    return {f.name: hints[f.name] for f in fields(Config) if not f.metadata.get("internal")}
 
 
 @cache

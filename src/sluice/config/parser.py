@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from sluice.config.checks import normalise, validate
+from sluice.config.checks import validate
 from sluice.errors import ConfigError
 from sluice.config.flags import (
     ENGINE_SECTION,
@@ -21,7 +21,8 @@ from sluice.config.flags import (
     unknown_flag_reason,
 )
 from sluice.config.sections import BUILTIN_REWARDS, Config
-from sluice.config.slime_compat import resolve
+from sluice.config.compat_rows import Row
+from sluice.config.slime_compat import compat_arguments, resolve
 from sluice.config.yaml_file import config_to_dict, load_yaml_values, save_config
 
 __all__ = [
@@ -99,7 +100,23 @@ def build_parser(prog: str = "sluice train") -> argparse.ArgumentParser:
     groups = {name: parser.add_argument_group(_SECTION_TITLES.get(name, name)) for name in section_types()}
     for spec in flag_specs():
         groups[spec.section].add_argument(spec.flag, **_argument_options(spec))
+    compat = parser.add_argument_group(
+        "slime / Megatron / SGLang flags without a sluice field of their own (no-ops are logged once at start)")
+    for flag, row in compat_arguments(set(parser._option_string_actions)):
+        compat.add_argument(flag, **_compat_options(flag, row))
     return parser
+
+
+_COMPAT_DEST = "compat:"
+
+
+def _compat_options(flag: str, row: Row) -> dict[str, Any]:
+    """add_argument keywords of a table row: its words are kept as a list (a switch: an empty one)."""
+    options: dict[str, Any] = {"dest": _COMPAT_DEST + flag, "default": argparse.SUPPRESS,
+                               "help": f"{row.treatment.value}: {row.note}".replace("%", "%%")}
+    if row.takes == "switch":
+        return {**options, "action": "store_const", "const": []}
+    return {**options, "nargs": 1 if row.takes == "value" else "+", "metavar": "VALUE"}
 
 
 def _leftover_message(extras: list[str]) -> str:
@@ -120,10 +137,12 @@ def parse_config(argv: list[str] | None = None) -> Config:
     if extras:
         raise ConfigError(_leftover_message(extras))
     cli_values = vars(given)
+    compat_flags = {key[len(_COMPAT_DEST):]: cli_values.pop(key) for key in list(cli_values)
+                    if key.startswith(_COMPAT_DEST)}
     config_path = cli_values.pop("config", None)
     values = load_yaml_values(config_path) if config_path else {}
     values.update(cli_values)
     config = config_from_values(values)
+    config.compat_flags = compat_flags
     resolve(config)
-    normalise(config)
     return config

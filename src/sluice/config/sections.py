@@ -208,9 +208,11 @@ class TrainConfig:
 @dataclass
 class AlgorithmConfig:
     advantage_estimator: str = field(default="grpo", metadata=meta(
-        "How rewards become advantages; gspo and cispo use GRPO advantages with their own policy loss.",
+        "How rewards become advantages; gspo and cispo use GRPO advantages with their own policy loss; "
+        "reinforce_plus_plus_baseline is slime's (group-centred rewards on the tokens, minus --kl-coef x KL, whitened "
+        "over the batch's tokens), reinforce_plus_plus_baseline_sample its sample-level form (docs/algorithms.md).",
         choices=("grpo", "dr_grpo", "gspo", "cispo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline",
-                 "ppo")))
+                 "reinforce_plus_plus_baseline_sample", "ppo")))
     loss_type: str = field(default="policy_loss", metadata=meta(
         "policy_loss (RL), sft_loss (supervised, on the response tokens) or custom_loss (the function of "
         "--custom-loss-function-path replaces the policy loss).", choices=("policy_loss", "sft_loss", "custom_loss")))
@@ -258,7 +260,7 @@ class AlgorithmConfig:
     use_kl_loss: bool = field(default=False, metadata=meta("Add a KL(policy || reference) term to the loss."))
     kl_loss_coef: float = field(default=0.0, metadata=meta("Weight of the KL loss term."))
     kl_loss_type: str = field(default="k1", metadata=meta(
-        "KL estimator of the loss term and of the --kl-coef reward penalty (k3 = low_var_kl).",
+        "KL estimator of the loss term and of the --kl-coef reward penalty; low_var_kl is k3 clamped to [-10, 10].",
         choices=("k1", "k2", "k3", "low_var_kl")))
     entropy_coef: float = field(default=0.0, metadata=meta("Weight of the entropy bonus (subtracted from the loss)."))
     ref_update_interval: int | None = field(default=None, metadata=meta(
@@ -503,6 +505,10 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    # Not a section and not a flag: the slime / Megatron / SGLang flags given that sluice accepts without a config
+    # field of their own (no-ops, and flags mapped onto sluice's fields), flag -> its words. Filled by the parser,
+    # logged once at start (slime_compat.noop_notes), never saved: the flags they map to are.
+    compat_flags: dict[str, list[str]] = field(default_factory=dict, metadata={"internal": True})
 
     @property
     def samples_per_rollout(self) -> int:

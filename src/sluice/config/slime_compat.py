@@ -1,91 +1,30 @@
-"""What each slime / Megatron flag of slime's run scripts does in sluice, and the checks and mappings that go with it.
+"""What each slime / Megatron / SGLang flag of slime's parser and run scripts does in sluice, with the checks and
+mappings that go with it.
 
 Every flag falls in one of five kinds (``Treatment``): implemented with slime's meaning, mapped to sluice's
 equivalent, checked against the checkpoint (Megatron's architecture flags), accepted as a no-op because it names
 what sluice already does (said in ``--help`` and logged once at start), or rejected with a message that names the
-feature and what to do instead. Flags slime shares with sluice under the same name and meaning are not repeated
-here (see ``--help``); docs/migrating-from-slime.md prints this table.
+feature and what to do instead. The rows live in one table per origin: megatron_flags.py, slime_flags.py and
+sglang_flags.py. Flags slime shares with sluice under the same name and meaning are sluice's own config fields and
+not repeated there (see ``--help``); docs/migrating-from-slime.md prints the tables.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from enum import Enum
 
+from sluice.config.compat_rows import Row, Treatment
+from sluice.config.megatron_flags import MEGATRON_FLAGS, MEGATRON_PREFIXES
 from sluice.config.sections import Config
+from sluice.config.sglang_flags import SGLANG_FLAGS, SGLANG_PREFIXES
+from sluice.config.slime_flags import SLIME_BUILTIN_HOOKS, SLIME_FLAGS
+from sluice.errors import ConfigError
 
+__all__ = ["FLAGS", "REJECTED_PREFIXES", "Row", "Treatment", "compat_arguments", "noop_notes", "problems",
+           "rejection", "resolve"]
 
-class Treatment(str, Enum):
-    IMPLEMENTED = "implemented"
-    MAPPED = "mapped"
-    CHECKED = "checked against the checkpoint"
-    NOOP = "accepted no-op"
-    REJECTED = "rejected"
-
-
-_ARCH = ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--group-query-attention",
-         "--num-query-groups", "--kv-channels", "--swiglu", "--normalization", "--norm-epsilon", "--qk-layernorm",
-         "--rotary-base", "--vocab-size", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
-         "--add-qkv-bias", "--num-experts", "--moe-ffn-hidden-size", "--moe-router-topk")
-
-FLAGS: dict[str, tuple[Treatment, str]] = {
-    **{flag: (Treatment.CHECKED, "compared with config.json before any weights load; a mismatch names both values")
-       for flag in _ARCH},
-    "--make-vocab-size-divisible-by": (Treatment.IMPLEMENTED, "the padding multiple used to compare --vocab-size"),
-    "--position-embedding-type": (Treatment.CHECKED, "rope accepted; other types refused (sluice's models use RoPE)"),
-    "--rotary-percent": (Treatment.CHECKED, "1.0 accepted; partial rotary refused"),
-    "--use-rotary-position-embeddings": (Treatment.NOOP, "the supported families use RoPE already"),
-    "--seq-length": (Treatment.NOOP, "sequences are packed by token budget, never padded to a fixed length"),
-    "--max-position-embeddings": (Treatment.NOOP, "the context length comes from config.json"),
-    "--tensor-model-parallel-size": (Treatment.CHECKED, "1 accepted; larger refused (sluice shards with FSDP2)"),
-    "--pipeline-model-parallel-size": (Treatment.CHECKED, "1 accepted; larger refused (sluice shards with FSDP2)"),
-    "--context-parallel-size": (Treatment.CHECKED, "1 accepted; larger refused"),
-    "--expert-model-parallel-size": (Treatment.CHECKED, "1 accepted; larger refused until MoE training lands"),
-    "--expert-tensor-parallel-size": (Treatment.CHECKED, "1 accepted; larger refused (sluice shards with FSDP2)"),
-    "--sequence-parallel": (Treatment.NOOP, "Megatron splits tensor-parallel activations; sluice has no TP"),
-    "--use-distributed-optimizer": (Treatment.NOOP, "FSDP2 shards the optimizer state already"),
-    "--attention-dropout": (Treatment.CHECKED, "0 accepted (sluice's default; Megatron's is 0.1); nonzero refused"),
-    "--hidden-dropout": (Treatment.CHECKED, "0 accepted (sluice's default; Megatron's is 0.1); nonzero refused"),
-    "--accumulate-allreduce-grads-in-fp32": (Treatment.NOOP, "gradients are float32 and reduced in float32"),
-    "--attention-softmax-in-fp32": (Treatment.NOOP, "sluice's attention computes the softmax in float32"),
-    "--attention-backend": (Treatment.NOOP, "sluice picks its own attention kernel"),
-    "--no-gradient-accumulation-fusion": (Treatment.NOOP, "a Megatron fused kernel"),
-    "--no-masked-softmax-fusion": (Treatment.NOOP, "a Megatron fused kernel"),
-    "--no-bias-swiglu-fusion": (Treatment.NOOP, "a Megatron fused kernel"),
-    "--no-rope-fusion": (Treatment.NOOP, "a Megatron fused kernel"),
-    "--bf16": (Treatment.MAPPED, "--train-dtype bfloat16 (bf16 compute, float32 master weights)"),
-    "--optimizer": (Treatment.IMPLEMENTED, "adam (AdamW) accepted; others refused"),
-    "--lr-decay-style": (Treatment.IMPLEMENTED, "constant, linear or cosine, as Megatron defines them"),
-    "--lr-decay-iters": (Treatment.IMPLEMENTED, "optimizer steps to the end of the decay"),
-    "--lr-warmup-fraction": (Treatment.IMPLEMENTED, "warmup as a fraction of --lr-decay-iters"),
-    "--lr-warmup-iters": (Treatment.IMPLEMENTED, "optimizer steps of linear warmup"),
-    "--lr-warmup-init": (Treatment.IMPLEMENTED, "learning rate the warmup starts from"),
-    "--min-lr": (Treatment.IMPLEMENTED, "learning rate at the end of the decay"),
-    "--calculate-per-token-loss": (Treatment.MAPPED, "--loss-agg-mode token_mean (the default)"),
-    "--use-kl-loss": (Treatment.IMPLEMENTED, "with --kl-loss-coef 0 the KL is computed and logged, not trained on"),
-    "--colocate": (Treatment.IMPLEMENTED, "Ray pools share devices; a one-process run is colocated (accepted)"),
-    "--eval-top-k": (Treatment.IMPLEMENTED, "eval top-k; default --rollout-top-k"),
-    "--ref-load": (Treatment.IMPLEMENTED, "an HF checkpoint directory for the reference model"),
-    "--load": (Treatment.IMPLEMENTED, "resume from a sluice --save directory"),
-    "--balance-data": (Treatment.REJECTED, "micro-batches are already formed by token budget "
-                       "(--use-dynamic-batch-size, --max-tokens-per-gpu): drop the flag"),
-    "--num-steps-per-rollout": (Treatment.REJECTED, "set --global-batch-size to (--rollout-batch-size x "
-                                "--n-samples-per-prompt) / N for N optimizer steps per rollout"),
-    "--eval-reward-key": (Treatment.REJECTED, "evaluation reads --reward-key; drop the flag"),
-    "--rollout-max-context-len": (Treatment.REJECTED, "use --sglang-context-length"),
-    "--rollout-skip-special-tokens": (Treatment.REJECTED, "responses are decoded without special tokens already; "
-                                      "drop the flag"),
-    "--tool-key": (Treatment.REJECTED, "sluice's tools are Python functions given with --tools"),
-    "--optimizer-cpu-offload": (Treatment.REJECTED, "use --offload-train (moves the optimizer state off the GPU "
-                                "while the engines generate)"),
-}
-
-# Prefixes of flag families that are rejected as a whole, with the reason.
-REJECTED_PREFIXES: dict[str, str] = {
-    "--moe-": "sluice does not train MoE models yet; --num-experts, --moe-ffn-hidden-size and --moe-router-topk "
-              "are checked against the checkpoint, the other --moe-* flags are refused until MoE lands",
-    "--router-": "sluice's router is its own (sluice serve --router); it takes no sglang-router flags",
-}
+FLAGS: dict[str, Row] = {**MEGATRON_FLAGS, **SLIME_FLAGS, **SGLANG_FLAGS}
+REJECTED_PREFIXES: dict[str, str] = {**MEGATRON_PREFIXES, **SGLANG_PREFIXES}
 
 _PARALLEL = (("--tensor-model-parallel-size", "tensor_model_parallel_size"),
              ("--pipeline-model-parallel-size", "pipeline_model_parallel_size"),
@@ -93,26 +32,63 @@ _PARALLEL = (("--tensor-model-parallel-size", "tensor_model_parallel_size"),
              ("--expert-tensor-parallel-size", "expert_tensor_parallel_size"))
 
 
+def _origin(flag: str) -> str:
+    if flag in SGLANG_FLAGS or flag.startswith("--sglang-"):
+        return "an SGLang flag"
+    if flag in MEGATRON_FLAGS or flag.startswith("--moe-"):
+        return "a Megatron flag"
+    return "a slime flag"
+
+
 def rejection(flag: str) -> str | None:
-    """Why a rejected slime / Megatron flag is refused and what to do instead; None for any other flag."""
-    entry = FLAGS.get(flag)
-    if entry and entry[0] is Treatment.REJECTED:
-        return f"{flag} is slime's, and sluice does not take it: {entry[1]}"
+    """Why a rejected slime / Megatron / SGLang flag is refused and what to do instead; None for any other flag."""
+    row = FLAGS.get(flag)
+    if row and row.treatment is Treatment.REJECTED:
+        return f"{flag} is {_origin(flag)} that sluice does not take: {row.note}"
     for prefix, reason in REJECTED_PREFIXES.items():
         if flag.startswith(prefix):
-            return f"{flag} is slime's or Megatron's, and sluice does not take it: {reason}"
+            return f"{flag} is {_origin(flag)} that sluice does not take: {reason}"
     return None
 
 
+def compat_arguments(own_flags: set[str]) -> Iterator[tuple[str, Row]]:
+    """The no-op and mapped rows without a config field of that name: the parser adds them from their ``takes``."""
+    for flag, row in FLAGS.items():
+        if row.treatment in (Treatment.NOOP, Treatment.MAPPED) and flag not in own_flags:
+            if not row.takes:
+                raise TypeError(f"{flag}: a table row without a config field needs takes=switch|value|values")
+            yield flag, row
+
+
 def resolve(config: Config) -> None:
-    """Applies the mapped flags in place: --calculate-per-token-loss, --bf16, and --lr-decay-iters' default."""
+    """Applies the mapped flags in place: --calculate-per-token-loss, --bf16, --sglang-cuda-graph-bs,
+    --sglang-server-concurrency, --update-weight-disk-dir, slime's built-in filter path, and --lr-decay-iters'
+    default."""
     if config.algorithm.calculate_per_token_loss:
         config.algorithm.loss_agg_mode = "token_mean"
     if config.megatron.bf16:
         config.train.train_dtype = "bfloat16"
+    given = config.compat_flags
+    if "--sglang-cuda-graph-bs" in given:
+        config.engine.cuda_graph_max_bs = max(_ints("--sglang-cuda-graph-bs", given["--sglang-cuda-graph-bs"]))
+    if "--sglang-server-concurrency" in given:
+        per_engine = _ints("--sglang-server-concurrency", given["--sglang-server-concurrency"])[0]
+        config.rollout.rollout_max_concurrency = per_engine * config.cluster.num_engines
+    if "--update-weight-disk-dir" in given:
+        config.sync.weight_sync_dir = given["--update-weight-disk-dir"][0]
+    rollout = config.rollout
+    rollout.dynamic_sampling_filter_path = SLIME_BUILTIN_HOOKS.get(rollout.dynamic_sampling_filter_path,
+                                                                   rollout.dynamic_sampling_filter_path)
     train, rollout = config.train, config.rollout
     if train.lr_decay_iters is None and rollout.num_rollout and config.global_batch_size:
         train.lr_decay_iters = rollout.num_rollout * config.samples_per_rollout // config.global_batch_size
+
+
+def _ints(flag: str, words: list[str]) -> list[int]:
+    try:
+        return [int(word) for word in words]
+    except ValueError:
+        raise ConfigError(f"{flag} takes integers, got {' '.join(words)!r}") from None
 
 
 def problems(config: Config) -> Iterator[str]:
@@ -137,6 +113,10 @@ def problems(config: Config) -> Iterator[str]:
         yield f"--rotary-percent {mega.rotary_percent}: sluice's models rotate the whole head (1.0)"
     if mega.make_vocab_size_divisible_by < 1:
         yield f"--make-vocab-size-divisible-by must be >= 1, got {mega.make_vocab_size_divisible_by}"
+    if "--disable-compute-advantages-and-returns" in config.compat_flags and config.algorithm.loss_type != "sft_loss":
+        yield ("--disable-compute-advantages-and-returns: sluice skips advantages only for --loss-type sft_loss; "
+               f"--loss-type {config.algorithm.loss_type} trains on them (a custom estimator: "
+               "--custom-advantage-function-path)")
     yield from _schedule(train)
 
 
@@ -177,5 +157,6 @@ def noop_notes(config: Config) -> list[str]:
         "--no-masked-softmax-fusion": not mega.masked_softmax_fusion,
         "--no-bias-swiglu-fusion": not mega.bias_swiglu_fusion,
         "--no-rope-fusion": not mega.rope_fusion,
+        **{flag: FLAGS[flag].treatment is Treatment.NOOP for flag in config.compat_flags},
     }
-    return [f"{flag} accepted and ignored: {FLAGS[flag][1]}" for flag, on in given.items() if on]
+    return [f"{flag} accepted and ignored: {FLAGS[flag].note}" for flag, on in given.items() if on]

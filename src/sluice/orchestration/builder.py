@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from sluice.config import Config, ConfigError, config_to_dict
 from sluice.config.megatron_checks import check_against_checkpoint
+from sluice.checkpoint.megatron_dir import is_torch_dist_checkpoint, torch_dist_refusal
 from sluice.config.sections import BUILTIN_REWARDS, LABEL_FREE_REWARDS
 from sluice.data import PromptSource, check_first_row, load_prompt_samples
 from sluice.models.tokenizer import load_tokenizer
@@ -59,6 +60,7 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
     checkpoint = config.model.hf_checkpoint
     placement, gateway, hooks, engines = None, None, None, None
     try:
+        _refuse_torch_dist(config)
         _check_checkpoint_dir("--hf-checkpoint", checkpoint)
         if config.model.ref_load:
             _check_checkpoint_dir("--ref-load", config.model.ref_load)
@@ -231,6 +233,14 @@ def _check_context(config: Config, checkpoint: str) -> None:
         if value is not None and value >= context:
             raise ConfigError(f"{flag} {value} leaves no room for a prompt in the model's context of {context} "
                               f"tokens ({source}): set it below {context}, to the longest response you expect")
+
+
+def _refuse_torch_dist(config: Config) -> None:
+    """slime's scripts point --load and --ref-load at Megatron checkpoints; sluice reads HF ones. Said first."""
+    for flag, path in (("--load", config.checkpoint.load), ("--ref-load", config.model.ref_load),
+                       ("--hf-checkpoint", config.model.hf_checkpoint), ("--critic-load", config.train.critic_load)):
+        if path and is_torch_dist_checkpoint(path):
+            raise ConfigError(torch_dist_refusal(flag, path))
 
 
 def _check_checkpoint_dir(flag: str, path: str) -> None:

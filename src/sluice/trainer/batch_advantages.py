@@ -2,13 +2,15 @@
 
 Two families (formulas in docs/algorithms.md):
 
-* group estimators (grpo, dr_grpo, gspo, cispo, rloo, reinforce_plus_plus_baseline): one scalar per sample,
+* group estimators (grpo, dr_grpo, gspo, cispo, rloo, reinforce_plus_plus_baseline_sample): one scalar per sample,
   normalised within its prompt group (not with --disable-rewards-normalization), broadcast over the sample's
   trained tokens. --kl-coef first subtracts ``kl_coef * sum_t KL_t`` (the response's KL) from the sample's
   reward, so the group sees the KL-regularised return.
-* token estimators: reinforce_plus_plus (discounted returns of the token rewards, whitened over the batch) and
-  ppo (GAE over the critic's values, which also yields the critic's targets). --kl-coef puts
-  ``-kl_coef * KL_t`` on every trained token, the outcome reward on the last one.
+* token estimators: reinforce_plus_plus (discounted returns of the token rewards, whitened over the batch),
+  reinforce_plus_plus_baseline (the group-centred reward on every trained token, minus ``kl_coef * KL_t``,
+  whitened over the batch's tokens, as slime and verl compute it) and ppo (GAE over the critic's values, which
+  also yields the critic's targets). For reinforce_plus_plus and ppo, --kl-coef puts ``-kl_coef * KL_t`` on
+  every trained token, the outcome reward on the last one.
 
 KL_t is the --kl-loss-type estimate between the policy that sampled the rollout (the trainer's old logprobs,
 or the engine's with --use-rollout-logprobs) and the reference model: a fixed number, not differentiated.
@@ -29,6 +31,7 @@ from sluice.algorithms import (
     kl_penalized_rewards,
     masked_mean,
     reinforce_plus_plus,
+    reinforce_plus_plus_baseline,
     token_level_rewards,
 )
 from sluice.config import AlgorithmConfig
@@ -37,7 +40,7 @@ from sluice.trainer.custom_advantage import AdvantageFn, AdvantageInputs
 from sluice.trainer.critic import ValueBatch
 from sluice.types import TrainBatch
 
-TOKEN_LEVEL_ESTIMATORS = ("reinforce_plus_plus", "ppo")
+TOKEN_LEVEL_ESTIMATORS = ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")
 
 
 @dataclass
@@ -78,6 +81,14 @@ def compute_advantages(trainer, batch: TrainBatch, algorithm: AlgorithmConfig,
             per_sample = group_advantages(estimator, _regroup(shaped.tolist(), [len(g) for g in rewards]),
                                           algorithm.disable_grpo_std_normalization)
         return Advantages(broadcast_to_tokens(torch.tensor(per_sample), mask).float(), metrics=metrics)
+    if estimator == "reinforce_plus_plus_baseline":
+        sizes = [len(g) for g in rewards]
+        baselined = flat.tolist() if algorithm.disable_rewards_normalization else group_advantages(
+            "dr_grpo", _regroup(flat.tolist(), sizes))  # r - group mean, exactly 0 for a constant group
+        advantages, estimator_metrics = reinforce_plus_plus_baseline(torch.tensor(baselined), mask, kl,
+                                                                     algorithm.kl_coef)
+        metrics["train/return_mean"] = estimator_metrics["return_mean"]
+        return Advantages(advantages.float(), metrics=metrics)
     token_rewards = token_level_rewards(flat, mask, kl, algorithm.kl_coef)
     if estimator == "reinforce_plus_plus":
         advantages, estimator_metrics = reinforce_plus_plus(token_rewards, mask, algorithm.gamma)

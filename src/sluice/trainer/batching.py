@@ -73,9 +73,13 @@ def micro_batch_rows(attention_mask: torch.Tensor, config: TrainConfig) -> list[
     return [order[i : i + size] for i in range(0, order.numel(), size)]
 
 
+GRPO_STD_ESTIMATORS = ("grpo", "gspo", "cispo")  # the group std divides their advantages
+
+
 def group_advantages(estimator: str, rewards: list[list[float]], disable_std_normalization: bool = False) -> list[float]:
     """Per-sample advantages from per-group rewards with the named estimator, flattened in sample order."""
-    name = "dr_grpo" if (estimator == "grpo" and disable_std_normalization) else estimator
+    # As in slime, --disable-grpo-std-normalization drops the std of every estimator that uses GRPO's advantage.
+    name = "dr_grpo" if (estimator in GRPO_STD_ESTIMATORS and disable_std_normalization) else estimator
     sizes = {len(r) for r in rewards}
     if len(sizes) == 1:  # equal group sizes: one batched call
         advantages, _ = algorithms.get("advantage", name)(torch.tensor(rewards, dtype=torch.float64))
