@@ -132,10 +132,7 @@ class LocalEngine:
             raise ValueError(f"prompt of {len(prompt)} tokens exceeds the KV pool ({self.pool.capacity_tokens} tokens)")
         if self.tokenizer is None and request.sampling_params.stop:
             raise ValueError("stop strings need a tokenizer; this engine runs with --sglang-skip-tokenizer-init")
-        generator = None
-        if request.sampling_params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(request.sampling_params.seed))
-        seq = Sequence(request, on_done, on_update, generator, prompt, len(prompt))
+        seq = Sequence(request, on_done, on_update, prompt, len(prompt))
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is shut down")
@@ -344,12 +341,12 @@ class LocalEngine:
         for seq, count in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += count
         seqs = [batch.seqs[i] for i in rows]
-        readback, positions = None, []
+        readback = None
+        positions = [len(seq.token_ids) for seq in seqs]  # of the tokens drawn now: a seeded row's noise keys on it
         if seqs:
-            token_t, logprob_t = sample_tokens(logits, [s.request.sampling_params for s in seqs], [s.generator for s in seqs])
+            token_t, logprob_t = sample_tokens(logits, [s.request.sampling_params for s in seqs], positions)
             readback = self.runner.remember(seqs, token_t, logprob_t)
             for seq in seqs:
-                positions.append(len(seq.token_ids))
                 seq.token_ids.append(PENDING_TOKEN)
                 num_output = len(seq.token_ids) - seq.num_prompt_tokens
                 seq.finishing = (num_output >= seq.request.sampling_params.max_new_tokens
