@@ -79,7 +79,7 @@ def sample(
     chunk_token = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=device)
     _chunk_kernel[(num_rows, num_chunks)](
         logits, logits.stride(0), vocab_size, row_temperatures, float(temperatures[0]), shared_key, row_keys,
-        num_rows, partial[0], partial[1], partial[2], chunk_token, num_chunks,
+        partial[0], partial[1], partial[2], chunk_token, num_chunks,
         PER_ROW_TEMPERATURE=per_row, SAMPLE=any(sampled), SEEDED_ROWS=any(seeded), TILE=tile,
         TILES_PER_CHUNK=tiles_per_chunk, num_warps=4,
     )
@@ -100,12 +100,13 @@ def draw_seed(device: torch.device) -> torch.Tensor:
 
 def _row_keys(seeds: list[int | None] | None, positions: list[int] | None, seeded: list[bool],
               device: torch.device) -> torch.Tensor:
-    """[3 * B] int64 on ``device``, one copy: each row's key (its seed as 64 bits), its stream (the position)
-    and whether it is seeded."""
+    """[B, 3] int64 on ``device``, one copy: each row's key (its seed as 64 bits), its stream (the position)
+    and whether it is seeded. Row-major, so the kernel needs no row count (an int argument Triton would
+    specialise on: batches of 1 or of a multiple of 16 rows would compile other variants mid-run)."""
     if seeds is None or positions is None or len(positions) != len(seeds):
         raise ValueError("sampling_kernel.sample: seeded rows need one position per row")
-    keys = [_as_int64(s) if on else 0 for s, on in zip(seeds, seeded)]
-    return to_device(keys + list(positions) + [int(on) for on in seeded], torch.int64, device)
+    rows = [[_as_int64(s) if on else 0, p, int(on)] for s, p, on in zip(seeds, positions, seeded)]
+    return to_device(rows, torch.int64, device)
 
 
 def _as_int64(seed: int) -> int:
@@ -133,7 +134,7 @@ def _num_sms(device_index: int) -> int:
 
 @triton.jit
 def _chunk_kernel(
-    logits_ptr, row_stride, vocab_size, temperatures_ptr, temperature, shared_key_ptr, row_keys_ptr, num_rows,
+    logits_ptr, row_stride, vocab_size, temperatures_ptr, temperature, shared_key_ptr, row_keys_ptr,
     chunk_max_ptr, chunk_sum_ptr, chunk_score_ptr, chunk_token_ptr, num_chunks,
     PER_ROW_TEMPERATURE: tl.constexpr, SAMPLE: tl.constexpr, SEEDED_ROWS: tl.constexpr, TILE: tl.constexpr,
     TILES_PER_CHUNK: tl.constexpr,
@@ -141,7 +142,7 @@ def _chunk_kernel(
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     if SAMPLE:
-        key, stream = noise_key(shared_key_ptr, row_keys_ptr, num_rows, row, SEEDED_ROWS)
+        key, stream = noise_key(shared_key_ptr, row_keys_ptr, row, SEEDED_ROWS)
     if PER_ROW_TEMPERATURE:
         temperature = tl.load(temperatures_ptr + row)
     greedy = temperature <= 0
@@ -177,14 +178,15 @@ def _chunk_kernel(
 
 
 @triton.jit
-def noise_key(shared_key_ptr, row_keys_ptr, num_rows, row, SEEDED_ROWS: tl.constexpr):
+def noise_key(shared_key_ptr, row_keys_ptr, row, SEEDED_ROWS: tl.constexpr):
     """(Philox key, stream) of a row: its seed and position if it has a seed, else the call's key and the row."""
     key = tl.load(shared_key_ptr)
     stream = row.to(tl.int64)
     if SEEDED_ROWS:
-        seeded = tl.load(row_keys_ptr + 2 * num_rows + row) != 0
-        key = tl.where(seeded, tl.load(row_keys_ptr + row), key)
-        stream = tl.where(seeded, tl.load(row_keys_ptr + num_rows + row), stream)
+        entry = row_keys_ptr + 3 * row.to(tl.int64)
+        seeded = tl.load(entry + 2) != 0
+        key = tl.where(seeded, tl.load(entry), key)
+        stream = tl.where(seeded, tl.load(entry + 1), stream)
     return key, stream
 
 

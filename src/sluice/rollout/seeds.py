@@ -10,7 +10,8 @@ What the parts are, and why:
 - ``stream`` names the family of requests: ``train`` for training rollouts, whose ``Sample.index`` is unique in
   the run (the buffer numbers it ``group_id * n_samples_per_prompt + k``; a group keeps its id when it is
   requeued, continued from a partial rollout, or saved and resumed); ``train/dynamic/<first index>/<round>`` for
-  DAPO dynamic sampling, whose rounds number their samples from 0 again; ``eval/<set name>`` for evaluation,
+  DAPO dynamic sampling, whose rounds number their samples from 0 again; ``train/rollout-function/<step>`` for
+  a --rollout-function-path, which may generate past its step's indices; ``eval/<set name>`` for evaluation,
   whose indices restart at every evaluation: each evaluation draws the same noise for the same prompt, so its
   changes from one evaluation to the next come from the weights (common random numbers).
 - No rollout id: a partial rollout is continued in a later step than the one it started in, and in the async
@@ -55,7 +56,9 @@ def derive_seed(*parts: int | str) -> int:
 
 
 def turn_seed(seed: int | None, turn: int) -> int | None:
-    """The seed of turn ``turn`` (from 0) of a sample seeded ``seed``: turn 0 keeps it, as a single-turn call would."""
+    """The seed of turn ``turn`` (from 0) of a sample seeded ``seed``: turn 0 keeps it, as a single-turn call would.
+    Also for any further engine call of one sample that must not repeat the first (a retry, a second answer):
+    the same seed from the same context draws the same tokens."""
     if seed is None or turn == 0:
         return seed
     return derive_seed(seed, "turn", turn)
