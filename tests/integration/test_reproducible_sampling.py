@@ -1,7 +1,11 @@
 """Reproducible sampling in whole runs (docs/reproducibility.md): multi-token responses at temperature 1, with the
 default --rollout-seed. Two sync runs draw the same samples and end on the same weights; a run killed after a
 checkpoint and relaunched with --load continues like the uninterrupted one; two async runs agree on every
-sample drawn by the same weights from the same context."""
+sample drawn by the same weights from the same context.
+
+The second run of each pair batches its requests differently (``OTHER_BATCHES``): with the engine's shared random
+stream, runs repeat only while their batches happen to repeat (often, on an idle machine); seeded requests do
+not depend on their batches at all, and this makes the tests tell the two apart."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ NUM_ROLLOUT = 3
 # index and the response) gives every group a reward spread, so GRPO moves the weights at every step
 SAMPLING = ["--rollout-max-response-len", "12", "--rollout-temperature", "1.0", "--rollout-batch-size", "4",
             "--n-samples-per-prompt", "4", "--global-batch-size", "16", "--rm-type", "random"]
+OTHER_BATCHES = ["--sglang-max-running-requests", "3"]  # decode batches of at most 3 rows, not all 16
 
 
 def argv(say7, root: Path, *extra: str) -> list[str]:
@@ -57,7 +62,7 @@ def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.
 
 def test_two_sync_runs_draw_the_same_samples_and_end_on_the_same_weights(say7, tmp_path):
     first = run_loop(argv(say7, tmp_path / "first"))
-    second = run_loop(argv(say7, tmp_path / "second"))
+    second = run_loop(argv(say7, tmp_path / "second", *OTHER_BATCHES))
     expected, got = samples_by_index(tmp_path / "first"), samples_by_index(tmp_path / "second")
     assert len(expected) == NUM_ROLLOUT * 16
     assert max(s.response_length for s in expected.values()) > 1  # multi-token responses
@@ -70,13 +75,13 @@ def test_two_sync_runs_draw_the_same_samples_and_end_on_the_same_weights(say7, t
 
 
 def test_a_run_killed_after_a_checkpoint_and_resumed_matches_the_uninterrupted_run(say7, tmp_path):
-    def resumable(name: str) -> list[str]:
+    def resumable(name: str, *extra: str) -> list[str]:
         save = tmp_path / name / "ckpt"
-        return argv(say7, tmp_path / name, "--save-interval", "1", "--load", str(save))
+        return argv(say7, tmp_path / name, "--save-interval", "1", "--load", str(save), *extra)
 
     straight = run_loop(resumable("straight"))
     kill_after_first_checkpoint(resumable("killed"), tmp_path / "killed" / "ckpt")
-    resumed = run_loop(resumable("killed"))
+    resumed = run_loop(resumable("killed", *OTHER_BATCHES))
     assert 0 < resumed.schedule.start_rollout < NUM_ROLLOUT  # it did resume, and had steps left to run
     assert_same_samples(samples_by_index(tmp_path / "killed"), samples_by_index(tmp_path / "straight"))
     assert_same_weights(resumed.trainer.backend.named_weights(), straight.trainer.backend.named_weights())
@@ -87,9 +92,9 @@ def test_two_async_runs_agree_on_samples_drawn_by_the_same_weights(say7, tmp_pat
     same tokens in both runs. Which samples a version draws depends on timing, so later versions can differ;
     every sample of the first step is drawn by version 0."""
     runs = []
-    for name in ("first", "second"):
+    for name, extra in (("first", []), ("second", OTHER_BATCHES)):
         root = tmp_path / name
-        run_loop(argv(say7, root, "--async"), loop=train)
+        run_loop(argv(say7, root, "--async", *extra), loop=train)
         runs.append(samples_by_index(root))
     first, second = runs
     by_initial_weights = [i for i in first if i in second
