@@ -141,3 +141,12 @@ def test_seeded_requests_draw_the_same_tokens_alone_and_in_a_crowd(engine):
     for a, b in zip(alone, together):
         assert a.output_ids == b.output_ids
         assert a.output_logprobs == pytest.approx(b.output_logprobs, abs=1e-4)
+
+
+def test_a_seed_that_is_not_an_int_is_refused_at_submit(engine):
+    client = InProcessClient(engine)
+    for seed in (3.5, "7", True):
+        request = GenerateRequest([5, 6, 7], dataclasses.replace(SAMPLING, seed=seed))
+        with pytest.raises(ValueError, match="sampling_params.seed must be an int or None; got"):
+            asyncio.run(client.generate(request))
+    assert asyncio.run(client.generate(GenerateRequest([5, 6, 7], dataclasses.replace(SAMPLING, seed=2**70)))).output_ids

@@ -130,6 +130,9 @@ class LocalEngine:
             raise ValueError(f"input_ids must lie in [0, {vocab}); got {min(prompt)}..{max(prompt)}")
         if len(prompt) + 1 > self.pool.capacity_tokens:
             raise ValueError(f"prompt of {len(prompt)} tokens exceeds the KV pool ({self.pool.capacity_tokens} tokens)")
+        seed = request.sampling_params.seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):  # the sampler hashes it
+            raise ValueError(f"sampling_params.seed must be an int or None; got {type(seed).__name__} {seed!r}")
         if self.tokenizer is None and request.sampling_params.stop:
             raise ValueError("stop strings need a tokenizer; this engine runs with --sglang-skip-tokenizer-init")
         seq = Sequence(request, on_done, on_update, prompt, len(prompt))
