@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from sluice.rollout import EvalRequest, GenerateContext, RolloutOutput, RolloutRequest, generate_single_turn
+from sluice.rollout import EvalRequest, GenerateContext, RolloutOutput, RolloutRequest, generate_single_turn, turn_seed
 from sluice.types import Sample, SamplingParams
 
 
@@ -26,14 +26,17 @@ async def retry_once(sample: Sample, sampling_params: SamplingParams, ctx: Gener
     first = await generate_single_turn(dataclasses.replace(sample, weight_versions=[]), sampling_params, ctx)
     if first.status.value != "truncated":
         return first
-    return await generate_single_turn(sample, sampling_params, ctx)
+    # a seed of its own: the sample's seed from the same prompt would draw the same response again
+    retry = dataclasses.replace(sampling_params, seed=turn_seed(sampling_params.seed, 1))
+    return await generate_single_turn(sample, retry, ctx)
 
 
 async def two_answers(sample: Sample, sampling_params: SamplingParams, ctx: GenerateContext) -> list[Sample]:
     """Fan-out: two independent responses from one generate call, both trained in the prompt's group."""
     other = dataclasses.replace(sample, metadata=dict(sample.metadata), weight_versions=[])
+    second = dataclasses.replace(sampling_params, seed=turn_seed(sampling_params.seed, 1))  # else: the same answer
     return [await generate_single_turn(sample, sampling_params, ctx),
-            await generate_single_turn(other, sampling_params, ctx)]
+            await generate_single_turn(other, second, ctx)]
 
 
 async def accuracy_by_task(request: EvalRequest) -> dict[str, float]:

@@ -109,3 +109,25 @@ def test_top_logprobs_on_the_gpu_match_transformers_with_overlap_and_graphs(live
         assert [top.token_ids for top in result.output_top_logprobs] == tokens.tolist()
         got = torch.tensor([top.logprobs for top in result.output_top_logprobs])
         assert (got - values.cpu()).abs().max().item() < 1e-3
+
+
+def test_seeded_requests_draw_the_same_tokens_whatever_shares_their_batches(lively_checkpoint):
+    """Seeded requests at temperature 1 decoded alone, then among other requests (seeded and not, another batch
+    size, CUDA-graph padding, rows at other indices): the same tokens. Sampling is keyed by (seed, position) in
+    the fused kernel; fp32 keeps the logits' batch-size rounding far below the gaps that decide a draw here."""
+    prompts = [list(range(5, 5 + n)) for n in (4, 19, 33)]
+    seeded = [GenerateRequest(p, SamplingParams(temperature=1.0, max_new_tokens=24, ignore_eos=True, seed=10 + i))
+              for i, p in enumerate(prompts)]
+    others = [GenerateRequest(list(range(7, 7 + n)), SamplingParams(temperature=1.0, max_new_tokens=24 + n,
+                                                                    ignore_eos=True, seed=None if n % 2 else n))
+              for n in (2, 11, 25, 40, 6)]
+    engine = LocalEngine(lively_checkpoint, EngineConfig(device="cuda", dtype="float32"))
+    try:
+        alone = [generate(engine, [r])[0] for r in seeded]
+        mixed = generate(engine, [others[0], seeded[2], *others[1:3], seeded[0], others[3], seeded[1], others[4]])
+    finally:
+        engine.shutdown()
+    by_rid = {r.rid: r for r in mixed}
+    for request, result in zip(seeded, alone):
+        assert by_rid[request.rid].output_ids == result.output_ids
+    assert len({tuple(r.output_ids) for r in alone}) == len(alone)

@@ -40,17 +40,23 @@ CHI2_999 = {4: 18.47, 7: 24.32}  # chi-square quantile 0.999 by degrees of freed
 
 
 @triton.jit
-def _noise_kernel(seed_ptr, out_ptr, vocab_size, TILE: tl.constexpr):
+def _noise_kernel(keys_ptr, streams_ptr, out_ptr, vocab_size, TILE: tl.constexpr):
     row = tl.program_id(0)
     start = tl.program_id(1) * TILE
     index = start + tl.arange(0, TILE)
-    tl.store(out_ptr + row * vocab_size + index, gumbel_noise(seed_ptr, row, start, TILE), mask=index < vocab_size)
+    noise = gumbel_noise(tl.load(keys_ptr + row), tl.load(streams_ptr + row), start, TILE)
+    tl.store(out_ptr + row * vocab_size + index, noise, mask=index < vocab_size)
 
 
 def noise(seed: torch.Tensor, num_rows: int, vocab_size: int, tile: int = TILE) -> torch.Tensor:
-    """[num_rows, vocab_size] the Gumbel noise the sampling kernel adds for ``seed``."""
-    out = torch.empty(num_rows, vocab_size, device=seed.device)
-    _noise_kernel[(num_rows, triton.cdiv(vocab_size, tile))](seed, out, vocab_size, TILE=tile)
+    """[num_rows, vocab_size] the Gumbel noise the sampling kernel adds to unseeded rows for the call key ``seed``."""
+    return keyed_noise(seed.repeat(num_rows), torch.arange(num_rows, device=seed.device), vocab_size, tile)
+
+
+def keyed_noise(keys: torch.Tensor, streams: torch.Tensor, vocab_size: int, tile: int = TILE) -> torch.Tensor:
+    """[len(keys), vocab_size] the Gumbel noise of Philox keys ``keys`` [B] int64 at streams ``streams`` [B]."""
+    out = torch.empty(len(keys), vocab_size, device=keys.device)
+    _noise_kernel[(len(keys), triton.cdiv(vocab_size, tile))](keys, streams, out, vocab_size, TILE=tile)
     return out
 
 
@@ -86,7 +92,7 @@ class TestKernels:
         assert tokens[1] == TILE + 2
         expected = reference_logprobs(logits, [1.0] * 3, tokens)
         torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=0)
-        _, torch_logprobs = sample_tokens_torch(logits, [SamplingParams(temperature=0.0)] * 3, [None] * 3)
+        _, torch_logprobs = sample_tokens_torch(logits, [SamplingParams(temperature=0.0)] * 3, [0] * 3)
         torch.testing.assert_close(logprobs, torch_logprobs, atol=1e-3 if dtype == torch.bfloat16 else 1e-5, rtol=0)
 
     @pytest.mark.parametrize("tiles_per_chunk", [1, 2])
@@ -162,36 +168,70 @@ class TestKernels:
         assert torch.equal(first, again)
         assert not torch.equal(first, second)
 
+    def test_seeded_row_is_the_gumbel_argmax_of_its_seed_and_position(self):
+        """Seeded rows: key = seed (negative and above 2**63 taken as 64 bits), stream = position; an unseeded row
+        beside them keeps the call's key with its row as stream."""
+        logits = random_logits(3, seed=4)
+        seeds, positions = [7, None, 2**64 - 3], [5, 9, 2**20]
+        torch.manual_seed(2)
+        call_key = sampling_kernel.draw_seed(torch.device(DEVICE))
+        torch.manual_seed(2)
+        tokens, _ = sampling_kernel.sample(logits, [1.0] * 3, seeds, positions, tiles_per_chunk=2, tile=TILE)
+        keys = torch.tensor([7, int(call_key), -3], device=DEVICE)
+        streams = torch.tensor([5, 1, 2**20], device=DEVICE)
+        assert torch.equal(tokens, (logits + keyed_noise(keys, streams, VOCAB)).argmax(dim=-1))
+
+    def test_same_seed_and_position_same_token_whatever_the_batch(self):
+        """A seeded row's token depends on its logits, seed and position only: not on the other rows, its row
+        index, the call, or the work split. Uniform logits: any noise change would change the token."""
+        logits = torch.zeros(4, 4 * TILE, device=DEVICE)
+        alone, _ = sampling_kernel.sample(logits[:1], [1.0], [11], [30], tiles_per_chunk=1, tile=TILE)
+        torch.manual_seed(0)
+        mixed, _ = sampling_kernel.sample(logits, [0.7, 1.0, 0.0, 1.0], [None, 5, 3, 11], [2, 30, 30, 30],
+                                          tiles_per_chunk=4, tile=TILE)
+        torch.manual_seed(1)
+        again, _ = sampling_kernel.sample(logits[:2], [1.0, 1.0], [11, None], [30, 30], tiles_per_chunk=2, tile=TILE)
+        assert mixed[3] == alone[0] and again[0] == alone[0]
+        assert mixed[1] != alone[0]  # seed 5 at the same position: other noise (a tie has probability 1 / 64)
+        later, _ = sampling_kernel.sample(logits[:1], [1.0], [11], [31], tiles_per_chunk=1, tile=TILE)
+        assert later[0] != alone[0]  # the next position of the same seed: other noise
+
+    def test_batches_of_seeded_and_greedy_rows_draw_no_shared_key(self):
+        logits = random_logits(2)
+        torch.manual_seed(9)
+        sampling_kernel.sample(logits, [1.0, 0.0], [4, None], [3, 3], tiles_per_chunk=1, tile=TILE)
+        after = torch.rand(3)
+        torch.manual_seed(9)
+        assert torch.equal(after, torch.rand(3))
+
     @pytest.mark.skipif(DEVICE != "cuda", reason="sample_tokens dispatches to the kernels on CUDA tensors only")
     def test_sample_tokens_dispatch(self):
         logits = random_logits(4, vocab_size=1000).to(torch.bfloat16)
         plain = [SamplingParams(temperature=t) for t in (1.0, 0.0, 0.6, 1.0)]
-        torch.manual_seed(7)
-        fused = sample_tokens(logits, plain, [None] * 4)
-        torch.manual_seed(7)
-        expected = sampling_kernel.sample(logits, [p.temperature for p in plain])
-        assert all(torch.equal(a, b) for a, b in zip(fused, expected))
+        seeded = [SamplingParams(temperature=1.0, seed=11), *plain[1:]]
+        positions = [3, 4, 5, 6]
+        for params in (plain, seeded):  # seeded rows take the fused kernels too
+            torch.manual_seed(7)
+            fused = sample_tokens(logits, params, positions)
+            torch.manual_seed(7)
+            expected = sampling_kernel.sample(logits, [p.temperature for p in params], [p.seed for p in params],
+                                              positions)
+            assert all(torch.equal(a, b) for a, b in zip(fused, expected))
         truncated = [SamplingParams(temperature=0.9, top_p=0.9), *plain[1:]]
-        seeded = [torch.Generator(DEVICE).manual_seed(11), None, None, None]
-        for params, generators in ((truncated, [None] * 4), (plain, seeded)):
-            torch.manual_seed(7)
-            got = sample_tokens(logits, params, generators)
-            torch.manual_seed(7)
-            if generators[0] is not None:
-                generators = [torch.Generator(DEVICE).manual_seed(11), None, None, None]
-            want = sample_tokens_torch(logits, params, generators)
-            assert all(torch.equal(a, b) for a, b in zip(got, want))
+        torch.manual_seed(7)
+        got = sample_tokens(logits, truncated, positions)
+        torch.manual_seed(7)
+        want = sample_tokens_torch(logits, truncated, positions)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_fusable_only_without_truncation_or_own_generator():
-    generator = torch.Generator()
-    assert fusable([SamplingParams(), SamplingParams(temperature=0.0)], [None, None])
-    assert fusable([SamplingParams(temperature=0.0)], [generator])  # a greedy row never reads its generator
-    assert not fusable([SamplingParams(), SamplingParams()], [None, generator])
-    assert not fusable([SamplingParams(top_k=20)], [None])
-    assert not fusable([SamplingParams(top_p=0.95)], [None])
-    assert not fusable([SamplingParams(min_p=0.05)], [None])
-    assert not fusable([], [])
+def test_fusable_only_without_truncation():
+    assert fusable([SamplingParams(), SamplingParams(temperature=0.0)])
+    assert fusable([SamplingParams(seed=3), SamplingParams()])  # seeded rows: Philox keyed by seed and position
+    assert not fusable([SamplingParams(top_k=20)])
+    assert not fusable([SamplingParams(top_p=0.95)])
+    assert not fusable([SamplingParams(min_p=0.05)])
+    assert not fusable([])
 
 
 @pytest.mark.skipif(INTERPRET or torch.cuda.is_available(), reason="the kernel tests run in this process")

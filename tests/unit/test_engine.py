@@ -14,7 +14,7 @@ from sluice.config import EngineConfig
 from sluice.engine.clients.in_process import InProcessClient
 from sluice.engine.clients.protocol import FinishReason, GenerateRequest
 from sluice.engine.local_engine import LocalEngine
-from sluice.engine.sampler import sample_tokens
+from sluice.engine.sampler import noise_key, sample_tokens, seeded_noise
 from sluice.types import SamplingParams
 
 from helpers.reference import hf_greedy, hf_logprobs
@@ -296,7 +296,7 @@ def draw(params: SamplingParams, num: int = 2000, seed: int = 0) -> tuple[torch.
     returns the token frequencies and the set of logprobs reported."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        tokens, logprobs = sample_tokens(LOGITS[None, :].repeat(num, 1), [params] * num, [None] * num)
+        tokens, logprobs = sample_tokens(LOGITS[None, :].repeat(num, 1), [params] * num, [0] * num)
     freq = torch.bincount(tokens, minlength=len(PROBS)).float() / num
     return freq, {round(v, 5) for v in logprobs.tolist()}
 
@@ -325,8 +325,7 @@ def test_sampler_without_truncation_reaches_every_token_and_temperature_scales_l
     freq, _ = draw(SamplingParams(), num=3000)
     assert (freq > 0).all()
     assert freq.tolist() == pytest.approx(PROBS, abs=0.03)
-    token, logprob = sample_tokens(LOGITS[None, :], [SamplingParams(temperature=0.5)],
-                                   [torch.Generator().manual_seed(0)])
+    token, logprob = sample_tokens(LOGITS[None, :], [SamplingParams(temperature=0.5, seed=0)], [0])
     expected = torch.log_softmax(LOGITS / 0.5, dim=-1)[token.item()].item()
     assert logprob.item() == pytest.approx(expected, abs=1e-6)
 
@@ -335,9 +334,8 @@ def test_sampler_rows_use_their_own_settings():
     logits = LOGITS[None, :].repeat(3, 1)
     params = [SamplingParams(temperature=0.0), SamplingParams(top_k=1, seed=1), SamplingParams(top_p=0.75)]
     seen_row2 = set()
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        tokens, logprobs = sample_tokens(logits, params, [None, generator, None])
+    for position in range(200):
+        tokens, logprobs = sample_tokens(logits, params, [position] * 3)
         assert tokens[0].item() == 0 and tokens[1].item() == 0
         assert logprobs[0].item() == pytest.approx(math.log(0.5), abs=1e-6)
         seen_row2.add(tokens[2].item())
@@ -348,9 +346,44 @@ def test_greedy_rows_draw_no_random_numbers():
     """Evaluation (greedy) between rollouts must not shift the random stream that sampling uses."""
     logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(123)
-    tokens, logprobs = sample_tokens(logits, [SamplingParams(temperature=0.0)] * 3, [None] * 3)
+    tokens, logprobs = sample_tokens(logits, [SamplingParams(temperature=0.0)] * 3, [0] * 3)
     after_greedy = torch.rand(4)
     torch.manual_seed(123)
     assert torch.equal(after_greedy, torch.rand(4))
     assert torch.equal(tokens, logits.argmax(dim=-1))
     assert torch.allclose(logprobs, torch.log_softmax(logits, dim=-1).max(dim=-1).values)
+
+
+def test_seeded_row_draws_by_seed_and_position_whatever_the_batch():
+    """A seeded row's token is a function of (logits, seed, position): the other rows, its row index and the
+    shared stream do not matter. Uniform logits over 4096 tokens: any change of noise changes the token."""
+    logits = torch.zeros(4, 4096)
+    alone, _ = sample_tokens(logits[:1], [SamplingParams(seed=11)], [30])
+    torch.manual_seed(0)
+    params = [SamplingParams(temperature=0.7), SamplingParams(seed=5), SamplingParams(top_k=50, seed=3),
+              SamplingParams(seed=11)]
+    mixed, _ = sample_tokens(logits, params, [2, 30, 30, 30])
+    torch.manual_seed(1)
+    again, _ = sample_tokens(logits[:2], [SamplingParams(seed=11), SamplingParams(temperature=1.0)], [30, 30])
+    assert mixed[3] == alone[0] and again[0] == alone[0]
+    assert mixed[1] != alone[0]  # another seed at the same position
+    later, _ = sample_tokens(logits[:1], [SamplingParams(seed=11)], [31])
+    assert later[0] != alone[0]  # the same seed at the next position
+
+
+def test_seeded_noise_differs_by_position_and_seed_and_is_exponential():
+    noise = seeded_noise([11, 11, 12], [30, 31, 30], 20000, torch.device("cpu"))
+    assert torch.equal(noise[0], seeded_noise([11], [30], 20000, torch.device("cpu"))[0])
+    assert abs(torch.corrcoef(noise)[0, 1]) < 0.05 and abs(torch.corrcoef(noise)[0, 2]) < 0.05
+    assert noise.mean().item() == pytest.approx(1.0, abs=0.02)  # Exp(1): mean 1, variance 1
+    assert noise.var().item() == pytest.approx(1.0, abs=0.05)
+    assert noise_key(11, 30) != noise_key(11, 31) != noise_key(12, 30)
+    assert 0 <= noise_key(-5, 2**40) < 2**64  # any Python int seed maps into the generator's range
+
+
+def test_seeded_sampling_follows_the_distribution():
+    """Seeded rows over many positions draw from softmax(logits / T) like the shared stream does."""
+    num = 3000
+    tokens, _ = sample_tokens(LOGITS[None, :].repeat(num, 1), [SamplingParams(seed=4)] * num, list(range(num)))
+    freq = torch.bincount(tokens, minlength=len(PROBS)).float() / num
+    assert freq.tolist() == pytest.approx(PROBS, abs=0.03)

@@ -185,7 +185,7 @@ def test_reference_paged_attention_equals_per_sequence_attention():
 # ------------------------------------------------------------------------------------ block manager
 def make_seq(tokens: list[int], rid: str = "r") -> Sequence:
     request = GenerateRequest(tokens, greedy(4), rid=rid)
-    return Sequence(request, lambda r: None, None, None, list(tokens), len(tokens))
+    return Sequence(request, lambda r: None, None, list(tokens), len(tokens))
 
 
 def test_block_manager_shares_revives_and_evicts_cached_pages():

@@ -21,6 +21,7 @@ from sluice.rollout.finish import scalar_rewards
 from sluice.rollout.manager import RolloutManager
 from sluice.rollout.metrics import rollout_metrics
 from sluice.rollout.multi_turn import generate_with_tools
+from sluice.rollout.seeds import turn_seed
 from sluice.rollout.tools import load_tools
 from sluice.types import Sample, SamplingParams, Status
 
@@ -38,7 +39,7 @@ def tool_tokenizer(tmp_path_factory):
 
 
 def run_conversation(tokenizer, texts: list[str], user: str = "34+58=", max_new_tokens: int = 400,
-                     max_turns: int = 4):
+                     max_turns: int = 4, seed: int | None = None):
     tools = load_tools([CALCULATOR])
     kwargs = {"tools": tools.schemas()}
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
@@ -46,7 +47,7 @@ def run_conversation(tokenizer, texts: list[str], user: str = "34+58=", max_new_
     sample = Sample(prompt=user, prompt_tokens=tokenizer.encode(prompt, add_special_tokens=False), index=5)
     client = ScriptedClient(tokenizer, texts)
     ctx = GenerateContext(client, tokenizer, tools=tools, max_turns=max_turns, chat_template_kwargs=kwargs)
-    out = asyncio.run(generate_with_tools(sample, SamplingParams(max_new_tokens=max_new_tokens), ctx))
+    out = asyncio.run(generate_with_tools(sample, SamplingParams(max_new_tokens=max_new_tokens, seed=seed), ctx))
     return out, client, kwargs
 
 
@@ -78,6 +79,15 @@ def test_tokens_and_loss_mask_equal_the_chat_template_of_the_conversation(tool_t
     assert client.requests[-1].input_ids == out.tokens[: len(client.requests[-1].input_ids)]
     assert out.weight_versions == [7, 7, 7]
     assert out.metadata["metrics"] == {"tool_calls": 3.0, "used_tool": 1.0, "tool_errors": 0.0, "turns": 3.0}
+
+
+def test_each_turn_draws_with_its_own_seed(tool_tokenizer):
+    """Turn 0 keeps the sample's seed (as a single-turn call would), later turns derive theirs (rollout/seeds.py)."""
+    _, client, _ = run_conversation(tool_tokenizer, [call("34+58"), call("92-58"), "92"], seed=99)
+    seeds = [r.sampling_params.seed for r in client.requests]
+    assert seeds == [99, turn_seed(99, 1), turn_seed(99, 2)] and len(set(seeds)) == 3
+    _, unseeded, _ = run_conversation(tool_tokenizer, [call("34+58"), "92"])
+    assert [r.sampling_params.seed for r in unseeded.requests] == [None, None]
 
 
 def test_tool_errors_are_the_models_observation(tool_tokenizer):

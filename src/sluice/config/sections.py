@@ -63,7 +63,9 @@ class DataConfig:
     apply_chat_template_kwargs: dict[str, Any] = field(default_factory=dict, metadata=meta(
         "Extra keyword arguments for the chat template, as JSON (e.g. '{\"enable_thinking\": false}')."))
     rollout_shuffle: bool = field(default=False, metadata=meta("Shuffle prompts each epoch (seeded by --rollout-seed)."))
-    rollout_seed: int = field(default=42, metadata=meta("Seed of the prompt shuffle and of sampling."))
+    rollout_seed: int = field(default=42, metadata=meta(
+        "Seed of the prompt shuffle and of sampling: every rollout and eval request carries a seed derived from it "
+        "and its sample (docs/reproducibility.md)."))
     rollout_max_prompt_len: int | None = field(default=None, metadata=meta(
         "Drop prompts longer than this many tokens (the count dropped is reported)."))
     data_source_path: str | None = field(default=None, metadata=meta(

@@ -134,12 +134,12 @@ class LocalEngine:
         if not 0 <= request.top_logprobs_num <= vocab:
             raise ValueError(f"top_logprobs_num must lie in [0, {vocab}] (the vocabulary size); "
                              f"got {request.top_logprobs_num}")
+        seed = request.sampling_params.seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):  # the sampler hashes it
+            raise ValueError(f"sampling_params.seed must be an int or None; got {type(seed).__name__} {seed!r}")
         if self.tokenizer is None and request.sampling_params.stop:
             raise ValueError("stop strings need a tokenizer; this engine runs with --sglang-skip-tokenizer-init")
-        generator = None
-        if request.sampling_params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(request.sampling_params.seed))
-        seq = Sequence(request, on_done, on_update, generator, prompt, len(prompt))
+        seq = Sequence(request, on_done, on_update, prompt, len(prompt))
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is shut down")
@@ -348,14 +348,14 @@ class LocalEngine:
         for seq, count in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += count
         seqs = [batch.seqs[i] for i in rows]
-        readback, positions = None, []
+        readback = None
+        positions = [len(seq.token_ids) for seq in seqs]  # of the tokens drawn now: a seeded row's noise keys on it
         if seqs:
             params = [s.request.sampling_params for s in seqs]
-            token_t, logprob_t = sample_tokens(logits, params, [s.generator for s in seqs])
+            token_t, logprob_t = sample_tokens(logits, params, positions)
             top = top_logprobs(logits, params, [s.request.top_logprobs_num for s in seqs])
             readback = self.runner.remember(seqs, token_t, logprob_t, top)
             for seq in seqs:
-                positions.append(len(seq.token_ids))
                 seq.token_ids.append(PENDING_TOKEN)
                 num_output = len(seq.token_ids) - seq.num_prompt_tokens
                 seq.finishing = (num_output >= seq.request.sampling_params.max_new_tokens

@@ -107,7 +107,7 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Compile now what the first steps would compile while serving (GPU): the prefill and eager-decode
         kernels, the compiled small ops at token counts above one, and the sampling kernels at each of their work
-        splits, for greedy, sampling and mixed-temperature batches.
+        splits, for greedy, sampling and mixed-temperature batches, with and without seeded rows.
 
         The synthetic steps write K/V only to the scratch page's first slot and read only the scratch page."""
         from sluice.engine import sampling_kernel  # Triton: CUDA only
@@ -135,6 +135,8 @@ class ModelRunner:
         for tiles_per_chunk in (1, 2, 4, 8):
             for temperatures in ([0.0] * 4, [1.0] * 4, [0.0, 1.0, 0.5, 1.0]):
                 sampling_kernel.sample(logits, temperatures, tiles_per_chunk=tiles_per_chunk)
+                # rows with seeds (every rollout request of a run) read per-row keys: another variant
+                sampling_kernel.sample(logits, temperatures, [1, None, 2, 3], [0] * 4, tiles_per_chunk=tiles_per_chunk)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -1,8 +1,8 @@
 """Fused sampling in Triton: one pass over the logits draws a token per row and its logprob.
 
 Same convention as ``sampler.sample_tokens``: logprob = log_softmax(logits / T) of the drawn token, greedy
-rows (T = 0) take the argmax and a logprob at T = 1. No truncation (top-k / top-p / min-p) and no per-request
-generator: the sampler keeps its torch path for those.
+rows (T = 0) take the argmax and a logprob at T = 1. No truncation (top-k / top-p / min-p): the sampler keeps
+its torch path for those.
 
 Kernel 1, grid (rows, chunks). Each program reads ``tiles_per_chunk`` tiles of ``TILE`` logits of one row
 (bf16, fp16 or fp32, widened in registers: no fp32 copy of the batch), scales them by 1/T and keeps, for its
@@ -12,12 +12,16 @@ compare without a shared reference max. Kernel 2, one program per row, merges th
 row, the chunk whose winner scores highest, and logprob = x[token] / T - lse from one reload of the logit.
 Nothing is read back to the host, so a step stays free of syncs.
 
-Randomness: Philox4x32-10 (``tl.randint4x``) keyed by a 64-bit seed drawn per call from torch's default
-generator of the logits' device (on the device, ``torch.randint``: no sync), so ``torch.manual_seed`` makes
-runs repeat and consecutive calls use independent streams. The counter is (group of four vocabulary entries,
-row): unique within a call, and each Philox call feeds four entries (one 32-bit word each), a quarter of the
-integer work of one call per entry. A batch of only greedy rows draws no seed and computes no noise, so
-evaluations never shift the sampling stream (as on the torch path).
+Randomness: Philox4x32-10 (``tl.randint4x``), a counter-based generator: the noise of an entry is a pure
+function of (key, counter). The counter is (stream, group of four vocabulary entries): each Philox call feeds
+four entries (one 32-bit word each), a quarter of the integer work of one call per entry. A row with a seed
+(``SamplingParams.seed``) is keyed by its seed and its stream is the position of the token it draws, so its
+noise depends on nothing else: not on the other rows of the batch, not on the call, not on an abort before
+(see sampler.py). The other rows share a 64-bit key drawn per call from torch's default generator of the
+logits' device (on the device, ``torch.randint``: no sync), their stream the row: ``torch.manual_seed`` makes
+them repeat and consecutive calls use independent streams. A batch whose sampling rows all have seeds draws no
+key, nor does a batch of only greedy rows (which computes no noise at all), so evaluations never shift the
+shared stream (as on the torch path).
 
 Numerical care. A 32-bit word w maps to eps = (w + 0.5) / 2**32 in (0, 1), never 0, clamped below 1 (fp32
 rounds the top words up to 1.0), and E = -log1p(-eps): a series for small eps, where 1 - eps would round away
@@ -46,11 +50,14 @@ _SEED_BOUND = 2**62
 
 
 def sample(
-    logits: torch.Tensor, temperatures: list[float], tiles_per_chunk: int | None = None, tile: int = TILE
+    logits: torch.Tensor, temperatures: list[float], seeds: list[int | None] | None = None,
+    positions: list[int] | None = None, tiles_per_chunk: int | None = None, tile: int = TILE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] (any float dtype), one temperature per row (0: greedy) -> (tokens [B] int64, logprobs [B] fp32).
 
-    ``tiles_per_chunk`` and ``tile`` (a power of two >= 4) fix the work split; the defaults suit a GPU.
+    ``seeds`` (None entries: the shared stream) and ``positions`` (the index in its sequence of the token each
+    row draws) key a row's noise; both or neither. ``tiles_per_chunk`` and ``tile`` (a power of two >= 4) fix
+    the work split; the defaults suit a GPU.
     """
     num_rows, vocab_size = logits.shape
     if logits.stride(1) != 1:
@@ -62,16 +69,19 @@ def sample(
     per_row = len(set(temperatures)) > 1
     # pinned and asynchronous: a pageable copy would wait for the step before it (the engine overlaps steps)
     row_temperatures = to_device(temperatures, torch.float32, device) if per_row else logits  # unread unless per_row
-    sampled = any(t > 0 for t in temperatures)
-    seed = draw_seed(device) if sampled else logits  # unread when no row samples
+    sampled = [t > 0 for t in temperatures]
+    seeded = [s is not None and on for s, on in zip(seeds or [None] * num_rows, sampled, strict=True)]
+    row_keys = _row_keys(seeds, positions, seeded, device) if any(seeded) else logits  # unread unless SEEDED_ROWS
+    shared_key = draw_seed(device) if any(on and not own for on, own in zip(sampled, seeded)) else row_keys
     # Three allocations, not views of one: Triton specialises pointer arguments on 16-byte alignment, and views at
     # offsets of num_rows * num_chunks floats would compile a new kernel variant for some batch sizes mid-run.
     partial = [torch.empty(num_rows, num_chunks, dtype=torch.float32, device=device) for _ in range(3)]
     chunk_token = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=device)
     _chunk_kernel[(num_rows, num_chunks)](
-        logits, logits.stride(0), vocab_size, row_temperatures, float(temperatures[0]), seed,
+        logits, logits.stride(0), vocab_size, row_temperatures, float(temperatures[0]), shared_key, row_keys,
         partial[0], partial[1], partial[2], chunk_token, num_chunks,
-        PER_ROW_TEMPERATURE=per_row, SAMPLE=sampled, TILE=tile, TILES_PER_CHUNK=tiles_per_chunk, num_warps=4,
+        PER_ROW_TEMPERATURE=per_row, SAMPLE=any(sampled), SEEDED_ROWS=any(seeded), TILE=tile,
+        TILES_PER_CHUNK=tiles_per_chunk, num_warps=4,
     )
     tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
     logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
@@ -84,8 +94,25 @@ def sample(
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:
-    """The call's Philox key [1] int64, from torch's default generator of ``device``, drawn there (no sync)."""
+    """The call's shared Philox key [1] int64, from torch's default generator of ``device``, drawn there (no sync)."""
     return torch.randint(_SEED_BOUND, (1,), device=device)
+
+
+def _row_keys(seeds: list[int | None] | None, positions: list[int] | None, seeded: list[bool],
+              device: torch.device) -> torch.Tensor:
+    """[B, 3] int64 on ``device``, one copy: each row's key (its seed as 64 bits), its stream (the position)
+    and whether it is seeded. Row-major, so the kernel needs no row count (an int argument Triton would
+    specialise on: batches of 1 or of a multiple of 16 rows would compile other variants mid-run)."""
+    if seeds is None or positions is None or len(positions) != len(seeds):
+        raise ValueError("sampling_kernel.sample: seeded rows need one position per row")
+    rows = [[_as_int64(s) if on else 0, p, int(on)] for s, p, on in zip(seeds, positions, seeded)]
+    return to_device(rows, torch.int64, device)
+
+
+def _as_int64(seed: int) -> int:
+    """A seed's low 64 bits as a signed int64 (the kernel reads the bits back as Philox's two 32-bit key words)."""
+    bits = seed & (2**64 - 1)
+    return bits - 2**64 if bits >= 2**63 else bits
 
 
 def _tiles_per_chunk(num_rows: int, vocab_size: int, tile: int, device: torch.device) -> int:
@@ -107,12 +134,15 @@ def _num_sms(device_index: int) -> int:
 
 @triton.jit
 def _chunk_kernel(
-    logits_ptr, row_stride, vocab_size, temperatures_ptr, temperature, seed_ptr,
+    logits_ptr, row_stride, vocab_size, temperatures_ptr, temperature, shared_key_ptr, row_keys_ptr,
     chunk_max_ptr, chunk_sum_ptr, chunk_score_ptr, chunk_token_ptr, num_chunks,
-    PER_ROW_TEMPERATURE: tl.constexpr, SAMPLE: tl.constexpr, TILE: tl.constexpr, TILES_PER_CHUNK: tl.constexpr,
+    PER_ROW_TEMPERATURE: tl.constexpr, SAMPLE: tl.constexpr, SEEDED_ROWS: tl.constexpr, TILE: tl.constexpr,
+    TILES_PER_CHUNK: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
+    if SAMPLE:
+        key, stream = noise_key(shared_key_ptr, row_keys_ptr, row, SEEDED_ROWS)
     if PER_ROW_TEMPERATURE:
         temperature = tl.load(temperatures_ptr + row)
     greedy = temperature <= 0
@@ -134,7 +164,7 @@ def _chunk_kernel(
         run_max = new_max
         score = y
         if SAMPLE:
-            gumbel = gumbel_noise(seed_ptr, row, start, TILE)
+            gumbel = gumbel_noise(key, stream, start, TILE)
             score = tl.where(greedy, y, y + gumbel)
         tile_best, tile_arg = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best > best_score  # strict: an earlier tile keeps a tie, as torch.argmax does
@@ -148,14 +178,26 @@ def _chunk_kernel(
 
 
 @triton.jit
-def gumbel_noise(seed_ptr, row, start, TILE: tl.constexpr):
-    """Gumbel noise g = -log(E), E ~ Exp(1), for vocabulary entries start .. start + TILE - 1 of a row.
+def noise_key(shared_key_ptr, row_keys_ptr, row, SEEDED_ROWS: tl.constexpr):
+    """(Philox key, stream) of a row: its seed and position if it has a seed, else the call's key and the row."""
+    key = tl.load(shared_key_ptr)
+    stream = row.to(tl.int64)
+    if SEEDED_ROWS:
+        entry = row_keys_ptr + 3 * row.to(tl.int64)
+        seeded = tl.load(entry + 2) != 0
+        key = tl.where(seeded, tl.load(entry), key)
+        stream = tl.where(seeded, tl.load(entry + 1), stream)
+    return key, stream
 
-    Entry e takes word e % 4 of the Philox call at counter (e // 4, row): the noise of an entry does not
-    depend on the tile size (``start`` must be a multiple of 4)."""
-    seed = tl.load(seed_ptr)
-    counter = (row.to(tl.int64) << 32) | (start // 4 + tl.arange(0, TILE // 4))
-    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+
+@triton.jit
+def gumbel_noise(key, stream, start, TILE: tl.constexpr):
+    """Gumbel noise g = -log(E), E ~ Exp(1), for vocabulary entries start .. start + TILE - 1 of a stream.
+
+    Entry e takes word e % 4 of the Philox call at counter (stream, e // 4) under ``key``: the noise of an
+    entry does not depend on the tile size (``start`` must be a multiple of 4). Streams below 2**32."""
+    counter = (stream.to(tl.int64) << 32) | (start // 4 + tl.arange(0, TILE // 4))
+    w0, w1, w2, w3 = tl.randint4x(key, counter)
     words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3)).to(tl.uint32, bitcast=True)
     eps = (words.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # (w + 1/2) / 2**32
     eps = tl.minimum(eps, 0.99999994)  # the largest fp32 below 1: the top words round to 1.0

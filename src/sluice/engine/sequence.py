@@ -6,8 +6,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
 from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult, TopLogprobs
 
 # Stands in token_ids for a token sampled by a step whose results are not back yet (the overlapped GPU path
@@ -30,7 +28,6 @@ class Sequence:
     request: GenerateRequest
     on_done: OnDone
     on_update: OnUpdate | None
-    generator: torch.Generator | None
     token_ids: list[int]  # prompt + generated so far
     num_prompt_tokens: int
     num_computed: int = 0  # leading tokens whose K/V are in the cache

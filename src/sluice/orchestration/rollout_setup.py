@@ -23,6 +23,7 @@ from sluice.rollout.gateway import AgentGateway
 from sluice.rollout.generate import GenerateContext, generate_single_turn
 from sluice.rollout.manager import RolloutManager
 from sluice.rollout.multi_turn import generate_with_tools
+from sluice.rollout.seeds import RolloutSeeds
 
 
 def prompt_data_config(config: Config, hooks: Hooks) -> DataConfig:
@@ -62,6 +63,7 @@ def build_rollout(config: Config, hooks: Hooks, client: EngineClient, tokenizer:
                                    reward.overlong_penalty_factor)
     manager = RolloutManager(ctx, hooks.reward, max_concurrency=config.rollout.rollout_max_concurrency,
                              generate_fn=generate_fn, reward_key=reward.reward_key, overlong=overlong,
-                             group_reward_fn=hooks.group_reward, reward_timeout_s=reward.reward_timeout or None)
+                             group_reward_fn=hooks.group_reward, reward_timeout_s=reward.reward_timeout or None,
+                             seeds=RolloutSeeds(config.data.rollout_seed))
     return manager, gateway
 

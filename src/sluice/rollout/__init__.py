@@ -18,6 +18,7 @@ _EXPORTS = {
     "ToolBox": "sluice.rollout.tools",
     "generate_single_turn": "sluice.rollout.generate",
     "generate_with_tools": "sluice.rollout.multi_turn",
+    "turn_seed": "sluice.rollout.seeds",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -28,6 +28,7 @@ from sluice.rollout.dynamic_sampling import GroupFilter, SamplingOutcome, sample
 from sluice.rollout.finish import BatchFinisher, FinishedBatch, MemoryGuard
 from sluice.rollout.manager import RolloutManager
 from sluice.rollout.sampling import sampling_params
+from sluice.rollout.seeds import TRAIN_STREAM
 from sluice.rollout.step import RolloutFn, RolloutRequest
 from sluice.rollout.streaming import StreamingRollout
 from sluice.types import SampleGroup, Status
@@ -70,6 +71,9 @@ class RolloutBatches:
             request = RolloutRequest(rollout_id, rollout.rollout_batch_size, rollout.n_samples_per_prompt,
                                      sampling_params(rollout), first_index, self.buffer, manager)
             if self.rollout_fn is not None:
+                # a rollout function may generate more samples than a step holds (from first_index on): seeds of
+                # their own per step keep them apart from the next step's
+                request.manager = manager.seeded_as(f"{TRAIN_STREAM}/rollout-function/{rollout_id}")
                 output = self.loop.run_until_complete(self.rollout_fn(request))
                 groups, step_metrics = output.groups, dict(output.metrics)
             elif rollout.dynamic_sampling:

@@ -22,6 +22,7 @@ from typing import Any
 from sluice.data import PromptSource
 from sluice.plugins import Contract, load_plugin
 from sluice.rollout.manager import RolloutManager
+from sluice.rollout.seeds import TRAIN_STREAM
 from sluice.types import Sample, SampleGroup, SamplingParams
 
 GroupFilter = Callable[[list[Sample]], bool]
@@ -78,7 +79,9 @@ async def sample_filtered_groups(
     while len(kept) < target and num_rounds < max_rounds:
         prompts = source.next_batch(over_sampling_batch_size)
         finished: list[SampleGroup] = []
-        async with contextlib.aclosing(manager.stream_groups(prompts, n_samples, sampling_params)) as stream:
+        # each round numbers its samples from 0: a stream of seeds per step and round keeps their noise apart
+        round_manager = manager.seeded_as(f"{TRAIN_STREAM}/dynamic/{first_index}/{num_rounds}")
+        async with contextlib.aclosing(round_manager.stream_groups(prompts, n_samples, sampling_params)) as stream:
             async for group in stream:
                 finished.append(group)
                 if group_filter is None or group_filter(group.samples):

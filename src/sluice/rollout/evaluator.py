@@ -38,14 +38,14 @@ class Evaluator:
         """``evaluate`` on the running event loop (the async loop's: its engine clients stay on one loop)."""
         if self.evaluate_fn is not None:
             request = EvalRequest(step, self.eval_sets, self.eval.n_samples_per_eval_prompt,
-                                  sampling_params(self.rollout, self.eval), self.manager, self.source,
-                                  self.eval.eval_accuracy_threshold)
+                                  sampling_params(self.rollout, self.eval), self.manager.seeded_as("eval"),
+                                  self.source, self.eval.eval_accuracy_threshold)
             return await self.evaluate_fn(request)
         out: dict[str, float] = {}
         num_tokens = 0
         for name, samples in self.eval_sets.items():
             with self.memory.explain("eval"):
-                groups = await self.manager.generate_groups(
+                groups = await self.manager.seeded_as(f"eval/{name}").generate_groups(
                     samples, self.eval.n_samples_per_eval_prompt, sampling_params(self.rollout, self.eval),
                     shape_rewards=False)
             self.memory.check_engines(groups)

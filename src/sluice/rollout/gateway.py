@@ -41,6 +41,7 @@ from sluice.net.body_limit import MIB, BodyLimit
 from sluice.net.http_errors import RequestError, install_error_handlers, read_body
 from sluice.net.listener import bind_listener, start_in_thread
 from sluice.rollout.chat_turns import continuation_ids
+from sluice.rollout.seeds import turn_seed
 from sluice.rollout.sessions import Session, SessionTable, Turn, continued_turn, current_segment
 from sluice.rollout.tool_calls import parse_tool_calls
 from sluice.types import SamplingParams
@@ -182,8 +183,11 @@ class AgentGateway:
                                            "length is used up")
         wanted = body.max_completion_tokens or body.max_tokens or room
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        # one seed per completion of the session (the sample's seed derived by turn): an agent's re-rendered history
+        # may put a later turn at the positions of an earlier one
+        seed = turn_seed(session.sampling_params.seed, len(session.turns))
         params = dataclasses.replace(session.sampling_params, max_new_tokens=min(wanted, room),
-                                     stop=list(session.sampling_params.stop) + stop)
+                                     stop=list(session.sampling_params.stop) + stop, seed=seed)
         request = GenerateRequest(prompt_ids, params, return_logprob=True, group_key=f"session-{session.id}")
         if not self.sessions.track(session, request.rid):
             raise RequestError("", f"session {session.id!r} closed (the sample's rollout is over)", status=404)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from sluice.engine.clients.protocol import EngineUnavailable
 from sluice.rewards import GroupRewardFn, RewardFn, score_group, score_sample
 from sluice.rewards.overlong import OverlongShaping
 from sluice.rollout.generate import GenerateContext, generate_single_turn
+from sluice.rollout.seeds import RolloutSeeds
 from sluice.types import Sample, SampleGroup, SamplingParams, Status
 
 MAX_ENGINE_LOSSES = 3  # a sample whose engine is lost more often than this fails (and counts against the run)
@@ -49,6 +51,9 @@ class RolloutManager:
     reward_timeout_s: float | None = None  # per reward call; None: no limit
     # called when a request lost its engine (a dead or hung process); the sample is then generated again
     recover_engines: Callable[[], Awaitable[None]] | None = None
+    # --rollout-seed: every sample's requests carry a seed derived from it and Sample.index (seeds.py); None: the
+    # requests carry the seed of the sampling params they are given, if any
+    seeds: RolloutSeeds | None = None
 
     async def generate_groups(
         self, prompts: list[Sample], n_samples: int, sampling_params: SamplingParams, first_index: int = 0,
@@ -109,6 +114,10 @@ class RolloutManager:
         await self._finish_group(samples, shape_rewards, gates)
         return group
 
+    def seeded_as(self, stream: str) -> RolloutManager:
+        """This manager with request seeds from another stream (seeds.py): evaluation, dynamic sampling rounds."""
+        return dataclasses.replace(self, seeds=self.seeds.within(stream)) if self.seeds is not None else self
+
     def new_gates(self) -> _Gates:
         """Concurrency bounds to share between continue_group calls (create on the event loop that uses them)."""
         return self._gates()
@@ -142,6 +151,8 @@ class RolloutManager:
 
     async def _sample(self, sample: Sample, params: SamplingParams, gates: _Gates,
                       score_aborted: bool = True) -> list[Sample]:
+        if self.seeds is not None:  # a pure function of the sample: the same after a requeue, retry or resume
+            params = self.seeds.params_for(params, sample.index)
         async with gates.generate:
             losses = 0
             while True:

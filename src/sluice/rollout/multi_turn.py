@@ -20,6 +20,7 @@ import dataclasses
 from sluice.engine.clients.protocol import GenerateRequest
 from sluice.rollout.chat_turns import continuation_ids
 from sluice.rollout.generate import SAMPLE_METRICS_KEY, STATUS_OF_FINISH, GenerateContext
+from sluice.rollout.seeds import turn_seed
 from sluice.rollout.tool_calls import parse_tool_calls
 from sluice.types import Sample, SamplingParams, Status
 
@@ -38,8 +39,8 @@ async def generate_with_tools(sample: Sample, sampling_params: SamplingParams, c
         if room <= 0:
             status = Status.TRUNCATED
             break
-        request = GenerateRequest(list(tokens), dataclasses.replace(sampling_params, max_new_tokens=room),
-                                  group_key=f"conversation-{sample.index}")
+        params = dataclasses.replace(sampling_params, max_new_tokens=room, seed=turn_seed(sampling_params.seed, turn))
+        request = GenerateRequest(list(tokens), params, group_key=f"conversation-{sample.index}")
         result = await ctx.client.generate(request)
         tokens += result.output_ids
         mask += [1] * len(result.output_ids)
