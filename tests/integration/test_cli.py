@@ -154,3 +154,36 @@ def test_rollout_batch_larger_than_the_data_is_a_warning_naming_both_numbers(tin
             "prompt about 2 times; lower --rollout-batch-size to at most 1") in capsys.readouterr().out
     assert main(train_flags(tiny_checkpoint, write_data(tmp_path / "two.jsonl", rows=2), tmp_path / "run2")) == 0
     assert "warning: --rollout-batch-size" not in capsys.readouterr().out
+
+
+def test_a_prompt_too_long_for_the_context_fails_at_load_naming_file_and_line(tiny_checkpoint, tmp_path, capsys):
+    with open(f"{tiny_checkpoint}/config.json") as handle:
+        context = json.load(handle)["max_position_embeddings"]
+    data = write_data(tmp_path / "prompts.jsonl", rows=3)
+    with data.open("a") as handle:  # the demo tokenizer: one token per character
+        handle.write(json.dumps({"input": "x" * (context - 1), "label": "0"}) + "\n")
+    assert main(train_flags(tiny_checkpoint, data, tmp_path / "run")) == 2  # --rollout-max-response-len 2
+    err = capsys.readouterr().err
+    assert (f"{data}:4: the prompt is {context - 1} tokens, over the {context - 2} a prompt may take (the model's "
+            f"context of {context} tokens (max_position_embeddings in {tiny_checkpoint}/config.json) minus "
+            "--rollout-max-response-len 2)") in err
+    eval_flags = ["--eval-prompt-data", "held_out", str(data), "--eval-max-response-len", "4"]
+    assert main([*train_flags(tiny_checkpoint, write_data(tmp_path / "ok.jsonl"), tmp_path / "run2"),
+                 *eval_flags]) == 2
+    assert f"{data}:4: the prompt is {context - 1} tokens" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+def test_rollout_max_prompt_len_drops_longer_prompts_with_a_warning(tiny_checkpoint, tmp_path, capsys):
+    data = write_data(tmp_path / "prompts.jsonl", rows=2)
+    with data.open("a") as handle:
+        handle.write(json.dumps({"input": "x" * 40, "label": "0"}) + "\n")
+    assert main([*train_flags(tiny_checkpoint, data, tmp_path / "run"), "--rollout-max-prompt-len", "30"]) == 0
+    assert (f"warning: {data}: dropped 1 of 3 prompts longer than --rollout-max-prompt-len 30 tokens"
+            in capsys.readouterr().out)
+    with open(f"{tiny_checkpoint}/config.json") as handle:
+        context = json.load(handle)["max_position_embeddings"]
+    limit = str(context - 1)
+    assert main([*train_flags(tiny_checkpoint, data, tmp_path / "run2"), "--rollout-max-prompt-len", limit]) == 2
+    assert (f"--rollout-max-prompt-len {limit} plus --rollout-max-response-len 2 is {context + 1} tokens, more "
+            f"than the model's context of {context}") in capsys.readouterr().err
