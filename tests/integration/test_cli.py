@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 
@@ -187,3 +189,27 @@ def test_rollout_max_prompt_len_drops_longer_prompts_with_a_warning(tiny_checkpo
     assert main([*train_flags(tiny_checkpoint, data, tmp_path / "run2"), "--rollout-max-prompt-len", limit]) == 2
     assert (f"--rollout-max-prompt-len {limit} plus --rollout-max-response-len 2 is {context + 1} tokens, more "
             f"than the model's context of {context}") in capsys.readouterr().err
+
+
+def test_a_failing_reward_logs_its_traceback_once_and_a_count_per_step(tiny_checkpoint, tmp_path, caplog,
+                                                                       monkeypatch):
+    (tmp_path / "picky_reward.py").write_text(
+        "def score(sample):\n"
+        "    if sample.prompt == 'say 1':\n"
+        "        raise ValueError('no answer key for ' + sample.prompt)\n"
+        "    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = train_flags(tiny_checkpoint, write_data(tmp_path / "prompts.jsonl", rows=2), tmp_path / "run")
+    index = argv.index("--rm-type")
+    argv = argv[:index] + argv[index + 2:] + ["--custom-rm-path", "picky_reward.score",
+                                              "--max-failed-sample-ratio", "0.5"]
+    with caplog.at_level(logging.WARNING, logger="sluice.rollout"):
+        assert main(argv) == 0
+    text = caplog.text
+    assert text.count("Traceback (most recent call last)") == 1
+    assert f'File "{tmp_path / "picky_reward.py"}", line 3, in score' in text
+    assert "ValueError: no answer key for say 1" in text
+    # the group numbers are the buffer's: prompt "say 1" is the second group handed out (samples 2 and 3)
+    assert re.search(r"reward fn picky_reward\.score raised ValueError on sample [23] \(group 1\)", text)
+    assert re.search(r"reward fn picky_reward\.score raised ValueError 2 times this step "
+                     r"\(first: sample [23], group 1\)", text)

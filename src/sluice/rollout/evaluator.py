@@ -49,5 +49,6 @@ class Evaluator:
             out[f"eval/{name}/reward_mean"] = statistics.fmean(rewards)
             out[f"eval/{name}/accuracy"] = sum(r >= 1.0 for r in rewards) / len(rewards)
             num_tokens += sum(s.response_length for g in groups for s in g.samples)
+            self.manager.failures.flush(f"in eval {name}")
         out["eval/response_tokens"] = float(num_tokens)
         return out
