@@ -120,6 +120,9 @@ def _label(located: LocatedRow, config: DataConfig, text_reward: str | None) -> 
     """The row's label; a text reward (``text_reward``, its --rm-type) needs a string or number, since an object
     or array would be compared as its Python text (``"{'a': 1}"``), which a response can match exactly."""
     label = required_key(located, config.label_key, "--label-key")
+    if text_reward is not None and label is None:  # parquet's null for a row without the column, or JSON null
+        raise DataError(f"{located.where}: label {config.label_key!r} (--label-key) is null; --rm-type "
+                        f"{text_reward} compares every response with a label, so give each row one")
     if text_reward is not None and isinstance(label, (dict, list)):
         kind = "object" if isinstance(label, dict) else "array"
         raise DataError(
