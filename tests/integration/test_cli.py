@@ -213,3 +213,19 @@ def test_a_failing_reward_logs_its_traceback_once_and_a_count_per_step(tiny_chec
     assert re.search(r"reward fn picky_reward\.score raised ValueError on sample [23] \(group 1\)", text)
     assert re.search(r"reward fn picky_reward\.score raised ValueError 2 times this step "
                      r"\(first: sample [23], group 1\)", text)
+
+
+def test_a_filter_that_raises_stops_the_run_with_its_own_frames(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    (tmp_path / "broken_filter.py").write_text(
+        "def keep(group_samples):\n"
+        "    return len(group_samples) // 0 > 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = [*train_flags(tiny_checkpoint, write_data(tmp_path / "prompts.jsonl"), tmp_path / "run"),
+            "--dynamic-sampling-filter-path", "broken_filter.keep", "--over-sampling-batch-size", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert ("sluice train: error: --dynamic-sampling-filter-path broken_filter.keep raised ZeroDivisionError: "
+            "integer division or modulo by zero\nTraceback (most recent call last):\n"
+            f'  File "{tmp_path / "broken_filter.py"}", line 2, in keep\n') in err
+    assert err.rstrip().endswith("ZeroDivisionError: integer division or modulo by zero")
+    assert "sluice/rollout" not in err  # none of the rollout's own frames

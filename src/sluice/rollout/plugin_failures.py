@@ -9,19 +9,13 @@ line per (function, error type) for the step, naming how often and the first sam
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
-import threading
-import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
+from sluice.tracebacks import user_traceback
 from sluice.types import Sample
-
-_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # src/sluice: frames of ours
-_RUNTIME_DIRS = (str(Path(asyncio.__file__).parent), threading.__file__)  # the event loop and worker threads
 
 log = logging.getLogger("sluice.rollout")
 
@@ -35,19 +29,6 @@ def function_name(fn: Callable[..., Any]) -> str:
     module = getattr(target, "__module__", None)
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or type(target).__name__
     return f"{module}.{name}" if module else name
-
-
-def _is_ours(filename: str) -> bool:
-    return filename.startswith(_PACKAGE_DIR) or filename.startswith(_RUNTIME_DIRS)
-
-
-def user_traceback(error: BaseException) -> str:
-    """The traceback of ``error`` from the first frame outside sluice and asyncio on, then the error itself."""
-    frames = traceback.extract_tb(error.__traceback__)
-    first_user = next((i for i, frame in enumerate(frames) if not _is_ours(frame.filename)), len(frames))
-    shown = traceback.format_list(frames[first_user:])
-    return "".join(["Traceback (most recent call last):\n", *shown] if shown else []) + "".join(
-        traceback.format_exception_only(type(error), error)).rstrip()
 
 
 @dataclass
