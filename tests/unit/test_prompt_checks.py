@@ -98,6 +98,8 @@ def test_unknown_tokens_are_found_and_byte_level_tokenizers_are_not_checked(tmp_
     text = "what is 3 − 2 ?"
     assert check.lost_characters(text, words.encode(text)) == "−"
     assert check.lost_characters("what is 3 ?", words.encode("what is 3 ?")) == ""
+    # every character already seen in a clean prompt, but "sit" is no word of the vocabulary: [UNK], found
+    assert check.lost_characters("what is sit ?", words.encode("what is sit ?")) == "sit"
     spec = write_container("jsonl", rows_of(["what is 3 ?", text]), tmp_path)
     with pytest.raises(DataError, match=r"prompts\.jsonl:2: the tokenizer cannot represent '−'"):
         load_prompt_samples(spec, data(), words)

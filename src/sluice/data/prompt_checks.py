@@ -57,16 +57,26 @@ class CharacterCheck:
         self.allow_lossy = allow_lossy
         self.applies = can_lose_characters(tokenizer)
         self.unk_id = getattr(tokenizer, "unk_token_id", None)
+        # Characters of prompts that lost nothing. Decoding every prompt would double the load time; but whether a
+        # tokenizer without an unknown token keeps a character does not depend on its neighbours (each character
+        # must be in the vocabulary), so a prompt made only of known characters needs no decode. A word-level
+        # loss (a whole word to the unknown token) shows as the unknown token, which is looked for in every prompt.
+        self._represented: set[str] = set()
 
     def lost_characters(self, text: str, tokens: list[int]) -> str:
         """The characters of ``text`` (after the tokenizer's normalizer) missing from the decoded tokens, in order
         of first appearance; whitespace is left out, since normalizers legitimately fold it."""
         if not self.applies:
             return ""
+        has_unknown = self.unk_id is not None and self.unk_id in tokens
+        if not has_unknown and self._represented.issuperset(text):
+            return ""
         decoded = set(self.tokenizer.decode(tokens, skip_special_tokens=False))
         lost = [c for c in dict.fromkeys(self._normalized(text)) if c not in decoded and not c.isspace()]
-        if self.unk_id is not None and self.unk_id in tokens:  # "[UNK]" decodes to characters of its own
+        if has_unknown:  # "[UNK]" decodes to characters of its own
             lost += [c for c in dict.fromkeys(self._unknown_text(text)) if c not in lost and not c.isspace()]
+        if not lost:
+            self._represented.update(text)
         return "".join(lost)
 
     def _unknown_text(self, text: str) -> str:
