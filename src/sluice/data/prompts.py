@@ -171,25 +171,25 @@ def load_prompt_samples(spec: str, config: DataConfig, tokenizer: PromptTokenize
     flag_limit = config.rollout_max_prompt_len
     limit = PromptLimit.from_flag(flag_limit) if flag_limit is not None else context_limit
     characters = CharacterCheck(tokenizer, config.allow_lossy_prompts)
-    kept: list[Sample] = []
-    num_rows, shortest_dropped = 0, None
     report = LoadReport(num_rows=0, num_kept=0, num_dropped_too_long=0, max_prompt_len=flag_limit)
+    kept: list[Sample] = []
+    dropped_lens: list[int] = []
     for located in iter_located_rows(spec):
         sample = _sample_from_row(located, config, tokenizer, text_reward)
         finding = check_prompt(located.where, sample.metadata["prompt_text"], sample.prompt_tokens, limit, characters)
-        num_rows += 1
         if finding.lost_characters:
             report.num_lossy += 1
             report.first_lossy = report.first_lossy or f"{located.where} ({finding.lost_characters})"
         if finding.too_long:
-            shortest_dropped = min(shortest_dropped or len(sample.prompt_tokens), len(sample.prompt_tokens))
-            continue
-        kept.append(sample)
-    report.num_rows, report.num_kept, report.num_dropped_too_long = num_rows, len(kept), num_rows - len(kept)
+            dropped_lens.append(len(sample.prompt_tokens))
+        else:
+            kept.append(sample)
+    report.num_kept, report.num_dropped_too_long = len(kept), len(dropped_lens)
+    report.num_rows = report.num_kept + report.num_dropped_too_long
     report.longest_kept_len = max((len(s.prompt_tokens) for s in kept), default=0)
     if not kept:
         raise DataError(
-            f"{spec}: all {num_rows} prompts are longer than --rollout-max-prompt-len={flag_limit} tokens "
-            f"(the shortest has {shortest_dropped}); raise the limit"
+            f"{spec}: all {report.num_rows} prompts are longer than --rollout-max-prompt-len={flag_limit} tokens "
+            f"(the shortest has {min(dropped_lens)}); raise the limit"
         )
     return kept, report
