@@ -8,6 +8,7 @@ surfacing as a short or failed sample during the rollout.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +31,14 @@ def read_context(config: Config, checkpoint: str) -> ModelContext | None:
     multimodal config); None when neither is known, and the engine reports what it finds."""
     if config.engine.context_length is not None:
         return ModelContext(config.engine.context_length, "--sglang-context-length")
+    config_file = Path(checkpoint) / "config.json"
     try:
-        model_config = AutoConfig.from_pretrained(checkpoint)
-    except (OSError, ValueError) as error:  # an unknown model type: the engine's loader names the problem
-        raise ConfigError(f"--hf-checkpoint {checkpoint}: cannot read its config.json: {error}") from error
-    context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+        context = getattr(AutoConfig.from_pretrained(checkpoint).get_text_config(), "max_position_embeddings", None)
+    except (OSError, ValueError):  # a model type this transformers does not know: the file's own field
+        context = json.loads(config_file.read_text()).get("max_position_embeddings")
     if not isinstance(context, int):
         return None
-    return ModelContext(context, f"max_position_embeddings in {Path(checkpoint) / 'config.json'}")
+    return ModelContext(context, f"max_position_embeddings in {config_file}")
 
 
 def _response_budgets(config: Config) -> list[tuple[str, int]]:
