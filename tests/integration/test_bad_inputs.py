@@ -88,6 +88,22 @@ CONFIG_CASES = {
     "yaml_wrong_type": ("wrong.yaml", "n-samples-per-prompt: two\n",
                         [": key 'n-samples-per-prompt' (--n-samples-per-prompt): expected an integer, got 'two'"]),
     "yaml_not_mapping": ("list.yaml", "- a\n- b\n", [": expected a mapping of flag names to values, got list"]),
+    "yaml_not_utf8": ("latin1.yaml", "rollout-batch-size: 2  # café\n".encode("latin-1"),
+                      [": not valid UTF-8: byte 0xe9"]),
+}
+
+# name -> (what to do to a copy of the checkpoint, the error after "--hf-checkpoint <dir>: ")
+CHECKPOINT_CASES = {
+    "config_json_not_json": (lambda d: (d / "config.json").write_text("{nope"),
+                             "{dir}/config.json is not valid JSON (line 1, column 2)"),
+    "tokenizer_config_not_json": (lambda d: (d / "tokenizer_config.json").write_text("{nope"),
+                                  "cannot load its tokenizer: ValueError: {dir}/tokenizer_config.json: not valid JSON"),
+    "tokenizer_json_not_json": (lambda d: (d / "tokenizer.json").write_text("{nope"),
+                                "cannot load its tokenizer: Exception: key must be a string"),
+    # transformers would load the model type's tokenizer class with an empty vocabulary: every prompt -> []
+    "no_tokenizer_files": (lambda d: [(d / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")],
+                           "cannot load its tokenizer: ValueError: {dir}: the tokenizer loaded from here encodes "
+                           "'Hello world 123' to no tokens"),
 }
 
 
@@ -156,6 +172,21 @@ def test_bad_config_file_names_the_file_and_key(name, weightless_checkpoint, tmp
     rc = main(train_argv(weightless_checkpoint, good, tmp_path / "run", "--config", str(path)))
     captured = capsys.readouterr()
     assert_one_clear_error(rc, captured.out, captured.err, path, fragments)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CASES))
+def test_broken_checkpoint_files_name_the_checkpoint(name, weightless_checkpoint, tmp_path, capsys):
+    break_it, expected = CHECKPOINT_CASES[name]
+    broken = tmp_path / "checkpoint"
+    shutil.copytree(weightless_checkpoint, broken)
+    break_it(broken)
+    good = write_case(tmp_path, "good.jsonl", jsonl(GOOD_ROWS))
+    rc = main(train_argv(str(broken), good, tmp_path / "run"))
+    captured = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in captured.out + captured.err
+    message = captured.err.strip()
+    assert message.startswith(f"sluice train: error: --hf-checkpoint {broken}: {expected.format(dir=broken)}"), message
+    assert "\n" not in message
 
 
 def test_good_data_on_the_weightless_checkpoint_reaches_model_loading(weightless_checkpoint, tmp_path):

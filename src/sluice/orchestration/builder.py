@@ -10,6 +10,7 @@ A failure part-way stops whatever was started.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
@@ -55,7 +56,7 @@ def build_run(config: Config, log=print) -> Run:
         _check_data(config)
         context = read_context(config, checkpoint)
         check_budgets(config, context)
-        tokenizer = load_tokenizer(checkpoint)
+        tokenizer = _checkpoint_tokenizer(checkpoint)
         source, eval_sets = _load_data(config, hooks, tokenizer, context, log)
         memory = OomAdvice(config)
         placement = _placement(config, memory, log)
@@ -207,5 +208,21 @@ def held_groups(config: Config) -> int:
 
 
 def _check_checkpoint_dir(flag: str, path: str) -> None:
-    if not (Path(path) / "config.json").is_file():
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
         raise ConfigError(f"{flag} {path}: not a Hugging Face checkpoint directory (no config.json there)")
+    try:
+        json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        where = f" (line {error.lineno}, column {error.colno})" if isinstance(error, json.JSONDecodeError) else ""
+        raise ConfigError(f"{flag} {path}: {config_file} is not valid JSON{where}: "
+                          f"{getattr(error, 'msg', None) or error}") from None
+
+
+def _checkpoint_tokenizer(checkpoint: str):
+    """The tokenizer of --hf-checkpoint; a file the tokenizer libraries cannot read is named with the flag."""
+    try:
+        return load_tokenizer(checkpoint)
+    except Exception as error:  # noqa: BLE001 - transformers and tokenizers raise bare Exception for bad files
+        raise ConfigError(f"--hf-checkpoint {checkpoint}: cannot load its tokenizer: {type(error).__name__}: "
+                          f"{error}") from None
