@@ -76,6 +76,7 @@ DATA_CASES = {
     "truncated_gzip": ("cut.jsonl.gz", truncated_gzip(), [": cannot read as gzip jsonl"]),
     "not_zstd": ("plain.jsonl.zst", jsonl(GOOD_ROWS), [": cannot read as zstd jsonl"]),
     "not_arrow": ("fake.arrow", jsonl(GOOD_ROWS), [": cannot read as Arrow IPC"]),
+    "empty_prompt": ("blank.jsonl", good_then('{"input": "", "label": "1"}'), [":4: the prompt is empty (no tokens)"]),
     "prompt_too_long": ("long.jsonl", good_then(json.dumps({"input": "x" * 300, "label": "0"})),
                         [":4: the prompt is 300 tokens, over the 254 a prompt may take"]),
     "lost_character": ("minus.jsonl", good_then(json.dumps({"input": "3 − 2", "label": "1"})),

@@ -229,3 +229,20 @@ def test_a_filter_that_raises_stops_the_run_with_its_own_frames(tiny_checkpoint,
             f'  File "{tmp_path / "broken_filter.py"}", line 2, in keep\n') in err
     assert err.rstrip().endswith("ZeroDivisionError: integer division or modulo by zero")
     assert "sluice/rollout" not in err  # none of the rollout's own frames
+
+
+def test_a_failing_generate_function_is_named_as_given(tiny_checkpoint, tmp_path, caplog, monkeypatch):
+    (tmp_path / "broken_generate.py").write_text(
+        "from sluice.rollout.generate import generate_single_turn\n"
+        "async def generate(sample, sampling_params, ctx):\n"
+        "    if sample.prompt == 'say 0':\n"
+        "        raise RuntimeError('tool server unreachable')\n"
+        "    return await generate_single_turn(sample, sampling_params, ctx)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = [*train_flags(tiny_checkpoint, write_data(tmp_path / "prompts.jsonl", rows=2), tmp_path / "run"),
+            "--custom-generate-function-path", "broken_generate.generate", "--max-failed-sample-ratio", "0.5"]
+    with caplog.at_level(logging.WARNING, logger="sluice.rollout"):
+        assert main(argv) == 0
+    assert f'File "{tmp_path / "broken_generate.py"}", line 4, in generate' in caplog.text
+    assert re.search(r"generate fn broken_generate\.generate raised RuntimeError 2 times this step "
+                     r"\(first: sample [01], group 0\)", caplog.text)

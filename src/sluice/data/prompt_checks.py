@@ -123,6 +123,8 @@ def describe_characters(characters: str) -> str:
 def check_prompt(where: str, text: str, tokens: list[int], limit: PromptLimit | None,
                  characters: CharacterCheck | None) -> PromptFinding:
     """Check one prompt's tokens (``where``: its file and line); raise DataError for what must not load."""
+    if not tokens:  # the engine refuses a request without a prompt token, at rollout
+        raise DataError(f"{where}: the prompt is empty (no tokens); the engine needs at least one prompt token")
     lost = characters.lost_characters(text, tokens) if characters is not None else ""
     if lost and not characters.allow_lossy:
         raise DataError(
