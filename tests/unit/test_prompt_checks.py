@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from helpers.data_files import write_container
 from sluice.config.sections import DataConfig
 from sluice.data import DataError, load_prompt_samples
-from sluice.data.prompt_checks import CharacterCheck, PromptLimit, can_lose_characters
+from sluice.data.prompt_checks import CharacterCheck, PromptLimit, can_lose_characters, describe_characters
 from sluice.models.tokenizer import load_tokenizer
 
 CONTEXT_LIMIT = PromptLimit(10, "the model's context of 12 tokens (test) minus --rollout-max-response-len 2",
@@ -107,3 +107,18 @@ def test_unknown_tokens_are_found_and_byte_level_tokenizers_are_not_checked(tmp_
     assert not can_lose_characters(byte_level)
     samples, report = load_prompt_samples(spec, data(), byte_level)
     assert byte_level.decode(samples[1].prompt_tokens) == text and report.num_lossy == 0
+
+
+def test_a_prompt_in_a_script_the_vocabulary_lacks_names_a_few_characters_and_counts_the_rest(
+        tmp_path: Path, tokenizer) -> None:
+    text = "日本語のテキストです"  # ten characters, none in the demo's vocabulary
+    lost = CharacterCheck(tokenizer).lost_characters(text, tokenizer.encode(text))
+    assert lost == text
+    assert describe_characters(lost) == ("'日' (U+65E5 CJK UNIFIED IDEOGRAPH-65E5), '本' (U+672C CJK UNIFIED "
+                                         "IDEOGRAPH-672C), '語' (U+8A9E CJK UNIFIED IDEOGRAPH-8A9E), 'の' (U+306E "
+                                         "HIRAGANA LETTER NO), 'テ' (U+30C6 KATAKANA LETTER TE) and 5 other characters")
+    spec = write_container("jsonl", rows_of(["fine", text]), tmp_path)
+    with pytest.raises(DataError, match=r"prompts\.jsonl:2: the tokenizer cannot represent '日'"):
+        load_prompt_samples(spec, data(), tokenizer)  # not "empty": it had text, all of it lost
+    with pytest.raises(DataError, match=r"prompts\.jsonl:2: the prompt is empty \(no tokens\)"):
+        load_prompt_samples(spec, data(allow_lossy_prompts=True), tokenizer)

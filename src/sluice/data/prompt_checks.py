@@ -115,22 +115,28 @@ def _has_byte_level(pre_tokenizer: dict | None) -> bool:
     return any(_has_byte_level(part) for part in pre_tokenizer.get("pretokenizers") or [])
 
 
+NUM_CHARACTERS_NAMED = 5  # a prompt in a script the vocabulary lacks loses every character: name a few
+
+
 def describe_characters(characters: str) -> str:
     """'−' (U+2212 MINUS SIGN), ...: a character's code and name, since many look alike in a terminal."""
-    return ", ".join(f"{c!r} (U+{ord(c):04X} {unicodedata.name(c, 'unnamed')})" for c in characters)
+    named = ", ".join(f"{c!r} (U+{ord(c):04X} {unicodedata.name(c, 'unnamed')})"
+                      for c in characters[:NUM_CHARACTERS_NAMED])
+    num_more = len(characters) - NUM_CHARACTERS_NAMED
+    return named + (f" and {num_more} other characters" if num_more > 0 else "")
 
 
 def check_prompt(where: str, text: str, tokens: list[int], limit: PromptLimit | None,
                  characters: CharacterCheck | None) -> PromptFinding:
     """Check one prompt's tokens (``where``: its file and line); raise DataError for what must not load."""
-    if not tokens:  # the engine refuses a request without a prompt token, at rollout
-        raise DataError(f"{where}: the prompt is empty (no tokens); the engine needs at least one prompt token")
     lost = characters.lost_characters(text, tokens) if characters is not None else ""
-    if lost and not characters.allow_lossy:
+    if lost and not characters.allow_lossy:  # first: a prompt wholly in a script the vocabulary lacks has no tokens
         raise DataError(
             f"{where}: the tokenizer cannot represent {describe_characters(lost)} in this prompt (its vocabulary "
             "lacks them and it has no byte fallback), so the model would see a different prompt; replace them in "
             f"the data, or pass {ALLOW_LOSSY_FLAG} to train on the prompts as the tokenizer reads them")
+    if not tokens:  # the engine refuses a request without a prompt token, at rollout
+        raise DataError(f"{where}: the prompt is empty (no tokens); the engine needs at least one prompt token")
     if limit is not None and len(tokens) > limit.max_len:
         if not limit.drops_longer:
             raise DataError(
