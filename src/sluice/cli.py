@@ -66,14 +66,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_run_stop(error: RuntimeError) -> bool:
-    """Errors that end a run with a message of their own (no traceback needed): a rollout with no sample
-    left, diverged training, out of memory (the message names the flags to turn)."""
+    """Errors that end a run with a message of their own (no traceback of ours needed): a rollout with no sample
+    left, diverged training, out of memory (the message names the flags to turn), a plug-in that raised (the
+    message carries the user's own frames)."""
     import torch
 
+    from sluice.plugins import PluginCallError
     from sluice.rollout.failures import RolloutFailed
     from sluice.trainer.guards import NonFiniteTraining
 
-    return isinstance(error, (RolloutFailed, NonFiniteTraining, torch.OutOfMemoryError))
+    return isinstance(error, (RolloutFailed, NonFiniteTraining, torch.OutOfMemoryError, PluginCallError))
 
 
 def train_command(argv: list[str]) -> int:

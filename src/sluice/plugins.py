@@ -11,6 +11,9 @@ form (``Contract.ours``) or slime's form (``Contract.slime``), whose first argum
 namespace (``slime_args``); where both forms take as many arguments, a first parameter named ``args`` means
 slime's. Anything else is a ``PluginError`` that names the flag, the path and the expected
 signature, raised at start-up, before any model is loaded.
+
+A hook the run calls synchronously (a filter, an advantage function) that raises stops the run with a
+``PluginCallError`` naming the flag and path, with the traceback from the user's frames on (``tracebacks.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sluice.errors import ConfigError
+from sluice.tracebacks import user_traceback
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 # Where sluice's and slime's forms take as many arguments, slime's is told by its first parameter's name.
@@ -49,6 +53,11 @@ class PluginImportError(PluginError, ImportError):
 
 class PluginSignatureError(PluginError, TypeError):
     """The object is not callable in any form the hook accepts."""
+
+
+class PluginCallError(RuntimeError):
+    """A plug-in called synchronously raised; the message names the flag and path and shows the user's frames.
+    The original error is the ``__cause__``."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +99,13 @@ class Plugin:
         return (slime_args,) if self.slime_form else ()
 
     def call_sync(self, slime_args: Any, *args: Any) -> Any:
-        """Call in this thread, in the plug-in's form (hooks with ``sync_only`` contracts)."""
-        return self.fn(*self.leading(slime_args), *args)
+        """Call in this thread, in the plug-in's form (hooks with ``sync_only`` contracts); an error it raises
+        becomes a PluginCallError naming the flag and path."""
+        try:
+            return self.fn(*self.leading(slime_args), *args)
+        except Exception as error:
+            raise PluginCallError(f"{self.contract.flag} {self.path} raised {type(error).__name__}: {error}\n"
+                                  f"{user_traceback(error)}") from error
 
     async def call(self, slime_args: Any, *args: Any) -> Any:
         """Await the plug-in in its form: a coroutine function directly, a plain one in a daemon thread."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 
@@ -183,3 +185,93 @@ def test_rollout_batch_larger_than_the_data_is_a_warning_naming_both_numbers(tin
             "prompt about 2 times; lower --rollout-batch-size to at most 1") in capsys.readouterr().out
     assert main(train_flags(tiny_checkpoint, write_data(tmp_path / "two.jsonl", rows=2), tmp_path / "run2")) == 0
     assert "warning: --rollout-batch-size" not in capsys.readouterr().out
+
+
+def test_a_prompt_too_long_for_the_context_fails_at_load_naming_file_and_line(tiny_checkpoint, tmp_path, capsys):
+    with open(f"{tiny_checkpoint}/config.json") as handle:
+        context = json.load(handle)["max_position_embeddings"]
+    data = write_data(tmp_path / "prompts.jsonl", rows=3)
+    with data.open("a") as handle:  # the demo tokenizer: one token per character
+        handle.write(json.dumps({"input": "x" * (context - 1), "label": "0"}) + "\n")
+    assert main(train_flags(tiny_checkpoint, data, tmp_path / "run")) == 2  # --rollout-max-response-len 2
+    err = capsys.readouterr().err
+    assert (f"{data}:4: the prompt is {context - 1} tokens, over the {context - 2} a prompt may take (the model's "
+            f"context of {context} tokens (max_position_embeddings in {tiny_checkpoint}/config.json) minus "
+            "--rollout-max-response-len 2)") in err
+    eval_flags = ["--eval-prompt-data", "held_out", str(data), "--eval-max-response-len", "4"]
+    assert main([*train_flags(tiny_checkpoint, write_data(tmp_path / "ok.jsonl"), tmp_path / "run2"),
+                 *eval_flags]) == 2
+    assert f"{data}:4: the prompt is {context - 1} tokens" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+def test_rollout_max_prompt_len_drops_longer_prompts_with_a_warning(tiny_checkpoint, tmp_path, capsys):
+    data = write_data(tmp_path / "prompts.jsonl", rows=2)
+    with data.open("a") as handle:
+        handle.write(json.dumps({"input": "x" * 40, "label": "0"}) + "\n")
+    assert main([*train_flags(tiny_checkpoint, data, tmp_path / "run"), "--rollout-max-prompt-len", "30"]) == 0
+    assert (f"warning: {data}: dropped 1 of 3 prompts longer than --rollout-max-prompt-len 30 tokens"
+            in capsys.readouterr().out)
+    with open(f"{tiny_checkpoint}/config.json") as handle:
+        context = json.load(handle)["max_position_embeddings"]
+    limit = str(context - 1)
+    assert main([*train_flags(tiny_checkpoint, data, tmp_path / "run2"), "--rollout-max-prompt-len", limit]) == 2
+    assert (f"--rollout-max-prompt-len {limit} plus --rollout-max-response-len 2 is {context + 1} tokens, more "
+            f"than the model's context of {context}") in capsys.readouterr().err
+
+
+def test_a_failing_reward_logs_its_traceback_once_and_a_count_per_step(tiny_checkpoint, tmp_path, caplog,
+                                                                       monkeypatch):
+    (tmp_path / "picky_reward.py").write_text(
+        "def score(sample):\n"
+        "    if sample.prompt == 'say 1':\n"
+        "        raise ValueError('no answer key for ' + sample.prompt)\n"
+        "    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = train_flags(tiny_checkpoint, write_data(tmp_path / "prompts.jsonl", rows=2), tmp_path / "run")
+    index = argv.index("--rm-type")
+    argv = argv[:index] + argv[index + 2:] + ["--custom-rm-path", "picky_reward.score",
+                                              "--max-failed-sample-ratio", "0.5"]
+    with caplog.at_level(logging.WARNING, logger="sluice.rollout"):
+        assert main(argv) == 0
+    text = caplog.text
+    assert text.count("Traceback (most recent call last)") == 1
+    assert f'File "{tmp_path / "picky_reward.py"}", line 3, in score' in text
+    assert "ValueError: no answer key for say 1" in text
+    # the group numbers are the buffer's: prompt "say 1" is the second group handed out (samples 2 and 3)
+    assert re.search(r"reward fn picky_reward\.score raised ValueError on sample [23] \(group 1\)", text)
+    assert re.search(r"reward fn picky_reward\.score raised ValueError 2 times this step "
+                     r"\(first: sample [23], group 1\)", text)
+
+
+def test_a_filter_that_raises_stops_the_run_with_its_own_frames(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    (tmp_path / "broken_filter.py").write_text(
+        "def keep(group_samples):\n"
+        "    return len(group_samples) // 0 > 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = [*train_flags(tiny_checkpoint, write_data(tmp_path / "prompts.jsonl"), tmp_path / "run"),
+            "--dynamic-sampling-filter-path", "broken_filter.keep", "--over-sampling-batch-size", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert ("sluice train: error: --dynamic-sampling-filter-path broken_filter.keep raised ZeroDivisionError: "
+            "integer division or modulo by zero\nTraceback (most recent call last):\n"
+            f'  File "{tmp_path / "broken_filter.py"}", line 2, in keep\n') in err
+    assert err.rstrip().endswith("ZeroDivisionError: integer division or modulo by zero")
+    assert "sluice/rollout" not in err  # none of the rollout's own frames
+
+
+def test_a_failing_generate_function_is_named_as_given(tiny_checkpoint, tmp_path, caplog, monkeypatch):
+    (tmp_path / "broken_generate.py").write_text(
+        "from sluice.rollout.generate import generate_single_turn\n"
+        "async def generate(sample, sampling_params, ctx):\n"
+        "    if sample.prompt == 'say 0':\n"
+        "        raise RuntimeError('tool server unreachable')\n"
+        "    return await generate_single_turn(sample, sampling_params, ctx)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = [*train_flags(tiny_checkpoint, write_data(tmp_path / "prompts.jsonl", rows=2), tmp_path / "run"),
+            "--custom-generate-function-path", "broken_generate.generate", "--max-failed-sample-ratio", "0.5"]
+    with caplog.at_level(logging.WARNING, logger="sluice.rollout"):
+        assert main(argv) == 0
+    assert f'File "{tmp_path / "broken_generate.py"}", line 4, in generate' in caplog.text
+    assert re.search(r"generate fn broken_generate\.generate raised RuntimeError 2 times this step "
+                     r"\(first: sample [01], group 0\)", caplog.text)

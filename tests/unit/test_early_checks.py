@@ -65,3 +65,24 @@ def test_one_sample_per_prompt_outside_training() -> None:
 def test_grpo_std_switch_without_a_grpo_std_is_refused(estimator: str) -> None:
     message = problems_of("--advantage-estimator", estimator, "--disable-grpo-std-normalization")
     assert f"--disable-grpo-std-normalization has no effect with --advantage-estimator {estimator}" in message
+
+
+def test_the_context_comes_from_the_flag_or_the_checkpoint_even_of_an_unknown_family(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from sluice.orchestration.context_budget import read_context
+
+    flags = ["--prompt-data", "p.jsonl", "--rollout-batch-size", "1", "--rm-type", "exact"]
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_checkpoint, odd)
+    config_json = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config_json, "model_type": "no_such_family",
+                                                 "max_position_embeddings": 99}))
+    context = read_context(parse_config(["--hf-checkpoint", str(odd), *flags]), str(odd))
+    assert (context.num_tokens, context.source) == (99, f"max_position_embeddings in {odd / 'config.json'}")
+    known = read_context(parse_config(["--hf-checkpoint", tiny_checkpoint, *flags]), tiny_checkpoint)
+    assert known.num_tokens == config_json["max_position_embeddings"]
+    flagged = read_context(parse_config(["--hf-checkpoint", tiny_checkpoint, "--sglang-context-length", "64", *flags]),
+                           tiny_checkpoint)
+    assert (flagged.num_tokens, flagged.source) == (64, "--sglang-context-length")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import time
 
@@ -108,12 +109,51 @@ def test_reward_errors_fail_their_samples_and_are_logged_with_the_sample_id(ctx,
         return 1.0
 
     manager = RolloutManager(ctx, judge)
-    with caplog.at_level(logging.WARNING, logger="sluice.rewards"):
+    with caplog.at_level(logging.WARNING, logger="sluice.rollout"):
         groups = asyncio.run(manager.generate_groups(prompts(ctx.tokenizer, ["a", "b"]), 2,
                                                      SamplingParams(max_new_tokens=3)))
     failed = [s for g in groups for s in g.samples if s.status == Status.FAILED]
     assert [s.index for s in failed] == [3] and failed[0].metadata["reward_error"] == "ConnectionError: judge down"
-    assert "reward failed for sample 3 (group 1): ConnectionError: judge down" in caplog.text
+    name = f"{__name__}.test_reward_errors_fail_their_samples_and_are_logged_with_the_sample_id.<locals>.judge"
+    assert f"reward fn {name} raised ConnectionError on sample 3 (group 1)" in caplog.text
+
+
+def test_a_failing_reward_shows_its_first_traceback_then_counts_per_step(ctx, caplog):
+    def picky(sample: Sample) -> float:  # sync: it runs in a worker thread, as most user scorers do
+        if sample.prompt == "b":
+            raise ValueError(f"cannot score {sample.index}")
+        if sample.prompt == "c":
+            return {}["missing"]
+        return 1.0
+
+    manager = RolloutManager(ctx, as_async_reward(picky, "scorers.picky"))
+    with caplog.at_level(logging.WARNING, logger="sluice.rollout"):
+        asyncio.run(manager.generate_groups(prompts(ctx.tokenizer, ["a", "b", "c"]), 3,
+                                            SamplingParams(max_new_tokens=2)))
+        lines = manager.failures.flush("this step")
+    text = caplog.text
+    assert text.count("Traceback (most recent call last)") == 2  # one per error type, not one per sample
+    assert text.count("reward fn scorers.picky raised ValueError on sample") == 1
+    assert 'raise ValueError(f"cannot score {sample.index}")' in text  # the user's frame, in full
+    assert "scoring.py" not in text and "plugins.py" not in text  # not the rollout's own frames
+    assert sorted(line.split(" (first")[0] for line in lines) == [
+        "reward fn scorers.picky raised KeyError 3 times this step",
+        "reward fn scorers.picky raised ValueError 3 times this step"]
+    assert all(re.search(r"\(first: sample [345], group 1\)$", line) for line in lines if "ValueError" in line)
+    assert all(re.search(r"\(first: sample [678], group 2\)$", line) for line in lines if "KeyError" in line)
+    assert manager.failures.flush() == []  # counted once
+
+
+def test_buffer_groups_keep_their_own_group_number(ctx, caplog):
+    async def judge(sample: Sample) -> float:
+        raise RuntimeError("down")
+
+    manager = RolloutManager(ctx, judge)
+    group = SampleGroup([s for s in prompts(ctx.tokenizer, ["x", "x"])], group_id=5)
+    with caplog.at_level(logging.WARNING, logger="sluice.rollout"):
+        asyncio.run(manager.continue_group(group, SamplingParams(max_new_tokens=2)))
+    assert [(s.index, s.group_index) for s in group.samples] == [(10, 5), (11, 5)]
+    assert re.search(r"raised RuntimeError on sample 1[01] \(group 5\)", caplog.text)
 
 
 def test_the_failure_budget_stops_the_run_only_past_the_ratio():

@@ -67,7 +67,12 @@ class DataConfig:
         "Seed of the prompt shuffle and of sampling: every rollout and eval request carries a seed derived from it "
         "and its sample (docs/reproducibility.md)."))
     rollout_max_prompt_len: int | None = field(default=None, metadata=meta(
-        "Drop prompts longer than this many tokens (the count dropped is reported)."))
+        "Drop prompts longer than this many tokens, with a warning naming the count. Unset, a prompt longer than "
+        "the model's context minus --rollout-max-response-len (--eval-max-response-len for eval data) is an "
+        "error naming its file and line."))
+    allow_lossy_prompts: bool = field(default=False, metadata=meta(
+        "Load prompts with characters the tokenizer cannot represent (it drops them or maps them to its unknown "
+        "token), with a warning naming the count, instead of an error naming the row and the characters."))
     data_source_path: str | None = field(default=None, metadata=meta(
         "Replaces the prompt source: a factory fn(prompts: list[Sample], seed: int) returning an object with "
         "next_batch(n) -> list[Sample] (state_dict()/load_state_dict() for resume), or slime's data source class "

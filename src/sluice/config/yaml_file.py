@@ -28,9 +28,12 @@ from sluice.config.sections import Config
 def _read_mapping(path: Path) -> dict[Any, Any]:
     """The top-level mapping of a YAML file; an empty file is an empty mapping."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8: byte 0x{err.object[err.start]:02x} at byte {err.start} "
+                          f"({err.reason}); re-encode the file as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
     if data is None:

@@ -6,7 +6,9 @@ reward functions as ``sample.metadata["data_source"]`` (``--data-source-key``).
 
 All row problems are ``DataError`` naming the file, line (or row) and key, raised at load time, so a bad
 dataset fails before any GPU work starts rather than hours later when the bad row comes up in a batch.
-Prompts over ``--rollout-max-prompt-len`` are dropped and counted in a ``LoadReport``, never silently.
+Each tokenized prompt is checked on its own (``prompt_checks.py``): a prompt longer than the model's context
+allows is an error, unless ``--rollout-max-prompt-len`` asks to drop such prompts (then they are counted in the
+``LoadReport``, never silently); characters the tokenizer cannot represent are an error too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Protocol
 from sluice.config.sections import DataConfig
 from sluice.data.files import DataError, LocatedRow, iter_located_rows
 from sluice.data.key_path import MissingKey, find, lookup
+from sluice.data.prompt_checks import CharacterCheck, PromptLimit, check_prompt
 from sluice.types import Sample
 
 DATA_SOURCE = "data_source"  # the metadata key of a row's --data-source-key value
@@ -40,6 +43,8 @@ class LoadReport:
     num_dropped_too_long: int
     max_prompt_len: int | None
     longest_kept_len: int = 0  # longest kept prompt in tokens, to help pick the limit and the context size
+    num_lossy: int = 0  # prompts that lost characters to the tokenizer (loaded only with --allow-lossy-prompts)
+    first_lossy: str = ""  # where the first of them is, and its lost characters
 
     def describe(self) -> str:
         text = f"loaded {self.num_kept} of {self.num_rows} prompts (longest {self.longest_kept_len} tokens)"
@@ -115,6 +120,9 @@ def _label(located: LocatedRow, config: DataConfig, text_reward: str | None) -> 
     """The row's label; a text reward (``text_reward``, its --rm-type) needs a string or number, since an object
     or array would be compared as its Python text (``"{'a': 1}"``), which a response can match exactly."""
     label = required_key(located, config.label_key, "--label-key")
+    if text_reward is not None and label is None:  # parquet's null for a row without the column, or JSON null
+        raise DataError(f"{located.where}: label {config.label_key!r} (--label-key) is null; --rm-type "
+                        f"{text_reward} compares every response with a label, so give each row one")
     if text_reward is not None and isinstance(label, (dict, list)):
         kind = "object" if isinstance(label, dict) else "array"
         raise DataError(
@@ -153,27 +161,35 @@ def check_first_row(spec: str, config: DataConfig, *, text_reward: str | None = 
 
 
 def load_prompt_samples(spec: str, config: DataConfig, tokenizer: PromptTokenizer, *,
-                        text_reward: str | None = None) -> tuple[list[Sample], LoadReport]:
+                        text_reward: str | None = None,
+                        context_limit: PromptLimit | None = None) -> tuple[list[Sample], LoadReport]:
     """Samples for every usable row of ``spec``, in file order, and a report of what was dropped.
 
-    ``text_reward``: as for ``check_first_row``.
+    ``text_reward``: as for ``check_first_row``. ``context_limit``: the most tokens the model's context leaves a
+    prompt; a longer prompt is an error. --rollout-max-prompt-len, where set, replaces it and drops longer prompts.
     """
-    limit = config.rollout_max_prompt_len
-    if limit is not None and limit <= 0:
-        raise DataError(f"--rollout-max-prompt-len must be positive, got {limit}")
-    samples = [_sample_from_row(located, config, tokenizer, text_reward) for located in iter_located_rows(spec)]
-    kept = [s for s in samples if limit is None or len(s.prompt_tokens) <= limit]
-    report = LoadReport(
-        num_rows=len(samples),
-        num_kept=len(kept),
-        num_dropped_too_long=len(samples) - len(kept),
-        max_prompt_len=limit,
-        longest_kept_len=max((len(s.prompt_tokens) for s in kept), default=0),
-    )
+    flag_limit = config.rollout_max_prompt_len
+    limit = PromptLimit.from_flag(flag_limit) if flag_limit is not None else context_limit
+    characters = CharacterCheck(tokenizer, config.allow_lossy_prompts)
+    report = LoadReport(num_rows=0, num_kept=0, num_dropped_too_long=0, max_prompt_len=flag_limit)
+    kept: list[Sample] = []
+    dropped_lens: list[int] = []
+    for located in iter_located_rows(spec):
+        sample = _sample_from_row(located, config, tokenizer, text_reward)
+        finding = check_prompt(located.where, sample.metadata["prompt_text"], sample.prompt_tokens, limit, characters)
+        if finding.lost_characters:
+            report.num_lossy += 1
+            report.first_lossy = report.first_lossy or f"{located.where} ({finding.lost_characters})"
+        if finding.too_long:
+            dropped_lens.append(len(sample.prompt_tokens))
+        else:
+            kept.append(sample)
+    report.num_kept, report.num_dropped_too_long = len(kept), len(dropped_lens)
+    report.num_rows = report.num_kept + report.num_dropped_too_long
+    report.longest_kept_len = max((len(s.prompt_tokens) for s in kept), default=0)
     if not kept:
-        shortest = min(len(s.prompt_tokens) for s in samples)
         raise DataError(
-            f"{spec}: all {len(samples)} prompts are longer than --rollout-max-prompt-len={limit} tokens "
-            f"(the shortest has {shortest}); raise the limit"
+            f"{spec}: all {report.num_rows} prompts are longer than --rollout-max-prompt-len={flag_limit} tokens "
+            f"(the shortest has {min(dropped_lens)}); raise the limit"
         )
     return kept, report

@@ -86,11 +86,30 @@ def _decode(where: str, raw: bytes) -> str:
                         f"({exc.reason}); re-encode the file as UTF-8, e.g. iconv -f <its encoding> -t utf-8") from exc
 
 
+class _NotJson(ValueError):
+    """What Python's json module accepts but JSON is not: NaN/Infinity, a key given twice (the last would win)."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value (write null, a number or a string)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise _NotJson(f"key {twice!r} appears twice in one object (only the last would be kept)")
+    return obj
+
+
 def _parse_line(where: str, text: str) -> dict[str, Any]:
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
+    except _NotJson as exc:
+        raise DataError(f"{where}: invalid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}")
     return value

@@ -5,6 +5,9 @@ checkpoint's tokenizer_config.json names, and that class rebuilds the pre-tokeni
 checkpoint that ships its own tokenizer.json and names the generic fast class, that silently changes the
 tokenization (the demo's character tokenizer lost its spaces and its role tokens). When the checkpoint names
 the generic class, we load its tokenizer.json as it is; otherwise AutoTokenizer decides, as usual.
+
+A directory without tokenizer files still loads with AutoTokenizer (the model type's class, with an empty
+vocabulary) and encodes every text to no tokens; that is refused here, so prompts never silently become empty.
 """
 
 from __future__ import annotations
@@ -17,7 +20,18 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 _GENERIC_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
+_PROBE_TEXT = "Hello world 123"
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = _load(path)
+    if not tokenizer.encode(_PROBE_TEXT, add_special_tokens=False):
+        raise ValueError(f"{path}: the tokenizer loaded from here encodes {_PROBE_TEXT!r} to no tokens; are its "
+                         "tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...) missing?")
+    return tokenizer
+
+
+def _load(path: str | Path) -> PreTrainedTokenizerBase:
     config_file = Path(path) / "tokenizer_config.json"
     if config_file.is_file() and (Path(path) / "tokenizer.json").is_file():
         try:

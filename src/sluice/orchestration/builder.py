@@ -30,6 +30,7 @@ from sluice.observability.samples import SampleLog
 from sluice.observability.step_log import StepLog
 from sluice.observability.trackers import Trackers
 from sluice.orchestration.checkpointing import RunCheckpoints
+from sluice.orchestration.context_budget import ModelContext, check_budgets, context_prompt_limit, read_context
 from sluice.orchestration.engine_access import protect_engine_servers
 from sluice.orchestration.hooks import Hooks, load_hooks
 from sluice.orchestration.offload import OffloadTurns
@@ -67,11 +68,12 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
         check_against_checkpoint(config, log)  # Megatron architecture flags vs config.json; no-op flags logged
         hooks = load_hooks(config)  # every plug-in, checked before anything heavy loads
         _check_data(config)
-        _check_context(config, checkpoint)
-        run_dir.apply(log)
+        context = read_context(config, checkpoint)
+        check_budgets(config, context)
+        tokenizer = _checkpoint_tokenizer(checkpoint)
+        source, eval_sets = _load_data(config, hooks, tokenizer, context, log)
+        run_dir.apply(log)  # every input checked: only now is anything written (or an old run's records cleared)
         record_launch(run_dir.run_dir, as_given, command, run_dir.checkpoint)
-        tokenizer = load_tokenizer(checkpoint)
-        source, eval_sets = _load_data(config, hooks, tokenizer, log)
         memory = OomAdvice(config)
         placement = _placement(config, memory, log)
         # Every rollout draws its prompts through the buffer, and checkpoints save the buffer (cursor included).
@@ -136,13 +138,14 @@ def _text_reward(config: Config) -> str | None:
     return None
 
 
-def _load_data(config: Config, hooks: Hooks, tokenizer, log):
+def _load_data(config: Config, hooks: Hooks, tokenizer, context: ModelContext | None, log):
     """The prompt source (--prompt-data or --data-source-path) and the eval sets, by name."""
     data = prompt_data_config(config, hooks)
     samples = []
     if config.data.prompt_data is not None:
         samples, report = load_prompt_samples(config.data.prompt_data, data, tokenizer,
-                                             text_reward=_text_reward(config))
+                                             text_reward=_text_reward(config),
+                                             context_limit=context_prompt_limit(config, context, for_eval=False))
         _report_load(config, config.data.prompt_data, report, log)
     if hooks.data_source is not None:
         source = hooks.data_source(samples, config.data.rollout_seed, data, tokenizer, hooks.slime_args)
@@ -151,7 +154,9 @@ def _load_data(config: Config, hooks: Hooks, tokenizer, log):
         _warn_batch_beyond_data(config, len(samples), log)
     eval_sets = {}
     for name, path in config.eval_sets:
-        eval_samples, eval_report = load_prompt_samples(path, data, tokenizer, text_reward=_text_reward(config))
+        eval_samples, eval_report = load_prompt_samples(
+            path, data, tokenizer, text_reward=_text_reward(config),
+            context_limit=context_prompt_limit(config, context, for_eval=True))
         _report_load(config, path, eval_report, log)
         eval_sets[name] = eval_samples
     return source, eval_sets
@@ -170,9 +175,13 @@ def _warn_batch_beyond_data(config: Config, num_prompts: int, log) -> None:
 
 
 def _report_load(config: Config, path: str, report, log) -> None:
+    """Warnings for what loading left out or changed; both only happen where a flag asked for them."""
     if report.num_dropped_too_long:
-        log(f"{path}: dropped {report.num_dropped_too_long} of {report.num_rows} prompts longer "
-            f"than --rollout-max-prompt-len {config.data.rollout_max_prompt_len}")
+        log(f"warning: {path}: dropped {report.num_dropped_too_long} of {report.num_rows} prompts longer "
+            f"than --rollout-max-prompt-len {config.data.rollout_max_prompt_len} tokens")
+    if report.num_lossy:
+        log(f"warning: {path}: {report.num_lossy} of {report.num_rows} prompts contain characters the tokenizer "
+            f"cannot represent, loaded without them (--allow-lossy-prompts); the first: {report.first_lossy}")
 
 
 def _resume(checkpoints: RunCheckpoints, weights: WeightUpdates, engines, buffer, loop) -> dict | None:
@@ -218,23 +227,6 @@ def held_groups(config: Config) -> int:
     return batch * max(bound, 1) if config.sync.async_train else batch * (bound + 1)
 
 
-def _check_context(config: Config, checkpoint: str) -> None:
-    """A response budget must leave room for a prompt in the engine's context (prompt + response), read from the
-    checkpoint's config.json before any model loads; the engine would otherwise cap every request silently."""
-    if config.engine.context_length is not None:
-        context, source = config.engine.context_length, "--sglang-context-length"
-    else:
-        context = json.loads((Path(checkpoint) / "config.json").read_text()).get("max_position_embeddings")
-        source = f"max_position_embeddings in {Path(checkpoint) / 'config.json'}"
-    if not isinstance(context, int):
-        return  # a config without the field (e.g. nested text configs): the engine reports what it finds
-    for flag, value in (("--rollout-max-response-len", config.rollout.rollout_max_response_len),
-                        ("--eval-max-response-len", config.eval.eval_max_response_len)):
-        if value is not None and value >= context:
-            raise ConfigError(f"{flag} {value} leaves no room for a prompt in the model's context of {context} "
-                              f"tokens ({source}): set it below {context}, to the longest response you expect")
-
-
 def _refuse_torch_dist(config: Config) -> None:
     """slime's scripts point --load and --ref-load at Megatron checkpoints; sluice reads HF ones. Said first."""
     for flag, path in (("--load", config.checkpoint.load), ("--ref-load", config.model.ref_load),
@@ -244,5 +236,21 @@ def _refuse_torch_dist(config: Config) -> None:
 
 
 def _check_checkpoint_dir(flag: str, path: str) -> None:
-    if not (Path(path) / "config.json").is_file():
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
         raise ConfigError(f"{flag} {path}: not a Hugging Face checkpoint directory (no config.json there)")
+    try:
+        json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        where = f" (line {error.lineno}, column {error.colno})" if isinstance(error, json.JSONDecodeError) else ""
+        raise ConfigError(f"{flag} {path}: {config_file} is not valid JSON{where}: "
+                          f"{getattr(error, 'msg', None) or error}") from None
+
+
+def _checkpoint_tokenizer(checkpoint: str):
+    """The tokenizer of --hf-checkpoint; a file the tokenizer libraries cannot read is named with the flag."""
+    try:
+        return load_tokenizer(checkpoint)
+    except Exception as error:  # noqa: BLE001 - transformers and tokenizers raise bare Exception for bad files
+        raise ConfigError(f"--hf-checkpoint {checkpoint}: cannot load its tokenizer: {type(error).__name__}: "
+                          f"{error}") from None

@@ -32,6 +32,7 @@ def adapt(plugin: Plugin, slime_args: Any = None) -> RewardFn:
         return as_reward_value(await plugin.call(slime_args, sample), plugin.path)
 
     reward.__name__ = reward.__qualname__ = plugin.name
+    reward.plugin_path = plugin.path  # how failure reports name the function: as the user wrote it
     return reward
 
 
@@ -47,6 +48,7 @@ def adapt_group(plugin: Plugin, slime_args: Any = None) -> GroupRewardFn:
         return [as_reward_value(v, plugin.path) for v in values]
 
     group_reward.__name__ = group_reward.__qualname__ = plugin.name
+    group_reward.plugin_path = plugin.path
     return group_reward
 
 

@@ -27,6 +27,7 @@ from sluice.rollout.buffer_filter import BufferFilter
 from sluice.rollout.dynamic_sampling import GroupFilter, SamplingOutcome, sample_filtered_groups
 from sluice.rollout.finish import BatchFinisher, FinishedBatch, MemoryGuard
 from sluice.rollout.manager import RolloutManager
+from sluice.rollout.plugin_failures import function_name
 from sluice.rollout.sampling import sampling_params
 from sluice.rollout.seeds import TRAIN_STREAM
 from sluice.rollout.step import RolloutFn, RolloutRequest
@@ -156,4 +157,5 @@ def _counting(manager: RolloutManager, bar) -> RolloutManager:
         finally:
             bar.advance()
 
+    generate_and_count.plugin_path = function_name(inner)  # failure reports name the function it wraps
     return dataclasses.replace(manager, generate_fn=generate_and_count)

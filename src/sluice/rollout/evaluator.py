@@ -56,5 +56,6 @@ class Evaluator:
             if self.samples is not None:
                 self.samples.record(step, f"eval/{name}", groups, group_rewards)
             num_tokens += sum(s.response_length for g in groups for s in g.samples)
+            self.manager.failures.flush(f"in eval {name}")
         out["eval/response_tokens"] = float(num_tokens)
         return out

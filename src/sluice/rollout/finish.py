@@ -3,7 +3,9 @@
 Both loops call ``BatchFinisher.finish`` on a step's groups (the sync loop after generating or replaying them,
 the async loop after taking them from the buffer). In order, it:
 
-1. numbers the groups: each sample's ``group_index`` becomes its group's position in the batch;
+1. logs one line per (function, error type) that failed samples since the last step (the first traceback of
+   each was logged as it happened; rollout/plugin_failures.py), then numbers the groups: each sample's
+   ``group_index`` becomes its group's position in the batch;
 2. stops the run when an engine ran out of memory (a failed sample whose error is an OOM; ``MemoryGuard``), or
    when more than --max-failed-sample-ratio of the samples failed (rollout/failures.py). A replayed batch
    (--load-debug-rollout-data) was checked when it was generated, and is not checked again;
@@ -87,6 +89,7 @@ class BatchFinisher:
                step_metrics: dict[str, float] | None = None) -> FinishedBatch:
         """The batch of step ``rollout_id``. ``generated``: False for a replayed batch (not checked again).
         ``step_metrics``: what the step's generation reported (dynamic sampling counts, a rollout function's)."""
+        self.manager.failures.flush("this step")
         number_groups(groups)
         if generated:
             self.memory.check_engines(groups)

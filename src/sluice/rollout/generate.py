@@ -126,6 +126,7 @@ def load_generate_fn(path: str, slime_args: Any = None):
         return out
 
     generate.__name__ = generate.__qualname__ = plugin.name
+    generate.plugin_path = path  # how failure reports name the function: as the user wrote it
     generate.slime_form = plugin.slime_form  # the run starts the gateway for slime's HTTP calls
     # --partial-rollout hands an aborted sample back as it is only to a function that says it continues one
     generate.resumes_partial = getattr(fn, "resumes_partial", False) and not plugin.slime_form

@@ -6,6 +6,10 @@ samples overlap with the generation of later ones. With a group reward (``--grou
 all its samples are generated. ``generate_groups`` waits for every group; ``stream_groups`` yields groups as they
 finish and, when the caller stops reading (the batch is full), cancels whatever is still generating or scoring:
 engine requests are aborted and reward coroutines cancelled, never awaited to their timeouts.
+
+A generate or reward function that raises fails its sample; ``failures`` shows the first traceback of each
+function and error type and counts the rest, for one line per step (``failures.flush()``, called by the caller
+that closes the step).
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import copy
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from sluice.engine.clients.protocol import EngineUnavailable
 from sluice.rewards import GroupRewardFn, RewardFn, score_group, score_sample
 from sluice.rewards.overlong import OverlongShaping
 from sluice.rollout.generate import GenerateContext, generate_single_turn
+from sluice.rollout.plugin_failures import PluginFailures, function_name
 from sluice.rollout.seeds import RolloutSeeds
 from sluice.types import Sample, SampleGroup, SamplingParams, Status
 
@@ -54,6 +59,7 @@ class RolloutManager:
     # --rollout-seed: every sample's requests carry a seed derived from it and Sample.index (seeds.py); None: the
     # requests carry the seed of the sampling params they are given, if any
     seeds: RolloutSeeds | None = None
+    failures: PluginFailures = field(default_factory=PluginFailures)  # errors of the generate and reward functions
 
     async def generate_groups(
         self, prompts: list[Sample], n_samples: int, sampling_params: SamplingParams, first_index: int = 0,
@@ -95,7 +101,7 @@ class RolloutManager:
         n_samples = len(group.samples)
         todo = []
         for k, sample in enumerate(group.samples):
-            sample.group_index = 0
+            sample.group_index = max(group.group_id, 0)  # the buffer's number, as the sample index uses
             if group.group_id >= 0:
                 sample.index = group.group_id * n_samples + k
             if sample.status in (Status.PENDING, Status.ABORTED):
@@ -145,7 +151,8 @@ class RolloutManager:
             pending = [s for s in samples if s.status != Status.FAILED and s.reward is None]
             if pending:
                 async with gates.reward:
-                    await score_group(self.group_reward_fn, pending, self.reward_timeout_s)
+                    await score_group(self.group_reward_fn, pending, self.reward_timeout_s,
+                                      self._reward_failed(self.group_reward_fn, "group reward fn"))
         if shape_rewards and self.overlong is not None:
             self.overlong.apply(samples)
 
@@ -169,7 +176,10 @@ class RolloutManager:
                     if not getattr(self.generate_fn, "resumes_partial", False):
                         _restart(sample)  # a multi-turn function may have left the sample part-way
                 except Exception as error:  # a broken generate call fails its sample, not the rollout
-                    return [_failed(sample, "generate_error", f"{type(error).__name__}: {error}")]
+                    sample.status = Status.FAILED
+                    sample.metadata["generate_error"] = f"{type(error).__name__}: {error}"
+                    self.failures.record(f"generate fn {function_name(self.generate_fn)}", error, sample)
+                    return [sample]
         produced = out if isinstance(out, list) else [out]
         if self.group_reward_fn is None:
             await asyncio.gather(*(self._score(s, gates) for s in produced
@@ -185,7 +195,13 @@ class RolloutManager:
             log.warning("sample %d: %s", sample.index, sample.metadata["reward_error"])
             return
         async with gates.reward:
-            await score_sample(self.reward_fn, sample, self.reward_timeout_s)
+            await score_sample(self.reward_fn, sample, self.reward_timeout_s,
+                               self._reward_failed(self.reward_fn, "reward fn"))
+
+    def _reward_failed(self, fn: Callable, hook: str) -> Callable[[Sample, BaseException], None]:
+        """The scorer's ``on_failure``: counted in ``failures`` under the function's name."""
+        what = f"{hook} {function_name(fn)}"
+        return lambda sample, error: self.failures.record(what, error, sample)
 
     def rewards(self, group: SampleGroup) -> list[float]:
         return [s.scalar_reward(self.reward_key) if s.reward is not None else 0.0 for s in group.samples]
