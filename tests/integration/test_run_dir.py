@@ -89,7 +89,8 @@ def test_default_run_dirs_are_new_each_time_with_runs_latest_linking_the_newest(
     assert main(flags(tiny_checkpoint, tmp_path / "missing.jsonl")) == 2  # stopped by a later check ...
     assert not (tmp_path / "runs").exists()  # ... its reserved directory is gone again
     assert main(flags(tiny_checkpoint, data)) == 0
-    assert main(flags(tiny_checkpoint, data)) == 0  # the same command again: a second run, not appended
+    save = tmp_path / "ckpt"
+    assert main(flags(tiny_checkpoint, data, "--save", str(save))) == 0  # a second run, not appended
     capsys.readouterr()
     runs = sorted(p for p in (tmp_path / "runs").iterdir() if not p.is_symlink())
     assert len(runs) == 2
@@ -98,11 +99,19 @@ def test_default_run_dirs_are_new_each_time_with_runs_latest_linking_the_newest(
     latest = tmp_path / "runs" / "latest"
     assert latest.is_symlink() and os.readlink(latest) == runs[1].name  # relative: runs/ can move as a whole
     # each record names its own directory (a rerun of its config.yaml is refused there)
-    assert yaml.safe_load((runs[0] / "config.yaml").read_text())["run_dir"] == str(Path("runs") / runs[0].name)
+    # each records its own directory, absolute: a resume launched elsewhere continues there
+    assert yaml.safe_load((runs[0] / "config.yaml").read_text())["run_dir"] == str(runs[0])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main([*flags(tiny_checkpoint, data, "--save", str(save), "--load", str(save)), "--num-rollout", "3"]) == 0
+    assert [r["step"] for r in read_metrics(runs[1])] == [1, 2, 3]  # the run it resumed, not a new one here
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_config_and_command_are_recorded_and_shown_and_a_resume_continues_the_same_files(tiny_checkpoint,
-                                                                                          tmp_path, capsys):
+                                                                                          tmp_path, capsys,
+                                                                                          monkeypatch):
     data = write_data(tmp_path / "prompts.jsonl")
     run_dir, save = tmp_path / "run", tmp_path / "ckpt"
     first = flags(tiny_checkpoint, data, "--run-dir", str(run_dir), "--save", str(save), "--save-interval", "1")
@@ -150,6 +159,20 @@ def test_config_and_command_are_recorded_and_shown_and_a_resume_continues_the_sa
     assert (f"--run-dir {other} already holds another run's records (metrics.jsonl), and --load {save} does not "
             f"resume that run (the checkpoint {save / 'rollout_000002'} was saved by the run of --run-dir {run_dir}): "
             f"pass --run-dir {run_dir}") in err
+
+    # a resume the checkpoint refuses (an incompatible setting) leaves the run's records as they were
+    before = snapshot(run_dir)
+    assert main([*resume[:-2], "--num-rollout", "4", "--rollout-seed", "7"]) == 2
+    assert "--rollout-seed: saved 42, now 7" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+
+    # a resume launched from another working directory continues the same run directory
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main([*resume[:-2], "--num-rollout", "4"]) == 0
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    assert list(elsewhere.iterdir()) == []
 
 
 @pytest.mark.parametrize("loop", [[], ["--async"]], ids=["sync", "async"])

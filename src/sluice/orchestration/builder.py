@@ -1,12 +1,13 @@
 """Building a run from its config: every part made, placed (in this process or on Ray actors), wired, and
 restored from --load; the loops then call the parts (loops.py).
 
-Order: the run directory is checked first (orchestration/run_dir.py: another run's records are refused before
-anything is written); the plug-ins are loaded and checked before anything heavy, and the data's first rows and the
-context length; only then is the run directory made and the config and command line recorded in it (a mistake
-caught so far leaves no files); then the tokenizer and the data; the Data
-Buffer; the engines (not with --debug-train-only: rollouts are replayed); the rollout manager; the trainer
-(not with --debug-rollout-only); then a resume from --load, and the trackers, which continue the resumed run.
+Order: a Megatron checkpoint in --load is refused first; then the run directory is planned
+(orchestration/run_dir.py: another run's records are refused before anything is written); the checkpoints, a
+resume's settings, the plug-ins, the data's first rows and the context length are checked; the tokenizer and the
+data are loaded (each prompt checked); only then is the run directory made and the config and command line
+recorded in it, so a mistake caught so far leaves no files. Then the Data Buffer; the engines (not with
+--debug-train-only: rollouts are replayed); the rollout manager; the trainer (not with --debug-rollout-only);
+then a resume from --load, and the trackers, which continue the resumed run.
 A failure part-way stops whatever was started.
 """
 
@@ -19,8 +20,9 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from sluice.config import Config, ConfigError, config_to_dict
-from sluice.config.megatron_checks import check_against_checkpoint
 from sluice.checkpoint.megatron_dir import is_torch_dist_checkpoint, torch_dist_refusal
+from sluice.checkpoint.store import load_run_state
+from sluice.config.megatron_checks import check_against_checkpoint
 from sluice.config.sections import BUILTIN_REWARDS, LABEL_FREE_REWARDS
 from sluice.data import PromptSource, check_first_row, load_prompt_samples
 from sluice.models.tokenizer import load_tokenizer
@@ -36,10 +38,10 @@ from sluice.orchestration.hooks import Hooks, load_hooks
 from sluice.orchestration.offload import OffloadTurns
 from sluice.orchestration.oom import OomAdvice
 from sluice.orchestration.pools import Placement
-from sluice.orchestration.resume import read_model_shape
+from sluice.orchestration.resume import check_resumable, read_model_shape
 from sluice.orchestration.rollout_setup import build_rollout, prompt_data_config
 from sluice.orchestration.run import Run, stop_parts
-from sluice.orchestration.run_dir import plan_run_dir
+from sluice.orchestration.run_dir import RunDirPlan, plan_run_dir
 from sluice.orchestration.schedule import Schedule
 from sluice.orchestration.weight_updates import WeightUpdates
 from sluice.rollout.batches import RolloutBatches
@@ -54,6 +56,7 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
     the process's own command line; None where there are none (a run built in code).
     """
     hf_logging.disable_progress_bar()
+    _refuse_torch_dist(config)  # before --load is read as a checkpoint of ours
     config, run_dir = plan_run_dir(config)  # before anything is written or loaded; the run dir resolved
     as_given = config  # what the run dir records: the keys and weight roots added next are the run's own
     config = protect_engine_servers(config)  # before any engine server starts: a key of the run's, weight roots
@@ -61,11 +64,7 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
     checkpoint = config.model.hf_checkpoint
     placement, gateway, hooks, engines = None, None, None, None
     try:
-        _refuse_torch_dist(config)
-        _check_checkpoint_dir("--hf-checkpoint", checkpoint)
-        if config.model.ref_load:
-            _check_checkpoint_dir("--ref-load", config.model.ref_load)
-        check_against_checkpoint(config, log)  # Megatron architecture flags vs config.json; no-op flags logged
+        _check_checkpoints(config, run_dir, log)
         hooks = load_hooks(config)  # every plug-in, checked before anything heavy loads
         _check_data(config)
         context = read_context(config, checkpoint)
@@ -225,6 +224,18 @@ def held_groups(config: Config) -> int:
     batch = config.rollout.rollout_batch_size or 1
     bound = config.staleness_bound
     return batch * max(bound, 1) if config.sync.async_train else batch * (bound + 1)
+
+
+def _check_checkpoints(config: Config, run_dir: RunDirPlan, log) -> None:
+    """The checkpoint directories, the Megatron architecture flags against config.json, and a resume's settings
+    against the checkpoint's: a refused resume must not rewrite the run's config.yaml and commands.jsonl."""
+    _check_checkpoint_dir("--hf-checkpoint", config.model.hf_checkpoint)
+    if config.model.ref_load:
+        _check_checkpoint_dir("--ref-load", config.model.ref_load)
+    check_against_checkpoint(config, log)  # no-op flags logged
+    if run_dir.checkpoint is not None:
+        check_resumable(load_run_state(run_dir.checkpoint), config_to_dict(config),
+                        read_model_shape(config.model.hf_checkpoint), config.checkpoint.load)
 
 
 def _refuse_torch_dist(config: Config) -> None:

@@ -165,6 +165,9 @@ def plan_run_dir(config: Config, now: datetime.datetime | None = None) -> tuple[
     if given is None and checkpoint is not None:
         given = _checkpoint_run_dir(checkpoint)
     run_dir = Path(given) if given is not None else _reserve_timestamped_dir(now or datetime.datetime.now())
+    # Absolute in the resolved config (and so in config.yaml and each checkpoint): a resume launched from another
+    # working directory continues in this directory, not in a new relative one beside it.
+    run_dir = run_dir.absolute()
     records = earlier_run_records(run_dir)
     if records and ckpt.load and _resumes_here(run_dir, ckpt.load, checkpoint):
         records = []  # the resumed run's own records: continued, not replaced
