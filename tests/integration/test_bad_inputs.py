@@ -1,8 +1,8 @@
 """A corpus of malformed inputs, each fed to the real `sluice train`: every one must exit 2 with one paragraph
 naming the file (and its line, row or key), no Python traceback, and before any model loads.
 
-The checkpoint here has its config and tokenizer but no weights, so a case that got as far as loading a model
-would fail with a missing-weights error instead (the control case shows that it would).
+The checkpoint here has its config and tokenizer but only one of its weights, so a case that got as far as loading
+a model would fail with a missing-weights error instead (the control case shows that it would).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from safetensors.torch import load_file, save_file
 
 from sluice.cli import main
 
@@ -101,6 +102,10 @@ CHECKPOINT_CASES = {
                                   "cannot load its tokenizer: ValueError: {dir}/tokenizer_config.json: not valid JSON"),
     "tokenizer_json_not_json": (lambda d: (d / "tokenizer.json").write_text("{nope"),
                                 "cannot load its tokenizer: Exception: key must be a string"),
+    "no_weights": (lambda d: [p.unlink() for p in d.glob("*.safetensors")],
+                   "no *.safetensors weights there (it holds no weight files)"),
+    "bin_weights": (lambda d: [p.rename(d / "pytorch_model.bin") for p in d.glob("*.safetensors")],
+                    "no *.safetensors weights there (it holds pytorch_model.bin); sluice reads safetensors"),
     # transformers would load the model type's tokenizer class with an empty vocabulary: every prompt -> []
     "no_tokenizer_files": (lambda d: [(d / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")],
                            "cannot load its tokenizer: ValueError: {dir}: the tokenizer loaded from here encodes "
@@ -110,11 +115,13 @@ CHECKPOINT_CASES = {
 
 @pytest.fixture(scope="module")
 def weightless_checkpoint(tiny_checkpoint, tmp_path_factory) -> str:
-    """The tiny checkpoint's config and tokenizer without its weights: loading a model from it fails."""
+    """The tiny checkpoint's config and tokenizer with one weight of many: loading a model from it fails."""
     out = tmp_path_factory.mktemp("weightless")
     for item in Path(tiny_checkpoint).iterdir():
         if item.suffix != ".safetensors":
             shutil.copy(item, out / item.name)
+    (weights,) = Path(tiny_checkpoint).glob("*.safetensors")
+    save_file({"model.norm.weight": load_file(str(weights))["model.norm.weight"]}, str(out / "model.safetensors"))
     return str(out)
 
 
@@ -193,7 +200,7 @@ def test_broken_checkpoint_files_name_the_checkpoint(name, weightless_checkpoint
 def test_good_data_on_the_weightless_checkpoint_reaches_model_loading(weightless_checkpoint, tmp_path):
     """The control: with nothing wrong in the inputs, the run gets as far as loading weights."""
     good = write_case(tmp_path, "good.jsonl", jsonl(GOOD_ROWS))
-    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors files"):
+    with pytest.raises(ValueError, match=r"the checkpoint lacks \d+ weights"):
         main(train_argv(weightless_checkpoint, good, tmp_path / "run"))
 
 

@@ -256,6 +256,11 @@ def _check_checkpoint_dir(flag: str, path: str) -> None:
         where = f" (line {error.lineno}, column {error.colno})" if isinstance(error, json.JSONDecodeError) else ""
         raise ConfigError(f"{flag} {path}: {config_file} is not valid JSON{where}: "
                           f"{getattr(error, 'msg', None) or error}") from None
+    if not any(Path(path).glob("*.safetensors")):
+        others = sorted(p.name for p in Path(path).glob("*.bin")) or sorted(p.name for p in Path(path).glob("*.pt"))
+        found = f"it holds {', '.join(others[:3])}" if others else "it holds no weight files"
+        raise ConfigError(f"{flag} {path}: no *.safetensors weights there ({found}); sluice reads safetensors "
+                          "checkpoints: AutoModelForCausalLM.from_pretrained(path).save_pretrained(out) writes one")
 
 
 def _checkpoint_tokenizer(checkpoint: str):
