@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -35,6 +35,7 @@ from sluice.engine.clients.protocol import FinishReason, GenerateRequest, Genera
 from sluice.engine.kv_pool import KVPool, KVShape, pages_for_memory
 from sluice.engine.model_ops import engine_ops
 from sluice.engine.model_runner import ModelRunner, Readback
+from sluice.engine.prompt_logprobs import PromptScores
 from sluice.engine.sampler import sample_tokens
 from sluice.engine.scheduler import ScheduledBatch, Scheduler
 from sluice.engine.sequence import PENDING_TOKEN, OnDone, OnUpdate, Sequence, SequenceState
@@ -136,10 +137,13 @@ class LocalEngine:
                              f"got {request.top_logprobs_num}")
         if self.tokenizer is None and request.sampling_params.stop:
             raise ValueError("stop strings need a tokenizer; this engine runs with --sglang-skip-tokenizer-init")
+        if request.sampling_params.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0; got {request.sampling_params.max_new_tokens}")
+        start = _input_logprob_start(request, len(prompt))
         generator = None
         if request.sampling_params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(request.sampling_params.seed))
-        seq = Sequence(request, on_done, on_update, generator, prompt, len(prompt))
+        seq = Sequence(request, on_done, on_update, generator, prompt, len(prompt), input_logprob_start=start)
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is shut down")
@@ -344,9 +348,13 @@ class LocalEngine:
     def _launch(self, batch: ScheduledBatch) -> "_Launched":
         """Run the batch and sample on the device; each sampled sequence gets a pending token."""
         started = time.perf_counter()
-        logits, rows = self.runner.run(batch)
+        logits, rows, scores = self.runner.run(batch)
+        prompts_done = []  # max_new_tokens 0: done once this step's prompt logprobs are read back
         for seq, count in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += count
+            if seq.is_prefill_only and seq.num_computed == len(seq.token_ids):
+                seq.finishing = True  # nothing more to schedule
+                prompts_done.append(seq)
         seqs = [batch.seqs[i] for i in rows]
         readback, positions = None, []
         if seqs:
@@ -360,14 +368,21 @@ class LocalEngine:
                 num_output = len(seq.token_ids) - seq.num_prompt_tokens
                 seq.finishing = (num_output >= seq.request.sampling_params.max_new_tokens
                                  or len(seq.token_ids) >= self.context_len)
-        return _Launched(batch, seqs, positions, readback, self.weight_version, time.perf_counter() - started)
+        return _Launched(batch, seqs, positions, readback, self.weight_version, time.perf_counter() - started,
+                         scores, prompts_done)
 
     def _read_back(self, launched: "_Launched", done: list[Sequence], updates: list[Sequence]) -> None:
         """Put the step's tokens in place of their pending entries; stop checks; prefix-cache registration."""
         started = time.perf_counter()
         tokens, logprobs = launched.readback.result() if launched.readback is not None else ([], [])
         tops = launched.readback.top_logprobs() if launched.readback is not None else {}
+        if launched.prompt_scores is not None:
+            launched.prompt_scores.deliver()
         synced = time.perf_counter()
+        for seq in launched.prompts_done:
+            if seq.state != SequenceState.FINISHED:  # not aborted meanwhile
+                seq.finish = FinishReason.LENGTH
+                self._retire(seq, done)
         for row, (seq, position, token, logprob) in enumerate(zip(launched.seqs, launched.positions, tokens, logprobs)):
             if seq.state == SequenceState.FINISHED:  # aborted, or stopped on the token before: this one is dropped
                 continue
@@ -449,6 +464,8 @@ class LocalEngine:
             cached_tokens=seq.cached_tokens,
             weight_versions=list(seq.output_versions),
             output_top_logprobs=list(seq.output_top_logprobs),
+            input_logprobs=_with_first_none(seq.input_logprobs, seq),
+            input_top_logprobs=_with_first_none(seq.input_top_logprobs, seq) if seq.request.top_logprobs_num else [],
         )
 
 
@@ -462,6 +479,30 @@ class _Launched:
     readback: Readback | None  # None when the step samples nothing (prefill chunks only)
     weight_version: int
     launch_s: float
+    prompt_scores: PromptScores | None = None  # logprobs of prompt positions this step scores
+    prompts_done: list[Sequence] = field(default_factory=list)  # max_new_tokens 0 requests whose prompt is computed
+
+
+def _input_logprob_start(request: GenerateRequest, num_prompt_tokens: int) -> int:
+    """The first prompt position to report (-1: none), or ValueError for one past the prompt (as SGLang refuses
+    it). SGLang's default -1 reports the last prompt token alone (a None entry, nothing to compute), and nothing
+    for a request that generates no token."""
+    start = request.logprob_start_len
+    if start < -1:
+        raise ValueError(f"logprob_start_len must be -1 (the default) or a prompt position >= 0; got {start}")
+    if start >= num_prompt_tokens:
+        raise ValueError(f"logprob_start_len ({start}) must be less than the number of input tokens "
+                         f"({num_prompt_tokens}); use a smaller logprob_start_len")
+    if not request.return_logprob:
+        return -1
+    if start == -1:
+        return -1 if request.sampling_params.max_new_tokens == 0 else num_prompt_tokens - 1
+    return start
+
+
+def _with_first_none(values: list, seq: Sequence) -> list:
+    """SGLang's input logprob lists: None for the start position itself, then one value per scored token."""
+    return [None, *values] if seq.input_logprob_start >= 0 else []
 
 
 def _attention_backend(device: torch.device, head_dim: int) -> tuple[Callable, bool]:
