@@ -109,3 +109,35 @@ def test_a_stream_ends_with_the_input_logprobs(http):
     with http.stream("POST", "/generate", json={**body, "stream": True}) as response:
         chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
     assert chunks[-1]["meta_info"]["input_token_logprobs"] == plain
+
+
+# ----------------------------------------------------------------------------------------------- OpenAI echo
+def test_completions_echo_scores_the_prompt_with_the_openai_client(server, engine, hf_lively):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    text = "reverse 12345 please"
+    ids = engine.tokenizer.encode(text)
+    reply = client.completions.create(model="lively", prompt=text, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    choice = reply.choices[0]
+    values, tops = hf_prompt_logprobs(hf_lively, ids, 0, 2)
+    assert choice.text == text and choice.finish_reason == "length" and reply.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == [engine.tokenizer.decode([t]) for t in ids]
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(values, abs=1e-4)
+    for top, (top_ids, logprobs), piece in zip(choice.logprobs.top_logprobs[1:], tops, choice.logprobs.tokens[1:]):
+        expected = dict(zip((engine.tokenizer.decode([t]) for t in top_ids), logprobs))
+        assert set(expected) <= set(top) and piece in top
+        assert [top[key] for key in expected] == pytest.approx(list(expected.values()), abs=1e-4)
+    generated = client.completions.create(model="lively", prompt=text, max_tokens=3, echo=True, logprobs=0,
+                                          temperature=0, extra_body={"ignore_eos": True})
+    choice = generated.choices[0]
+    assert len(choice.logprobs.tokens) == len(ids) + 3 and choice.text.startswith(text)
+    assert choice.logprobs.token_logprobs[1 : len(ids)] == pytest.approx(values, abs=1e-4)
+
+
+def test_completions_echo_without_logprobs_and_streamed_echo(http):
+    reply = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "echo": True}).json()
+    assert reply["choices"][0]["text"].startswith("hi") and reply["choices"][0]["logprobs"] is None
+    refused = http.post("/v1/completions", json={"prompt": "hi", "echo": True, "stream": True})
+    assert refused.status_code == 400 and "echo" in refused.json()["error"]["message"]
