@@ -61,7 +61,7 @@ OUT_OF_RANGE = [
      ["maximum context length of 512 tokens", "603 tokens", "600 tokens for the completion"]),
     ("/v1/completions", {"prompt": [5] * 600}, "prompt", ["The input (600 tokens)", "(512 tokens"]),
     ("/v1/completions", {"prompt": [5] * 500}, "max_tokens", ["516 tokens", "16 tokens for the completion"]),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", ["greater than or equal to 1"]),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens", ["greater than or equal to 0"]),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs", ["limit is 20"]),
     ("/v1/completions", {"prompt": "hi", "logprobs": -1}, "logprobs", ["greater than or equal to 0"]),
     ("/v1/completions", {"prompt": "hi", "n": 129}, "n", ["less than or equal to 128"]),
