@@ -103,12 +103,16 @@ def test_a_batch_scores_each_prompt_from_its_own_start(http, hf_lively):
     assert_reference(outputs[1]["meta_info"], hf_lively, prompts[1], 3)
 
 
-def test_a_stream_ends_with_the_input_logprobs(http):
-    body = scoring(PROMPT, 4, max_new_tokens=3)
-    plain = http.post("/generate", json=body).json()["meta_info"]["input_token_logprobs"]
+def test_every_chunk_of_a_stream_carries_the_input_logprobs(http):
+    """As in SGLang's (non-incremental) stream: the prompt's logprobs from the first chunk on."""
+    body = scoring(PROMPT, 4, max_new_tokens=3, top_logprobs_num=2)
+    plain = http.post("/generate", json=body).json()["meta_info"]
     with http.stream("POST", "/generate", json={**body, "stream": True}) as response:
         chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
-    assert chunks[-1]["meta_info"]["input_token_logprobs"] == plain
+    assert len(chunks) == 4  # three tokens, then the complete response
+    for chunk in chunks:
+        assert chunk["meta_info"]["input_token_logprobs"] == plain["input_token_logprobs"]
+        assert chunk["meta_info"]["input_top_logprobs"] == plain["input_top_logprobs"]
 
 
 # ----------------------------------------------------------------------------------------------- OpenAI echo

@@ -31,14 +31,14 @@ from transformers import AutoConfig
 
 from sluice.device import resolve_device, resolve_dtype
 from sluice.engine.block_manager import BlockManager
-from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors
+from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors, TopLogprobs
 from sluice.engine.kv_pool import KVPool, KVShape, pages_for_memory
 from sluice.engine.model_ops import engine_ops
 from sluice.engine.model_runner import ModelRunner, Readback
 from sluice.engine.prompt_logprobs import PromptScores
 from sluice.engine.sampler import sample_tokens
 from sluice.engine.scheduler import ScheduledBatch, Scheduler
-from sluice.engine.sequence import PENDING_TOKEN, OnDone, OnUpdate, Sequence, SequenceState
+from sluice.engine.sequence import PENDING_TOKEN, OnDone, OnInputLogprobs, OnUpdate, Sequence, SequenceState
 from sluice.engine.settings import EngineConfig
 from sluice.engine.stats import EngineStats
 from sluice.engine.stopping import StopChecker
@@ -120,8 +120,11 @@ class LocalEngine:
         return self.pool.capacity_tokens
 
     # ---- requests (any thread) ----------------------------------------------------------------------
-    def submit(self, request: GenerateRequest, on_done: OnDone, on_update: OnUpdate | None = None) -> None:
-        """Queue a request; ``on_done`` gets the GenerateResult (or an exception), on the worker thread."""
+    def submit(self, request: GenerateRequest, on_done: OnDone, on_update: OnUpdate | None = None,
+               on_input_logprobs: OnInputLogprobs | None = None) -> None:
+        """Queue a request; ``on_done`` gets the GenerateResult (or an exception), on the worker thread.
+        ``on_update`` gets each batch of new tokens; ``on_input_logprobs`` the prompt logprobs, once, before the
+        first ``on_update`` (a stream shows them from its first chunk, as SGLang's does)."""
         prompt = list(request.input_ids)
         if not prompt:
             raise ValueError("input_ids is empty: a request needs at least one prompt token")
@@ -143,7 +146,8 @@ class LocalEngine:
         generator = None
         if request.sampling_params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(request.sampling_params.seed))
-        seq = Sequence(request, on_done, on_update, generator, prompt, len(prompt), input_logprob_start=start)
+        seq = Sequence(request, on_done, on_update, generator, prompt, len(prompt), input_logprob_start=start,
+                       on_input_logprobs=on_input_logprobs)
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is shut down")
@@ -442,9 +446,13 @@ class LocalEngine:
             new_ids = seq.output_ids[seq.num_reported : count]
             new_logprobs = seq.output_logprobs[seq.num_reported : count]
             new_top = seq.output_top_logprobs[seq.num_reported : count]
+            first = seq.num_reported == 0
             seq.num_reported = count
-            if new_ids:
-                _call(seq.on_update, new_ids, new_logprobs, new_top)
+            if not new_ids:
+                continue
+            if first and seq.on_input_logprobs is not None:  # the prompt is scored before any token is sampled
+                _call(seq.on_input_logprobs, *_input_logprobs(seq))
+            _call(seq.on_update, new_ids, new_logprobs, new_top)
         for seq in done:
             _call(seq.on_done, self._result(seq))
 
@@ -464,8 +472,8 @@ class LocalEngine:
             cached_tokens=seq.cached_tokens,
             weight_versions=list(seq.output_versions),
             output_top_logprobs=list(seq.output_top_logprobs),
-            input_logprobs=_with_first_none(seq.input_logprobs, seq),
-            input_top_logprobs=_with_first_none(seq.input_top_logprobs, seq) if seq.request.top_logprobs_num else [],
+            input_logprobs=_input_logprobs(seq)[0],
+            input_top_logprobs=_input_logprobs(seq)[1],
         )
 
 
@@ -500,9 +508,13 @@ def _input_logprob_start(request: GenerateRequest, num_prompt_tokens: int) -> in
     return start
 
 
-def _with_first_none(values: list, seq: Sequence) -> list:
-    """SGLang's input logprob lists: None for the start position itself, then one value per scored token."""
-    return [None, *values] if seq.input_logprob_start >= 0 else []
+def _input_logprobs(seq: Sequence) -> tuple[list[float | None], list[TopLogprobs | None]]:
+    """SGLang's input logprob lists: None for the start position itself, then one value per scored token (the top
+    candidates only for a request that asks for them)."""
+    if seq.input_logprob_start < 0:
+        return [], []
+    tops = [None, *seq.input_top_logprobs] if seq.request.top_logprobs_num else []
+    return [None, *seq.input_logprobs], tops
 
 
 def _attention_backend(device: torch.device, head_dim: int) -> tuple[Callable, bool]:

@@ -17,6 +17,8 @@ PENDING_TOKEN = -1
 OnDone = Callable[["GenerateResult | BaseException"], None]
 # new output ids, their logprobs, and their top candidates (empty unless the request set top_logprobs_num)
 OnUpdate = Callable[[list[int], list[float], list[TopLogprobs]], None]
+# the prompt logprobs and their top candidates, in GenerateResult's form (input_logprobs, input_top_logprobs)
+OnInputLogprobs = Callable[[list["float | None"], list["TopLogprobs | None"]], None]
 
 
 class SequenceState(enum.Enum):
@@ -56,6 +58,7 @@ class Sequence:
     finish: FinishReason | None = None
     matched_stop: int | str | None = None
     text: str = ""
+    on_input_logprobs: OnInputLogprobs | None = None  # called once, before the first on_update
 
     @property
     def rid(self) -> str:

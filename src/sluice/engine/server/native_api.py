@@ -1,7 +1,7 @@
 """``POST /generate``, SGLang's native generation endpoint, plain and streamed.
 
 A streamed response follows SGLang's default (non-incremental) format: every ``data:`` chunk carries the output
-so far (text, output_ids, logprobs), the last one is the complete response with its finish reason, and
+so far (text, output_ids, logprobs) and the prompt's logprobs when asked for, the last one is the complete response with its finish reason, and
 ``data: [DONE]`` ends the stream. Text that may be the start of a stop string is held back until it is not.
 """
 
@@ -97,10 +97,9 @@ def _top_triples(ctx: ServerContext, tops: list[TopLogprobs | None], with_text: 
     return [None if top is None else _logprob_triples(ctx, top.token_ids, top.logprobs, with_text) for top in tops]
 
 
-def _input_triples(ctx: ServerContext, result: GenerateResult, prompt: list[int], with_text: bool) -> list[list]:
+def _input_triples(ctx: ServerContext, prompt: list[int], logprobs: list[float | None], with_text: bool) -> list[list]:
     """SGLang's ``input_token_logprobs``: the prompt tokens from logprob_start_len on, the first logprob None."""
-    start = len(prompt) - len(result.input_logprobs)
-    return _logprob_triples(ctx, prompt[start:], result.input_logprobs, with_text)
+    return _logprob_triples(ctx, prompt[len(prompt) - len(logprobs) :], logprobs, with_text)
 
 
 
@@ -118,7 +117,7 @@ def native_output(ctx: ServerContext, result: GenerateResult, item: GenerateItem
     if result.weight_versions:  # sluice's extension: which weights sampled which tokens, as [version, count] runs
         meta["weight_version_runs"] = version_runs(result.weight_versions)
     if item.return_logprob:
-        meta["input_token_logprobs"] = _input_triples(ctx, result, prompt, with_text)
+        meta["input_token_logprobs"] = _input_triples(ctx, prompt, result.input_logprobs, with_text)
         meta["output_token_logprobs"] = _logprob_triples(ctx, result.output_ids, result.output_logprobs, with_text)
     if item.top_logprobs_num:
         meta["input_top_logprobs"] = _top_triples(ctx, result.input_top_logprobs, with_text)
@@ -138,13 +137,17 @@ def version_runs(versions: list[int]) -> list[list[int]]:
     return runs
 
 
-def _partial_output(ctx: ServerContext, request: GenerateRequest, text: str, ids: list[int],
+def _partial_output(ctx: ServerContext, stream: TokenStream, text: str, ids: list[int],
                     logprobs: list[float], tops: list[TopLogprobs], with_text: bool) -> dict:
+    """A chunk before the last: the output so far, and the prompt logprobs (known from the first chunk on)."""
+    request = stream.request
     meta = {"id": request.rid, "finish_reason": None, "prompt_tokens": len(request.input_ids),
             "completion_tokens": len(ids), "cached_tokens": 0, "weight_version": str(ctx.engine.weight_version)}
     if request.return_logprob:
+        meta["input_token_logprobs"] = _input_triples(ctx, request.input_ids, stream.input_logprobs, with_text)
         meta["output_token_logprobs"] = _logprob_triples(ctx, ids, logprobs, with_text)
     if request.top_logprobs_num:
+        meta["input_top_logprobs"] = _top_triples(ctx, stream.input_top_logprobs, with_text)
         meta["output_top_logprobs"] = _top_triples(ctx, tops, with_text)
     return {"text": text, "output_ids": list(ids), "meta_info": meta}
 
@@ -170,7 +173,7 @@ async def _stream_events(ctx: ServerContext, stream: TokenStream, item: Generate
                 logprobs += event.output_logprobs
                 tops += event.output_top_logprobs
                 text.push(event.output_ids)
-                yield sse(_partial_output(ctx, stream.request, text.sent, ids, logprobs, tops, with_text))
+                yield sse(_partial_output(ctx, stream, text.sent, ids, logprobs, tops, with_text))
             else:
                 yield sse(native_output(ctx, event, item, stream.request.input_ids, with_text, started))
     except Exception as error:  # noqa: BLE001 - the status line is already sent; report in-band as SGLang does
