@@ -55,6 +55,7 @@ OUT_OF_RANGE = [
     ("/generate", native(return_logprob=True, logprob_start_len=3), "logprob_start_len",
      ["logprob_start_len=3", "number of input tokens (3)"]),
     ("/generate", native(return_logprob=True, logprob_start_len=-2), "logprob_start_len", ["-1 (the default)", "-2"]),
+    ("/generate", native(logprob_start_len=0), "logprob_start_len", ["return_logprob"]),
     ("/generate", {"input_ids": [[5, 6], [5, 6, 7]], "return_logprob": True, "logprob_start_len": [1, 7]},
      "logprob_start_len[1]", ["logprob_start_len=7", "number of input tokens (3)"]),
     ("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 600}, "max_tokens",

@@ -15,6 +15,8 @@ from sluice.config import EngineConfig
 from sluice.engine.clients.in_process import InProcessClient
 from sluice.engine.clients.protocol import FinishReason, GenerateRequest
 from sluice.engine.local_engine import LocalEngine
+from sluice.engine.prompt_logprobs import PromptRows, score_prompt_rows
+from sluice.engine.sequence import Sequence
 from sluice.types import SamplingParams
 
 from helpers.reference import hf_prompt_logprobs
@@ -125,3 +127,31 @@ def test_out_of_range_starts_are_refused(small_engine):
     for start, words in ((45, "less than the number of input tokens (45)"), (-2, "-1 (the default)")):
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
             small_engine.submit(scoring(PROMPT, start), lambda _: None)
+    silent = GenerateRequest(PROMPT, SamplingParams(), return_logprob=False, logprob_start_len=0)
+    with pytest.raises(ValueError, match="return_logprob"):
+        small_engine.submit(silent, lambda _: None)
+
+
+def test_scoring_in_slices_of_rows_equals_one_pass(small_engine):
+    """The log-softmax runs over slices of rows (bounded memory); slices of 3 rows give what one pass gives, and
+    each row is log_softmax(logits / temperature) at its target, with its request's top candidates."""
+    model = small_engine.model
+    vocab = model.config.vocab_size
+    hidden = torch.randn(20, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    seqs = [Sequence(GenerateRequest([1, 2], SamplingParams(temperature=t), top_logprobs_num=k), None, None, None,
+                     [1, 2], 2) for t, k in ((0.0, 2), (0.5, 0))]
+    targets = [(3 * r) % vocab for r in range(10)]
+    plan = PromptRows(rows=list(range(0, 20, 2)), targets=targets, seqs=seqs, counts=[6, 4])
+    scale = torch.tensor([1.0] * 6 + [0.5] * 4)[:, None]  # greedy rows at temperature 1
+    with torch.inference_mode():
+        whole = score_prompt_rows(model, hidden, plan)
+        sliced = score_prompt_rows(model, hidden, plan, max_floats=3 * vocab)
+        expected = torch.log_softmax(model.compute_logits(hidden[::2]).float() / scale, -1)
+    # a matmul over fewer rows may round differently in the last bit
+    assert torch.allclose(whole.logprobs, sliced.logprobs, atol=1e-6) and torch.equal(whole.top_ids, sliced.top_ids)
+    assert torch.allclose(whole.logprobs, expected[torch.arange(10), torch.tensor(targets)], atol=1e-6)
+    assert torch.equal(whole.top_ids[:6], expected[:6].topk(2, -1).indices)
+    sliced.deliver()
+    assert [len(seq.input_logprobs) for seq in seqs] == [6, 4]
+    assert [len(seq.input_top_logprobs) for seq in seqs] == [6, 0]
+    assert all(len(top.token_ids) == 2 for top in seqs[0].input_top_logprobs)

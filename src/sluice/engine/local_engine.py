@@ -502,6 +502,8 @@ def _input_logprob_start(request: GenerateRequest, num_prompt_tokens: int) -> in
         raise ValueError(f"logprob_start_len ({start}) must be less than the number of input tokens "
                          f"({num_prompt_tokens}); use a smaller logprob_start_len")
     if not request.return_logprob:
+        if start >= 0:
+            raise ValueError("logprob_start_len asks for prompt logprobs, which come with return_logprob")
         return -1
     if start == -1:
         return -1 if request.sampling_params.max_new_tokens == 0 else num_prompt_tokens - 1

@@ -96,8 +96,10 @@ class PromptScores:
             row += count
 
 
-def score_prompt_rows(model, hidden: torch.Tensor, plan: PromptRows) -> PromptScores:
-    """hidden [packed tokens, hidden size] of the step -> the planned rows' logprobs, a slice of rows at a time."""
+def score_prompt_rows(model, hidden: torch.Tensor, plan: PromptRows,
+                      max_floats: int = MAX_SCORED_FLOATS) -> PromptScores:
+    """hidden [packed tokens, hidden size] of the step -> the planned rows' logprobs, in slices of rows of at
+    most ``max_floats`` log-probs each (one row at least)."""
     device = hidden.device
     vocab = int(model.config.vocab_size)
     index = to_device(plan.rows, torch.int64, device)
@@ -109,7 +111,7 @@ def score_prompt_rows(model, hidden: torch.Tensor, plan: PromptRows) -> PromptSc
     logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
     top_logprobs = torch.empty((num_rows, num_top), dtype=torch.float32, device=device) if num_top else None
     top_ids = torch.empty((num_rows, num_top), dtype=torch.int64, device=device) if num_top else None
-    step = max(1, MAX_SCORED_FLOATS // vocab)
+    step = max(1, max_floats // vocab)
     for first in range(0, num_rows, step):
         last = min(first + step, num_rows)
         logits = model.compute_logits(hidden.index_select(0, index[first:last]))

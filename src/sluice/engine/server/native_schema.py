@@ -200,6 +200,8 @@ class GenerateBody(BaseModel):
             _check_top_logprobs(top_field, tops[i], logprob[i])
             if starts[i] < -1:
                 raise RequestError(start_field, f"must be -1 (the default) or a prompt position >= 0, got {starts[i]}")
+            if starts[i] >= 0 and not logprob[i]:  # SGLang ignores it then: refused here, not dropped
+                raise RequestError(start_field, "prompt logprobs come with the token logprobs: set return_logprob true")
             items.append(GenerateItem(f"{field}[{i}]" if self.is_batch else field, prompts[i], params[i], logprob[i],
                                       rids[i], _item_field("sampling_params", self.sampling_params, i), tops[i],
                                       top_field, starts[i], start_field))
