@@ -460,6 +460,7 @@ class LocalEngine:
         params = seq.request.sampling_params
         if not isinstance(seq.matched_stop, str) and self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
+        input_logprobs, input_top_logprobs = _input_logprobs(seq)
         return GenerateResult(
             rid=seq.rid,
             output_ids=list(seq.output_ids),
@@ -472,8 +473,8 @@ class LocalEngine:
             cached_tokens=seq.cached_tokens,
             weight_versions=list(seq.output_versions),
             output_top_logprobs=list(seq.output_top_logprobs),
-            input_logprobs=_input_logprobs(seq)[0],
-            input_top_logprobs=_input_logprobs(seq)[1],
+            input_logprobs=input_logprobs,
+            input_top_logprobs=input_top_logprobs,
         )
 
 
