@@ -131,3 +131,29 @@ def test_seeded_requests_draw_the_same_tokens_whatever_shares_their_batches(live
     for request, result in zip(seeded, alone):
         assert by_rid[request.rid].output_ids == result.output_ids
     assert len({tuple(r.output_ids) for r in alone}) == len(alone)
+
+
+def test_prompt_logprobs_on_the_gpu_match_transformers_with_overlap_and_graphs(lively_checkpoint):
+    """Prompt scores come back through the overlapped readback (pinned copies, an event per step), chunked prefill
+    included, next to decoding requests on graphs and a prefill-only request; a repeat hits a warm cache."""
+    hf = AutoModelForCausalLM.from_pretrained(lively_checkpoint, dtype=torch.float32).cuda().eval()
+    engine = LocalEngine(lively_checkpoint, EngineConfig(device="cuda", dtype="float32", chunked_prefill_size=32))
+    prompt = [(7 * i + 3) % 90 + 5 for i in range(70)]
+    requests = [GenerateRequest(prompt, greedy(6), logprob_start_len=0, top_logprobs_num=3),
+                GenerateRequest(prompt, greedy(0), logprob_start_len=20),
+                GenerateRequest([12, 13], greedy(10))]
+    try:
+        assert engine.overlap and engine.runner.graph_sizes
+        first = generate(engine, requests)
+        again = generate(engine, requests[:1])[0]
+    finally:
+        engine.shutdown()
+    with torch.no_grad():
+        log_probs = torch.log_softmax(hf(torch.tensor([prompt], device="cuda")).logits[0].float(), -1).cpu()
+    expected = log_probs[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    for result, start in ((first[0], 0), (first[1], 20)):
+        assert result.input_logprobs[0] is None and len(result.input_logprobs) == len(prompt) - start
+        assert (torch.tensor(result.input_logprobs[1:]) - expected[start:]).abs().max().item() < 1e-3
+    assert first[1].output_ids == [] and len(first[2].output_ids) == 10
+    assert again.input_logprobs == first[0].input_logprobs and again.input_top_logprobs == first[0].input_top_logprobs
+    assert [top.token_ids for top in first[0].input_top_logprobs[1:]] == log_probs[:-1].topk(3, -1).indices.tolist()

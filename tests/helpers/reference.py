@@ -32,3 +32,18 @@ def hf_top_logprobs(model, prompt: list[int], output: list[int], count: int,
     log_probs = torch.log_softmax(model(input_ids=ids).logits[0].float() / temperature, dim=-1)
     values, tokens = log_probs[len(prompt) - 1 : len(prompt) - 1 + len(output)].topk(count, dim=-1)
     return [(t.tolist(), v.tolist()) for t, v in zip(tokens, values)]
+
+
+@torch.no_grad()
+def hf_prompt_logprobs(model, prompt: list[int], start: int, count: int = 0,
+                       temperature: float = 1.0) -> tuple[list[float], list[tuple[list[int], list[float]]]]:
+    """For prompt tokens start+1 .. n-1: log softmax(logits / temperature) of each token given those before it,
+    and the ``count`` most likely tokens there (ids, logprobs), from one forward of the prompt."""
+    log_probs = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0].float() / temperature, dim=-1)
+    rows = range(start, len(prompt) - 1)
+    values = [log_probs[p, prompt[p + 1]].item() for p in rows]
+    tops = []
+    if count:
+        top_values, top_ids = log_probs[start : len(prompt) - 1].topk(count, dim=-1)
+        tops = [(i.tolist(), v.tolist()) for i, v in zip(top_ids, top_values)]
+    return values, tops

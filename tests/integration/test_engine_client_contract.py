@@ -26,7 +26,7 @@ from sluice.engine.local_engine import LocalEngine
 from sluice.models.tokenizer import load_tokenizer
 from sluice.types import SamplingParams
 
-from helpers.reference import hf_greedy, hf_logprobs, hf_top_logprobs
+from helpers.reference import hf_greedy, hf_logprobs, hf_prompt_logprobs, hf_top_logprobs
 from helpers.servers import CPU, start_server
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
@@ -150,6 +150,34 @@ def test_top_logprobs_are_the_reference_alternatives_before_truncation(served, h
                 assert top.logprobs[top.token_ids.index(token)] == pytest.approx(logprob, abs=1e-5)
     assert results[0].output_ids == [top.token_ids[0] for top in results[0].output_top_logprobs]  # greedy: argmax
     assert results[2].output_top_logprobs == []
+
+
+def test_prompt_logprobs_from_a_start_position_and_a_prefill_only_request(served, hf_lively, prompt_ids):
+    """``logprob_start_len``: each prompt token's logprob from there on (the first None) and, with
+    ``top_logprobs_num``, its top candidates; ``max_new_tokens`` 0 scores the prompt and generates nothing."""
+    prompt = prompt_ids[2]
+    scored = GenerateRequest(prompt, greedy(3, ignore_eos=True), logprob_start_len=1, top_logprobs_num=3)
+    prefill_only = GenerateRequest(prompt, greedy(0), logprob_start_len=0)
+    default = GenerateRequest(prompt, greedy(2, ignore_eos=True))
+
+    async def scenario(client):
+        return await asyncio.gather(*(client.generate(r) for r in (scored, prefill_only, default)))
+
+    results = run(served.client, scenario)
+    for request, result in zip((scored, prefill_only), results):
+        start = request.logprob_start_len
+        values, tops = hf_prompt_logprobs(hf_lively, prompt, start, request.top_logprobs_num)
+        assert result.input_logprobs[0] is None and len(result.input_logprobs) == len(prompt) - start
+        assert result.input_logprobs[1:] == pytest.approx(values, abs=1e-4)
+        if request.top_logprobs_num:
+            assert result.input_top_logprobs[0] is None
+            for top, (ids, logprobs) in zip(result.input_top_logprobs[1:], tops):
+                assert top.token_ids == ids and top.logprobs == pytest.approx(logprobs, abs=1e-4)
+        else:
+            assert result.input_top_logprobs == []
+    assert len(results[0].output_ids) == 3
+    assert results[1].output_ids == [] and results[1].finish_reason is FinishReason.LENGTH
+    assert results[2].input_logprobs == [None]  # SGLang's default: the last prompt token, nothing computed
 
 
 def test_a_limit_past_the_context_ends_the_request_at_the_context(served, hf_lively, prompt_ids):

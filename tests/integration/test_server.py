@@ -165,7 +165,7 @@ def test_stream_builds_up_to_the_plain_result(http, engine):
     ("/generate", "[1, 2]", "JSON object"),
     ("/generate", {"text": "hi", "sampling_params": {"temprature": 0.5}}, "sampling_params.temprature"),
     ("/generate", {"text": "hi", "sampling_params": {"top_p": "high"}}, "sampling_params.top_p"),
-    ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 0}}, "sampling_params.max_new_tokens"),
+    ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": -1}}, "sampling_params.max_new_tokens"),
     ("/generate", {"text": "hi", "sampling_params": {"top_k": 0}}, "sampling_params.top_k"),
     ("/generate", {"text": "hi", "sampling_params": {"repetition_penalty": 1.3}}, "sampling_params.repetition_penalty"),
     ("/generate", {"text": "hi", "input_ids": [5]}, "text or input_ids"),

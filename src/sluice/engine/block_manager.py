@@ -47,11 +47,11 @@ class BlockManager:
             seq.page_hashes.append(hash((parent, tuple(seq.token_ids[index * size : (index + 1) * size]))))
 
     def match_prefix(self, seq: Sequence) -> tuple[list[int], bool]:
-        """Cached pages for the longest prefix of ``seq`` (its last token excluded: it must be computed to
-        sample from), and whether the next page is being computed by another sequence right now."""
+        """Cached pages for the longest prefix of ``seq`` that it lets the cache serve
+        (``Sequence.cacheable_prefix_len``), and whether the next page is being computed by another sequence now."""
         if not self.enable_prefix_cache:
             return [], False
-        limit = len(seq.token_ids) - 1
+        limit = seq.cacheable_prefix_len
         self.hash_pages(seq, limit)
         pages: list[int] = []
         for index, page_hash in enumerate(seq.page_hashes[: limit // self.page_size]):

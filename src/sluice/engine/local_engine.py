@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -31,13 +31,14 @@ from transformers import AutoConfig
 
 from sluice.device import resolve_device, resolve_dtype
 from sluice.engine.block_manager import BlockManager
-from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors
+from sluice.engine.clients.protocol import FinishReason, GenerateRequest, GenerateResult, NamedTensors, TopLogprobs
 from sluice.engine.kv_pool import KVPool, KVShape, pages_for_memory
 from sluice.engine.model_ops import engine_ops
 from sluice.engine.model_runner import ModelRunner, Readback
+from sluice.engine.prompt_logprobs import PromptScores
 from sluice.engine.sampler import sample_tokens
 from sluice.engine.scheduler import ScheduledBatch, Scheduler
-from sluice.engine.sequence import PENDING_TOKEN, OnDone, OnUpdate, Sequence, SequenceState
+from sluice.engine.sequence import PENDING_TOKEN, OnDone, OnInputLogprobs, OnUpdate, Sequence, SequenceState
 from sluice.engine.settings import EngineConfig
 from sluice.engine.stats import EngineStats
 from sluice.engine.stopping import StopChecker
@@ -119,8 +120,11 @@ class LocalEngine:
         return self.pool.capacity_tokens
 
     # ---- requests (any thread) ----------------------------------------------------------------------
-    def submit(self, request: GenerateRequest, on_done: OnDone, on_update: OnUpdate | None = None) -> None:
-        """Queue a request; ``on_done`` gets the GenerateResult (or an exception), on the worker thread."""
+    def submit(self, request: GenerateRequest, on_done: OnDone, on_update: OnUpdate | None = None,
+               on_input_logprobs: OnInputLogprobs | None = None) -> None:
+        """Queue a request; ``on_done`` gets the GenerateResult (or an exception), on the worker thread.
+        ``on_update`` gets each batch of new tokens; ``on_input_logprobs`` the prompt logprobs, once, before the
+        first ``on_update`` (a stream shows them from its first chunk, as SGLang's does)."""
         prompt = list(request.input_ids)
         if not prompt:
             raise ValueError("input_ids is empty: a request needs at least one prompt token")
@@ -139,7 +143,11 @@ class LocalEngine:
             raise ValueError(f"sampling_params.seed must be an int or None; got {type(seed).__name__} {seed!r}")
         if self.tokenizer is None and request.sampling_params.stop:
             raise ValueError("stop strings need a tokenizer; this engine runs with --sglang-skip-tokenizer-init")
-        seq = Sequence(request, on_done, on_update, prompt, len(prompt))
+        if request.sampling_params.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0; got {request.sampling_params.max_new_tokens}")
+        start = _input_logprob_start(request, len(prompt))
+        seq = Sequence(request, on_done, on_update, prompt, len(prompt), input_logprob_start=start,
+                       on_input_logprobs=on_input_logprobs)
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is shut down")
@@ -344,9 +352,13 @@ class LocalEngine:
     def _launch(self, batch: ScheduledBatch) -> "_Launched":
         """Run the batch and sample on the device; each sampled sequence gets a pending token."""
         started = time.perf_counter()
-        logits, rows = self.runner.run(batch)
+        logits, rows, scores = self.runner.run(batch)
+        prompts_done = []  # max_new_tokens 0: done once this step's prompt logprobs are read back
         for seq, count in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += count
+            if seq.is_prefill_only and seq.num_computed == len(seq.token_ids):
+                seq.finishing = True  # nothing more to schedule
+                prompts_done.append(seq)
         seqs = [batch.seqs[i] for i in rows]
         readback = None
         positions = [len(seq.token_ids) for seq in seqs]  # of the tokens drawn now: a seeded row's noise keys on it
@@ -360,14 +372,21 @@ class LocalEngine:
                 num_output = len(seq.token_ids) - seq.num_prompt_tokens
                 seq.finishing = (num_output >= seq.request.sampling_params.max_new_tokens
                                  or len(seq.token_ids) >= self.context_len)
-        return _Launched(batch, seqs, positions, readback, self.weight_version, time.perf_counter() - started)
+        return _Launched(batch, seqs, positions, readback, self.weight_version, time.perf_counter() - started,
+                         scores, prompts_done)
 
     def _read_back(self, launched: "_Launched", done: list[Sequence], updates: list[Sequence]) -> None:
         """Put the step's tokens in place of their pending entries; stop checks; prefix-cache registration."""
         started = time.perf_counter()
         tokens, logprobs = launched.readback.result() if launched.readback is not None else ([], [])
         tops = launched.readback.top_logprobs() if launched.readback is not None else {}
+        if launched.prompt_scores is not None:
+            launched.prompt_scores.deliver()
         synced = time.perf_counter()
+        for seq in launched.prompts_done:
+            if seq.state != SequenceState.FINISHED:  # not aborted meanwhile
+                seq.finish = FinishReason.LENGTH
+                self._retire(seq, done)
         for row, (seq, position, token, logprob) in enumerate(zip(launched.seqs, launched.positions, tokens, logprobs)):
             if seq.state == SequenceState.FINISHED:  # aborted, or stopped on the token before: this one is dropped
                 continue
@@ -427,9 +446,13 @@ class LocalEngine:
             new_ids = seq.output_ids[seq.num_reported : count]
             new_logprobs = seq.output_logprobs[seq.num_reported : count]
             new_top = seq.output_top_logprobs[seq.num_reported : count]
+            first = seq.num_reported == 0
             seq.num_reported = count
-            if new_ids:
-                _call(seq.on_update, new_ids, new_logprobs, new_top)
+            if not new_ids:
+                continue
+            if first and seq.on_input_logprobs is not None:  # the prompt is scored before any token is sampled
+                _call(seq.on_input_logprobs, *_input_logprobs(seq))
+            _call(seq.on_update, new_ids, new_logprobs, new_top)
         for seq in done:
             _call(seq.on_done, self._result(seq))
 
@@ -437,6 +460,7 @@ class LocalEngine:
         params = seq.request.sampling_params
         if not isinstance(seq.matched_stop, str) and self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
+        input_logprobs, input_top_logprobs = _input_logprobs(seq)
         return GenerateResult(
             rid=seq.rid,
             output_ids=list(seq.output_ids),
@@ -449,6 +473,8 @@ class LocalEngine:
             cached_tokens=seq.cached_tokens,
             weight_versions=list(seq.output_versions),
             output_top_logprobs=list(seq.output_top_logprobs),
+            input_logprobs=input_logprobs,
+            input_top_logprobs=input_top_logprobs,
         )
 
 
@@ -462,6 +488,36 @@ class _Launched:
     readback: Readback | None  # None when the step samples nothing (prefill chunks only)
     weight_version: int
     launch_s: float
+    prompt_scores: PromptScores | None = None  # logprobs of prompt positions this step scores
+    prompts_done: list[Sequence] = field(default_factory=list)  # max_new_tokens 0 requests whose prompt is computed
+
+
+def _input_logprob_start(request: GenerateRequest, num_prompt_tokens: int) -> int:
+    """The first prompt position to report (-1: none), or ValueError for one past the prompt (as SGLang refuses
+    it). SGLang's default -1 reports the last prompt token alone (a None entry, nothing to compute), and nothing
+    for a request that generates no token."""
+    start = request.logprob_start_len
+    if start < -1:
+        raise ValueError(f"logprob_start_len must be -1 (the default) or a prompt position >= 0; got {start}")
+    if start >= num_prompt_tokens:
+        raise ValueError(f"logprob_start_len ({start}) must be less than the number of input tokens "
+                         f"({num_prompt_tokens}); use a smaller logprob_start_len")
+    if not request.return_logprob:
+        if start >= 0:
+            raise ValueError("logprob_start_len asks for prompt logprobs, which come with return_logprob")
+        return -1
+    if start == -1:
+        return -1 if request.sampling_params.max_new_tokens == 0 else num_prompt_tokens - 1
+    return start
+
+
+def _input_logprobs(seq: Sequence) -> tuple[list[float | None], list[TopLogprobs | None]]:
+    """SGLang's input logprob lists: None for the start position itself, then one value per scored token (the top
+    candidates only for a request that asks for them)."""
+    if seq.input_logprob_start < 0:
+        return [], []
+    tops = [None, *seq.input_top_logprobs] if seq.request.top_logprobs_num else []
+    return [None, *seq.input_logprobs], tops
 
 
 def _attention_backend(device: torch.device, head_dim: int) -> tuple[Callable, bool]:

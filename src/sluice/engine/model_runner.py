@@ -27,6 +27,7 @@ from sluice.engine.scheduler import ScheduledBatch
 from sluice.engine.sequence import PENDING_TOKEN, Sequence
 from sluice.engine.model_ops import PagedAttention
 from sluice.engine.clients.protocol import TopLogprobs
+from sluice.engine.prompt_logprobs import PromptScores, plan_prompt_rows, score_prompt_rows
 from sluice.engine.top_logprobs import TopCandidates
 from sluice.models.decoder import DecoderLM
 
@@ -84,7 +85,7 @@ class ModelRunner:
             slots += [pages[p // size] * size + p % size for p in span]
             cu_seqlens.append(cu_seqlens[-1] + count)
             seq_lens.append(stop)
-            if stop == len(seq.token_ids):
+            if _samples(seq, stop):
                 sample_rows.append(cu_seqlens[-1] - 1)
         # Block-table widths in multiples of 16 pages: Triton specialises an integer argument (the table's row
         # stride) on its divisibility by 16, so one compiled prefill kernel serves every width.
@@ -156,21 +157,25 @@ class ModelRunner:
 
     # ---- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Logits [num sampling rows, vocab] (the model's dtype) and, for each, its index in ``batch.seqs``.
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], PromptScores | None]:
+        """Logits [num sampling rows, vocab] (the model's dtype), for each its index in ``batch.seqs``, and the
+        logprobs of the prompt positions the batch scores (requests with a ``logprob_start_len``; None if none).
 
         Nothing here waits for the device: the logits are computed in the stream's order."""
         sampled = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-                   if seq.num_computed + n == len(seq.token_ids)]
+                   if _samples(seq, seq.num_computed + n)]
+        plan = plan_prompt_rows(batch)
         self._replayed_slots = None
-        if batch.is_decode and self.graph_sizes and len(batch.seqs) <= self.graph_sizes[-1]:
+        if (batch.is_decode and plan is None and len(sampled) == len(batch.seqs) and self.graph_sizes
+                and len(batch.seqs) <= self.graph_sizes[-1]):
             logits = self._replay(batch)  # every row samples: remember() reuses the graph's slot input
-            return logits[: len(batch.seqs)], sampled
+            return logits[: len(batch.seqs)], sampled, None
         input_ids, positions, meta, rows = self.prepare(batch)
         hidden = self.model(input_ids, positions, self.attention(meta, self.pool.layer_caches()))
+        scores = score_prompt_rows(self.model, hidden, plan).to_host() if plan is not None else None
         if not rows:
-            return hidden.new_zeros((0, 1)), sampled
-        return self.model.compute_logits(hidden.index_select(0, self._tensor(rows, torch.int64))), sampled
+            return hidden.new_zeros((0, 1)), sampled, scores
+        return self.model.compute_logits(hidden.index_select(0, self._tensor(rows, torch.int64))), sampled, scores
 
     def remember(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor,
                  top: TopCandidates | None = None) -> "Readback":
@@ -289,6 +294,12 @@ class _DecodeGraph:
         self.meta.block_tables[:, :width].copy_(tables_t[:, :width], non_blocking=True)
         self.graph.replay()
         return self.logits[:count]
+
+
+def _samples(seq: Sequence, stop: int) -> bool:
+    """Whether a step computing ``seq`` up to ``stop`` samples its next token: it reaches the sequence's end, and
+    the request generates (max_new_tokens 0 computes the prompt only)."""
+    return stop == len(seq.token_ids) and not seq.is_prefill_only
 
 
 class Readback:

@@ -15,6 +15,8 @@ PENDING_TOKEN = -1
 OnDone = Callable[["GenerateResult | BaseException"], None]
 # new output ids, their logprobs, and their top candidates (empty unless the request set top_logprobs_num)
 OnUpdate = Callable[[list[int], list[float], list[TopLogprobs]], None]
+# the prompt logprobs and their top candidates, in GenerateResult's form (input_logprobs, input_top_logprobs)
+OnInputLogprobs = Callable[[list["float | None"], list["TopLogprobs | None"]], None]
 
 
 class SequenceState(enum.Enum):
@@ -40,6 +42,12 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     output_versions: list[int] = field(default_factory=list)  # weight version that sampled each output token
     output_top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per output token, if the request asked
+    # first prompt position whose logprob is reported, -1: none (see GenerateRequest.logprob_start_len); the
+    # positions after it are scored from the logits of the one before, in order, as prefill chunks compute them
+    input_logprob_start: int = -1
+    num_input_scored: int = 0  # prompt positions from input_logprob_start on launched for scoring
+    input_logprobs: list[float] = field(default_factory=list)  # read back, for prompt tokens start+1, start+2, ...
+    input_top_logprobs: list[TopLogprobs] = field(default_factory=list)  # likewise, if top_logprobs_num is set
     num_reported: int = 0  # output tokens already passed to on_update
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted_once: bool = False
@@ -47,6 +55,7 @@ class Sequence:
     finish: FinishReason | None = None
     matched_stop: int | str | None = None
     text: str = ""
+    on_input_logprobs: OnInputLogprobs | None = None  # called once, before the first on_update
 
     @property
     def rid(self) -> str:
@@ -55,6 +64,32 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_prefill_only(self) -> bool:
+        """max_new_tokens 0: the prompt is computed (and scored, if asked) and nothing is sampled."""
+        return self.request.sampling_params.max_new_tokens == 0
+
+    @property
+    def num_input_logprobs(self) -> int:
+        """Prompt tokens scored from logits (the entry at the start itself is None, see GenerateResult)."""
+        return max(0, self.num_prompt_tokens - 1 - self.input_logprob_start) if self.input_logprob_start >= 0 else 0
+
+    @property
+    def next_scored_position(self) -> int | None:
+        """The next prompt position whose logits score the token after it; None when every one is launched."""
+        if self.num_input_scored >= self.num_input_logprobs:
+            return None
+        return self.input_logprob_start + self.num_input_scored
+
+    @property
+    def cacheable_prefix_len(self) -> int:
+        """How many leading tokens the prefix cache may serve: never the last (it is computed to sample from),
+        nor, while prompt logprobs are still to be scored, anything past the first position to score (its logits
+        are needed, and a cached page holds K/V only), as SGLang caps its radix match at logprob_start_len."""
+        limit = len(self.token_ids) - 1
+        position = self.next_scored_position
+        return limit if position is None else min(limit, position)
 
     @property
     def has_pending_token(self) -> bool:

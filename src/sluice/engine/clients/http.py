@@ -72,6 +72,8 @@ class HttpEngineClient:
                    "return_logprob": request.return_logprob, "rid": request.rid}
         if request.top_logprobs_num:  # SGLang reports top logprobs only along with the token logprobs
             payload.update(return_logprob=True, top_logprobs_num=request.top_logprobs_num)
+        if request.logprob_start_len != -1:
+            payload["logprob_start_len"] = request.logprob_start_len
         try:
             sampling["max_new_tokens"] = await self._fitting_max_new_tokens(request)
             body = await self._send("POST", "/generate", payload, False, self.options.generate_timeout_s)
@@ -287,6 +289,8 @@ def parse_generate_response(body: dict, request: GenerateRequest, fallback_versi
         cached_tokens=int(meta.get("cached_tokens", 0)),
         weight_versions=_expand_version_runs(meta.get("weight_version_runs"), len(output_ids)),
         output_top_logprobs=_parse_top_logprobs(meta, request.top_logprobs_num, len(output_ids)),
+        input_logprobs=_parse_input_logprobs(meta) if request.return_logprob else [],
+        input_top_logprobs=_parse_input_top_logprobs(meta, request.top_logprobs_num) if request.return_logprob else [],
     )
 
 
@@ -303,6 +307,29 @@ def _parse_top_logprobs(meta: dict, count: int, num_tokens: int) -> list[TopLogp
     except (TypeError, ValueError, IndexError):
         raise ValueError(f"meta_info.output_top_logprobs {str(positions)[:200]} is not a list of "
                          "[logprob, token_id, text] triples per position") from None
+
+
+def _parse_input_logprobs(meta: dict) -> list[float | None]:
+    """SGLang's ``input_token_logprobs`` (``[[logprob or None, token_id, text], ...]``) as logprobs; [] if absent."""
+    triples = meta.get("input_token_logprobs") or []
+    try:
+        return [None if t[0] is None else float(t[0]) for t in triples]
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"meta_info.input_token_logprobs {str(triples)[:200]} is not a list of "
+                         "[logprob, token_id, text] triples") from None
+
+
+def _parse_input_top_logprobs(meta: dict, count: int) -> list[TopLogprobs | None]:
+    """SGLang's ``input_top_logprobs``: per prompt position its candidates' triples, or None (the first)."""
+    if not count:
+        return []
+    positions = meta.get("input_top_logprobs") or []
+    try:
+        return [None if triples is None else TopLogprobs([int(t[1]) for t in triples], [float(t[0]) for t in triples])
+                for triples in positions]
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"meta_info.input_top_logprobs {str(positions)[:200]} is not a list of "
+                         "[logprob, token_id, text] triples (or None) per position") from None
 
 
 def _expand_version_runs(runs, num_tokens: int) -> list[int]:

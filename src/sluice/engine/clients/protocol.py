@@ -44,6 +44,10 @@ class GenerateRequest:
     return_logprob: bool = True
     # How many most likely tokens (and their logprobs) to report at each output position; 0: none, and no cost.
     top_logprobs_num: int = 0
+    # First prompt position whose logprob is reported (``GenerateResult.input_logprobs``, SGLang's
+    # ``logprob_start_len``); -1: SGLang's default, the last prompt token only (none when max_new_tokens is 0).
+    # Needs return_logprob; positions from here on are recomputed even when the prefix cache holds them.
+    logprob_start_len: int = -1
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Requests sharing a key (the samples of one GRPO group, the turns of one conversation) go to the same
     # engine behind a MultiEngineClient, so they share its prefix cache; None: route by the prompt's tokens.
@@ -66,6 +70,12 @@ class GenerateResult:
     weight_versions: list[int] = field(default_factory=list)
     # one entry per output token when the request set top_logprobs_num, else empty
     output_top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    # with return_logprob: one entry per prompt token from logprob_start_len on, log p(token | the tokens before
+    # it) in the output logprobs' convention; the first entry is None, as in SGLang (its logits are those of the
+    # position before the start, which the request does not compute: to score token k, start at k - 1)
+    input_logprobs: list[float | None] = field(default_factory=list)
+    # with top_logprobs_num too: the top candidates at each of those positions, the first None likewise
+    input_top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
 
 
 NamedTensors = Mapping[str, torch.Tensor]

@@ -51,6 +51,9 @@ class TokenStream:
         self.engine = engine
         self.request = request
         self.finished = False
+        # the prompt logprobs (GenerateResult's form), set before the first TokenDelta is yielded
+        self.input_logprobs: list[float | None] = []
+        self.input_top_logprobs: list[TopLogprobs | None] = []
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         put = self._queue.put_nowait
@@ -58,7 +61,12 @@ class TokenStream:
             request,
             on_done=lambda outcome: _post(loop, put, outcome),
             on_update=lambda ids, logprobs, top: _post(loop, put, TokenDelta(list(ids), list(logprobs), list(top))),
+            on_input_logprobs=lambda logprobs, tops: _post(loop, self._keep_input_logprobs, logprobs, tops),
         )
+
+    def _keep_input_logprobs(self, logprobs: list, tops: list) -> None:
+        # Posted before the first delta's put, so it runs first on the loop: the delta sees these values.
+        self.input_logprobs, self.input_top_logprobs = list(logprobs), list(tops)
 
     def __aiter__(self) -> AsyncIterator[TokenDelta | GenerateResult]:
         return self._items()

@@ -37,7 +37,8 @@ class ServedEngine(Protocol):
     weight_version: int
 
     def submit(self, request: GenerateRequest, on_done: Callable[[GenerateResult | BaseException], None],
-               on_update: Callable[[list[int], list[float], list[TopLogprobs]], None] | None = None) -> None: ...
+               on_update: Callable[[list[int], list[float], list[TopLogprobs]], None] | None = None,
+               on_input_logprobs: Callable[[list, list], None] | None = None) -> None: ...
     def abort(self, rid: str | None = None) -> None: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
@@ -161,11 +162,16 @@ class ServerContext:
 
     def make_request(self, field: str, input_ids: list[int], params: SamplingParams, return_logprob: bool,
                      rid: str | None = None, *, max_tokens_field: str, top_logprobs_num: int = 0,
-                     top_logprobs_field: str = "") -> GenerateRequest:
+                     top_logprobs_field: str = "", logprob_start_len: int = -1,
+                     logprob_start_field: str = "logprob_start_len") -> GenerateRequest:
         """A checked request: the prompt, the room its ``max_new_tokens`` (given as ``max_tokens_field``) asks
-        for, and the top-logprob count against the server's limit."""
+        for, the top-logprob count against the server's limit, and the first prompt position to score."""
         self.check_prompt(field, input_ids)
         self.check_room(max_tokens_field, len(input_ids), params.max_new_tokens)
         self.check_top_logprobs(top_logprobs_field, top_logprobs_num)
+        if logprob_start_len >= len(input_ids):  # SGLang refuses it too (it aborts the request with 400)
+            raise RequestError(logprob_start_field, f"logprob_start_len={logprob_start_len} is not less than the "
+                                                    f"number of input tokens ({len(input_ids)}); use a smaller "
+                                                    "logprob_start_len")
         return GenerateRequest(list(input_ids), params, return_logprob=return_logprob, rid=rid or uuid.uuid4().hex,
-                               top_logprobs_num=top_logprobs_num)
+                               top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len)

@@ -1,7 +1,7 @@
 """``POST /generate``, SGLang's native generation endpoint, plain and streamed.
 
 A streamed response follows SGLang's default (non-incremental) format: every ``data:`` chunk carries the output
-so far (text, output_ids, logprobs), the last one is the complete response with its finish reason, and
+so far (text, output_ids, logprobs) and the prompt's logprobs when asked for, the last one is the complete response with its finish reason, and
 ``data: [DONE]`` ends the stream. Text that may be the start of a stop string is held back until it is not.
 """
 
@@ -41,12 +41,13 @@ def native_generate_router(ctx: ServerContext) -> APIRouter:
             return StreamingResponse(events, media_type="text/event-stream")
         outcomes = await asyncio.gather(*(ctx.async_engine.generate(r) for r in requests), return_exceptions=True)
         outputs = []
-        for item, outcome in zip(items, outcomes):
+        for item, sent, outcome in zip(items, requests, outcomes):
             if isinstance(outcome, ValueError):
                 raise RequestError(item.field, str(outcome))
             if isinstance(outcome, BaseException):
                 raise outcome
-            outputs.append(native_output(ctx, outcome, item, body.return_text_in_logprobs, started))
+            outputs.append(native_output(ctx, outcome, item, sent.input_ids, body.return_text_in_logprobs,
+                                         started))
         return outputs if body.is_batch else outputs[0]
 
     return router
@@ -57,7 +58,8 @@ def _to_request(ctx: ServerContext, item: GenerateItem) -> GenerateRequest:
     params = item.sampling_params.to_sampling_params(max(ctx.context_len - len(input_ids), 1))
     return ctx.make_request(item.field, input_ids, params, item.return_logprob, item.rid,
                             max_tokens_field=f"{item.params_field}.max_new_tokens",
-                            top_logprobs_num=item.top_logprobs_num, top_logprobs_field=item.top_logprobs_field)
+                            top_logprobs_num=item.top_logprobs_num, top_logprobs_field=item.top_logprobs_field,
+                            logprob_start_len=item.logprob_start_len, logprob_start_field=item.logprob_start_field)
 
 
 def _open_stream(ctx: ServerContext, request: GenerateRequest) -> TokenStream:
@@ -89,14 +91,20 @@ def _logprob_triples(ctx: ServerContext, ids: list[int], logprobs: list[float], 
     return [[lp, tid, ctx.decode_token(tid) if with_text else None] for lp, tid in zip(logprobs, ids)]
 
 
-def _top_triples(ctx: ServerContext, tops: list[TopLogprobs], with_text: bool) -> list[list[list]]:
-    """SGLang's ``output_top_logprobs``: per output token, its top candidates as triples, most likely first."""
-    return [_logprob_triples(ctx, top.token_ids, top.logprobs, with_text) for top in tops]
+def _top_triples(ctx: ServerContext, tops: list[TopLogprobs | None], with_text: bool) -> list[list[list] | None]:
+    """SGLang's ``output_top_logprobs``/``input_top_logprobs``: per token, its top candidates as triples, most
+    likely first (None where there are none: the first prompt position)."""
+    return [None if top is None else _logprob_triples(ctx, top.token_ids, top.logprobs, with_text) for top in tops]
+
+
+def _input_triples(ctx: ServerContext, prompt: list[int], logprobs: list[float | None], with_text: bool) -> list[list]:
+    """SGLang's ``input_token_logprobs``: the prompt tokens from logprob_start_len on, the first logprob None."""
+    return _logprob_triples(ctx, prompt[len(prompt) - len(logprobs) :], logprobs, with_text)
 
 
 
-def native_output(ctx: ServerContext, result: GenerateResult, item: GenerateItem, with_text: bool,
-                  started: float) -> dict:
+def native_output(ctx: ServerContext, result: GenerateResult, item: GenerateItem, prompt: list[int],
+                  with_text: bool, started: float) -> dict:
     meta = {
         "id": result.rid,
         "finish_reason": finish_reason_json(result),
@@ -109,8 +117,10 @@ def native_output(ctx: ServerContext, result: GenerateResult, item: GenerateItem
     if result.weight_versions:  # sluice's extension: which weights sampled which tokens, as [version, count] runs
         meta["weight_version_runs"] = version_runs(result.weight_versions)
     if item.return_logprob:
+        meta["input_token_logprobs"] = _input_triples(ctx, prompt, result.input_logprobs, with_text)
         meta["output_token_logprobs"] = _logprob_triples(ctx, result.output_ids, result.output_logprobs, with_text)
     if item.top_logprobs_num:
+        meta["input_top_logprobs"] = _top_triples(ctx, result.input_top_logprobs, with_text)
         meta["output_top_logprobs"] = _top_triples(ctx, result.output_top_logprobs, with_text)
     text = output_text(result, item.sampling_params.no_stop_trim)
     return {"text": text, "output_ids": list(result.output_ids), "meta_info": meta}
@@ -127,13 +137,17 @@ def version_runs(versions: list[int]) -> list[list[int]]:
     return runs
 
 
-def _partial_output(ctx: ServerContext, request: GenerateRequest, text: str, ids: list[int],
+def _partial_output(ctx: ServerContext, stream: TokenStream, text: str, ids: list[int],
                     logprobs: list[float], tops: list[TopLogprobs], with_text: bool) -> dict:
+    """A chunk before the last: the output so far, and the prompt logprobs (known from the first chunk on)."""
+    request = stream.request
     meta = {"id": request.rid, "finish_reason": None, "prompt_tokens": len(request.input_ids),
             "completion_tokens": len(ids), "cached_tokens": 0, "weight_version": str(ctx.engine.weight_version)}
     if request.return_logprob:
+        meta["input_token_logprobs"] = _input_triples(ctx, request.input_ids, stream.input_logprobs, with_text)
         meta["output_token_logprobs"] = _logprob_triples(ctx, ids, logprobs, with_text)
     if request.top_logprobs_num:
+        meta["input_top_logprobs"] = _top_triples(ctx, stream.input_top_logprobs, with_text)
         meta["output_top_logprobs"] = _top_triples(ctx, tops, with_text)
     return {"text": text, "output_ids": list(ids), "meta_info": meta}
 
@@ -159,9 +173,9 @@ async def _stream_events(ctx: ServerContext, stream: TokenStream, item: Generate
                 logprobs += event.output_logprobs
                 tops += event.output_top_logprobs
                 text.push(event.output_ids)
-                yield sse(_partial_output(ctx, stream.request, text.sent, ids, logprobs, tops, with_text))
+                yield sse(_partial_output(ctx, stream, text.sent, ids, logprobs, tops, with_text))
             else:
-                yield sse(native_output(ctx, event, item, with_text, started))
+                yield sse(native_output(ctx, event, item, stream.request.input_ids, with_text, started))
     except Exception as error:  # noqa: BLE001 - the status line is already sent; report in-band as SGLang does
         yield sse({"error": {"message": f"generation failed: {error}", "type": "server_error", "code": 500}})
     finally:

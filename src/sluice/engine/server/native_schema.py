@@ -67,7 +67,8 @@ class WireSamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = -1
     min_p: float = Field(0.0, ge=0, le=1)
-    max_new_tokens: int | None = Field(SGLANG_DEFAULT_MAX_NEW_TOKENS, ge=1)  # None: up to the context length
+    # None: up to the context length; 0: the prompt is computed (and scored with logprob_start_len), nothing sampled
+    max_new_tokens: int | None = Field(SGLANG_DEFAULT_MAX_NEW_TOKENS, ge=0)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -134,10 +135,11 @@ class GenerateBody(BaseModel):
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: WireSamplingParams | list[WireSamplingParams] = Field(default_factory=WireSamplingParams)
     return_logprob: bool | list[bool] = False
-    # -1: no prompt-token logprobs. Other values are accepted, but only output-token logprobs are returned (and
-    # with top_logprobs_num refused: the prompt's top logprobs are not computed).
+    # with return_logprob: meta_info.input_token_logprobs from this prompt position on (its own entry None, as in
+    # SGLang); -1: the last prompt token only (nothing with max_new_tokens 0). Must be less than the prompt length.
     logprob_start_len: int | list[int] = -1
-    top_logprobs_num: int | list[int] = 0  # with return_logprob: meta_info.output_top_logprobs
+    # with return_logprob: meta_info.output_top_logprobs (and input_top_logprobs over the same prompt positions)
+    top_logprobs_num: int | list[int] = 0
     return_text_in_logprobs: bool = False
     stream: bool = False
     rid: str | list[str] | None = None
@@ -194,10 +196,15 @@ class GenerateBody(BaseModel):
         items = []
         for i in range(count):
             top_field = _item_field("top_logprobs_num", self.top_logprobs_num, i)
-            _check_top_logprobs(top_field, tops[i], logprob[i], starts[i])
+            start_field = _item_field("logprob_start_len", self.logprob_start_len, i)
+            _check_top_logprobs(top_field, tops[i], logprob[i])
+            if starts[i] < -1:
+                raise RequestError(start_field, f"must be -1 (the default) or a prompt position >= 0, got {starts[i]}")
+            if starts[i] >= 0 and not logprob[i]:  # SGLang ignores it then: refused here, not dropped
+                raise RequestError(start_field, "prompt logprobs come with the token logprobs: set return_logprob true")
             items.append(GenerateItem(f"{field}[{i}]" if self.is_batch else field, prompts[i], params[i], logprob[i],
                                       rids[i], _item_field("sampling_params", self.sampling_params, i), tops[i],
-                                      top_field))
+                                      top_field, starts[i], start_field))
         return items
 
 
@@ -206,16 +213,12 @@ def _item_field(name: str, value, index: int) -> str:
     return f"{name}[{index}]" if isinstance(value, list) else name
 
 
-def _check_top_logprobs(field: str, count: int, return_logprob: bool, logprob_start_len: int) -> None:
-    """Top logprobs come with ``return_logprob`` (SGLang ignores them without it: refused here, not dropped), for
-    output tokens only."""
+def _check_top_logprobs(field: str, count: int, return_logprob: bool) -> None:
+    """Top logprobs come with ``return_logprob`` (SGLang ignores them without it: refused here, not dropped)."""
     if count < 0:
         raise RequestError(field, f"must be >= 0, got {count}")
     if count and not return_logprob:
         raise RequestError(field, "top logprobs come with the token logprobs: set return_logprob true")
-    if count and logprob_start_len >= 0:
-        raise RequestError("logprob_start_len", f"{logprob_start_len} asks for input_top_logprobs, which sluice's "
-                                                "engine does not compute (only output tokens'): give -1")
 
 
 @dataclass
@@ -230,6 +233,8 @@ class GenerateItem:
     params_field: str  # where its sampling_params sit in the body
     top_logprobs_num: int
     top_logprobs_field: str
+    logprob_start_len: int = -1
+    logprob_start_field: str = "logprob_start_len"
 
 
 def _per_item(value, count: int, name: str) -> list:

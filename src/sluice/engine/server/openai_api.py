@@ -33,6 +33,7 @@ class Call:
     body: OpenAIRequest
     chat: bool
     prompts: list[list[int]]  # token ids per prompt
+    prompt_texts: list[str]  # each prompt as text (completions echo it)
     requests: list[GenerateRequest]  # prompt-major: choice k is prompt k // n, sample k % n
     id: str
     created: int
@@ -59,7 +60,8 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         raw_prompts = body.prompts()
         ctx.check_batch_size("prompt", len(raw_prompts) * body.n)  # before any tokenizing
         prompts = [(field, ctx.encode(field, p) if isinstance(p, str) else p) for field, p in raw_prompts]
-        return await _serve(ctx, _make_call(ctx, body, prompts, chat=False))
+        texts = [p if isinstance(p, str) else _decode(ctx, p) for _, p in raw_prompts] if body.echo else []
+        return await _serve(ctx, _make_call(ctx, body, prompts, chat=False, prompt_texts=texts))
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -85,7 +87,12 @@ def _chat_prompt(ctx: ServerContext, body: ChatRequest) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _make_call(ctx: ServerContext, body: OpenAIRequest, prompts: list[tuple[str, list[int]]], chat: bool) -> Call:
+def _decode(ctx: ServerContext, ids: list[int]) -> str:
+    return ctx.tokenizer.decode(ids) if ctx.tokenizer is not None else ""
+
+
+def _make_call(ctx: ServerContext, body: OpenAIRequest, prompts: list[tuple[str, list[int]]], chat: bool,
+               prompt_texts: list[str] | None = None) -> Call:
     requests = []
     single = len(prompts) * body.n == 1
     for field, ids in prompts:
@@ -95,10 +102,12 @@ def _make_call(ctx: ServerContext, body: OpenAIRequest, prompts: list[tuple[str,
             requests.append(ctx.make_request(field, ids, params, return_logprob=True, rid=rid,
                                              max_tokens_field=body.max_tokens_field,
                                              top_logprobs_num=body.top_logprobs_num,
-                                             top_logprobs_field=body.top_logprobs_field))
+                                             top_logprobs_field=body.top_logprobs_field,
+                                             logprob_start_len=body.logprob_start_len))
     ctx.admit(len(requests))
     prefix = "chatcmpl" if chat else "cmpl"
-    return Call(body, chat, [ids for _, ids in prompts], requests, f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+    return Call(body, chat, [ids for _, ids in prompts], prompt_texts or [], requests, f"{prefix}-{uuid.uuid4().hex}",
+                int(time.time()))
 
 
 async def _serve(ctx: ServerContext, call: Call):
@@ -129,8 +138,14 @@ def _usage(call: Call, results: list[GenerateResult]) -> dict:
 
 def _choice(ctx: ServerContext, call: Call, index: int, result: GenerateResult) -> dict:
     text = output_text(result, call.body.no_stop_trim)
-    logprobs = (_logprobs(ctx, call, result.output_ids, result.output_logprobs, result.output_top_logprobs)
-                if call.want_logprobs() else None)
+    ids, logprobs, tops = result.output_ids, result.output_logprobs, result.output_top_logprobs
+    if not call.chat and call.body.echo:  # the prompt first: its text, and its tokens' logprobs (the first None)
+        text = call.prompt_texts[index // call.body.n] + text
+        if call.want_logprobs():
+            ids = call.prompts[index // call.body.n] + ids
+            logprobs = result.input_logprobs + logprobs
+            tops = (result.input_top_logprobs + tops) if call.body.top_logprobs_num else []
+    logprobs = _logprobs(ctx, call, ids, logprobs, tops) if call.want_logprobs() else None
     choice = {"index": index, "logprobs": logprobs, "finish_reason": result.finish_reason.value,
               "matched_stop": result.matched_stop, "token_ids": list(result.output_ids)}
     if call.chat:
@@ -154,7 +169,8 @@ def _logprobs(ctx: ServerContext, call: Call, ids: list[int], logprobs: list[flo
     for piece in pieces:
         offsets.append(position)
         position += len(piece)
-    top_dicts = [_completion_top(ctx, top, piece, lp) for piece, lp, top in zip(pieces, logprobs, tops)]
+    top_dicts = [None if top is None or lp is None else _completion_top(ctx, top, piece, lp)
+                 for piece, lp, top in zip(pieces, logprobs, tops)]
     return {"tokens": pieces, "token_logprobs": list(logprobs), "top_logprobs": top_dicts, "text_offset": offsets}
 
 

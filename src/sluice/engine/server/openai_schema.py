@@ -16,7 +16,7 @@ from sluice.types import SamplingParams
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
-_NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "logit_bias": None, "best_of": None, "echo": False,
+_NEUTRAL = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "logit_bias": None, "best_of": None,
             "suffix": None, "tools": None, "repetition_penalty": 1.0, "min_tokens": 0, "regex": None,
             "json_schema": None, "ebnf": None, "return_hidden_states": False, "lora_path": None}
 
@@ -106,6 +106,11 @@ class OpenAIRequest(BaseModel):
         return 0
 
     @property
+    def logprob_start_len(self) -> int:
+        """First prompt position the engine scores; -1: none besides SGLang's default (chat never echoes)."""
+        return -1
+
+    @property
     def top_logprobs_field(self) -> str:
         return "top_logprobs"
 
@@ -125,9 +130,10 @@ class OpenAIRequest(BaseModel):
 
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=1)
+    # 0 with echo scores a prompt: its tokens' logprobs and no completion (as vLLM serves it)
+    max_tokens: int | None = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=0)
     logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
+    echo: bool = False  # the prompt is put before the completion's text (and, with logprobs, its tokens' logprobs)
     suffix: str | None = None
     best_of: int | None = None
 
@@ -138,6 +144,17 @@ class CompletionRequest(OpenAIRequest):
     @property
     def top_logprobs_field(self) -> str:
         return "logprobs"
+
+    @property
+    def logprob_start_len(self) -> int:
+        """The engine scores the whole prompt for echo with logprobs; -1 (its default) otherwise."""
+        return 0 if self.echo and self.logprobs is not None else -1
+
+    @model_validator(mode="after")
+    def _echo_not_streamed(self) -> "CompletionRequest":
+        if self.echo and self.stream:
+            raise ValueError("echo: streamed completions do not echo the prompt; set stream false")
+        return self
 
     def prompts(self) -> list[tuple[str, str | list[int]]]:
         """(field, text or token ids) per prompt."""
