@@ -4,8 +4,9 @@ Keys are dotted paths into nested rows (``key_path.py``), so verl's layout works
 prompt --label-key reward_model.ground_truth --metadata-key extra_info``, and its ``data_source`` column reaches
 reward functions as ``sample.metadata["data_source"]`` (``--data-source-key``).
 
-All row problems are ``DataError`` naming the file, line (or row) and key, raised at load time, so a bad
-dataset fails before any GPU work starts rather than hours later when the bad row comes up in a batch.
+``sample_from_row`` is the one conversion of a row into a ``Sample``: whole files (``load_prompt_samples``, for
+eval sets and --data-source-path) and the training prompts, converted as they are drawn (``prompt_table.py``),
+both go through it. Every row problem is a ``DataError`` naming the file, line (or row) and key.
 Prompts over ``--rollout-max-prompt-len`` are dropped and counted in a ``LoadReport``, never silently.
 """
 
@@ -125,8 +126,10 @@ def _label(located: LocatedRow, config: DataConfig, text_reward: str | None) -> 
     return label
 
 
-def _sample_from_row(located: LocatedRow, config: DataConfig, tokenizer: PromptTokenizer,
-                     text_reward: str | None) -> Sample:
+def sample_from_row(located: LocatedRow, config: DataConfig, tokenizer: PromptTokenizer,
+                    text_reward: str | None) -> Sample:
+    """The prompt sample of one row: keys looked up, chat template rendered, tokenized; ``text_reward`` as for
+    ``check_first_row``. Raises ``DataError`` naming the row's place for any problem."""
     prompt = required_key(located, config.input_key, "--input-key")
     label = _label(located, config, text_reward) if config.label_key else None
     metadata = _metadata(located, config)
@@ -152,28 +155,40 @@ def check_first_row(spec: str, config: DataConfig, *, text_reward: str | None = 
         _label(located, config, text_reward)
 
 
-def load_prompt_samples(spec: str, config: DataConfig, tokenizer: PromptTokenizer, *,
-                        text_reward: str | None = None) -> tuple[list[Sample], LoadReport]:
-    """Samples for every usable row of ``spec``, in file order, and a report of what was dropped.
-
-    ``text_reward``: as for ``check_first_row``.
-    """
+def checked_max_prompt_len(config: DataConfig) -> int | None:
     limit = config.rollout_max_prompt_len
     if limit is not None and limit <= 0:
         raise DataError(f"--rollout-max-prompt-len must be positive, got {limit}")
-    samples = [_sample_from_row(located, config, tokenizer, text_reward) for located in iter_located_rows(spec)]
-    kept = [s for s in samples if limit is None or len(s.prompt_tokens) <= limit]
-    report = LoadReport(
-        num_rows=len(samples),
-        num_kept=len(kept),
-        num_dropped_too_long=len(samples) - len(kept),
-        max_prompt_len=limit,
-        longest_kept_len=max((len(s.prompt_tokens) for s in kept), default=0),
-    )
-    if not kept:
+    return limit
+
+
+def fits(sample: Sample, limit: int | None) -> bool:
+    """Whether ``sample`` is within --rollout-max-prompt-len (``limit``; None: no limit)."""
+    return limit is None or len(sample.prompt_tokens) <= limit
+
+
+def length_report(spec: str, samples: list[Sample], limit: int | None) -> LoadReport:
+    """What the length filter keeps of ``samples`` (every row of ``spec``); an error when it keeps nothing."""
+    kept_lens = [len(s.prompt_tokens) for s in samples if fits(s, limit)]
+    if not kept_lens:
         shortest = min(len(s.prompt_tokens) for s in samples)
         raise DataError(
             f"{spec}: all {len(samples)} prompts are longer than --rollout-max-prompt-len={limit} tokens "
             f"(the shortest has {shortest}); raise the limit"
         )
-    return kept, report
+    return LoadReport(num_rows=len(samples), num_kept=len(kept_lens), num_dropped_too_long=len(samples) - len(kept_lens),
+                      max_prompt_len=limit, longest_kept_len=max(kept_lens))
+
+
+def load_prompt_samples(spec: str, config: DataConfig, tokenizer: PromptTokenizer, *,
+                        text_reward: str | None = None) -> tuple[list[Sample], LoadReport]:
+    """Samples for every usable row of ``spec``, in file order, and a report of what was dropped.
+
+    All of them, converted now: for eval sets (every eval uses every prompt) and --data-source-path (whose
+    factory takes the list). Training prompts are converted as drawn instead (``prompt_table.py``).
+    ``text_reward``: as for ``check_first_row``.
+    """
+    limit = checked_max_prompt_len(config)
+    samples = [sample_from_row(located, config, tokenizer, text_reward) for located in iter_located_rows(spec)]
+    report = length_report(spec, samples, limit)
+    return [s for s in samples if fits(s, limit)], report

@@ -5,6 +5,11 @@ the fly), parquet batch by batch within the row groups that overlap the range, A
 batch from a memory map. Counting is cheap where the format records it (parquet footers, Arrow batch headers)
 and one pass without JSON parsing for jsonl, cached once done.
 
+``rows_at`` reads rows at scattered positions, for the shuffled prompt order: a plain jsonl file by seeking to
+each row (a line index built by the counting pass, 8 bytes per row), parquet by its row groups, Arrow from a
+memory map. What a format can only read whole (a row group, a mapped file, a compressed jsonl file, which has to
+be decompressed from its start) is a block, kept in a shared ``BlockCache`` bounded in bytes.
+
 Positions are 0-based indices of rows (blank jsonl lines are not rows); places in messages are 1-based lines
 for jsonl (``file:line``) and 1-based rows otherwise (``file row N``).
 """
@@ -18,6 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+import numpy as np
+
+from sluice.data.block_cache import BlockCache
+from sluice.data.line_index import LineIndex, index_lines
 from sluice.data.rows import DataError, LocatedRow
 
 _BATCH_ROWS = 1024  # rows converted to Python objects at a time
@@ -34,6 +43,10 @@ class Shard(Protocol):
         """Rows at positions ``start <= i < stop`` (``stop`` None: to the end), in file order."""
         ...
 
+    def rows_at(self, positions: np.ndarray, cache: BlockCache) -> list[LocatedRow]:
+        """Rows at ``positions`` (ascending, distinct, each below ``num_rows()``), in that order."""
+        ...
+
 
 class JsonlShard:
     """A ``.jsonl`` file, plain or compressed (``.jsonl.gz``, ``.jsonl.zst``)."""
@@ -41,6 +54,7 @@ class JsonlShard:
     def __init__(self, path: Path, codec: str | None) -> None:
         self.path, self.codec = path, codec
         self._num_rows: int | None = None
+        self._index: LineIndex | None = None  # plain files only: a compressed file cannot be seeked into
 
     def _open(self) -> IO[bytes]:
         # Bytes, decoded line by line: a text stream decodes ahead in chunks, so its error could not name the line.
@@ -63,9 +77,49 @@ class JsonlShard:
             raise DataError(f"{self.path}: cannot read as {self.codec or 'utf-8'} jsonl: {exc}") from exc
 
     def num_rows(self) -> int:
+        if self.codec is None:
+            return self.index().num_rows
         if self._num_rows is None:
             self._num_rows = sum(1 for _ in self._lines())
         return self._num_rows
+
+    def index(self) -> LineIndex:
+        """The line index of a plain file, built once by one pass over it."""
+        if self._index is None:
+            try:
+                with self.path.open("rb") as handle:
+                    self._index = index_lines(handle)
+            except OSError as exc:
+                raise DataError(f"{self.path}: cannot read: {exc}") from exc
+        return self._index
+
+    def _decompressed(self) -> tuple[tuple[bytes, LineIndex], int]:
+        """The whole decompressed text of a compressed file and its line index, as a cache block."""
+        try:
+            with self._open() as handle:
+                text = handle.read()
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{self.path}: cannot read as {self.codec} jsonl: {exc}") from exc
+        index = index_lines(io.BytesIO(text))
+        self._num_rows = index.num_rows
+        return (text, index), len(text) + index.offsets.nbytes
+
+    def rows_at(self, positions: np.ndarray, cache: BlockCache) -> list[LocatedRow]:
+        if self.codec is None:
+            index = self.index()
+            try:
+                with self.path.open("rb") as handle:
+                    raws = [_line_at(handle, int(index.offsets[p])) for p in positions]
+            except OSError as exc:
+                raise DataError(f"{self.path}: cannot read: {exc}") from exc
+        else:
+            text, index = cache.get(("jsonl", self.path), self._decompressed)
+            raws = [_line_in(text, int(start)) for start in index.offsets[positions]]
+        out = []
+        for position, raw in zip(positions, raws):
+            where = f"{self.path}:{index.line_of(int(position))}"
+            out.append(LocatedRow(where, _parse_line(where, _decode(where, raw))))
+        return out
 
     def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
         position = -1
@@ -76,6 +130,16 @@ class JsonlShard:
                 where = f"{self.path}:{number}"
                 yield LocatedRow(where, _parse_line(where, _decode(where, raw)))
         self._num_rows = position + 1  # read to the end: the count comes for free
+
+
+def _line_at(handle: IO[bytes], offset: int) -> bytes:
+    handle.seek(offset)
+    return handle.readline()
+
+
+def _line_in(text: bytes, start: int) -> bytes:
+    end = text.find(b"\n", start)
+    return text[start:] if end < 0 else text[start:end]
 
 
 def _decode(where: str, raw: bytes) -> str:
@@ -122,6 +186,32 @@ class ParquetShard:
 
     def num_rows(self) -> int:
         return self.metadata().num_rows
+
+    def _row_group_starts(self) -> np.ndarray:
+        metadata = self.metadata()
+        sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        return np.concatenate(([0], np.cumsum(sizes, dtype=np.int64)))[:-1]
+
+    def _row_group(self, index: int) -> tuple[Any, int]:
+        import pyarrow.parquet as pq
+
+        try:
+            with pq.ParquetFile(self.path) as handle:
+                table = handle.read_row_group(index)
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        return table, table.nbytes
+
+    def rows_at(self, positions: np.ndarray, cache: BlockCache) -> list[LocatedRow]:
+        starts = self._row_group_starts()
+        groups = np.searchsorted(starts, positions, side="right") - 1
+        out = []
+        for group in np.unique(groups):  # ascending positions: each row group's rows are one run
+            picked = positions[groups == group]
+            table = cache.get(("parquet", self.path, int(group)), lambda: self._row_group(int(group)))
+            rows = table.take(picked - starts[group]).to_pylist()
+            out += [LocatedRow(f"{self.path} row {int(p) + 1}", row) for p, row in zip(picked, rows)]
+        return out
 
     def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
         import pyarrow.parquet as pq
@@ -176,6 +266,26 @@ class ArrowShard:
 
     def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
         yield from _rows_of_batches(self.path, self._batches(), 0, start, stop)
+
+    def _mapped_table(self) -> tuple[Any, int]:
+        """The whole file as one table of views into a memory map: nothing is copied until rows are taken."""
+        import pyarrow as pa
+
+        try:
+            source = pa.memory_map(str(self.path))
+            try:
+                table = pa.ipc.open_file(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_stream(source).read_all()
+        except pa.ArrowException as exc:
+            raise DataError(f"{self.path}: cannot read as Arrow IPC (file or stream): {exc}") from exc
+        return table, table.nbytes
+
+    def rows_at(self, positions: np.ndarray, cache: BlockCache) -> list[LocatedRow]:
+        table = cache.get(("arrow", self.path), self._mapped_table)
+        rows = table.take(positions).to_pylist()
+        return [LocatedRow(f"{self.path} row {int(p) + 1}", row) for p, row in zip(positions, rows)]
 
 
 def _rows_of_batches(path: Path, batches: Iterator[Any], first: int, start: int,
