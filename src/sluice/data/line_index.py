@@ -52,12 +52,12 @@ def _scan_lines(data: bytes, base: int, num_rows_before: int, final: bool) -> tu
     return base + starts[is_row], rows_before_line[~is_row], consumed
 
 
-def index_lines(handle: IO[bytes]) -> LineIndex:
+def index_lines(handle: IO[bytes], chunk_bytes: int = _CHUNK_BYTES) -> LineIndex:
     """Index the text ``handle`` reads from its current position to its end (offsets relative to that position)."""
     offsets, blanks = [], []
     carry, base, num_rows = b"", 0, 0
     while True:
-        chunk = handle.read(_CHUNK_BYTES)
+        chunk = handle.read(chunk_bytes)
         data = carry + chunk if carry else chunk
         row_offsets, blank, consumed = _scan_lines(data, base, num_rows, final=not chunk)
         offsets.append(row_offsets)

@@ -176,8 +176,9 @@ def length_report(spec: str, samples: list[Sample], limit: int | None) -> LoadRe
             f"{spec}: all {len(samples)} prompts are longer than --rollout-max-prompt-len={limit} tokens "
             f"(the shortest has {shortest}); raise the limit"
         )
-    return LoadReport(num_rows=len(samples), num_kept=len(kept_lens), num_dropped_too_long=len(samples) - len(kept_lens),
-                      max_prompt_len=limit, longest_kept_len=max(kept_lens))
+    return LoadReport(num_rows=len(samples), num_kept=len(kept_lens),
+                      num_dropped_too_long=len(samples) - len(kept_lens), max_prompt_len=limit,
+                      longest_kept_len=max(kept_lens))
 
 
 def load_prompt_samples(spec: str, config: DataConfig, tokenizer: PromptTokenizer, *,
