@@ -40,3 +40,7 @@ class BlockCache:
             _, (_, dropped) = self._blocks.popitem(last=False)
             self.num_bytes -= dropped
         return block
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self.num_bytes = 0

@@ -79,6 +79,7 @@ class PromptTable:
         self.num_dropped_too_long += report.num_dropped_too_long
         self.num_usable = report.num_kept
         self._cache = OrderedDict((p, s if fits(s, self.max_prompt_len) else None) for p, s in zip(positions, samples))
+        self.rows.cache.clear()  # every sample is held now: no row is read again
         return report
 
     def no_usable_prompt_error(self) -> DataError:
