@@ -48,7 +48,8 @@ class DataConfig:
     prompt_data: str | None = field(default=None, metadata=meta(
         "Prompt data, optionally sliced as path@[a:b] over all its rows: a .jsonl, .jsonl.gz, .jsonl.zst, "
         ".parquet or .arrow file; a directory (or glob) of such shards, read in name order; or a directory "
-        "written by datasets' save_to_disk."))
+        "written by datasets' save_to_disk. Past 50,000 rows it streams: rows are read and tokenized as batches "
+        "draw them (docs/data.md)."))
     input_key: str = field(default="input", metadata=meta(
         "Key of the prompt (text or chat messages) in each row; a dotted path reaches into nested objects "
         "(as do the other key flags)."))
@@ -65,11 +66,13 @@ class DataConfig:
     rollout_shuffle: bool = field(default=False, metadata=meta("Shuffle prompts each epoch (seeded by --rollout-seed)."))
     rollout_seed: int = field(default=42, metadata=meta("Seed of the prompt shuffle and of sampling."))
     rollout_max_prompt_len: int | None = field(default=None, metadata=meta(
-        "Drop prompts longer than this many tokens (the count dropped is reported)."))
+        "Drop prompts longer than this many tokens (the count dropped is reported; a streamed --prompt-data "
+        "skips them as batches draw them)."))
     data_source_path: str | None = field(default=None, metadata=meta(
         "Replaces the prompt source: a factory fn(prompts: list[Sample], seed: int) returning an object with "
         "next_batch(n) -> list[Sample] (state_dict()/load_state_dict() for resume), or slime's data source class "
-        "Cls(args) with get_samples(n). See docs/customization.md."))
+        "Cls(args) with get_samples(n); prompts is --prompt-data converted whole, never streamed. See "
+        "docs/customization.md."))
 
 
 @dataclass
