@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import re
 import time
 from pathlib import Path
@@ -203,6 +204,17 @@ def test_a_resumed_streamed_run_over_shards_continues_at_the_exact_row_with_shuf
     order = [int(p) for epoch in (0, 1) for p in epoch_permutation(len(ROWS), 3, epoch)]
     assert labels(rest) == [ROWS[p]["answer"]["value"] for p in order[9:24]]
     assert resumed.epoch == 1 and resumed.num_consumed == 24
+
+
+@pytest.mark.parametrize("kind", ["parquet_shards", "jsonl", "jsonl_zst_shards", "save_to_disk"])
+def test_a_streamed_source_sent_to_another_process_continues_identically(containers: dict[str, str], tokenizer,
+                                                                         kind: str) -> None:
+    # With --orchestrator ray the prompt source is pickled into the buffer actor.
+    source = PromptSource(load_prompt_table(containers[kind], CONFIG, tokenizer, **STREAM)[0], shuffle=True, seed=4)
+    source.next_batch(5)
+    sent = pickle.loads(pickle.dumps(source))
+    assert sent._prompts.rows.cache.num_bytes == 0  # decoded blocks are not sent
+    assert sent.next_batch(20) == source.next_batch(20)
 
 
 def test_a_cursor_saved_before_the_row_order_changed(tokenizer, containers: dict[str, str]) -> None:

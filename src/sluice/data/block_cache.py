@@ -41,6 +41,11 @@ class BlockCache:
             self.num_bytes -= dropped
         return block
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (a prompt source sent to a Ray actor) starts empty: decoded blocks, memory maps included, are
+        # cheaper to read again where they are used than to send.
+        return {**self.__dict__, "_blocks": OrderedDict(), "num_bytes": 0}
+
     def clear(self) -> None:
         self._blocks.clear()
         self.num_bytes = 0

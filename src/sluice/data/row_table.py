@@ -44,7 +44,8 @@ class RowTable:
         """The rows at ``positions`` (any order, repeats allowed), in the order asked."""
         asked = np.asarray(positions, dtype=np.int64)
         if len(asked) and (asked.min() < 0 or asked.max() >= self.num_rows):
-            raise IndexError(f"{self.spec}: positions must lie in [0, {self.num_rows}), got {positions}")
+            raise IndexError(f"{self.spec}: positions must lie in [0, {self.num_rows}), "
+                             f"got {asked.min()} to {asked.max()}")
         distinct, back = np.unique(asked + self._first, return_inverse=True)  # ascending: sequential reads
         owners = np.searchsorted(self._shard_starts, distinct, side="right") - 1
         found: list[LocatedRow] = []

@@ -1,9 +1,9 @@
 """One data file each: its row count and its rows in a position range, streamed.
 
 A shard never holds the whole file in Python objects: jsonl is read line by line (gzip and zstd decompressed on
-the fly; ``jsonl_shard.py``), parquet batch by batch within the row groups that overlap the range, Arrow record batch by record
-batch from a memory map. Counting is cheap where the format records it (parquet footers, Arrow batch headers)
-and one pass without JSON parsing for jsonl, cached once done.
+the fly; ``jsonl_shard.py``), parquet batch by batch within the row groups that overlap the range, Arrow record
+batch by record batch from a memory map. Counting is cheap where the format records it (parquet footers, Arrow
+batch headers) and one pass without JSON parsing for jsonl, cached once done.
 
 ``rows_at`` reads rows at scattered positions, for the shuffled prompt order: a plain jsonl file by seeking to
 each row (a line index built by the counting pass, 8 bytes per row), parquet by its row groups, Arrow from a

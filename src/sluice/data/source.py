@@ -53,8 +53,8 @@ class SampleList:
     def samples_at(self, positions: list[int]) -> list[Sample | None]:
         return [self.samples[p] for p in positions]
 
-    def no_usable_prompt_error(self) -> Exception:
-        raise AssertionError("every sample of a SampleList is usable")
+    def no_usable_prompt_error(self) -> Exception:  # not reached: samples_at never gives None here
+        return ValueError("a list of samples has no prompt to hand out")
 
 
 def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
