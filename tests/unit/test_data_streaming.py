@@ -78,6 +78,19 @@ def test_a_streamed_slice_is_the_slice_of_the_rows(containers: dict[str, str], t
     assert labels(batch) == [row["answer"]["value"] for row in ROWS[2:-3] + ROWS[2:3]]
 
 
+def test_a_streamed_slice_opens_no_shard_past_its_end(tmp_path: Path, tokenizer) -> None:
+    directory = tmp_path / "shards"
+    directory.mkdir()
+    (directory / "a-0.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS[:4]))
+    (directory / "a-1.parquet.broken").write_text("not data")  # not a data file: ignored
+    (directory / "a-1.jsonl").write_bytes(b"\xff\xfe not even text\n")
+    table, _ = load_prompt_table(f"{directory}@[1:4]", CONFIG, tokenizer, **STREAM)
+    assert len(table.rows.shards) == 1
+    assert labels(PromptSource(table, shuffle=False, seed=0).next_batch(3)) == ["2", "4", "6"]
+    with pytest.raises(DataError, match=r"a-1\.jsonl:1: not valid UTF-8"):
+        PromptSource(load_prompt_table(f"{directory}@[3:5]", CONFIG, tokenizer, **STREAM)[0], False, 0).next_batch(2)
+
+
 def test_block_cache_keeps_within_its_bound_and_reloads_evicted_blocks(tmp_path: Path) -> None:
     spec = write_container("parquet_shards", ROWS, tmp_path)  # row groups of 2 rows: 8 blocks
     cache = BlockCache(max_bytes=1)  # only the block in use

@@ -1,7 +1,8 @@
 """The rows a data spec selects (``path`` or ``path@[a:b]``), read at any positions, for shuffled prompt order.
 
 Opening a table counts the rows of each shard (parquet footers and Arrow headers hold the count; a plain jsonl
-shard is indexed in one pass, 8 bytes per row), and holds no rows. ``rows_at`` then reads just the rows asked
+shard is indexed in one pass, 8 bytes per row), and holds no rows. Shards wholly past a slice's end are not
+opened; a shard the slice reaches into is counted (indexed) whole. ``rows_at`` then reads just the rows asked
 for, each shard once per call, so a batch of shuffled positions costs a seek per jsonl row or a cached block per
 parquet row group; see ``shards.py``.
 
@@ -18,21 +19,22 @@ from sluice.data.block_cache import BlockCache
 from sluice.data.containers import shards_of
 from sluice.data.files import empty_slice_error, no_rows_error, parse_spec
 from sluice.data.rows import LocatedRow
+from sluice.data.shards import Shard
 
 
 class RowTable:
     def __init__(self, spec: str, cache: BlockCache | None = None) -> None:
         path, cut = parse_spec(spec)
         self.spec = spec
-        self.shards = shards_of(path)
         self.cache = cache if cache is not None else BlockCache()
-        counts = [shard.num_rows() for shard in self.shards]
+        shards = shards_of(path)
+        counts = _counts_up_to(shards, _known_stop(cut))
+        self.shards = shards[:len(counts)]  # shards wholly past the slice are never opened
         total = sum(counts)
-        if total == 0:
-            raise no_rows_error(path, self.shards)
         selected = range(total)[cut] if cut is not None else range(total)
         if not selected:
-            raise empty_slice_error(path, cut, total)
+            total = sum(shard.num_rows() for shard in shards)  # the message names the whole count
+            raise no_rows_error(path, shards) if total == 0 else empty_slice_error(path, cut, total)
         self._first = selected.start  # the selection's first row, as a position in all the shards' rows
         self.num_rows = len(selected)
         self._shard_starts = np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))[:-1]
@@ -53,3 +55,20 @@ class RowTable:
             local = distinct[owners == owner] - self._shard_starts[owner]
             found += self.shards[owner].rows_at(local, self.cache)
         return [found[i] for i in back]
+
+
+def _known_stop(cut: slice | None) -> int | None:
+    """Where a slice ends without knowing the row count (None: at the end, or counted from it)."""
+    if cut is None or cut.stop is None or cut.stop < 0 or (cut.start or 0) < 0:
+        return None
+    return cut.stop
+
+
+def _counts_up_to(shards: list[Shard], stop: int | None) -> list[int]:
+    """Row counts of the shards, in order, up to the first one that reaches row ``stop`` (None: all)."""
+    counts: list[int] = []
+    for shard in shards:
+        if stop is not None and sum(counts) >= stop:
+            break
+        counts.append(shard.num_rows())
+    return counts
