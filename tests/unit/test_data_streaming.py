@@ -82,7 +82,6 @@ def test_a_streamed_slice_opens_no_shard_past_its_end(tmp_path: Path, tokenizer)
     directory = tmp_path / "shards"
     directory.mkdir()
     (directory / "a-0.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS[:4]))
-    (directory / "a-1.parquet.broken").write_text("not data")  # not a data file: ignored
     (directory / "a-1.jsonl").write_bytes(b"\xff\xfe not even text\n")
     table, _ = load_prompt_table(f"{directory}@[1:4]", CONFIG, tokenizer, **STREAM)
     assert len(table.rows.shards) == 1
