@@ -1,14 +1,14 @@
 """An epoch-aware, resumable cursor over the prompts, by row position.
 
 The order of epoch ``e`` is a pure function of ``(seed, e)``: a seeded permutation of all the row positions
-(numpy's PCG64 seeded with ``[seed, e]``; unshuffled is file order), so the whole state is one number,
+(``epoch_permutation``; unshuffled is file order), so the whole state is one number,
 ``num_consumed``, and a resumed run rebuilds the same permutation and hands out exactly the prompts the
 interrupted run would have handed out next, mid-epoch included.
 
 Why one permutation over all rows rather than shuffling shards and then rows within them: every order is equally
 likely, as with the whole dataset in memory; the order does not depend on how the rows are split into shards (the
 same rows as one jsonl or as parquet shards come out identically); and it costs 4 bytes per row (8 past 2**31
-rows), 40 MB for 10M rows. Reading scattered rows is what ``row_table.py`` makes cheap.
+rows), 40 MB for 10M rows, held, and 16 bytes per row while an epoch's order is drawn. Reading scattered rows is what ``row_table.py`` makes cheap.
 
 A prompt over --rollout-max-prompt-len that a streamed table finds only when drawn (``prompt_table.py``) is
 skipped: its position is consumed and the next one is drawn in its place.
@@ -58,10 +58,14 @@ class SampleList:
 
 
 def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
-    """Row positions in the order epoch ``epoch`` hands them out when shuffled."""
-    order = np.arange(num_rows, dtype=np.int32 if num_rows < 2**31 else np.int64)
-    np.random.default_rng([seed % 2**64, epoch]).shuffle(order)
-    return order
+    """Row positions in the order epoch ``epoch`` hands them out when shuffled.
+
+    The positions sorted by random 64-bit keys, PCG64's raw output: numpy keeps the raw streams of its bit
+    generators stable across releases, but not the algorithms of ``Generator`` methods such as ``shuffle``, and a
+    resume after a numpy upgrade must rebuild the same order.
+    """
+    keys = np.random.PCG64([seed % 2**64, epoch]).random_raw(num_rows)
+    return np.argsort(keys, kind="stable").astype(np.int32 if num_rows < 2**31 else np.int64)
 
 
 class PromptSource:
