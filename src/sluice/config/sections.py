@@ -48,7 +48,8 @@ class DataConfig:
     prompt_data: str | None = field(default=None, metadata=meta(
         "Prompt data, optionally sliced as path@[a:b] over all its rows: a .jsonl, .jsonl.gz, .jsonl.zst, "
         ".parquet or .arrow file; a directory (or glob) of such shards, read in name order; or a directory "
-        "written by datasets' save_to_disk."))
+        "written by datasets' save_to_disk. Past 50,000 rows it streams: rows are read and tokenized as batches "
+        "draw them (docs/data.md)."))
     input_key: str = field(default="input", metadata=meta(
         "Key of the prompt (text or chat messages) in each row; a dotted path reaches into nested objects "
         "(as do the other key flags)."))
@@ -67,16 +68,17 @@ class DataConfig:
         "Seed of the prompt shuffle and of sampling: every rollout and eval request carries a seed derived from it "
         "and its sample (docs/reproducibility.md)."))
     rollout_max_prompt_len: int | None = field(default=None, metadata=meta(
-        "Drop prompts longer than this many tokens, with a warning naming the count. Unset, a prompt longer than "
-        "the model's context minus --rollout-max-response-len (--eval-max-response-len for eval data) is an "
-        "error naming its file and line."))
+        "Drop prompts longer than this many tokens, with a warning naming the count (a streamed --prompt-data "
+        "skips them as batches draw them). Unset, a prompt longer than the model's context minus "
+        "--rollout-max-response-len (--eval-max-response-len for eval data) is an error naming its file and line."))
     allow_lossy_prompts: bool = field(default=False, metadata=meta(
         "Load prompts with characters the tokenizer cannot represent (it drops them or maps them to its unknown "
         "token), with a warning naming the count, instead of an error naming the row and the characters."))
     data_source_path: str | None = field(default=None, metadata=meta(
         "Replaces the prompt source: a factory fn(prompts: list[Sample], seed: int) returning an object with "
         "next_batch(n) -> list[Sample] (state_dict()/load_state_dict() for resume), or slime's data source class "
-        "Cls(args) with get_samples(n). See docs/customization.md."))
+        "Cls(args) with get_samples(n); prompts is --prompt-data converted whole, never streamed. See "
+        "docs/customization.md."))
 
 
 @dataclass

@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 
 from sluice.data.rows import DataError
-from sluice.data.shards import ArrowShard, JsonlShard, ParquetShard, Shard
+from sluice.data.jsonl_shard import JsonlShard
+from sluice.data.shards import ArrowShard, ParquetShard, Shard
 
 KINDS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".arrow")  # file kinds, by how the name ends
 

@@ -46,9 +46,14 @@ def parse_spec(spec: str) -> tuple[Path, slice | None]:
     return Path(match["path"]), slice(start, stop)
 
 
-def _empty_slice(path: Path, cut: slice | None, total: int) -> DataError:
+def empty_slice_error(path: Path, cut: slice | None, total: int) -> DataError:
     start, stop = ("" if v is None else v for v in ((cut.start, cut.stop) if cut else (None, None)))
     return DataError(f"{path}: slice [{start}:{stop}] of {total} rows selects no rows")
+
+
+def no_rows_error(path: Path, shards: list[Shard]) -> DataError:
+    what = "file has" if len(shards) == 1 and path.is_file() else f"its {len(shards)} shard(s) have"
+    return DataError(f"{path}: {what} no rows (empty, or only blank lines)")
 
 
 def _bounds(shards: list[Shard], cut: slice | None) -> tuple[int, int | None]:
@@ -92,9 +97,8 @@ def iter_located_rows(spec: str) -> Iterator[LocatedRow]:
     if empty:
         total = sum(shard.num_rows() for shard in shards)
         if total == 0:
-            what = "file has" if len(shards) == 1 and path.is_file() else f"its {len(shards)} shard(s) have"
-            raise DataError(f"{path}: {what} no rows (empty, or only blank lines)")
-        raise _empty_slice(path, cut, total)
+            raise no_rows_error(path, shards)
+        raise empty_slice_error(path, cut, total)
 
 
 def read_rows(spec: str) -> list[dict[str, Any]]:

@@ -4,11 +4,13 @@ Keys are dotted paths into nested rows (``key_path.py``), so verl's layout works
 prompt --label-key reward_model.ground_truth --metadata-key extra_info``, and its ``data_source`` column reaches
 reward functions as ``sample.metadata["data_source"]`` (``--data-source-key``).
 
-All row problems are ``DataError`` naming the file, line (or row) and key, raised at load time, so a bad
-dataset fails before any GPU work starts rather than hours later when the bad row comes up in a batch.
-Each tokenized prompt is checked on its own (``prompt_checks.py``): a prompt longer than the model's context
-allows is an error, unless ``--rollout-max-prompt-len`` asks to drop such prompts (then they are counted in the
-``LoadReport``, never silently); characters the tokenizer cannot represent are an error too.
+``sample_from_row`` is the one conversion of a row into a ``Sample``: whole files (``load_prompt_samples``, for
+eval sets, --data-source-path and training sets small enough to convert at start) and the training prompts of a
+large set, converted as they are drawn (``prompt_table.py``), both go through it, and through ``PromptChecks``.
+Every row problem is a ``DataError`` naming the file, line (or row) and key. Each tokenized prompt is checked on
+its own (``prompt_checks.py``): a prompt longer than the model's context allows is an error, unless
+``--rollout-max-prompt-len`` asks to drop such prompts (then they are counted in the ``LoadReport``, never
+silently); characters the tokenizer cannot represent are an error too.
 """
 
 from __future__ import annotations
@@ -133,8 +135,10 @@ def _label(located: LocatedRow, config: DataConfig, text_reward: str | None) -> 
     return label
 
 
-def _sample_from_row(located: LocatedRow, config: DataConfig, tokenizer: PromptTokenizer,
-                     text_reward: str | None) -> Sample:
+def sample_from_row(located: LocatedRow, config: DataConfig, tokenizer: PromptTokenizer,
+                    text_reward: str | None) -> Sample:
+    """The prompt sample of one row: keys looked up, chat template rendered, tokenized; ``text_reward`` as for
+    ``check_first_row``. Raises ``DataError`` naming the row's place for any problem."""
     prompt = required_key(located, config.input_key, "--input-key")
     label = _label(located, config, text_reward) if config.label_key else None
     metadata = _metadata(located, config)
@@ -160,36 +164,66 @@ def check_first_row(spec: str, config: DataConfig, *, text_reward: str | None = 
         _label(located, config, text_reward)
 
 
+def prompt_limit(config: DataConfig, context_limit: PromptLimit | None) -> PromptLimit | None:
+    """--rollout-max-prompt-len where set (longer prompts are dropped), else what the model's context leaves a
+    prompt (a longer one is an error); None: no limit known."""
+    flag = config.rollout_max_prompt_len
+    return PromptLimit.from_flag(flag) if flag is not None else context_limit
+
+
+class PromptChecks:
+    """The per-prompt checks (``prompt_checks.check_prompt``) of one dataset, with what they counted: the same
+    for a dataset converted whole and for one converted as batches draw it."""
+
+    def __init__(self, config: DataConfig, tokenizer: PromptTokenizer, context_limit: PromptLimit | None) -> None:
+        self.limit = prompt_limit(config, context_limit)
+        self.characters = CharacterCheck(tokenizer, config.allow_lossy_prompts)
+        self.num_lossy = 0  # prompts that lost characters (loaded only with --allow-lossy-prompts)
+        self.first_lossy = ""
+
+    @property
+    def max_prompt_len(self) -> int | None:
+        """The limit past which prompts are dropped (--rollout-max-prompt-len); None: none are dropped."""
+        return self.limit.max_len if self.limit is not None and self.limit.drops_longer else None
+
+    def keeps(self, located: LocatedRow, sample: Sample) -> bool:
+        """False for a prompt over the dropping limit; raises DataError for one that must not load."""
+        finding = check_prompt(located.where, sample.metadata["prompt_text"], sample.prompt_tokens, self.limit,
+                               self.characters)
+        if finding.lost_characters:
+            self.num_lossy += 1
+            self.first_lossy = self.first_lossy or f"{located.where} ({finding.lost_characters})"
+        return not finding.too_long
+
+    def report(self, spec: str, kept: list[Sample], dropped_lens: list[int]) -> LoadReport:
+        """The report of a whole dataset's conversion; an error when the length limit keeps no prompt."""
+        if not kept:
+            shortest = min(dropped_lens, default=0)
+            raise DataError(f"{spec}: all {len(dropped_lens)} prompts are longer than --rollout-max-prompt-len="
+                            f"{self.max_prompt_len} tokens (the shortest has {shortest}); raise the limit")
+        return LoadReport(num_rows=len(kept) + len(dropped_lens), num_kept=len(kept),
+                          num_dropped_too_long=len(dropped_lens), max_prompt_len=self.max_prompt_len,
+                          longest_kept_len=max(len(s.prompt_tokens) for s in kept), num_lossy=self.num_lossy,
+                          first_lossy=self.first_lossy)
+
+
 def load_prompt_samples(spec: str, config: DataConfig, tokenizer: PromptTokenizer, *,
                         text_reward: str | None = None,
                         context_limit: PromptLimit | None = None) -> tuple[list[Sample], LoadReport]:
     """Samples for every usable row of ``spec``, in file order, and a report of what was dropped.
 
-    ``text_reward``: as for ``check_first_row``. ``context_limit``: the most tokens the model's context leaves a
-    prompt; a longer prompt is an error. --rollout-max-prompt-len, where set, replaces it and drops longer prompts.
+    All of them, converted now: for eval sets (every eval uses every prompt) and --data-source-path (whose
+    factory takes the list); training prompts go through ``prompt_table.py``. ``text_reward``: as for
+    ``check_first_row``. ``context_limit``: the most tokens the model's context leaves a prompt (see
+    ``prompt_limit``).
     """
-    flag_limit = config.rollout_max_prompt_len
-    limit = PromptLimit.from_flag(flag_limit) if flag_limit is not None else context_limit
-    characters = CharacterCheck(tokenizer, config.allow_lossy_prompts)
-    report = LoadReport(num_rows=0, num_kept=0, num_dropped_too_long=0, max_prompt_len=flag_limit)
+    checks = PromptChecks(config, tokenizer, context_limit)
     kept: list[Sample] = []
     dropped_lens: list[int] = []
     for located in iter_located_rows(spec):
-        sample = _sample_from_row(located, config, tokenizer, text_reward)
-        finding = check_prompt(located.where, sample.metadata["prompt_text"], sample.prompt_tokens, limit, characters)
-        if finding.lost_characters:
-            report.num_lossy += 1
-            report.first_lossy = report.first_lossy or f"{located.where} ({finding.lost_characters})"
-        if finding.too_long:
-            dropped_lens.append(len(sample.prompt_tokens))
-        else:
+        sample = sample_from_row(located, config, tokenizer, text_reward)
+        if checks.keeps(located, sample):
             kept.append(sample)
-    report.num_kept, report.num_dropped_too_long = len(kept), len(dropped_lens)
-    report.num_rows = report.num_kept + report.num_dropped_too_long
-    report.longest_kept_len = max((len(s.prompt_tokens) for s in kept), default=0)
-    if not kept:
-        raise DataError(
-            f"{spec}: all {report.num_rows} prompts are longer than --rollout-max-prompt-len={flag_limit} tokens "
-            f"(the shortest has {min(dropped_lens)}); raise the limit"
-        )
-    return kept, report
+        else:
+            dropped_lens.append(len(sample.prompt_tokens))
+    return kept, checks.report(spec, kept, dropped_lens)

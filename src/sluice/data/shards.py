@@ -1,9 +1,14 @@
 """One data file each: its row count and its rows in a position range, streamed.
 
 A shard never holds the whole file in Python objects: jsonl is read line by line (gzip and zstd decompressed on
-the fly), parquet batch by batch within the row groups that overlap the range, Arrow record batch by record
-batch from a memory map. Counting is cheap where the format records it (parquet footers, Arrow batch headers)
-and one pass without JSON parsing for jsonl, cached once done.
+the fly; ``jsonl_shard.py``), parquet batch by batch within the row groups that overlap the range, Arrow record
+batch by record batch from a memory map. Counting is cheap where the format records it (parquet footers, Arrow
+batch headers) and one pass without JSON parsing for jsonl, cached once done.
+
+``rows_at`` reads rows at scattered positions, for the shuffled prompt order: a plain jsonl file by seeking to
+each row (a line index built by the counting pass, 8 bytes per row), parquet by its row groups, Arrow from a
+memory map. What a format can only read whole (a row group, a mapped file, a compressed jsonl file, which has to
+be decompressed from its start) is a block, kept in a shared ``BlockCache`` bounded in bytes.
 
 Positions are 0-based indices of rows (blank jsonl lines are not rows); places in messages are 1-based lines
 for jsonl (``file:line``) and 1-based rows otherwise (``file row N``).
@@ -11,13 +16,13 @@ for jsonl (``file:line``) and 1-based rows otherwise (``file row N``).
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
+import numpy as np
+
+from sluice.data.block_cache import BlockCache
 from sluice.data.rows import DataError, LocatedRow
 
 _BATCH_ROWS = 1024  # rows converted to Python objects at a time
@@ -34,85 +39,9 @@ class Shard(Protocol):
         """Rows at positions ``start <= i < stop`` (``stop`` None: to the end), in file order."""
         ...
 
-
-class JsonlShard:
-    """A ``.jsonl`` file, plain or compressed (``.jsonl.gz``, ``.jsonl.zst``)."""
-
-    def __init__(self, path: Path, codec: str | None) -> None:
-        self.path, self.codec = path, codec
-        self._num_rows: int | None = None
-
-    def _open(self) -> IO[bytes]:
-        # Bytes, decoded line by line: a text stream decodes ahead in chunks, so its error could not name the line.
-        if self.codec is None:
-            return self.path.open("rb")
-        if self.codec == "gzip":
-            return gzip.open(self.path, "rb")
-        import pyarrow as pa  # pyarrow's zstd codec: no extra dependency for .zst
-
-        return io.BufferedReader(pa.CompressedInputStream(pa.OSFile(str(self.path)), "zstd"))
-
-    def _lines(self) -> Iterator[tuple[int, bytes]]:
-        """(line number, bytes) of the non-blank lines; decompression errors name the file."""
-        try:
-            with self._open() as handle:
-                for number, raw in enumerate(handle, start=1):
-                    if raw.strip():
-                        yield number, raw
-        except (OSError, EOFError) as exc:  # pyarrow's codec errors are OSErrors
-            raise DataError(f"{self.path}: cannot read as {self.codec or 'utf-8'} jsonl: {exc}") from exc
-
-    def num_rows(self) -> int:
-        if self._num_rows is None:
-            self._num_rows = sum(1 for _ in self._lines())
-        return self._num_rows
-
-    def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
-        position = -1
-        for position, (number, raw) in enumerate(self._lines()):
-            if stop is not None and position >= stop:
-                return
-            if position >= start:  # lines before the range are not decoded or parsed at all
-                where = f"{self.path}:{number}"
-                yield LocatedRow(where, _parse_line(where, _decode(where, raw)))
-        self._num_rows = position + 1  # read to the end: the count comes for free
-
-
-def _decode(where: str, raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{where}: not valid UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line "
-                        f"({exc.reason}); re-encode the file as UTF-8, e.g. iconv -f <its encoding> -t utf-8") from exc
-
-
-class _NotJson(ValueError):
-    """What Python's json module accepts but JSON is not: NaN/Infinity, a key given twice (the last would win)."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise _NotJson(f"{name} is not a JSON value (write null, a number or a string)")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise _NotJson(f"key {twice!r} appears twice in one object (only the last would be kept)")
-    return obj
-
-
-def _parse_line(where: str, text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
-    except _NotJson as exc:
-        raise DataError(f"{where}: invalid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise DataError(f"{where}: each line must be a JSON object, got {type(value).__name__}")
-    return value
+    def rows_at(self, positions: np.ndarray, cache: BlockCache) -> list[LocatedRow]:
+        """Rows at ``positions`` (ascending, distinct, each below ``num_rows()``), in that order."""
+        ...
 
 
 class ParquetShard:
@@ -141,6 +70,32 @@ class ParquetShard:
 
     def num_rows(self) -> int:
         return self.metadata().num_rows
+
+    def _row_group_starts(self) -> np.ndarray:
+        metadata = self.metadata()
+        sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        return np.concatenate(([0], np.cumsum(sizes, dtype=np.int64)))[:-1]
+
+    def _row_group(self, index: int) -> tuple[Any, int]:
+        import pyarrow.parquet as pq
+
+        try:
+            with pq.ParquetFile(self.path) as handle:
+                table = handle.read_row_group(index)
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        return table, table.nbytes
+
+    def rows_at(self, positions: np.ndarray, cache: BlockCache) -> list[LocatedRow]:
+        starts = self._row_group_starts()
+        groups = np.searchsorted(starts, positions, side="right") - 1
+        out = []
+        for group in np.unique(groups):  # ascending positions: each row group's rows are one run
+            picked = positions[groups == group]
+            table = cache.get(("parquet", self.path, int(group)), lambda: self._row_group(int(group)))
+            rows = table.take(picked - starts[group]).to_pylist()
+            out += [LocatedRow(f"{self.path} row {int(p) + 1}", row) for p, row in zip(picked, rows)]
+        return out
 
     def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
         import pyarrow.parquet as pq
@@ -195,6 +150,26 @@ class ArrowShard:
 
     def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
         yield from _rows_of_batches(self.path, self._batches(), 0, start, stop)
+
+    def _mapped_table(self) -> tuple[Any, int]:
+        """The whole file as one table of views into a memory map: nothing is copied until rows are taken."""
+        import pyarrow as pa
+
+        try:
+            source = pa.memory_map(str(self.path))
+            try:
+                table = pa.ipc.open_file(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_stream(source).read_all()
+        except pa.ArrowException as exc:
+            raise DataError(f"{self.path}: cannot read as Arrow IPC (file or stream): {exc}") from exc
+        return table, table.nbytes
+
+    def rows_at(self, positions: np.ndarray, cache: BlockCache) -> list[LocatedRow]:
+        table = cache.get(("arrow", self.path), self._mapped_table)
+        rows = table.take(positions).to_pylist()
+        return [LocatedRow(f"{self.path} row {int(p) + 1}", row) for p, row in zip(positions, rows)]
 
 
 def _rows_of_batches(path: Path, batches: Iterator[Any], first: int, start: int,

@@ -24,7 +24,7 @@ from sluice.checkpoint.megatron_dir import is_torch_dist_checkpoint, torch_dist_
 from sluice.checkpoint.store import load_run_state
 from sluice.config.megatron_checks import check_against_checkpoint
 from sluice.config.sections import BUILTIN_REWARDS, LABEL_FREE_REWARDS
-from sluice.data import PromptSource, check_first_row, load_prompt_samples
+from sluice.data import PromptSource, check_first_row, load_prompt_samples, load_prompt_table
 from sluice.models.tokenizer import load_tokenizer
 from sluice.observability.progress import ProgressReporter
 from sluice.observability.run_record import record_launch
@@ -140,25 +140,37 @@ def _text_reward(config: Config) -> str | None:
 def _load_data(config: Config, hooks: Hooks, tokenizer, context: ModelContext | None, log):
     """The prompt source (--prompt-data or --data-source-path) and the eval sets, by name."""
     data = prompt_data_config(config, hooks)
-    samples = []
-    if config.data.prompt_data is not None:
-        samples, report = load_prompt_samples(config.data.prompt_data, data, tokenizer,
-                                             text_reward=_text_reward(config),
-                                             context_limit=context_prompt_limit(config, context, for_eval=False))
-        _report_load(config, config.data.prompt_data, report, log)
-    if hooks.data_source is not None:
+    if hooks.data_source is not None:  # its factory takes every prompt as a list: converted whole, here only
+        samples = []
+        if config.data.prompt_data is not None:
+            samples, report = load_prompt_samples(config.data.prompt_data, data, tokenizer,
+                                                 text_reward=_text_reward(config),
+                                                 context_limit=context_prompt_limit(config, context, for_eval=False))
+            _report_load(config, config.data.prompt_data, report, log)
         source = hooks.data_source(samples, config.data.rollout_seed, data, tokenizer, hooks.slime_args)
     else:
-        source = PromptSource(samples, config.data.rollout_shuffle, config.data.rollout_seed)
-        _warn_batch_beyond_data(config, len(samples), log)
+        source = _prompt_source(config, data, tokenizer, context, log)
     eval_sets = {}
-    for name, path in config.eval_sets:
+    for name, path in config.eval_sets:  # every eval uses every prompt of its set: converted whole
         eval_samples, eval_report = load_prompt_samples(
             path, data, tokenizer, text_reward=_text_reward(config),
             context_limit=context_prompt_limit(config, context, for_eval=True))
         _report_load(config, path, eval_report, log)
         eval_sets[name] = eval_samples
     return source, eval_sets
+
+
+def _prompt_source(config: Config, data, tokenizer, context: ModelContext | None, log) -> PromptSource:
+    """--prompt-data's rows as the resumable prompt cursor; a large dataset streams (data/prompt_table.py)."""
+    table, report = load_prompt_table(config.data.prompt_data, data, tokenizer, text_reward=_text_reward(config),
+                                      context_limit=context_prompt_limit(config, context, for_eval=False))
+    if report is not None:
+        _report_load(config, config.data.prompt_data, report, log)
+    else:
+        log(f"{config.data.prompt_data}: {table.num_rows} rows, streamed: each prompt is read and tokenized when a "
+            "batch draws it, and a bad row is reported then")
+    _warn_batch_beyond_data(config, table.num_usable, log)
+    return PromptSource(table, config.data.rollout_shuffle, config.data.rollout_seed)
 
 
 def _warn_batch_beyond_data(config: Config, num_prompts: int, log) -> None:

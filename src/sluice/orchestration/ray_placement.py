@@ -151,8 +151,12 @@ class RayPlacement:
     def start_buffer(self, source: Any, n_samples_per_prompt: int, max_staleness: int,
                      max_held_groups: int) -> RayBuffer:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.buffer_actor = ray.remote(BufferActor).options(num_cpus=0).remote(
+        # On the driver's node: a streamed prompt source reads the prompt files as batches draw rows, at the
+        # paths the driver opened.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.buffer_actor = ray.remote(BufferActor).options(num_cpus=0, scheduling_strategy=here).remote(
             source, n_samples_per_prompt, max_staleness, max_held_groups=max_held_groups)
         return RayBuffer(self.buffer_actor)
 
