@@ -5,6 +5,7 @@ from the sync and the async loop."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from pathlib import Path
@@ -169,7 +170,7 @@ def test_keys_on_the_command_line_are_masked_in_commands_jsonl_and_summary_html(
     for name, text in records.items():
         for key in ("engine-key-1234", "admin-key-5678", "serve-key-9012"):
             assert key not in text, (name, key)
-    assert "--sglang-api-key '***' '--sglang-admin-api-key=***'" in records["summary.html"]  # shell-quoted
+    assert html.escape("--sglang-api-key '***' '--sglang-admin-api-key=***'") in records["summary.html"]
 
 
 @pytest.mark.parametrize("loop", [[], ["--async"]], ids=["sync", "async"])
