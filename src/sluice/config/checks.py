@@ -480,7 +480,7 @@ _CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
 
 
 def validate(config: Config, *, for_training: bool = True) -> None:
-    """Raises ConfigError listing every problem, each naming its flag(s); normalises aliases first.
+    """Raises ConfigError listing every problem, each naming its flag(s).
 
     ``for_training=False`` (e.g. evaluation only) skips the requirements of a training run:
     --hf-checkpoint, --prompt-data, --rollout-batch-size and a reward for policy_loss.
