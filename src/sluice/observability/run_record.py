@@ -25,9 +25,10 @@ from sluice.config.flags import flag_specs
 RUN_CONFIG_FILE = "config.yaml"
 COMMANDS_FILE = "commands.jsonl"
 MASK = "***"
-# Keys that processes starting a run take on their command line besides the config's secret fields: `sluice
-# serve`'s, and slime's --wandb-key (refused by sluice, but a refused launch may still be recorded elsewhere).
-OTHER_SECRET_FLAGS = ("--api-key", "--admin-api-key", "--wandb-key", "--wandb-api-key")
+# Key flags besides the config's secret fields. argv is the whole process's command line, which need not be
+# `sluice train`'s (a script that builds the run may take its own flags): `sluice serve`'s key flags and slime's
+# --wandb-key are masked there too.
+OTHER_SECRET_FLAGS = ("--api-key", "--admin-api-key", "--wandb-key")
 
 
 @dataclass
