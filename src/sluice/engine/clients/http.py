@@ -88,7 +88,7 @@ class HttpEngineClient:
     async def _fitting_max_new_tokens(self, request: GenerateRequest) -> int:
         """The contract ends a request at the context limit (finish reason length), as the in-process engine does;
         a server refuses a prompt + max_new_tokens past its context with 400 instead. So the limit is lowered to
-        the room the prompt leaves, read from /v1/models once. SGLang refuses a request that would fill its context
+        the room the prompt leaves, read from /v1/models once it answers. SGLang refuses a request that would fill its context
         exactly, sluice's server does not: one token less is asked of a server that is not sluice's."""
         context = self._context or await self._read_context()
         if context is None:  # not known yet (a server still starting, a refused key): read again next time
@@ -107,7 +107,8 @@ class HttpEngineClient:
         try:
             body = await self._send("GET", "/v1/models", None, True, self.options.control_timeout_s)
         except EngineHTTPError as error:
-            # a server without the OpenAI routes: its own errors will tell; any other failure may pass
+            # 404/405: a server without the OpenAI routes, whose own errors will tell; any other failure (a
+            # refused key, a server still starting) may pass, so it is not kept
             return (None, 0) if error.status in (404, 405) else None
         models = body.get("data") if isinstance(body, dict) else None
         card = models[0] if isinstance(models, list) and models and isinstance(models[0], dict) else {}
