@@ -38,11 +38,13 @@ def flags(model: Path, data: Path, run_dir: Path, save: Path, num_rollout: int, 
     ]
 
 
-def run_loop(argv: list[str], loop: Callable[[Run], None] = train_sync) -> Run:
-    """Parse, check, build and run ``loop`` (default the sync loop; ``loops.train`` picks by --async), then close."""
+def run_loop(argv: list[str], loop: Callable[[Run], None] = train_sync,
+             log: Callable[[str], None] = lambda line: None) -> Run:
+    """Parse, check, build and run ``loop`` (default the sync loop; ``loops.train`` picks by --async), then close;
+    ``log`` receives the run's log lines."""
     config = parse_config(argv)
     validate(config)
-    run = build_run(config, log=lambda line: None)
+    run = build_run(config, log=log)
     try:
         loop(run)
     finally:

@@ -19,9 +19,11 @@ from sluice.rollout.agent import AgentTask, load_agent_generate
 from sluice.rollout.gateway import AgentGateway
 from sluice.rollout.generate import GenerateContext
 from sluice.rollout.manager import RolloutManager
+from sluice.rollout.seeds import turn_seed
 from sluice.rollout.sessions import segment_sample, segments
 from sluice.trainer.batching import collate
 from sluice.trainer.torch_backend import TorchTrainer
+from sluice.engine.clients.protocol import GenerateRequest, GenerateResult
 from sluice.types import Sample, SamplingParams, Status
 from helpers.scripted_client import ScriptedClient, call
 
@@ -87,6 +89,60 @@ def test_closed_sessions_streams_budgets_and_the_native_endpoint(gateway, engine
     out = httpx.post(gateway.url + "/generate", json=body, timeout=30).json()
     assert len(out["output_ids"]) == len(out["meta_info"]["output_token_logprobs"]) <= 3
     assert out["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+
+
+class HeldClient:
+    """Passes requests on to ``client`` once ``together`` of them have arrived (so they are all in flight at once),
+    noting each request's seed."""
+
+    def __init__(self, client, together: int):
+        self.client, self.together, self.seeds = client, together, []
+        self.arrived: asyncio.Event | None = None
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        self.arrived = self.arrived or asyncio.Event()
+        self.seeds.append(request.sampling_params.seed)
+        if len(self.seeds) >= self.together:
+            self.arrived.set()
+        await self.arrived.wait()
+        return await self.client.generate(request)
+
+
+def test_completions_in_flight_together_get_their_own_seeds_and_a_sequential_replay_repeats_them(engine):
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=1234)
+    messages = [{"role": "user", "content": "tell me"}]
+
+    async def best_of_two(gateway: AgentGateway) -> list[str]:
+        session = gateway.open_session(params, budget=64)
+        client = openai.AsyncOpenAI(base_url=gateway.base_url(session), api_key="x", max_retries=0)
+        replies = await asyncio.gather(*(client.chat.completions.create(model="policy", messages=messages)
+                                         for _ in range(2)))
+        gateway.close_session(session)
+        return [reply.choices[0].model_extra["token_ids"] for reply in replies]
+
+    together = HeldClient(InProcessClient(engine), together=2)
+    gateway = AgentGateway(together, engine.tokenizer, engine.context_len).start()
+    try:
+        outputs = asyncio.run(best_of_two(gateway))
+    finally:
+        gateway.stop()
+    expected_seeds = [turn_seed(1234, 0), turn_seed(1234, 1)]
+    assert sorted(together.seeds) == sorted(expected_seeds) and expected_seeds[0] != expected_seeds[1]
+    assert outputs[0] != outputs[1]  # best-of-two: two draws, not one twice
+
+    # one after the other, in a new session: the same seeds in order, and so the same two outputs
+    one_by_one = HeldClient(InProcessClient(engine), together=1)
+    gateway = AgentGateway(one_by_one, engine.tokenizer, engine.context_len).start()
+    try:
+        session = gateway.open_session(params, budget=64)
+        client = openai.OpenAI(base_url=gateway.base_url(session), api_key="x", max_retries=0)
+        replayed = [chat(client, messages).choices[0].model_extra["token_ids"] for _ in range(2)]
+        gateway.close_session(session)
+    finally:
+        gateway.stop()
+    assert one_by_one.seeds == expected_seeds
+    by_seed = dict(zip(together.seeds, outputs))
+    assert replayed == [by_seed[seed] for seed in expected_seeds]
 
 
 def rewriting_agent(task: AgentTask) -> float:

@@ -291,3 +291,45 @@ def test_a_dropped_connection_makes_the_engine_unavailable_and_is_retried_only_w
         assert count(b"GET /get_weight_version ") >= 3
     finally:
         listener.close()
+
+
+def test_a_failed_context_read_is_read_again_so_a_long_request_still_ends_at_the_context(engine, lively_checkpoint):
+    """A server still starting answers 503 to everything (the context read included); once the real server runs
+    on that port, a request past the context ends with finish reason length instead of the server's 400."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    starting = []
+
+    def answer_starting():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            starting.append(connection.recv(65536).split(b"\r\n", 1)[0])
+            connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 8\r\nConnection: close\r\n\r\n"
+                               b"starting")
+            connection.close()
+
+    threading.Thread(target=answer_starting, daemon=True).start()
+    ids = engine.tokenizer.encode("count on " * 200, add_special_tokens=False)[: engine.context_len - 3]
+    client = HttpEngineClient(f"http://127.0.0.1:{port}")
+
+    async def go():
+        with pytest.raises(EngineHTTPError, match="503"):
+            await client.generate(request(ids, 10))
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(), so the port is free again
+        listener.close()
+        server = start_server(engine, lively_checkpoint, port=port)
+        try:
+            return await client.generate(request(ids, 10))
+        finally:
+            await client.aclose()
+            server.stop()
+
+    result = run(go())
+    assert starting == [b"GET /v1/models HTTP/1.1", b"POST /generate HTTP/1.1"]
+    assert result.finish_reason is FinishReason.LENGTH and len(result.output_ids) == 3  # the room the prompt left

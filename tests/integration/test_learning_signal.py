@@ -5,7 +5,6 @@ the trainer-vs-rollout KL estimate in every run."""
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
@@ -15,30 +14,30 @@ from helpers.train_loop import flags, run_loop
 # The engine passes `past_key_values`, which newer transformers rename (see test_train_loop).
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 
-SIGNAL_LOGGER = "sluice.observability.signal"
+NO_SIGNAL = "warning: no learning signal"
 
 
-def test_a_constant_reward_logs_fraction_one_and_warns_once(say7, tmp_path, caplog):
+def test_a_constant_reward_logs_fraction_one_and_warns_once(say7, tmp_path):
     root, model, _ = say7
     # A two-character label cannot be matched by a one-token response: every reward is 0.
     data = tmp_path / "unreachable.jsonl"
     data.write_text("".join(json.dumps({"input": f"{c}: say 77", "label": "77"}) + "\n" for c in "abcdefgh"))
     run_dir = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger=SIGNAL_LOGGER):
-        run_loop(flags(model, data, run_dir, tmp_path / "ckpt", 2))
+    lines: list[str] = []
+    run_loop(flags(model, data, run_dir, tmp_path / "ckpt", 2), log=lines.append)
     records = read_metrics(run_dir)
     assert [r["rollout/zero_std_group_fraction"] for r in records] == [1.0, 1.0]
     assert [r["rollout/reward_std"] for r in records] == [0.0, 0.0]
     assert [r["train/advantage_abs_mean"] for r in records] == [0.0, 0.0]
     assert [r["train/grad_norm"] for r in records] == [0.0, 0.0]
-    messages = [r.getMessage() for r in caplog.records if r.name == SIGNAL_LOGGER]
-    assert len(messages) == 1, messages  # the first step; the next repeat is 10 steps later
-    assert messages[0].startswith("no learning signal at step 1: every group's rewards are equal (reward mean 0), "
-                                  "so every advantage is 0 and the policy does not change")
+    messages = [line for line in lines if line.startswith(NO_SIGNAL)]
+    assert len(messages) == 1, lines  # the first step; the next repeat is 10 steps later
+    assert messages[0].startswith("warning: no learning signal at step 1: every group's rewards are equal (reward "
+                                  "mean 0), so every advantage is 0 and the policy does not change")
     assert "--n-samples-per-prompt" in messages[0]
 
 
-def test_a_varied_reward_run_logs_the_ref_kl_with_coef_0_and_does_not_warn(say7, tmp_path, caplog):
+def test_a_varied_reward_run_logs_the_ref_kl_with_coef_0_and_does_not_warn(say7, tmp_path):
     root, model, data = say7
     # The untrained model's one-token answers are spread over the vocabulary: half the code points are odd.
     reward = tmp_path / "odd_reward.py"
@@ -47,10 +46,10 @@ def test_a_varied_reward_run_logs_the_ref_kl_with_coef_0_and_does_not_warn(say7,
     index = argv.index("--rm-type")
     argv[index:index + 2] = ["--custom-rm-path", f"{reward}:odd"]
     run_dir = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger=SIGNAL_LOGGER):
-        run_loop(argv)
+    lines: list[str] = []
+    run_loop(argv, log=lines.append)
     records = read_metrics(run_dir)
-    assert [r.name for r in caplog.records if r.name == SIGNAL_LOGGER] == []
+    assert not [line for line in lines if line.startswith("warning:")], lines
     assert all(r["rollout/zero_std_group_fraction"] < 1.0 and r["train/advantage_abs_mean"] > 0 for r in records)
     # The reference is the initial policy: KL 0 before the first update, positive after it.
     assert records[0]["train/ref_kl"] == 0.0 and records[1]["train/ref_kl"] > 0.0

@@ -165,6 +165,19 @@ def test_progress_on_a_tty_draws_a_bar_with_postfix():
     assert "generate" in text
 
 
+def test_a_line_printed_outside_the_bar_starts_on_a_cleared_line_and_the_bar_comes_back_below_it():
+    stream = _FakeTty()
+    with ProgressReporter(total_steps=5, enabled=True, stream=stream) as reporter:
+        reporter.update(0, {"rollout/reward_mean": 0.5})
+        drawn = len(stream.getvalue())
+        with reporter.outside_bar():
+            print("warning: no learning signal at step 1", file=stream)
+        after = stream.getvalue()[drawn:]
+    before_line, line, rest = after.partition("warning: no learning signal at step 1\n")
+    assert line and before_line.strip() == "" and before_line.endswith("\r")  # the bar's text was blanked first
+    assert "1/5" in rest  # drawn again after the line
+
+
 def test_metrics_writer_resuming_drops_steps_past_the_checkpoint(tmp_path):
     with MetricsWriter(tmp_path) as writer:
         for step in range(5):

@@ -5,6 +5,7 @@ from the sync and the async loop."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from pathlib import Path
@@ -173,6 +174,26 @@ def test_config_and_command_are_recorded_and_shown_and_a_resume_continues_the_sa
     assert main([*resume[:-2], "--num-rollout", "4"]) == 0
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
     assert list(elsewhere.iterdir()) == []
+
+
+def test_keys_on_the_command_line_are_masked_in_commands_jsonl_and_summary_html(tiny_checkpoint, tmp_path,
+                                                                                monkeypatch, capsys):
+    data = write_data(tmp_path / "prompts.jsonl")
+    run_dir = tmp_path / "run"
+    command = flags(tiny_checkpoint, data, "--run-dir", str(run_dir), "--num-rollout", "1",
+                    "--sglang-api-key", "engine-key-1234", "--sglang-admin-api-key=admin-key-5678")
+    monkeypatch.setattr("sys.argv", ["sluice", *command, "--api-key", "serve-key-9012"])
+    assert main(command) == 0
+    capsys.readouterr()
+    (launch,) = read_launches(run_dir)
+    assert launch["command"][-3:] == ["--sglang-api-key", "***", "--sglang-admin-api-key=***"]
+    assert launch["argv"][-5:] == ["--sglang-api-key", "***", "--sglang-admin-api-key=***", "--api-key", "***"]
+    assert launch["command"][:4] == ["sluice", "train", "--hf-checkpoint", str(tiny_checkpoint)]  # the rest kept
+    records = {name: (run_dir / name).read_text() for name in ("commands.jsonl", "summary.html", "config.yaml")}
+    for name, text in records.items():
+        for key in ("engine-key-1234", "admin-key-5678", "serve-key-9012"):
+            assert key not in text, (name, key)
+    assert html.escape("--sglang-api-key '***' '--sglang-admin-api-key=***'") in records["summary.html"]
 
 
 @pytest.mark.parametrize("loop", [[], ["--async"]], ids=["sync", "async"])

@@ -48,6 +48,21 @@ def test_group_estimator_with_one_sample_names_both_flags(estimator: str) -> Non
     assert "advantage 0" in message and "no gradient" in message
 
 
+def test_kl_coef_with_one_sample_per_prompt_is_named_for_what_it_does_to_each_estimator() -> None:
+    # a sample-level group estimator: the KL-shaped reward of a group of one is still centred to 0
+    grpo = problems_of("--kl-coef", "0.1", "--n-samples-per-prompt", "1")
+    assert ("--kl-coef has no effect with --advantage-estimator grpo and --n-samples-per-prompt 1: a group of one "
+            "sample always has advantage 0") in grpo
+    # the token form: -kl_coef * KL_t is on every token, whitened; only the reward's part is 0
+    token = problems_of("--advantage-estimator", "reinforce_plus_plus_baseline", "--kl-coef", "0.1",
+                        "--n-samples-per-prompt", "1")
+    assert "--kl-coef has no effect" not in token and "always has advantage 0" not in token
+    assert ("--advantage-estimator reinforce_plus_plus_baseline with --n-samples-per-prompt 1: a reward minus the mean "
+            "of its group of one is 0, so only the --kl-coef penalty trains the policy and the reward never does") in token
+    validate(parse_config([*VALID_TRAINING, "--advantage-estimator", "reinforce_plus_plus_baseline", "--kl-coef", "0.1",
+                           "--n-samples-per-prompt", "1", "--disable-rewards-normalization"]))
+
+
 @pytest.mark.parametrize("flags", [
     ["--advantage-estimator", "reinforce_plus_plus"],
     ["--advantage-estimator", "grpo", "--disable-rewards-normalization"],  # plain REINFORCE on the raw reward

@@ -3,8 +3,6 @@ teaches the policy nothing (their cadence and their conditions)."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from sluice.observability.signal import REPEAT_EVERY, RepeatingWarning, SignalWatch
@@ -37,15 +35,15 @@ NO_SIGNAL = {"rollout/zero_std_group_fraction": 1.0, "train/advantage_abs_mean":
              "rollout/reward_mean": 0.0}
 
 
-def test_no_signal_warns_once_then_every_repeat_steps(caplog):
-    watch = SignalWatch()
-    with caplog.at_level(logging.WARNING, logger="sluice.observability.signal"):
-        warned = [step for step in range(1, 2 * REPEAT_EVERY + 2) if watch.check(step, NO_SIGNAL)]
+def test_no_signal_warns_once_then_every_repeat_steps_in_the_runs_log():
+    lines: list[str] = []
+    watch = SignalWatch(lines.append)
+    warned = [step for step in range(1, 2 * REPEAT_EVERY + 2) if watch.check(step, NO_SIGNAL)]
     assert warned == [1, REPEAT_EVERY + 1, 2 * REPEAT_EVERY + 1]
-    assert len(caplog.records) == 3
-    assert caplog.records[0].getMessage().startswith(
-        "no learning signal at step 1: every group's rewards are equal (reward mean 0), so every advantage is 0")
-    assert f"repeated every {REPEAT_EVERY} steps" in caplog.records[0].getMessage()
+    assert len(lines) == 3
+    assert lines[0].startswith("warning: no learning signal at step 1: every group's rewards are equal (reward mean "
+                               "0), so every advantage is 0")
+    assert f"repeated every {REPEAT_EVERY} steps" in lines[0]
 
 
 @pytest.mark.parametrize("metrics", [
@@ -54,13 +52,16 @@ def test_no_signal_warns_once_then_every_repeat_steps(caplog):
     {"rollout/zero_std_group_fraction": 1.0, "rollout/reward_mean": 0.0},  # nothing trained (rollout only, SFT)
 ])
 def test_steps_with_a_signal_or_without_training_do_not_warn(metrics):
-    assert SignalWatch().check(1, metrics) == []
+    lines: list[str] = []
+    assert SignalWatch(lines.append).check(1, metrics) == [] and lines == []
 
 
 def test_a_zero_gradient_with_nonzero_advantages_warns():
-    watch = SignalWatch()
+    lines: list[str] = []
+    watch = SignalWatch(lines.append)
     (message,) = watch.check(4, {"rollout/zero_std_group_fraction": 0.5, "train/advantage_abs_mean": 0.25,
                                  "train/grad_norm": 0.0})
     assert message.startswith("gradient norm 0 at step 4 although the advantages are not (mean |advantage| 0.25")
     assert watch.check(5, {"rollout/zero_std_group_fraction": 0.5, "train/advantage_abs_mean": 0.25,
                            "train/grad_norm": 0.1}) == []
+    assert lines == ["warning: " + message]

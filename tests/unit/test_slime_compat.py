@@ -229,6 +229,15 @@ def test_flags_without_a_field_are_mapped_or_logged_once() -> None:
         parse_config(VALID + ["--sglang-cuda-graph-bs", "x"])
 
 
+def test_server_concurrency_and_an_explicit_rollout_max_concurrency_must_agree() -> None:
+    engines = parse_config(VALID).cluster.num_engines
+    agreeing = parse_config(VALID + ["--sglang-server-concurrency", "64", "--rollout-max-concurrency", str(64 * engines)])
+    assert agreeing.rollout.rollout_max_concurrency == 64 * engines
+    with pytest.raises(ConfigError, match=(rf"--sglang-server-concurrency 64 \(x {engines} engine\(s\) = {64 * engines} "
+                                           r"requests in flight\) disagrees with --rollout-max-concurrency 1000")):
+        parse_config(VALID + ["--rollout-max-concurrency", "1000", "--sglang-server-concurrency", "64"])
+
+
 def test_disable_compute_advantages_is_for_sft_only() -> None:
     validate(parse_config(VALID + ["--loss-type", "sft_loss", "--disable-compute-advantages-and-returns"]))
     with pytest.raises(ConfigError, match="--disable-compute-advantages-and-returns: sluice skips advantages only"):

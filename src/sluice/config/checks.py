@@ -10,7 +10,14 @@ import math
 from collections.abc import Callable, Iterator
 
 from sluice.errors import ConfigError
-from sluice.config.sections import BUILTIN_REWARDS, DEFAULT_MAX_TURNS, LABEL_FREE_REWARDS, Config
+from sluice.config.sections import (
+    BUILTIN_REWARDS,
+    DEFAULT_MAX_TURNS,
+    GRPO_STD_ESTIMATORS,
+    LABEL_FREE_REWARDS,
+    TOKEN_LEVEL_ESTIMATORS,
+    Config,
+)
 from sluice.config.slime_compat import problems as slime_compat_problems
 
 
@@ -76,7 +83,8 @@ def _algorithm(config: Config) -> Iterator[str]:
     yield from _loss_type(config)
 
 
-# The token-level estimators: they read --gamma (ppo also --lambd and the critic settings) and no group statistics.
+# The token-level estimators that read --gamma (ppo also --lambd and the critic settings) and no group statistics;
+# reinforce_plus_plus_baseline, token-level too, centres each reward on its group's mean and has no discount.
 _DISCOUNTED = ("reinforce_plus_plus", "ppo")
 
 
@@ -99,7 +107,7 @@ def _kl(config: Config) -> Iterator[str]:
     elif algo.kl_coef > 0 and algo.loss_type == "sft_loss":
         yield "--kl-coef (a reward penalty) has no effect with --loss-type sft_loss, which uses no rewards"
     elif (algo.kl_coef > 0 and config.rollout.n_samples_per_prompt == 1 and not algo.disable_rewards_normalization
-          and algo.advantage_estimator not in _DISCOUNTED):
+          and algo.advantage_estimator not in TOKEN_LEVEL_ESTIMATORS):
         yield (f"--kl-coef has no effect with --advantage-estimator {algo.advantage_estimator} and "
                "--n-samples-per-prompt 1: a group of one sample always has advantage 0")
 
@@ -131,9 +139,9 @@ def _estimator(config: Config) -> Iterator[str]:
     if algo.disable_rewards_normalization and estimator in _DISCOUNTED:
         yield (f"--disable-rewards-normalization has no effect with --advantage-estimator {estimator}: "
                "only the group estimators normalise rewards")
-    if algo.disable_grpo_std_normalization and estimator not in ("grpo", "gspo", "cispo"):
-        yield (f"--disable-grpo-std-normalization has no effect with --advantage-estimator {estimator}: only grpo, "
-               "gspo and cispo divide by the group's std")
+    if algo.disable_grpo_std_normalization and estimator not in GRPO_STD_ESTIMATORS:
+        yield (f"--disable-grpo-std-normalization has no effect with --advantage-estimator {estimator}: only "
+               f"{', '.join(GRPO_STD_ESTIMATORS[:-1])} and {GRPO_STD_ESTIMATORS[-1]} divide by the group's std")
     if algo.disable_rewards_normalization and algo.disable_grpo_std_normalization:
         yield ("--disable-grpo-std-normalization has no effect with --disable-rewards-normalization "
                "(no group statistics are used at all)")
@@ -353,11 +361,16 @@ def _training(config: Config) -> Iterator[str]:
         yield f"--loss-type {config.algorithm.loss_type} needs a reward: set --rm-type or --custom-rm-path"
     algo = config.algorithm
     group_of_one = config.rollout.n_samples_per_prompt == 1 and not algo.disable_rewards_normalization
+    fix = "use --n-samples-per-prompt >= 2, or reinforce_plus_plus / ppo, or --disable-rewards-normalization"
     if group_of_one and algo.advantage_estimator not in _DISCOUNTED and algo.loss_type != "sft_loss":
-        yield (f"--advantage-estimator {algo.advantage_estimator} with --n-samples-per-prompt 1: a group estimator "
-               "compares the samples of a prompt, so a group of one has advantage 0 and the policy gets no "
-               "gradient; use --n-samples-per-prompt >= 2, or reinforce_plus_plus / ppo, or "
-               "--disable-rewards-normalization")
+        if algo.advantage_estimator in TOKEN_LEVEL_ESTIMATORS and algo.kl_coef > 0:
+            yield (f"--advantage-estimator {algo.advantage_estimator} with --n-samples-per-prompt 1: a reward minus "
+                   "the mean of its group of one is 0, so only the --kl-coef penalty trains the policy and the "
+                   f"reward never does; {fix}")
+        else:
+            yield (f"--advantage-estimator {algo.advantage_estimator} with --n-samples-per-prompt 1: a group "
+                   "estimator compares the samples of a prompt, so a group of one has advantage 0 and the policy "
+                   f"gets no gradient; {fix}")
     rm_type = config.reward.rm_type
     if rm_type is not None and rm_type not in LABEL_FREE_REWARDS and config.data.label_key is None:
         yield f"--rm-type {rm_type} compares responses with a label: set --label-key"
@@ -467,7 +480,7 @@ _CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
 
 
 def validate(config: Config, *, for_training: bool = True) -> None:
-    """Raises ConfigError listing every problem, each naming its flag(s); normalises aliases first.
+    """Raises ConfigError listing every problem, each naming its flag(s).
 
     ``for_training=False`` (e.g. evaluation only) skips the requirements of a training run:
     --hf-checkpoint, --prompt-data, --rollout-batch-size and a reward for policy_loss.

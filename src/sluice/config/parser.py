@@ -144,5 +144,5 @@ def parse_config(argv: list[str] | None = None) -> Config:
     values.update(cli_values)
     config = config_from_values(values)
     config.compat_flags = compat_flags
-    resolve(config)
+    resolve(config, set(cli_values))
     return config

@@ -21,6 +21,12 @@ BUILTIN_REWARDS: tuple[str, ...] = ("exact", "math", "f1", "deepscaler", "boxed_
 # Built-in rewards that do not compare with a label (--label-key is optional for them).
 LABEL_FREE_REWARDS: tuple[str, ...] = ("remote_rm", "random")
 DEFAULT_MAX_TURNS = 4
+# --advantage-estimator families, named once for the trainer (trainer/batch_advantages.py, batching.py) and the
+# config checks. The group std divides these estimators' advantages (--disable-grpo-std-normalization drops it):
+GRPO_STD_ESTIMATORS: tuple[str, ...] = ("grpo", "gspo", "cispo")
+# These give every trained token its own advantage (the others one per sample, broadcast), so a per-token
+# -kl_coef * KL_t reaches the advantage even where the reward's group statistics make it 0:
+TOKEN_LEVEL_ESTIMATORS: tuple[str, ...] = ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")
 
 
 def meta(help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None, metavar: str | None = None):

@@ -11,7 +11,7 @@ not repeated there (see ``--help``); docs/migrating-from-slime.md prints the tab
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from sluice.config.compat_rows import Row, Treatment
 from sluice.config.megatron_flags import MEGATRON_FLAGS, MEGATRON_PREFIXES
@@ -60,10 +60,10 @@ def compat_arguments(own_flags: set[str]) -> Iterator[tuple[str, Row]]:
             yield flag, row
 
 
-def resolve(config: Config) -> None:
+def resolve(config: Config, command_line: Collection[str] = ()) -> None:
     """Applies the mapped flags in place: --calculate-per-token-loss, --bf16, --sglang-cuda-graph-bs,
     --sglang-server-concurrency, --update-weight-disk-dir, slime's built-in filter path, and --lr-decay-iters'
-    default."""
+    default. ``command_line``: the config keys given as flags (a mapped flag must not silently replace one)."""
     if config.algorithm.calculate_per_token_loss:
         config.algorithm.loss_agg_mode = "token_mean"
     if config.megatron.bf16:
@@ -73,7 +73,13 @@ def resolve(config: Config) -> None:
         config.engine.cuda_graph_max_bs = max(_ints("--sglang-cuda-graph-bs", given["--sglang-cuda-graph-bs"]))
     if "--sglang-server-concurrency" in given:
         per_engine = _ints("--sglang-server-concurrency", given["--sglang-server-concurrency"])[0]
-        config.rollout.rollout_max_concurrency = per_engine * config.cluster.num_engines
+        total = per_engine * config.cluster.num_engines
+        explicit = config.rollout.rollout_max_concurrency
+        if "rollout_max_concurrency" in command_line and explicit != total:
+            raise ConfigError(f"--sglang-server-concurrency {per_engine} (x {config.cluster.num_engines} engine(s) = "
+                              f"{total} requests in flight) disagrees with --rollout-max-concurrency {explicit}: "
+                              "give one of them")
+        config.rollout.rollout_max_concurrency = total
     if "--update-weight-disk-dir" in given:
         config.sync.weight_sync_dir = given["--update-weight-disk-dir"][0]
     rollout = config.rollout

@@ -98,8 +98,8 @@ SLIME_FLAGS: dict[str, Row] = {
     # Algorithm.
     "--disable-compute-advantages-and-returns": noop("with --loss-type sft_loss no advantages are computed; refused "
                                                      "with the policy-gradient losses", "switch"),
-    "--use-unbiased-kl": refuse("the KL estimator is chosen with --kl-loss-type (k1, k2, k3 / low_var_kl)",
-                                "switch"),
+    "--use-unbiased-kl": refuse("the KL estimator is chosen with --kl-loss-type (k1, k2, k3, or low_var_kl: k3 "
+                                "clamped to [-10, 10])", "switch"),
     "--get-mismatch-metrics": noop("the trainer/engine logprob difference is logged whenever the engine returns "
                                    "logprobs (train/rollout_logprob_abs_diff)", "switch"),
     "--use-rollout-entropy": refuse("the entropy is computed from the trainer's logits for --entropy-coef; a "

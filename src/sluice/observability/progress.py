@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -148,6 +149,11 @@ class ProgressReporter:
             tqdm.write(line, file=self._stream)
         else:
             print(line, file=self._stream, flush=True)
+
+    def outside_bar(self) -> AbstractContextManager[None]:
+        """A context in which the caller's own prints land above the bar: the bar is cleared on entry and drawn
+        again on exit (no bar: nothing to do)."""
+        return tqdm.external_write_mode(file=self._stream) if self._bar is not None else nullcontext()
 
     def stage(self, name: str, total: int | None) -> StageBar:
         """A transient bar for a stage within a step; a no-op object when bars are off (see class doc)."""

@@ -20,9 +20,15 @@ import yaml
 
 import sluice
 from sluice.config import Config, config_to_dict, save_config
+from sluice.config.flags import flag_specs
 
 RUN_CONFIG_FILE = "config.yaml"
 COMMANDS_FILE = "commands.jsonl"
+MASK = "***"
+# Key flags besides the config's secret fields. argv is the whole process's command line, which need not be
+# `sluice train`'s (a script that builds the run may take its own flags): `sluice serve`'s key flags and slime's
+# --wandb-key are masked there too.
+OTHER_SECRET_FLAGS = ("--api-key", "--admin-api-key", "--wandb-key")
 
 
 @dataclass
@@ -30,8 +36,9 @@ class Launch:
     """One start of a run (its first, or a resume), as a line of commands.jsonl."""
 
     time: str  # UTC, ISO 8601
-    argv: list[str]  # the process's own command line (sys.argv), exactly as started
-    command: list[str] | None  # the `sluice train` flags that built the run, where known (the CLI, the demo)
+    argv: list[str]  # the process's own command line (sys.argv) as started, the value of every key flag masked
+    command: list[str] | None  # the `sluice train` flags that built the run, where known (the CLI, the demo);
+    # keys masked as in argv
     cwd: str  # relative paths in argv are relative to this
     resumed_from: str | None  # the checkpoint directory --load resumes from; None for a fresh start
     changed_settings: dict[str, list[Any]]  # config keys that differ from the previous launch's: [before, now]
@@ -55,6 +62,26 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+def secret_flags() -> frozenset[str]:
+    """Flags whose value is a key: the config's secret fields (config.yaml leaves them blank) and OTHER_SECRET_FLAGS."""
+    return frozenset(s.flag for s in flag_specs() if s.secret) | frozenset(OTHER_SECRET_FLAGS)
+
+
+def masked_command(words: list[str]) -> list[str]:
+    """``words`` with the value of every key flag replaced by MASK, given as ``--flag KEY`` or ``--flag=KEY``."""
+    secret = secret_flags()
+    masked: list[str] = []
+    for word in words:
+        flag, equals, _ = word.partition("=")
+        if masked and masked[-1] in secret:
+            masked.append(MASK)
+        elif equals and flag in secret:
+            masked.append(f"{flag}={MASK}")
+        else:
+            masked.append(word)
+    return masked
 
 
 def recorded_config(config: Config) -> Config:
@@ -90,7 +117,8 @@ def record_launch(run_dir: str | os.PathLike[str], config: Config, command: list
     continues = config.checkpoint.load is not None
     launch = Launch(
         time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        argv=list(sys.argv), command=command, cwd=os.getcwd(),
+        argv=masked_command(sys.argv), command=masked_command(command) if command is not None else None,
+        cwd=os.getcwd(),
         resumed_from=str(resumed_from) if resumed_from is not None else None,
         changed_settings=_changes(read_run_config(run_dir), config_to_dict(kept)) if continues else {},
         sluice_version=sluice.__version__, git_commit=git_commit(),

@@ -2,15 +2,12 @@
 
 A GRPO run whose groups all score the same reward has every advantage 0, a loss of 0 and a gradient of 0: it
 runs to the end and changes nothing, and the metrics only show it to someone who knows where to look. The
-watch below says so in the log, the first time and then every ``REPEAT_EVERY`` steps while it lasts.
+watch below says so in the run's log, the first time and then every ``REPEAT_EVERY`` steps while it lasts.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
-
-log = logging.getLogger(__name__)
+from collections.abc import Callable, Mapping
 
 ZERO_STD_GROUP_FRACTION = "rollout/zero_std_group_fraction"  # rollout/metrics.py
 ADVANTAGE_ABS_MEAN = "train/advantage_abs_mean"  # trainer/update.py
@@ -42,12 +39,13 @@ class SignalWatch:
     * a zero gradient norm although some advantage is nonzero: the loss reached no trainable weight.
     """
 
-    def __init__(self, every: int = REPEAT_EVERY) -> None:
+    def __init__(self, log: Callable[[str], None], every: int = REPEAT_EVERY) -> None:
+        self.log = log  # the run's log (build_run's ``log``): each warning as one line starting "warning: "
         self.no_signal = RepeatingWarning(every)
         self.zero_grad = RepeatingWarning(every)
 
     def check(self, step: int, metrics: Mapping[str, float]) -> list[str]:
-        """The warnings due at ``step`` (also logged)."""
+        """The warnings due at ``step`` (also logged, prefixed "warning: ")."""
         messages = []
         advantage = metrics.get(ADVANTAGE_ABS_MEAN)
         equal_rewards = metrics.get(ZERO_STD_GROUP_FRACTION) == 1.0 and advantage == 0.0
@@ -57,7 +55,7 @@ class SignalWatch:
         if self.zero_grad.due(grad_norm == 0.0 and advantage is not None and advantage > 0.0):
             messages.append(_zero_grad_message(step, advantage, self.zero_grad.num_steps))
         for message in messages:
-            log.warning(message)
+            self.log("warning: " + message)
         return messages
 
 

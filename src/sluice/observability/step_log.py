@@ -17,7 +17,7 @@ class StepLog:
     def __init__(self, trackers: Trackers, progress: ProgressReporter, log_line: Callable[[str], None],
                  samples: SampleLog | None = None) -> None:
         self.trackers, self.progress, self.log_line = trackers, progress, log_line
-        self.signal = SignalWatch()
+        self.signal = SignalWatch(self._log_outside_bar)
         self.samples = samples  # the rollout's finisher and the evaluator record their examples here
 
     def record(self, step: int, metrics: dict[str, float]) -> None:
@@ -28,6 +28,10 @@ class StepLog:
         else:
             self.progress.update(step - 1, metrics)
             self.signal.check(step, metrics)
+
+    def _log_outside_bar(self, line: str) -> None:
+        with self.progress.outside_bar():  # the run's log may print: keep the line off the drawn bar
+            self.log_line(line)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps to continue the same tracker runs on resume."""

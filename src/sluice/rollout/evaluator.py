@@ -5,14 +5,12 @@ a few example samples of each set go to the sample log)."""
 from __future__ import annotations
 
 import asyncio
-import statistics
 from dataclasses import dataclass
 
 from sluice.config import EvalConfig, RolloutConfig
-from sluice.rollout.evaluation import EvalFn, EvalRequest
+from sluice.rollout.evaluation import EvalFn, EvalRequest, reward_metrics
 from sluice.rollout.finish import MemoryGuard, SampleSink, scalar_rewards
 from sluice.rollout.manager import RolloutManager
-from sluice.rollout.metrics import accuracy
 from sluice.rollout.sampling import sampling_params
 from sluice.rollout.step import PromptBatches
 from sluice.types import Sample
@@ -51,8 +49,7 @@ class Evaluator:
             self.memory.check_engines(groups)
             group_rewards = scalar_rewards(groups, self.manager)
             rewards = [r for per_group in group_rewards for r in per_group]
-            out[f"eval/{name}/reward_mean"] = statistics.fmean(rewards)
-            out[f"eval/{name}/accuracy"] = accuracy(rewards, self.eval.eval_accuracy_threshold)
+            out.update(reward_metrics(name, rewards, self.eval.eval_accuracy_threshold))
             if self.samples is not None:
                 self.samples.record(step, f"eval/{name}", groups, group_rewards)
             num_tokens += sum(s.response_length for g in groups for s in g.samples)

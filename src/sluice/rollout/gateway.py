@@ -183,14 +183,17 @@ class AgentGateway:
                                            "length is used up")
         wanted = body.max_completion_tokens or body.max_tokens or room
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        # one seed per completion of the session (the sample's seed derived by turn): an agent's re-rendered history
-        # may put a later turn at the positions of an earlier one
-        seed = turn_seed(session.sampling_params.seed, len(session.turns))
+        rid = uuid.uuid4().hex
+        number = self.sessions.track(session, rid)
+        if number is None:
+            raise RequestError("", f"session {session.id!r} closed (the sample's rollout is over)", status=404)
+        # one seed per request of the session (the sample's seed derived by request number): an agent's re-rendered
+        # history may put a later turn at the positions of an earlier one, and an agent asking for several
+        # completions of one context at once (best-of-n) must not get the same one n times
+        seed = turn_seed(session.sampling_params.seed, number)
         params = dataclasses.replace(session.sampling_params, max_new_tokens=min(wanted, room),
                                      stop=list(session.sampling_params.stop) + stop, seed=seed)
-        request = GenerateRequest(prompt_ids, params, return_logprob=True, group_key=f"session-{session.id}")
-        if not self.sessions.track(session, request.rid):
-            raise RequestError("", f"session {session.id!r} closed (the sample's rollout is over)", status=404)
+        request = GenerateRequest(prompt_ids, params, return_logprob=True, rid=rid, group_key=f"session-{session.id}")
         try:
             result = await self.client.generate(request)
         finally:

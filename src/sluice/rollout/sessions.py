@@ -8,7 +8,7 @@ trajectory is exactly the sampled tokens. A request that rewrites history starts
 becomes one training sample (fan-out), all in the group of the prompt.
 
 Threads: the gateway's event loop thread records turns, the rollout's thread opens and closes sessions; one lock
-guards the session table and each session's turn list.
+guards the session table, each session's turn list and its request count.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ class Session:
     budget: int  # response tokens of a segment, generated and appended (--rollout-max-response-len)
     turns: list[Turn] = field(default_factory=list)
     in_flight: set[str] = field(default_factory=set)  # engine request ids, aborted when the session closes
+    # Engine requests started, finished or not: numbers each request (its seed) even while several are in flight,
+    # where len(turns) grows only as they finish.
+    num_requests: int = 0
     closed: bool = False
 
 
@@ -61,13 +64,15 @@ class SessionTable:
             session = self._sessions.get(session_id)
         return None if session is None or session.closed else session
 
-    def track(self, session: Session, rid: str) -> bool:
-        """Note an engine request of ``session`` (aborted if the session closes); False if it already closed."""
+    def track(self, session: Session, rid: str) -> int | None:
+        """Note an engine request of ``session`` (aborted if the session closes) and return its number in the
+        session (from 0); None if the session already closed."""
         with self._lock:
             if session.closed:
-                return False
+                return None
             session.in_flight.add(rid)
-            return True
+            session.num_requests += 1
+            return session.num_requests - 1
 
     def untrack(self, session: Session, rid: str) -> None:
         with self._lock:

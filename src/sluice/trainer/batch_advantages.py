@@ -35,13 +35,11 @@ from sluice.algorithms import (
     token_level_rewards,
 )
 from sluice.config import AlgorithmConfig
+from sluice.config.sections import TOKEN_LEVEL_ESTIMATORS
 from sluice.trainer.batching import group_advantages
 from sluice.trainer.custom_advantage import AdvantageFn, AdvantageInputs
 from sluice.trainer.critic import ValueBatch
 from sluice.types import TrainBatch
-
-TOKEN_LEVEL_ESTIMATORS = ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")
-
 
 @dataclass
 class Advantages:

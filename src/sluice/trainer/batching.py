@@ -6,6 +6,7 @@ import torch
 
 from sluice import algorithms
 from sluice.config import TrainConfig
+from sluice.config.sections import GRPO_STD_ESTIMATORS
 from sluice.trainer.packing import token_budget_rows
 from sluice.types import Sample, TrainBatch
 
@@ -71,9 +72,6 @@ def micro_batch_rows(attention_mask: torch.Tensor, config: TrainConfig) -> list[
     order = torch.argsort(lengths, descending=True, stable=True)
     size = config.micro_batch_size
     return [order[i : i + size] for i in range(0, order.numel(), size)]
-
-
-GRPO_STD_ESTIMATORS = ("grpo", "gspo", "cispo")  # the group std divides their advantages
 
 
 def group_advantages(estimator: str, rewards: list[list[float]], disable_std_normalization: bool = False) -> list[float]:

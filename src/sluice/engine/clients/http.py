@@ -62,7 +62,8 @@ class HttpEngineClient:
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._last_version = 0  # for servers whose responses carry no weight version
-        self._context: tuple[int | None, int] | None = None  # see _read_context; read at the first generate
+        # see _read_context; read at the first generate, again at the next while a read fails
+        self._context: tuple[int | None, int] | None = None
         self._background: set[asyncio.Task] = set()
 
     # ---- EngineClient ---------------------------------------------------------------------------------
@@ -89,23 +90,28 @@ class HttpEngineClient:
     async def _fitting_max_new_tokens(self, request: GenerateRequest) -> int:
         """The contract ends a request at the context limit (finish reason length), as the in-process engine does;
         a server refuses a prompt + max_new_tokens past its context with 400 instead. So the limit is lowered to
-        the room the prompt leaves, read from /v1/models once. SGLang refuses a request that would fill its context
+        the room the prompt leaves, read from /v1/models once it answers. SGLang refuses a request that would fill its context
         exactly, sluice's server does not: one token less is asked of a server that is not sluice's."""
-        if self._context is None:
-            self._context = await self._read_context()
-        context_len, reserve = self._context
+        context = self._context or await self._read_context()
+        if context is None:  # not known yet (a server still starting, a refused key): read again next time
+            return request.sampling_params.max_new_tokens
+        self._context = context
+        context_len, reserve = context
         wanted = request.sampling_params.max_new_tokens
         if context_len is None:
             return wanted
         room = context_len - reserve - len(request.input_ids)
         return min(wanted, room) if room >= 1 else wanted  # no room at all: the server's 400 names the prompt
 
-    async def _read_context(self) -> tuple[int | None, int]:
-        """(context length, tokens the server keeps free) from /v1/models; (None, 0) where it is not reported."""
+    async def _read_context(self) -> tuple[int | None, int] | None:
+        """(context length, tokens the server keeps free) from /v1/models; (None, 0) where it is not reported (a
+        server without the route); None where the read failed (401, a 503 while the server starts, ...)."""
         try:
             body = await self._send("GET", "/v1/models", None, True, self.options.control_timeout_s)
-        except EngineHTTPError:  # a server without the OpenAI routes: its own errors will tell
-            return None, 0
+        except EngineHTTPError as error:
+            # 404/405: a server without the OpenAI routes, whose own errors will tell; any other failure (a
+            # refused key, a server still starting) may pass, so it is not kept
+            return (None, 0) if error.status in (404, 405) else None
         models = body.get("data") if isinstance(body, dict) else None
         card = models[0] if isinstance(models, list) and models and isinstance(models[0], dict) else {}
         context_len = card.get("max_model_len")
