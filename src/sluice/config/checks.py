@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from sluice.errors import ConfigError
-from sluice.config.sections import BUILTIN_REWARDS, DEFAULT_MAX_TURNS, LABEL_FREE_REWARDS, Config
+from sluice.config.sections import (BUILTIN_REWARDS, DEFAULT_MAX_TURNS, LABEL_FREE_REWARDS, SFT_ROLLOUT_FUNCTION,
+                                    Config)
+from sluice.config.sft_checks import sft_problems
 from sluice.config.slime_compat import problems as slime_compat_problems
 
 # kl_loss_type spellings that name the same estimator; the loss code only knows the canonical one.
@@ -20,6 +22,8 @@ def normalise(config: Config) -> None:
     """Rewrites aliases to their canonical value in place, so downstream code sees one spelling."""
     algo = config.algorithm
     algo.kl_loss_type = KL_LOSS_ALIASES.get(algo.kl_loss_type, algo.kl_loss_type)
+    if config.rollout.sft_from_data:
+        config.rollout.rollout_function_path = SFT_ROLLOUT_FUNCTION
 
 
 def _batches(config: Config) -> Iterator[str]:
@@ -462,7 +466,7 @@ def _async_loop(config: Config) -> Iterator[str]:
 
 _CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
     _batches, _rollout, _sampling, _algorithm, _reward, _hooks, _train, _eval_and_checkpoint, _logging, _debug,
-    _engine, _devices, _cluster, _sync, slime_compat_problems)
+    _engine, _devices, _cluster, _sync, slime_compat_problems, sft_problems)
 
 
 def validate(config: Config, *, for_training: bool = True) -> None:

@@ -2,7 +2,8 @@
 restored from --load; the loops then call the parts (loops.py).
 
 Order: the plug-ins are loaded and checked before anything heavy; then the tokenizer and the data; the Data
-Buffer; the engines (not with --debug-train-only: rollouts are replayed); the rollout manager; the trainer
+Buffer; the engines (not with --debug-train-only: rollouts are replayed; nor for SFT from data, which generates
+nothing); the rollout manager; the trainer
 (not with --debug-rollout-only); then a resume from --load, and the trackers, which continue the resumed run.
 A failure part-way stops whatever was started.
 """
@@ -62,7 +63,7 @@ def build_run(config: Config, log=print) -> Run:
         buffer = placement.start_buffer(source, config.rollout.n_samples_per_prompt, config.staleness_bound,
                                         held_groups(config))
         buffer_handle = placement.buffer_handle(buffer)
-        engines = placement.start_engines() if not config.debug.debug_train_only else None
+        engines = placement.start_engines() if needs_engines(config) else None
         manager, gateway = build_rollout(config, hooks, engines.client if engines else None, tokenizer,
                                          engines.context_len if engines else 0)
         trains = not config.debug.debug_rollout_only
@@ -90,6 +91,12 @@ def build_run(config: Config, log=print) -> Run:
     except BaseException:
         stop_parts(loop, placement, gateway, [engines.client if engines else None, hooks and hooks.reward], log)
         raise
+
+
+def needs_engines(config: Config) -> bool:
+    """Whether the run generates: not with --debug-train-only (rollouts are replayed), nor for SFT from data
+    (--rollout-function-path sft: the responses are the data's)."""
+    return not config.debug.debug_train_only and not config.rollout.sft_from_data
 
 
 def _placement(config: Config, memory: OomAdvice, log) -> Placement:
@@ -200,7 +207,10 @@ def held_groups(config: Config) -> int:
 
 def _check_context(config: Config, checkpoint: str) -> None:
     """A response budget must leave room for a prompt in the engine's context (prompt + response), read from the
-    checkpoint's config.json before any model loads; the engine would otherwise cap every request silently."""
+    checkpoint's config.json before any model loads; the engine would otherwise cap every request silently.
+    SFT from data generates nothing, so it has no response budget to check."""
+    if config.rollout.sft_from_data:
+        return
     if config.engine.context_length is not None:
         context, source = config.engine.context_length, "--sglang-context-length"
     else:
