@@ -8,6 +8,7 @@ import pytest
 
 from helpers.train_loop import run_loop
 from sluice.config import ConfigError, parse_config, validate
+from sluice.config.sections import SFT_ROLLOUT_FUNCTION
 from sluice.data import DataError
 from sluice.observability.metrics import read_metrics
 from sluice.orchestration import build_run
@@ -75,3 +76,20 @@ def test_a_missing_response_key_fails_before_any_model_loads(tmp_path, small_che
     with pytest.raises(DataError, match=r"sft.jsonl:1: missing key 'answer.text' \(set by --response-key\); "
                                         r"'answer' has no 'text'"):
         build_run(config, log=lambda line: None)
+
+
+def test_slime_sft_script_flags_are_accepted(tmp_path):
+    """The SFT flags of slime's scripts, with --response-key naming the whole conversation."""
+    flags = ["--hf-checkpoint", "c", "--prompt-data", "d.jsonl", "--rollout-function-path",
+             "slime.rollout.sft_rollout.generate_rollout", "--input-key", "messages", "--response-key", "messages",
+             "--apply-chat-template", "--loss-type", "sft_loss", "--loss-mask-type", "qwen3",
+             "--calculate-per-token-loss", "--disable-compute-advantages-and-returns", "--debug-train-only",
+             "--rollout-shuffle", "--num-epoch", "1", "--rollout-batch-size", "8", "--global-batch-size", "8"]
+    config = parse_config(flags)
+    validate(config)
+    assert config.rollout.rollout_function_path == SFT_ROLLOUT_FUNCTION and config.data.response_key == "messages"
+    flags.remove("--response-key")
+    flags.remove("messages")  # the --input-key's value stays: list.remove drops the first "messages"
+    with pytest.raises(ConfigError, match=r"needs --response-key: .* or --response-key messages when each "
+                                          r"row's 'messages' is a whole conversation"):
+        validate(parse_config(flags))

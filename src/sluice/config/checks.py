@@ -305,8 +305,10 @@ def _debug(config: Config) -> Iterator[str]:
                "same file")
     if debug.debug_rollout_only and debug.debug_train_only:
         yield "--debug-rollout-only and --debug-train-only are mutually exclusive: give one"
-    if debug.debug_train_only and debug.load_debug_rollout_data is None:
-        yield "--debug-train-only needs --load-debug-rollout-data (the saved rollouts to train on)"
+    if debug.debug_train_only and debug.load_debug_rollout_data is None and not config.rollout.sft_from_data:
+        # slime's SFT scripts pass --debug-train-only to start no engine; SFT from data starts none anyway
+        yield ("--debug-train-only needs --load-debug-rollout-data (the saved rollouts to train on), or "
+               "--rollout-function-path sft (responses from the data)")
     if debug.debug_train_only and config.eval.eval_prompt_data:
         yield "--eval-prompt-data needs an engine, which --debug-train-only does not start"
     if debug.debug_rollout_only:

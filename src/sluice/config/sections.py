@@ -64,6 +64,9 @@ class DataConfig:
         "assistant's reply to the prompt) or a list of chat messages continuing the conversation (the loss "
         "covers the assistant turns only). The same key as --input-key: the value is a whole conversation, "
         "trained from its first assistant turn on (slime's SFT layout)."))
+    loss_mask_type: str | None = field(default=None, metadata=meta(
+        "Accepted no-op (slime compatibility): slime picks its SFT loss mask by tokenizer family (qwen, qwen3, "
+        "...); sluice finds the assistant tokens from the checkpoint's chat template."))
     metadata_key: str = field(default="metadata", metadata=meta("Key of a per-row dict passed to reward functions."))
     data_source_key: str | None = field(default="data_source", metadata=meta(
         "Key of the row's data source (verl's column); its value goes to reward functions as "
@@ -232,6 +235,9 @@ class AlgorithmConfig:
     loss_type: str = field(default="policy_loss", metadata=meta(
         "policy_loss (RL), sft_loss (supervised, on the response tokens) or custom_loss (the function of "
         "--custom-loss-function-path replaces the policy loss).", choices=("policy_loss", "sft_loss", "custom_loss")))
+    disable_compute_advantages_and_returns: bool = field(default=False, metadata=meta(
+        "Accepted no-op with --loss-type sft_loss (slime compatibility): the SFT loss computes no advantages or "
+        "returns."))
     custom_advantage_function_path: str | None = field(default=None, metadata=meta(
         "Replaces the advantage estimator: fn(inputs: sluice.trainer.custom_advantage.AdvantageInputs) -> "
         "Tensor [B, T-1], or slime's fn(args, rollout_data) setting rollout_data['advantages']."))

@@ -12,6 +12,9 @@ SFT_FLAG = "--rollout-function-path sft"
 
 def sft_problems(config: Config) -> Iterator[str]:
     rollout, data, algo = config.rollout, config.data, config.algorithm
+    if algo.disable_compute_advantages_and_returns and algo.loss_type != "sft_loss":
+        yield (f"--disable-compute-advantages-and-returns is accepted with --loss-type sft_loss only; "
+               f"--loss-type {algo.loss_type} trains on advantages")
     if not rollout.sft_from_data:
         if data.response_key is not None:
             yield (f"--response-key is read only by the SFT rollout function ({SFT_FLAG}); an RL run samples its "
@@ -19,7 +22,8 @@ def sft_problems(config: Config) -> Iterator[str]:
         return
     if data.response_key is None:
         yield (f"{SFT_FLAG} needs --response-key: the key of each row's response (a string, or chat messages "
-               "continuing the prompt), or the --input-key itself when each row holds a whole conversation")
+               f"continuing the prompt), or --response-key {data.input_key} when each row's {data.input_key!r} "
+               "is a whole conversation (slime's SFT layout)")
     if algo.loss_type != "sft_loss":
         yield f"{SFT_FLAG} trains on the responses in the data: set --loss-type sft_loss (got {algo.loss_type})"
     if rollout.n_samples_per_prompt != 1:

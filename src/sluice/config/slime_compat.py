@@ -76,6 +76,9 @@ FLAGS: dict[str, tuple[Treatment, str]] = {
     "--rollout-skip-special-tokens": (Treatment.REJECTED, "responses are decoded without special tokens already; "
                                       "drop the flag"),
     "--tool-key": (Treatment.REJECTED, "sluice's tools are Python functions given with --tools"),
+    "--loss-mask-type": (Treatment.NOOP, "the SFT loss mask comes from the checkpoint's chat template"),
+    "--disable-compute-advantages-and-returns": (Treatment.NOOP, "--loss-type sft_loss computes no advantages "
+                                                 "(refused with other loss types)"),
     "--optimizer-cpu-offload": (Treatment.REJECTED, "use --offload-train (moves the optimizer state off the GPU "
                                 "while the engines generate)"),
 }
@@ -177,5 +180,7 @@ def noop_notes(config: Config) -> list[str]:
         "--no-masked-softmax-fusion": not mega.masked_softmax_fusion,
         "--no-bias-swiglu-fusion": not mega.bias_swiglu_fusion,
         "--no-rope-fusion": not mega.rope_fusion,
+        "--loss-mask-type": config.data.loss_mask_type is not None,
+        "--disable-compute-advantages-and-returns": config.algorithm.disable_compute_advantages_and_returns,
     }
     return [f"{flag} accepted and ignored: {FLAGS[flag][1]}" for flag, on in given.items() if on]
