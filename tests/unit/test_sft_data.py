@@ -121,3 +121,19 @@ def test_a_missing_response_key_names_file_line_and_key(tmp_path, tokenizer):
 def test_bad_rows_are_named(tmp_path, tokenizer, row, data, message):
     with pytest.raises(DataError, match=message):
         _load(tmp_path, [row], tokenizer, **data)
+
+
+def test_consecutive_tool_results_rendered_as_one_turn_are_not_trained(tmp_path, tool_tokenizer):
+    """Qwen's template puts a run of tool results in one user turn, closed only after the last of them."""
+    messages = [{"role": "user", "content": "2+3 and 4+5?"},
+                {"role": "assistant", "content": "<tool_call>{}</tool_call><tool_call>{}</tool_call>"},
+                {"role": "tool", "content": "5"}, {"role": "tool", "content": "9"},
+                {"role": "assistant", "content": "5 and 9"}]
+    (sample,) = _load(tmp_path, [{"messages": messages}], tool_tokenizer, apply_chat_template=True,
+                      input_key="messages", response_key="messages")
+    reference = tool_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                   return_assistant_tokens_mask=True)
+    mask = list(reference["assistant_masks"])
+    last = len(mask) - mask[::-1].index(1)
+    assert sample.tokens == list(reference["input_ids"])[:last]
+    assert [0] * len(sample.prompt_tokens) + sample.loss_mask == mask[:last]

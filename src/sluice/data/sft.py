@@ -4,9 +4,9 @@ A row gives a prompt (``--input-key``) and a response (``--response-key``): a st
 a list of chat messages continues the conversation; when both keys are the same, the value is one whole
 conversation whose response starts at its first assistant turn (slime's SFT layout).
 
-With ``--apply-chat-template`` the conversation is rendered turn by turn: each message's text is what the
-template adds when the message is appended (the difference between two renderings), and each piece is
-tokenized on its own, the way a multi-turn rollout grows its tokens. An assistant turn of the response trains
+With ``--apply-chat-template`` the conversation is rendered up to each trained assistant turn, with and without
+it: the differences between renderings are the pieces (the untrained text before the turn, its assistant header
+included, then the turn), and each piece is tokenized on its own, the way a multi-turn rollout grows its tokens. An assistant turn of the response trains
 on what the model would write there: its content and the template's end-of-turn token (the last special token
 of the turn), not the header before it (the generation prompt) nor the separator after it. System, user and
 tool turns, and assistant turns inside the prompt (few-shot examples), get loss mask 0. Without a chat
@@ -39,7 +39,7 @@ class SftTokens:
 
     prompt_text: str  # the rendered prompt (up to the first trained token)
     prompt_ids: list[int]
-    response_text: str  # the rendered rest: assistant turns and what lies between them
+    response_text: str  # the rendered rest, to the end of the last trained turn
     response_ids: list[int]
     loss_mask: list[int]  # per response token: 1 on assistant tokens of the response, 0 elsewhere
 
@@ -102,21 +102,22 @@ def _end_of_turn(turn: str, special_tokens: list[str]) -> int:
 
 def chat_segments(tokenizer: Any, messages: list[dict[str, Any]], first_response: int,
                   template_kwargs: dict[str, Any], where: str) -> list[Segment]:
-    """The conversation as rendered pieces; the assistant turns from ``first_response`` on are trained."""
+    """The conversation as rendered pieces, up to its last trained turn: the assistant turns from
+    ``first_response`` on are trained, and everything between them is one untrained piece each.
+
+    Only the renderings at assistant turns are compared, so a template may render a run of other messages
+    together (Qwen's puts consecutive tool results in one user turn)."""
     special_tokens = list(getattr(tokenizer, "all_special_tokens", []))
     segments, rendered = [], ""
-    for i, message in enumerate(messages):
-        if message["role"] == ASSISTANT and i >= first_response:
-            head = _render(tokenizer, messages[:i], True, template_kwargs, where)
-            segments.append(Segment(_after(where, rendered, head), trained=False))
-            full = _render(tokenizer, messages[: i + 1], False, template_kwargs, where)
-            turn = _after(where, head, full)
-            end = _end_of_turn(turn, special_tokens)
-            segments += [Segment(turn[:end], trained=True), Segment(turn[end:], trained=False)]
-        else:
-            full = _render(tokenizer, messages[: i + 1], False, template_kwargs, where)
-            segments.append(Segment(_after(where, rendered, full), trained=False))
-        rendered = full
+    for i in range(first_response, len(messages)):
+        if messages[i]["role"] != ASSISTANT:
+            continue
+        head = _render(tokenizer, messages[:i], True, template_kwargs, where)  # ends with the assistant header
+        segments.append(Segment(_after(where, rendered, head), trained=False))
+        rendered = _render(tokenizer, messages[: i + 1], False, template_kwargs, where)
+        turn = _after(where, head, rendered)
+        end = _end_of_turn(turn, special_tokens)
+        segments += [Segment(turn[:end], trained=True), Segment(turn[end:], trained=False)]
     return segments
 
 
@@ -137,9 +138,10 @@ def split_tokens(tokenizer: Any, segments: list[Segment], eos_after: bool, where
         raise DataError(f"{where}: the response renders to no tokens to train on")
     first, last = mask.index(1), len(mask) - mask[::-1].index(1)
     first_text = next(i for i, (_, trained) in enumerate(texts) if trained)
+    last_text = max(i for i, (_, trained) in enumerate(texts) if trained)
     return SftTokens(prompt_text="".join(text for text, _ in texts[:first_text]), prompt_ids=ids[:first],
-                     response_text="".join(text for text, _ in texts[first_text:]), response_ids=ids[first:last],
-                     loss_mask=mask[first:last])
+                     response_text="".join(text for text, _ in texts[first_text:last_text + 1]),
+                     response_ids=ids[first:last], loss_mask=mask[first:last])
 
 
 def sft_tokens(where: str, prompt: Any, response: Any, *, input_key: str, response_key: str,
