@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rollout-batch-size", type=int, default=16)
     parser.add_argument("--rl-lr", type=float, default=2e-4)
     parser.add_argument("--max-response-len", type=int, default=160,
-                        help="token budget of a conversation (a tool call and its answer take about 110)")
+                        help="token budget of a conversation (a tool call, its result and the answer take about 85)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for the trainer and the engine")
     parser.add_argument("--hidden-size", type=int, default=256,
                         help="model width (128, the demo's, copies 3-digit operands too poorly to gain from the tool)")
