@@ -115,6 +115,9 @@ def test_a_missing_response_key_names_file_line_and_key(tmp_path, tokenizer):
      r"sft.jsonl:1: 'response' \(--response-key\) has no assistant turn"),
     ({"input": "hi", "response": [{"role": "assistant"}]}, {"apply_chat_template": True},
      r"sft.jsonl:1: 'response'\[0\] needs a string 'content'"),
+    ({"messages": "hi"}, {"input_key": "messages", "response_key": "messages", "apply_chat_template": True},
+     r"sft.jsonl:1: 'messages' \(--input-key and --response-key\) must be a list of chat messages, the whole "
+     r"conversation; got str"),
     ({"input": "hi", "response": 7}, {"apply_chat_template": True},
      r"sft.jsonl:1: 'response' must be a string or a list of chat messages, got int"),
 ])

@@ -48,7 +48,10 @@ def conversation(where: str, prompt: Any, response: Any, input_key: str, respons
                  ) -> tuple[list[dict[str, Any]], int]:
     """The row's messages and the index of the first message of the response."""
     if input_key == response_key:
-        messages = check_messages(where, input_key, _as_list(where, input_key, prompt))
+        if not isinstance(prompt, list):
+            raise DataError(f"{where}: {input_key!r} (--input-key and --response-key) must be a list of chat "
+                            f"messages, the whole conversation; got {type(prompt).__name__}")
+        messages = check_messages(where, input_key, prompt)
         first = next((i for i, m in enumerate(messages) if m["role"] == ASSISTANT), None)
         if first is None:
             raise DataError(f"{where}: {input_key!r} (--input-key and --response-key) has no assistant turn to "
