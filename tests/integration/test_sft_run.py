@@ -93,3 +93,17 @@ def test_slime_sft_script_flags_are_accepted(tmp_path):
     with pytest.raises(ConfigError, match=r"needs --response-key: .* or --response-key messages when each "
                                           r"row's 'messages' is a whole conversation"):
         validate(parse_config(flags))
+
+
+def test_a_slime_style_sft_run_on_whole_conversations(tmp_path, small_checkpoint):
+    """--input-key messages --response-key messages with slime's --debug-train-only: trains, starts no engine."""
+    rows = [{"messages": [{"role": "system", "content": "Double it."}, {"role": "user", "content": f"{a}"},
+                          {"role": "assistant", "content": str(2 * a)}]} for a in range(10, 14)]
+    flags = _flags(small_checkpoint, _data(tmp_path, rows), tmp_path / "run", "--debug-train-only",
+                   "--loss-mask-type", "qwen", "--input-key", "messages", "--rollout-batch-size", "4",
+                   "--num-rollout", "2")
+    flags[flags.index("answer.text")] = "messages"
+    run = run_loop(flags)
+    assert run.engines is None
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and all(r["train/loss"] > 0 for r in records)
