@@ -4,8 +4,9 @@
 
 1. builds the tiny demo model with a tool-calling chat template (Qwen's <tool_call> markup, compact);
 2. writes 3-digit addition problems ("123+456=" -> "579");
-3. warm-starts it with SFT on demonstrations, of which ``--tool-demo-rate`` call the calculator and the rest
-   answer directly (the loss covers the assistant turns only, as the template's assistant mask says);
+3. warm-starts it with SFT from data (``sluice train --rollout-function-path sft``) on demonstrations, of which
+   ``--tool-demo-rate`` call the calculator and the rest answer directly (the loss covers the assistant turns
+   only);
 4. runs `sluice train` with ``--tools examples/calculator_agent/tools.py:calculator`` and an exact-match reward;
    ``evaluate.py`` reports greedy accuracy and tool-use rate before and after.
 
@@ -25,21 +26,16 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 
-from sluice.config import AlgorithmConfig, TrainConfig, parse_config, validate  # noqa: E402
+from sluice.config import parse_config, validate  # noqa: E402
 from sluice.demo.model import TinyModelShape, build_checkpoint  # noqa: E402
 from sluice.loops import train_sync  # noqa: E402
 from sluice.observability.metrics import read_metrics  # noqa: E402
 from sluice.orchestration import build_run  # noqa: E402
-from sluice.rollout.tools import load_tools  # noqa: E402
-from sluice.trainer.batching import collate  # noqa: E402
-from sluice.trainer.torch_backend import TorchTrainer  # noqa: E402
-from sluice.types import Sample  # noqa: E402
 
 TOOL = f"{HERE / 'tools.py'}:calculator"
 
@@ -56,8 +52,8 @@ def write_problems(path: Path, num: int, seed: int, exclude: set[str] = frozense
     return rows
 
 
-def demonstration(tokenizer, tools: list[dict], row: dict, use_tool: bool) -> Sample:
-    """One SFT sample: the conversation rendered by the chat template, trained on its assistant tokens only."""
+def demonstration(row: dict, use_tool: bool) -> dict:
+    """One SFT row: the whole conversation, trained on its assistant turns (--response-key = --input-key)."""
     user = {"role": "user", "content": row["input"]}
     if use_tool:
         call = {"name": "calculator", "arguments": {"expression": row["input"].rstrip("=")}}
@@ -65,35 +61,44 @@ def demonstration(tokenizer, tools: list[dict], row: dict, use_tool: bool) -> Sa
                  {"role": "tool", "content": row["label"]}, {"role": "assistant", "content": row["label"]}]
     else:
         turns = [{"role": "assistant", "content": row["label"]}]
-    prompt_ids = tokenizer.apply_chat_template([user], tools=tools, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True)["input_ids"]
-    full = tokenizer.apply_chat_template([user, *turns], tools=tools, tokenize=True, return_dict=True,
-                                         return_assistant_tokens_mask=True)
-    # End at the last end-of-turn token: what the template renders after it (a newline) is never generated.
-    ids = list(full["input_ids"])
-    end = len(ids) - ids[::-1].index(tokenizer.eos_token_id)
-    ids, mask = ids[:end], list(full["assistant_masks"])[:end]
-    assert ids[: len(prompt_ids)] == list(prompt_ids)
-    return Sample(prompt=row["input"], prompt_tokens=list(prompt_ids), tokens=ids,
-                  response_length=len(ids) - len(prompt_ids), loss_mask=mask[len(prompt_ids):], label=row["label"])
+    return {"messages": [user, *turns]}
 
 
-def warm_start(model_dir: Path, rows: list[dict], out_dir: Path, args, log) -> Path:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tools = load_tools([TOOL]).schemas()
+def sft_flags(model_dir: Path, data: Path, out_dir: Path, run_dir: Path, args) -> list[str]:
+    """SFT from data (--rollout-function-path sft): --tools gives the chat template the tool list, as in RL."""
+    return [
+        "--hf-checkpoint", str(model_dir), "--prompt-data", str(data), "--input-key", "messages",
+        "--response-key", "messages", "--apply-chat-template", "--tools", TOOL,
+        "--rollout-function-path", "sft", "--loss-type", "sft_loss", "--rollout-batch-size", str(args.sft_batch_size),
+        "--num-rollout", str(args.sft_steps), "--rollout-shuffle", "--rollout-seed", str(args.seed),
+        "--lr", str(args.sft_lr), "--lr-warmup-iters", str(max(args.sft_steps // 10, 1)), "--adam-beta2", "0.98",
+        "--micro-batch-size", str(args.sft_batch_size), "--seed", str(args.seed), "--train-device", args.device,
+        "--save-hf", str(out_dir), "--run-dir", str(run_dir), "--no-progress-bar",
+    ]
+
+
+def warm_start(model_dir: Path, rows: list[dict], out: Path, args, log) -> Path:
     rng = random.Random(args.seed)
-    examples = [demonstration(tokenizer, tools, row, rng.random() < args.tool_demo_rate) for row in rows]
-    train = TrainConfig(lr=args.sft_lr, lr_warmup_iters=max(args.sft_steps // 10, 1), seed=args.seed,
-                        micro_batch_size=16, adam_beta2=0.98, train_device=args.device)
-    trainer = TorchTrainer(str(model_dir), train, AlgorithmConfig(loss_type="sft_loss"), temperature=1.0)
-    for step in range(args.sft_steps):
-        batch = rng.sample(examples, args.sft_batch_size)
-        metrics = trainer.train_step(collate(batch, [0.0] * len(batch), tokenizer.pad_token_id))
-        if (step + 1) % max(args.sft_steps // 5, 1) == 0:
-            log(f"  sft step {step + 1}/{args.sft_steps}: loss {metrics['train/loss']:.3f}")
-    trainer.save_hf(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    data = out / "sft.jsonl"
+    data.write_text("".join(json.dumps(demonstration(row, rng.random() < args.tool_demo_rate)) + "\n"
+                            for row in rows))
+    flags = sft_flags(model_dir, data, out / "sft_model", out / "sft", args)
+    log("SFT: sluice train " + shlex.join(flags))
+    run_flags(flags, log)
+    losses = [r["train/loss"] for r in read_metrics(out / "sft" / "metrics.jsonl")]
+    log(f"  sft loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
+    return out / "sft_model"
+
+
+def run_flags(flags: list[str], log) -> None:
+    """``sluice train`` with ``flags`` in this process."""
+    config = parse_config(flags)
+    validate(config)
+    run = build_run(config, log=log)
+    try:
+        train_sync(run)
+    finally:
+        run.close()
 
 
 def rl_flags(model_dir: Path, train_file: Path, eval_file: Path, run_dir: Path, args) -> list[str]:
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rollout-batch-size", type=int, default=16)
     parser.add_argument("--rl-lr", type=float, default=2e-4)
     parser.add_argument("--max-response-len", type=int, default=160,
-                        help="token budget of a conversation (a tool call and its answer take about 110)")
+                        help="token budget of a conversation (a tool call, its result and the answer take about 85)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda, for the trainer and the engine")
     parser.add_argument("--hidden-size", type=int, default=256,
                         help="model width (128, the demo's, copies 3-digit operands too poorly to gain from the tool)")
@@ -143,18 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
     eval_rows = write_problems(out / "eval.jsonl", args.num_eval, seed=args.seed + 1)
     train_rows = write_problems(out / "train.jsonl", args.num_train, args.seed, {r["input"] for r in eval_rows})
     log(f"warm start: {args.sft_steps} SFT steps, {args.tool_demo_rate:.0%} of demonstrations call the calculator")
-    sft = warm_start(base, train_rows, out / "sft_model", args, log)
+    for run_dir in ("sft", "rl"):
+        shutil.rmtree(out / run_dir, ignore_errors=True)  # a re-run starts fresh metrics files
+    sft = warm_start(base, train_rows, out, args, log)
     sft_s = time.perf_counter() - start
-    shutil.rmtree(out / "rl", ignore_errors=True)  # a re-run starts a fresh metrics file
     flags = rl_flags(sft, out / "train.jsonl", out / "eval.jsonl", out / "rl", args)
     log("RL: sluice train " + shlex.join(flags))
-    config = parse_config(flags)
-    validate(config)
-    run = build_run(config, log=log)
-    try:
-        train_sync(run)
-    finally:
-        run.close()
+    run_flags(flags, log)
     evals = [r for r in read_metrics(out / "rl" / "metrics.jsonl") if "eval/add3/accuracy" in r]
     keys = ("accuracy", "tool_use_rate", "accuracy_with_tool", "accuracy_without_tool")
     summary = {"warm_start_s": round(sft_s, 1), "wall_s": round(time.perf_counter() - start, 1),

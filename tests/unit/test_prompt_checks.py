@@ -11,19 +11,19 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from helpers.data_files import write_container
+from helpers.tokenizers import printable_ascii_tokenizer
 from sluice.config.sections import DataConfig
 from sluice.data import DataError, load_prompt_samples
 from sluice.data.prompt_checks import CharacterCheck, PromptLimit, can_lose_characters, describe_characters
-from sluice.models.tokenizer import load_tokenizer
 
 CONTEXT_LIMIT = PromptLimit(10, "the model's context of 12 tokens (test) minus --rollout-max-response-len 2",
                             drops_longer=False)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint: str):
-    """The demo's character tokenizer: printable ASCII only, no byte fallback, no unknown token."""
-    return load_tokenizer(tiny_checkpoint)
+def tokenizer():
+    """A character tokenizer: printable ASCII only, no byte fallback, no unknown token."""
+    return printable_ascii_tokenizer()
 
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:

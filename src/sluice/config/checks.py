@@ -18,6 +18,7 @@ from sluice.config.sections import (
     TOKEN_LEVEL_ESTIMATORS,
     Config,
 )
+from sluice.config.sft_checks import sft_problems
 from sluice.config.slime_compat import problems as slime_compat_problems
 
 
@@ -308,8 +309,10 @@ def _debug(config: Config) -> Iterator[str]:
                "same file")
     if debug.debug_rollout_only and debug.debug_train_only:
         yield "--debug-rollout-only and --debug-train-only are mutually exclusive: give one"
-    if debug.debug_train_only and debug.load_debug_rollout_data is None:
-        yield "--debug-train-only needs --load-debug-rollout-data (the saved rollouts to train on)"
+    if debug.debug_train_only and debug.load_debug_rollout_data is None and not config.rollout.sft_from_data:
+        # slime's SFT scripts pass --debug-train-only to start no engine; SFT from data starts none anyway
+        yield ("--debug-train-only needs --load-debug-rollout-data (the saved rollouts to train on), or "
+               "--rollout-function-path sft (responses from the data)")
     if debug.debug_train_only and config.eval.eval_prompt_data:
         yield "--eval-prompt-data needs an engine, which --debug-train-only does not start"
     if debug.debug_rollout_only:
@@ -476,7 +479,7 @@ def _async_loop(config: Config) -> Iterator[str]:
 
 _CHECKS: tuple[Callable[[Config], Iterator[str]], ...] = (
     _batches, _rollout, _sampling, _algorithm, _reward, _hooks, _train, _eval_and_checkpoint, _logging, _debug,
-    _engine, _devices, _cluster, _sync, slime_compat_problems)
+    _engine, _devices, _cluster, _sync, slime_compat_problems, sft_problems)
 
 
 def validate(config: Config, *, for_training: bool = True) -> None:

@@ -27,6 +27,11 @@ GRPO_STD_ESTIMATORS: tuple[str, ...] = ("grpo", "gspo", "cispo")
 # These give every trained token its own advantage (the others one per sample, broadcast), so a per-token
 # -kl_coef * KL_t reaches the advantage even where the reward's group statistics make it 0:
 TOKEN_LEVEL_ESTIMATORS: tuple[str, ...] = ("reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo")
+# The built-in SFT rollout function (rollout/sft.py): trains on responses read from the data, no engine runs.
+# --rollout-function-path accepts it by this path, by the short name "sft" and by slime's dotted name.
+SFT_ROLLOUT_FUNCTION = "sluice.rollout.sft.sft_rollout"
+SFT_ROLLOUT_ALIASES: tuple[str, ...] = ("sft", "slime.rollout.sft_rollout.generate_rollout",
+                                        "slime.rollout.sft_rollout:generate_rollout")
 
 
 def meta(help: str, *, choices: tuple[str, ...] | None = None, flag: str | None = None, metavar: str | None = None):
@@ -61,6 +66,11 @@ class DataConfig:
         "(as do the other key flags)."))
     label_key: str | None = field(default=None, metadata=meta(
         "Key of the reference answer in each row, e.g. reward_model.ground_truth."))
+    response_key: str | None = field(default=None, metadata=meta(
+        "Key of the response to train on, for SFT from data (--rollout-function-path sft): a string (the "
+        "assistant's reply to the prompt) or a list of chat messages continuing the conversation (the loss "
+        "covers the assistant turns only). Unset (or the same key as --input-key): the --input-key value is a "
+        "whole conversation, trained on its assistant turns from the first on (slime's SFT layout)."))
     metadata_key: str = field(default="metadata", metadata=meta("Key of a per-row dict passed to reward functions."))
     data_source_key: str | None = field(default="data_source", metadata=meta(
         "Key of the row's data source (verl's column); its value goes to reward functions as "
@@ -113,7 +123,9 @@ class RolloutConfig:
 
     rollout_function_path: str | None = field(default=None, metadata=meta(
         "Replaces the rollout of a step: async fn(request: sluice.rollout.RolloutRequest) -> list[SampleGroup] "
-        "| RolloutOutput, or slime's generate_rollout(args, rollout_id, data_source, evaluation=False)."))
+        "| RolloutOutput, or slime's generate_rollout(args, rollout_id, data_source, evaluation=False). "
+        "Built-in: sft (also spelled sluice.rollout.sft.sft_rollout or slime.rollout.sft_rollout.generate_rollout), "
+        "supervised training on the responses of --response-key with --loss-type sft_loss; no engine starts."))
     custom_generate_function_path: str | None = field(default=None, metadata=meta(
         "Replaces the generate function: async fn(sample, sampling_params, ctx) -> Sample | list[Sample], or "
         "slime's async fn(args, sample, sampling_params). Built-in: sluice.rollout.multi_turn.generate_with_tools."))
@@ -143,6 +155,12 @@ class RolloutConfig:
     max_failed_sample_ratio: float = field(default=0.5, metadata=meta(
         "Stop the run when more than this fraction of a rollout's samples failed (generate or reward raised or "
         "timed out); failed samples below it are dropped from training and logged."))
+
+    @property
+    def sft_from_data(self) -> bool:
+        """Whether the rollout is the built-in SFT function: responses come from the data, no engine generates."""
+        path = self.rollout_function_path
+        return path == SFT_ROLLOUT_FUNCTION or path in SFT_ROLLOUT_ALIASES
 
     @property
     def dynamic_sampling(self) -> bool:

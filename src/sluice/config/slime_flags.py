@@ -64,8 +64,8 @@ SLIME_FLAGS: dict[str, Row] = {
                                                "custom source)", "switch"),
     "--data-pad-size-multiplier": noop("sluice pads no sequence to a multiple: packed micro-batches hold the real "
                                        "tokens only", "value"),
-    "--loss-mask-type": refuse("sluice's SFT loss covers the response tokens after the prompt; a multi-turn mask "
-                               "comes from the generate function's loss_mask", "value"),
+    "--loss-mask-type": noop("the SFT loss mask comes from the checkpoint's chat template (the assistant turns it "
+                             "renders), whatever the tokenizer family", "value"),
     # Batching and rollout.
     "--balance-data": refuse("micro-batches are already formed by token budget (--use-dynamic-batch-size, "
                              "--max-tokens-per-gpu): drop the flag"),

@@ -1,4 +1,5 @@
 """Turning rows of a prompt file into ``Sample`` records: pick keys, render chat templates, tokenize, filter.
+With --response-key (SFT from data) each row is a finished sample: prompt, response and loss mask (``sft.py``).
 
 Keys are dotted paths into nested rows (``key_path.py``), so verl's layout works as written: ``--input-key
 prompt --label-key reward_model.ground_truth --metadata-key extra_info``, and its ``data_source`` column reaches
@@ -20,10 +21,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sluice.config.sections import DataConfig
+from sluice.data.chat_messages import check_messages
 from sluice.data.files import DataError, LocatedRow, iter_located_rows
 from sluice.data.key_path import MissingKey, find, lookup
 from sluice.data.prompt_checks import CharacterCheck, PromptLimit, check_prompt
-from sluice.types import Sample
+from sluice.data.sft import sft_tokens
+from sluice.types import Sample, Status
 
 DATA_SOURCE = "data_source"  # the metadata key of a row's --data-source-key value
 
@@ -63,29 +66,13 @@ def required_key(located: LocatedRow, path: str, flag: str) -> Any:
         raise DataError(f"{located.where}: missing key {path!r} (set by {flag}); {missing.detail}") from None
 
 
-def _check_messages(where: str, key: str, messages: list[Any]) -> list[dict[str, Any]]:
-    """Chat messages must be dicts with a string role and string content, the shape chat templates expect."""
-    if not messages:
-        raise DataError(f"{where}: {key!r} is an empty list of chat messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            kind = type(message).__name__
-            raise DataError(f"{where}: {key!r}[{i}] must be a dict with 'role' and 'content', got {kind}")
-        for field_name in ("role", "content"):
-            if not isinstance(message.get(field_name), str):
-                raise DataError(
-                    f"{where}: {key!r}[{i}] needs a string {field_name!r}, got {message.get(field_name)!r}"
-                )
-    return messages
-
-
 def render_prompt(located: LocatedRow, prompt: Any, config: DataConfig, tokenizer: PromptTokenizer) -> str:
     """The text the engine sees: the chat-templated prompt, or the raw string without --apply-chat-template."""
     key, where = config.input_key, located.where
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list):
-        messages = _check_messages(where, key, prompt)
+        messages = check_messages(where, key, prompt)
     else:
         raise DataError(f"{where}: {key!r} must be a string or a list of chat messages, got {type(prompt).__name__}")
     if not config.apply_chat_template:
@@ -135,6 +122,20 @@ def _label(located: LocatedRow, config: DataConfig, text_reward: str | None) -> 
     return label
 
 
+def _sft_sample(located: LocatedRow, prompt: Any, label: Any, metadata: dict[str, Any], config: DataConfig,
+                tokenizer: PromptTokenizer) -> Sample:
+    """A finished sample of SFT data (--response-key): the response is the row's, not generated."""
+    response = required_key(located, config.response_key, "--response-key")
+    tokens = sft_tokens(located.where, prompt, response, input_key=config.input_key,
+                        response_key=config.response_key, apply_chat_template=config.apply_chat_template,
+                        template_kwargs=config.apply_chat_template_kwargs, tokenizer=tokenizer)
+    metadata["prompt_text"] = tokens.prompt_text
+    return Sample(prompt=copy.deepcopy(prompt), prompt_tokens=tokens.prompt_ids,
+                  tokens=tokens.prompt_ids + tokens.response_ids, response=tokens.response_text,
+                  response_length=len(tokens.response_ids), loss_mask=tokens.loss_mask, label=copy.deepcopy(label),
+                  status=Status.COMPLETED, metadata=metadata)
+
+
 def sample_from_row(located: LocatedRow, config: DataConfig, tokenizer: PromptTokenizer,
                     text_reward: str | None) -> Sample:
     """The prompt sample of one row: keys looked up, chat template rendered, tokenized; ``text_reward`` as for
@@ -142,6 +143,8 @@ def sample_from_row(located: LocatedRow, config: DataConfig, tokenizer: PromptTo
     prompt = required_key(located, config.input_key, "--input-key")
     label = _label(located, config, text_reward) if config.label_key else None
     metadata = _metadata(located, config)
+    if config.response_key is not None:
+        return _sft_sample(located, prompt, label, metadata, config, tokenizer)
     text = render_prompt(located, prompt, config, tokenizer)
     metadata["prompt_text"] = text
     return Sample(
@@ -160,6 +163,8 @@ def check_first_row(spec: str, config: DataConfig, *, text_reward: str | None = 
     """
     located = next(iter_located_rows(spec))
     required_key(located, config.input_key, "--input-key")
+    if config.response_key is not None:
+        required_key(located, config.response_key, "--response-key")
     if config.label_key:
         _label(located, config, text_reward)
 
@@ -188,8 +193,9 @@ class PromptChecks:
 
     def keeps(self, located: LocatedRow, sample: Sample) -> bool:
         """False for a prompt over the dropping limit; raises DataError for one that must not load."""
-        finding = check_prompt(located.where, sample.metadata["prompt_text"], sample.prompt_tokens, self.limit,
-                               self.characters)
+        # an SFT sample arrives finished (response_length > 0): its whole sequence must fit, not the prompt alone
+        tokens = sample.tokens if sample.response_length else sample.prompt_tokens
+        finding = check_prompt(located.where, sample.metadata["prompt_text"], tokens, self.limit, self.characters)
         if finding.lost_characters:
             self.num_lossy += 1
             self.first_lossy = self.first_lossy or f"{located.where} ({finding.lost_characters})"

@@ -4,8 +4,9 @@ The warm-start demonstrations come from a sloppy teacher (see ``tasks.sloppy_ans
 its slips along with the skill, and RL against an exact-match verifier has to unlearn them. This is the
 situation RL post-training is for: the reward knows more than the demonstrations.
 
-Everything after the build treats the model as any Hugging Face checkpoint directory: the RL phase is
-``sluice train`` with ordinary flags (printed, so it can be re-run by hand).
+Everything after the build treats the model as any Hugging Face checkpoint directory: both phases are
+``sluice train`` runs with ordinary flags (printed, so they can be re-run by hand), the warm start with SFT from
+data (``--rollout-function-path sft``), the RL phase with GRPO.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from sluice.config import DataConfig, parse_config, validate
-from sluice.data import load_prompt_samples
+from sluice.config import parse_config, validate
 from sluice.demo.model import TinyModelShape, build_checkpoint
 from sluice.demo.tasks import read_prompts, write_task_file, write_teacher_file
-from sluice.demo.warm_start import warm_start
+from sluice.demo.warm_start import WarmStart, warm_start
 from sluice.loops import train
-from sluice.models.tokenizer import load_tokenizer
 from sluice.orchestration import build_run
 
 TASK_NAMES = ("add", "reverse")
@@ -79,14 +78,15 @@ def run_demo(args, log=print) -> dict:
     flags = rl_flags(sft_dir, files, out / "rl", args)
     config = parse_config(flags)
     validate(config)  # before the warm start: a bad demo flag fails now, not minutes later
+    sft = WarmStart(base_dir, files["teacher"], sft_dir, out / "sft", args.sft_steps, batch_size=256,
+                    micro_batch_size=64, lr=args.sft_lr, seed=args.seed, device=args.device,
+                    progress_bar=args.progress_bar)
+    sft.config()  # checked now too
 
-    tokenizer = load_tokenizer(base_dir)
-    demonstrations, _ = load_prompt_samples(str(files["teacher"]),
-                                            DataConfig(label_key="label", apply_chat_template=True), tokenizer)
     log(f"warm start: {args.sft_steps} SFT steps on {files['teacher']} "
         f"(teacher slips on {args.teacher_error_rate:.0%} of answers)")
-    warm_start(str(base_dir), demonstrations, tokenizer, sft_dir, args.sft_steps, batch_size=256,
-               micro_batch_size=64, lr=args.sft_lr, seed=args.seed, device=args.device, log=log)
+    log("SFT: sluice train " + shlex.join(sft.flags()))
+    warm_start(sft, log=log)
     sft_seconds = time.perf_counter() - start
 
     log("RL: sluice train " + shlex.join(flags))

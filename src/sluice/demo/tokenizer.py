@@ -2,8 +2,15 @@
 
 Each printable ASCII character (and newline) is one token, so arithmetic and string tasks are learnable by
 a model with a few hundred thousand parameters. The chat role names are whole tokens, as in real BPE
-vocabularies, which keeps the chat markup around a prompt at 7 tokens instead of 19. The chat template is Qwen's (`<|im_start|>role ...`),
-written into tokenizer_config.json so `AutoTokenizer` and `apply_chat_template` work as for any checkpoint.
+vocabularies, which keeps the chat markup around a prompt at 7 tokens instead of 19. The chat template is Qwen's
+(`<|im_start|>role ...`), written into tokenizer_config.json so `apply_chat_template` works as for any checkpoint.
+
+The characters are stored in byte-level form (a space is ``Ġ``, a newline ``Ċ``), with a byte-level pre-tokenizer
+and decoder, the way Qwen2's own vocabulary is. That is for plain ``transformers.AutoTokenizer``: for a
+``model_type`` of ``qwen2`` it loads ``Qwen2Tokenizer`` whatever tokenizer_config.json names, and that class keeps
+the vocabulary but rebuilds the pre-tokenizer and decoder as byte-level ones. A vocabulary of raw characters then
+loses its spaces and newlines; a byte-level one tokenizes the same either way (no merges, so Qwen's split regex
+changes nothing). The role and tool tokens are listed in ``added_tokens_decoder`` so that class keeps them too.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import json
 import string
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 PAD_TOKEN = "<|endoftext|>"
 BOS_CHAT = "<|im_start|>"
@@ -72,17 +79,32 @@ TOOL_CHAT_TEMPLATE = (
 )
 
 
+BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+
+
+def _byte_level(character: str) -> str:
+    """The byte-level spelling of one ASCII character, as the byte-level pre-tokenizer writes it (" " -> "Ġ")."""
+    return BYTE_LEVEL.pre_tokenize_str(character)[0][0]
+
+
+def added_tokens(with_tools: bool = False) -> tuple[str, ...]:
+    """The whole-word tokens after the characters: role names, then (``with_tools``) the tool markup."""
+    return ROLE_TOKENS + (TOOL_TOKENS if with_tools else ())
+
+
 def build_tokenizer(with_tools: bool = False) -> Tokenizer:
     """Specials first (ids 0..2), then one id per character; BPE with no merges splits into characters.
 
     ``with_tools`` adds Qwen's tool markup tokens after the role tokens (the default vocabulary is unchanged).
+    NFC, the byte-level pre-tokenizer and decoder are the ones ``Qwen2Tokenizer`` rebuilds (module docstring).
     """
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(map(_byte_level, CHARACTERS)))}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, fuse_unk=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = BYTE_LEVEL
+    tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    extra = ROLE_TOKENS + (TOOL_TOKENS if with_tools else ())
-    tokenizer.add_tokens([AddedToken(token, normalized=False, special=False) for token in extra])
-    tokenizer.decoder = decoders.Fuse()  # join characters without the spaces a plain decode would insert
+    tokenizer.add_tokens([AddedToken(token, normalized=False, special=False) for token in added_tokens(with_tools)])
     return tokenizer
 
 
@@ -98,9 +120,9 @@ def save_tokenizer(out_dir: str | Path, with_tools: bool = False) -> int:
     added = {
         str(tokenizer.token_to_id(tok)): {
             "content": tok, "lstrip": False, "rstrip": False, "normalized": False,
-            "single_word": False, "special": True,
+            "single_word": False, "special": tok in SPECIAL_TOKENS,
         }
-        for tok in SPECIAL_TOKENS
+        for tok in SPECIAL_TOKENS + added_tokens(with_tools)
     }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -5,6 +5,8 @@ checkpoint's tokenizer_config.json names, and that class rebuilds the pre-tokeni
 checkpoint that ships its own tokenizer.json and names the generic fast class, that silently changes the
 tokenization (the demo's character tokenizer lost its spaces and its role tokens). When the checkpoint names
 the generic class, we load its tokenizer.json as it is; otherwise AutoTokenizer decides, as usual.
+The demo's tokenizer is written in byte-level form (demo/tokenizer.py), so plain AutoTokenizer, which a user of
+an exported checkpoint calls, builds the same tokenizer from it as this loader does.
 
 A directory without tokenizer files still loads with AutoTokenizer (the model type's class, with an empty
 vocabulary) and encodes every text to no tokens; that is refused here, so prompts never silently become empty.

@@ -6,8 +6,9 @@ Order: a Megatron checkpoint in --load is refused first; then the run directory 
 resume's settings, the plug-ins, the data's first rows and the context length are checked; the tokenizer and the
 data are loaded (each prompt checked); only then is the run directory made and the config and command line
 recorded in it, so a mistake caught so far leaves no files. Then the Data Buffer; the engines (not with
---debug-train-only: rollouts are replayed); the rollout manager; the trainer (not with --debug-rollout-only);
-then a resume from --load, and the trackers, which continue the resumed run.
+--debug-train-only: rollouts are replayed; nor for SFT from data, which generates nothing); the rollout manager;
+the trainer (not with --debug-rollout-only); then a resume from --load, and the trackers, which continue the
+resumed run.
 A failure part-way stops whatever was started.
 """
 
@@ -66,7 +67,7 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
     try:
         _check_checkpoints(config, run_dir, log)
         hooks = load_hooks(config)  # every plug-in, checked before anything heavy loads
-        _check_data(config)
+        _check_data(config, hooks)
         context = read_context(config, checkpoint)
         check_budgets(config, context)
         tokenizer = _checkpoint_tokenizer(checkpoint)
@@ -79,7 +80,7 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
         buffer = placement.start_buffer(source, config.rollout.n_samples_per_prompt, config.staleness_bound,
                                         held_groups(config))
         buffer_handle = placement.buffer_handle(buffer)
-        engines = placement.start_engines() if not config.debug.debug_train_only else None
+        engines = placement.start_engines() if needs_engines(config) else None
         manager, gateway = build_rollout(config, hooks, engines.client if engines else None, tokenizer,
                                          engines.context_len if engines else 0)
         trains = not config.debug.debug_rollout_only
@@ -112,6 +113,12 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
         raise
 
 
+def needs_engines(config: Config) -> bool:
+    """Whether the run generates: not with --debug-train-only (rollouts are replayed), nor for SFT from data
+    (--rollout-function-path sft: the responses are the data's)."""
+    return not config.debug.debug_train_only and not config.rollout.sft_from_data
+
+
 def _placement(config: Config, memory: OomAdvice, log) -> Placement:
     if config.cluster.distributed:
         from sluice.orchestration.ray_placement import RayPlacement  # Ray is imported only for Ray runs
@@ -122,11 +129,11 @@ def _placement(config: Config, memory: OomAdvice, log) -> Placement:
     return LocalPlacement(config, memory)
 
 
-def _check_data(config: Config) -> None:
+def _check_data(config: Config, hooks: Hooks) -> None:
     """Open each prompt set and look up the key flags in its first row: a wrong path or key fails here."""
     train = [config.data.prompt_data] if config.data.prompt_data is not None else []
     for spec in train + [path for _, path in config.eval_sets]:
-        check_first_row(spec, config.data, text_reward=_text_reward(config))
+        check_first_row(spec, prompt_data_config(config, hooks), text_reward=_text_reward(config))
 
 
 def _text_reward(config: Config) -> str | None:

@@ -49,8 +49,9 @@ def _response_budgets(config: Config) -> list[tuple[str, int]]:
 
 
 def check_budgets(config: Config, context: ModelContext | None) -> None:
-    """Every response budget, and --rollout-max-prompt-len with it, must fit the context."""
-    if context is None:
+    """Every response budget, and --rollout-max-prompt-len with it, must fit the context. SFT from data
+    generates nothing: no response budget applies (its samples are checked whole, see context_prompt_limit)."""
+    if context is None or config.rollout.sft_from_data:
         return
     total = context.num_tokens
     for flag, value in _response_budgets(config):
@@ -70,6 +71,10 @@ def context_prompt_limit(config: Config, context: ModelContext | None, *, for_ev
     """The most tokens a prompt may have so that a full response still fits (an error past it, not a drop)."""
     if context is None:
         return None
+    if config.rollout.sft_from_data:  # a finished sample from the data: prompt and response share the context
+        return PromptLimit(context.num_tokens, f"the model's context of {context.num_tokens} tokens "
+                           f"({context.source}), which holds an SFT sample's prompt and response together",
+                           drops_longer=False)
     flag, response_len = "--rollout-max-response-len", config.rollout.rollout_max_response_len
     if for_eval and config.eval.eval_max_response_len is not None:
         flag, response_len = "--eval-max-response-len", config.eval.eval_max_response_len

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sluice.config import Config, ConfigError, config_to_dict
+from sluice.config.sections import SFT_ROLLOUT_FUNCTION
 from sluice.data.custom_source import DataSourceFactory, load_data_source
 from sluice.plugins import Plugin, PluginError, load_plugin, slime_args
 from sluice.rewards import GroupRewardFn, RewardFn, RewardSettings, get_group_reward_fn, get_reward_fn
@@ -103,7 +104,8 @@ def load_hooks(config: Config) -> Hooks:
     if rollout.agent_function_path:
         hooks.agent = _load("--agent-function-path", lambda: load_plugin(rollout.agent_function_path, AGENT_CONTRACT))
     if rollout.rollout_function_path:
-        hooks.rollout = _load("--rollout-function-path", lambda: load_rollout_fn(rollout.rollout_function_path, args))
+        path = SFT_ROLLOUT_FUNCTION if rollout.sft_from_data else rollout.rollout_function_path  # "sft": an alias
+        hooks.rollout = _load("--rollout-function-path", lambda: load_rollout_fn(path, args))
         if hooks.rollout.slime_form:
             hooks.slime_http.append("--rollout-function-path")
     if config.eval.eval_function_path:

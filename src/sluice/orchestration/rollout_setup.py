@@ -27,11 +27,15 @@ from sluice.rollout.seeds import RolloutSeeds
 
 
 def prompt_data_config(config: Config, hooks: Hooks) -> DataConfig:
-    """The data settings prompts are rendered with: with --tools, the chat template also gets the tool schemas."""
+    """The data settings prompts are rendered with: with --tools, the chat template also gets the tool schemas;
+    SFT from data without --response-key reads each --input-key value as a whole conversation (slime's layout)."""
+    data = config.data
+    if config.rollout.sft_from_data and data.response_key is None:
+        data = dataclasses.replace(data, response_key=data.input_key)
     if hooks.tools is None:
-        return config.data
-    kwargs = {**config.data.apply_chat_template_kwargs, "tools": hooks.tools.schemas()}
-    return dataclasses.replace(config.data, apply_chat_template_kwargs=kwargs)
+        return data
+    kwargs = {**data.apply_chat_template_kwargs, "tools": hooks.tools.schemas()}
+    return dataclasses.replace(data, apply_chat_template_kwargs=kwargs)
 
 
 def build_rollout(config: Config, hooks: Hooks, client: EngineClient, tokenizer: Any,

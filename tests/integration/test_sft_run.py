@@ -1,0 +1,106 @@
+"""SFT from data as a run: --rollout-function-path sft through build_run and the sync loop, no engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers.train_loop import run_loop
+from sluice.config import ConfigError, parse_config, validate
+from sluice.orchestration.hooks import load_hooks
+from sluice.orchestration.rollout_setup import prompt_data_config
+from sluice.data import DataError
+from sluice.observability.metrics import read_metrics
+from sluice.orchestration import build_run
+
+
+def _data(tmp_path, rows):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _flags(checkpoint, data, run_dir, *extra):
+    return ["--hf-checkpoint", str(checkpoint), "--prompt-data", str(data), "--rollout-function-path", "sft",
+            "--loss-type", "sft_loss", "--response-key", "answer.text", "--apply-chat-template",
+            "--rollout-batch-size", "8", "--num-rollout", "6", "--lr", "1e-2", "--micro-batch-size", "8",
+            "--seed", "0", "--train-device", "cpu", "--sglang-device", "cpu", "--run-dir", str(run_dir),
+            "--no-progress-bar", *extra]
+
+
+ROWS = [{"input": f"{a}+{a}=", "answer": {"text": str(2 * a)}} for a in range(10, 18)]
+
+
+@pytest.mark.parametrize("name", ["sft", "slime.rollout.sft_rollout.generate_rollout"])
+def test_sft_from_data_trains_without_an_engine_and_the_loss_falls(tmp_path, small_checkpoint, name):
+    flags = _flags(small_checkpoint, _data(tmp_path, ROWS), tmp_path / "run", "--save-hf", str(tmp_path / "hf"))
+    flags[flags.index("sft")] = name
+    run = run_loop(flags)
+    assert run.engines is None
+    losses = [r["train/loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--loss-type", "policy_loss"], r"--rollout-function-path sft trains on the responses in the data: set "
+                                     r"--loss-type sft_loss"),
+    (["--eval-prompt-data", "x", "x.jsonl"], r"--eval-prompt-data: an SFT run .* starts no engine"),
+    (["--n-samples-per-prompt", "4"], r"--n-samples-per-prompt 4 with --rollout-function-path sft"),
+])
+def test_sft_flags_that_cannot_work_are_config_errors(tmp_path, extra, message):
+    flags = _flags("ckpt", "data.jsonl", tmp_path)
+    if extra[1] is None:
+        i = flags.index(extra[0])
+        del flags[i:i + 2]
+    elif extra[0] in flags:
+        flags[flags.index(extra[0]) + 1] = extra[1]
+    else:
+        flags += extra
+    with pytest.raises(ConfigError, match=message):
+        validate(parse_config(flags))
+
+
+def test_response_key_without_the_sft_function_is_a_config_error(tmp_path):
+    flags = ["--hf-checkpoint", "c", "--prompt-data", "d.jsonl", "--rollout-batch-size", "2", "--rm-type", "exact",
+             "--label-key", "label", "--n-samples-per-prompt", "2", "--response-key", "answer"]
+    with pytest.raises(ConfigError, match=r"--response-key is read only by the SFT rollout function"):
+        validate(parse_config(flags))
+
+
+def test_a_missing_response_key_fails_before_any_model_loads(tmp_path, small_checkpoint):
+    rows = [{"input": "1+1=", "answer": {"number": 2}}]
+    config = parse_config(_flags(small_checkpoint, _data(tmp_path, rows), tmp_path / "run"))
+    validate(config)
+    with pytest.raises(DataError, match=r"sft.jsonl:1: missing key 'answer.text' \(set by --response-key\); "
+                                        r"'answer' has no 'text'"):
+        build_run(config, log=lambda line: None)
+
+
+def test_slime_sft_script_flags_are_accepted(tmp_path):
+    """The SFT flags of slime's scripts, as written: no --response-key, the input is the whole conversation."""
+    flags = ["--hf-checkpoint", "c", "--prompt-data", "d.jsonl", "--rollout-function-path",
+             "slime.rollout.sft_rollout.generate_rollout", "--input-key", "messages",
+             "--apply-chat-template", "--loss-type", "sft_loss", "--loss-mask-type", "qwen3",
+             "--calculate-per-token-loss", "--disable-compute-advantages-and-returns", "--debug-train-only",
+             "--rollout-shuffle", "--num-epoch", "1", "--rollout-batch-size", "8", "--global-batch-size", "8"]
+    config = parse_config(flags)
+    validate(config)
+    assert config.rollout.sft_from_data and config.data.response_key is None
+    assert prompt_data_config(config, load_hooks(config)).response_key == "messages"
+
+
+def test_a_slime_style_sft_run_on_whole_conversations(tmp_path, small_checkpoint):
+    """slime's SFT flags (--input-key messages, no --response-key, --debug-train-only): trains, starts no engine."""
+    rows = [{"messages": [{"role": "system", "content": "Double it."}, {"role": "user", "content": f"{a}"},
+                          {"role": "assistant", "content": str(2 * a)}]} for a in range(10, 14)]
+    flags = _flags(small_checkpoint, _data(tmp_path, rows), tmp_path / "run", "--debug-train-only",
+                   "--loss-mask-type", "qwen", "--input-key", "messages", "--rollout-batch-size", "4",
+                   "--num-rollout", "2")
+    i = flags.index("--response-key")
+    del flags[i:i + 2]
+    run = run_loop(flags)
+    assert run.engines is None
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and all(r["train/loss"] > 0 for r in records)
