@@ -223,10 +223,24 @@ def test_flags_without_a_field_are_mapped_or_logged_once() -> None:
     assert config.rollout.dynamic_sampling_filter_path == "sluice.rollout.filters.drop_uniform_rewards"
     notes: list[str] = []
     check_against_checkpoint(config, notes.append)
-    assert [n.split(" ")[0] for n in notes] == ["--transformer-impl", "--no-check-for-nan-in-loss-and-grad"]
+    assert [n.split(" ")[0] for n in notes] == ["--transformer-impl", "--no-check-for-nan-in-loss-and-grad",
+                                                "--calculate-per-token-loss"]
     assert "own model code" in notes[0]
     with pytest.raises(ConfigError, match="--sglang-cuda-graph-bs takes integers, got 'x'"):
         parse_config(VALID + ["--sglang-cuda-graph-bs", "x"])
+
+
+def test_a_slime_script_without_calculate_per_token_loss_hears_how_the_loss_is_averaged() -> None:
+    def notes_of(*flags: str) -> list[str]:
+        notes: list[str] = []
+        check_against_checkpoint(parse_config(VALID + list(flags)), notes.append)
+        return [note for note in notes if note.startswith("--calculate-per-token-loss")]
+
+    (note,) = notes_of("--transformer-impl", "local")
+    assert "slime would average the loss per sample" in note and "--loss-agg-mode seq_mean_token_mean" in note
+    assert notes_of("--transformer-impl", "local", "--calculate-per-token-loss") == []
+    assert notes_of("--transformer-impl", "local", "--loss-agg-mode", "seq_mean_token_mean") == []
+    assert notes_of() == []  # not a slime script: sluice's default needs no word
 
 
 def test_server_concurrency_and_an_explicit_rollout_max_concurrency_must_agree() -> None:

@@ -165,4 +165,20 @@ def noop_notes(config: Config) -> list[str]:
         "--no-rope-fusion": not mega.rope_fusion,
         **{flag: FLAGS[flag].treatment is Treatment.NOOP for flag in config.compat_flags},
     }
-    return [f"{flag} accepted and ignored: {FLAGS[flag].note}" for flag, on in given.items() if on]
+    notes = [f"{flag} accepted and ignored: {FLAGS[flag].note}" for flag, on in given.items() if on]
+    return notes + _loss_aggregation_note(config)
+
+
+def _loss_aggregation_note(config: Config) -> list[str]:
+    """slime without --calculate-per-token-loss averages each sample's tokens, then the samples; sluice's default
+    --loss-agg-mode is token_mean. A slime script (it passes Megatron's architecture flags or another slime-only
+    flag) that leaves both out trains differently here: said once at start, not changed behind its back."""
+    algo, mega = config.algorithm, config.megatron
+    from_slime = bool(config.compat_flags) or mega.num_layers is not None or mega.hidden_size is not None
+    if not from_slime or algo.calculate_per_token_loss or algo.loss_type == "sft_loss":
+        return []
+    if algo.loss_agg_mode != "token_mean":  # chosen explicitly
+        return []
+    return ["--calculate-per-token-loss not given: slime would average the loss per sample, then over samples; "
+            "sluice averages over all tokens (--loss-agg-mode token_mean). Pass --loss-agg-mode "
+            "seq_mean_token_mean for slime's aggregation, or --calculate-per-token-loss to say token_mean was meant"]
