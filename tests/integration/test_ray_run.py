@@ -150,7 +150,10 @@ def test_two_trainer_actors_train_like_one(ray_cluster, say7, tmp_path):
     local = build_run(parse_config([*argv[:-2], "--orchestrator", "local", "--actor-num-gpus-per-node", "1"]),
                       log=lambda line: None)
     try:
-        batch = local.batches.generate(0)
+        for rollout_id in range(5):  # the first rollout with a reward spread (seeded sampling: the same each run)
+            batch = local.batches.generate(rollout_id)
+            if len({float(r) for group in batch.rewards for r in group}) > 1:
+                break
         groups, rewards = batch.groups, batch.rewards
         expected = update_policy(local.trainer.backend, groups, config.algorithm, rewards, config.global_batch_size,
                                  local.tokenizer.pad_token_id or 0, config.rollout.rollout_max_response_len)
