@@ -60,11 +60,6 @@ def served(request, lively_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def hf_lively(lively_checkpoint):
-    return AutoModelForCausalLM.from_pretrained(lively_checkpoint, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def hf_other(lively_checkpoint_other):
     return AutoModelForCausalLM.from_pretrained(lively_checkpoint_other, dtype=torch.float32).eval()
 

@@ -22,11 +22,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from sluice.cli import parse_serve_args
-from sluice.config import ConfigError, EngineConfig
+from sluice.config import ConfigError
 from sluice.engine.clients.in_process import InProcessClient
 from sluice.engine.clients.protocol import GenerateRequest
-from sluice.engine.server.app import BackgroundServer
-from sluice.engine.server.context import ServerContext
 from sluice.types import SamplingParams
 from sluice.weights.process_group import join_weight_group, send_weights
 
@@ -36,20 +34,6 @@ PROMPTS = ["hi", "what is 2+2?", "reverse 12345 please"]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def server(engine, lively_checkpoint):
-    ctx = ServerContext(engine, lively_checkpoint, "lively", EngineConfig(device="cpu", dtype="float32"))
-    background = BackgroundServer(ctx).start()
-    yield background
-    background.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
-
-
 def greedy_body(prompt_ids: list[int], num_tokens: int = 8, **extra) -> dict:
     params = {"temperature": 0, "max_new_tokens": num_tokens, "ignore_eos": True, **extra.pop("params", {})}
     return {"input_ids": prompt_ids, "sampling_params": params, "return_logprob": True, **extra}
@@ -324,11 +308,6 @@ def test_update_weights_by_gloo_broadcast(http, server, engine, lively_checkpoin
 
 
 # ------------------------------------------------------------------------------------------------ OpenAI
-@pytest.fixture(scope="module")
-def openai_client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
 def test_openai_chat_completions(openai_client, engine):
     messages = [{"role": "user", "content": "add 3 and 4"}]
     prompt = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages, tokenize=False,

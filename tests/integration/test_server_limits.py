@@ -4,28 +4,16 @@ real one on the tiny lively checkpoint (CPU), whose context length is 512 tokens
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
 
-from helpers.servers import start_server
 
 CONTEXT_LEN = 512
 CHAT = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def server(engine, lively_checkpoint):
+def test_the_engine_context_is_what_these_cases_assume(engine):
     assert engine.context_len == CONTEXT_LEN
-    background = start_server(engine, lively_checkpoint)
-    yield background
-    background.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
 
 
 def native(params: dict | None = None, **extra) -> dict:

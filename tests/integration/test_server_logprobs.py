@@ -6,39 +6,12 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from helpers.reference import hf_top_logprobs
-from helpers.servers import start_server
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
-
-
-@pytest.fixture(scope="module")
-def server(engine, lively_checkpoint):
-    background = start_server(engine, lively_checkpoint)
-    yield background
-    background.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def openai_client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def hf_lively(lively_checkpoint):
-    return AutoModelForCausalLM.from_pretrained(lively_checkpoint, dtype=torch.float32).eval()
 
 
 def chat_prompt(engine, messages) -> list[int]:

@@ -6,35 +6,13 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from helpers.reference import hf_prompt_logprobs
-from helpers.servers import start_server
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 
 PROMPT = [(5 * i + 2) % 90 + 6 for i in range(40)]  # 40 tokens: more than two 16-token pages
-
-
-@pytest.fixture(scope="module")
-def server(engine, lively_checkpoint):
-    background = start_server(engine, lively_checkpoint)
-    yield background
-    background.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def hf_lively(lively_checkpoint):
-    return AutoModelForCausalLM.from_pretrained(lively_checkpoint, dtype=torch.float32).eval()
 
 
 def scoring(prompt, start, max_new_tokens=2, **extra) -> dict:
