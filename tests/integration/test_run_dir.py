@@ -259,3 +259,4 @@ def test_the_demo_runs_again_into_its_own_directory_without_flags(tmp_path, caps
     assert "--overwrite-run-dir: deleted the earlier run's metrics.jsonl" in out
     assert [r["step"] for r in read_metrics(rl)] == [0, 1]
     assert len(read_launches(rl)) == 1 and "--overwrite-run-dir" in read_launches(rl)[0]["command"]
+    assert (rl / "summary.html").is_file() and f"summary: {rl / 'summary.html'}" in out  # as README promises

@@ -23,6 +23,7 @@ from sluice.demo.model import TinyModelShape, build_checkpoint
 from sluice.demo.tasks import read_prompts, write_task_file, write_teacher_file
 from sluice.demo.warm_start import WarmStart, warm_start
 from sluice.loops import train
+from sluice.observability.report import render_report
 from sluice.orchestration import build_run
 
 TASK_NAMES = ("add", "reverse")
@@ -95,9 +96,10 @@ def run_demo(args, log=print) -> dict:
         train(run)
     finally:
         png = run.close()
+    report = render_report(out / "rl")  # the plots and summary.html, as `sluice train` draws them at its end
     summary = summarize(out / "rl" / "metrics.jsonl", time.perf_counter() - start, sft_seconds)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(format_summary(summary, png))
+    log(format_summary(summary, png) + f"; summary: {report.html}")
     return summary
 
 
