@@ -189,7 +189,7 @@ def demo_command(argv: list[str]) -> int:
                                      description="Build a tiny model and tasks, warm-start with SFT, train with GRPO.")
     parser.add_argument("--out", default="runs/demo", help="Directory for the model, data, metrics and curves.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the model, the tasks and training.")
-    parser.add_argument("--sft-steps", type=int, default=550, help="Supervised warm-start steps (256 examples each).")
+    parser.add_argument("--sft-steps", type=int, default=900, help="Supervised warm-start steps (256 examples each).")
     parser.add_argument("--sft-lr", type=float, default=2e-3, help="Learning rate of the warm start.")
     parser.add_argument("--num-rollout", type=int, default=100, help="GRPO rollout steps.")
     parser.add_argument("--rollout-batch-size", type=int, default=32, help="Prompts per GRPO step (8 samples each).")
