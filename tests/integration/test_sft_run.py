@@ -12,6 +12,8 @@ from sluice.orchestration.hooks import load_hooks
 from sluice.orchestration.rollout_setup import prompt_data_config
 from sluice.data import DataError
 from sluice.observability.metrics import read_metrics
+from sluice.observability.report import render_report
+from sluice.observability.samples import read_samples
 from sluice.orchestration import build_run
 
 
@@ -41,6 +43,9 @@ def test_sft_from_data_trains_without_an_engine_and_the_loss_falls(tmp_path, sma
     losses = [r["train/loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
     assert len(losses) == 6 and losses[-1] < 0.8 * losses[0], losses
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+    samples = read_samples(tmp_path / "run")  # shown unscored: an SFT sample has no reward
+    assert samples and all(r["source"] == "sft" and r["reward"] is None for r in samples)
+    assert "<h2>Samples</h2>" in render_report(tmp_path / "run").html.read_text()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -39,6 +39,15 @@ def test_console_line_keeps_the_prompts_end_and_the_responses_start_on_one_line(
     assert len(line) < 260
 
 
+def test_unscored_samples_show_no_reward(tmp_path):
+    shown: list[str] = []
+    log = SampleLog(tmp_path, count=1, show=shown.append)
+    log.record(4, "sft", groups_of(["2+2="], ["4"]), None)
+    log.close()
+    assert shown == ["  sample sft step 4: prompt='2+2=' response='4' label='7'"]
+    assert read_samples(tmp_path)[0]["reward"] is None
+
+
 def test_sample_log_appends_and_a_resume_drops_the_steps_after_its_checkpoint(tmp_path):
     shown: list[str] = []
     log = SampleLog(tmp_path, count=1, show=shown.append)

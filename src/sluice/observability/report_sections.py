@@ -56,7 +56,7 @@ def samples_section(run_dir: Path) -> list[str]:
              "<tr><th>step</th><th>source</th><th>reward</th><th>prompt</th><th>response</th><th>label</th></tr>"]
     for record in sorted(records, key=lambda r: -r.get("step", 0)):
         label = record.get("label")
-        cells = [str(record.get("step")), str(record.get("source")), f"{record.get('reward', 0.0):.4g}",
+        cells = [str(record.get("step")), str(record.get("source")), "" if record.get("reward") is None else f"{record['reward']:.4g}",
                  str(record.get("prompt", "")), str(record.get("response", "")), "" if label is None else str(label)]
         parts.append("<tr>" + "".join(f"<td><pre>{html.escape(cell)}</pre></td>" for cell in cells) + "</tr>")
     return parts + ["</table>"]

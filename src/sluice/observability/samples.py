@@ -31,7 +31,7 @@ class LoggedSample:
     source: str  # "rollout", or "eval/<set name>"
     prompt: str  # the prompt text; chat messages as "role: content" lines
     response: str
-    reward: float
+    reward: float | None  # None: not scored (SFT from data)
     label: Any  # the reference answer (--label-key), None without one
     status: str  # completed, truncated (hit the length limit), aborted, failed
 
@@ -42,17 +42,19 @@ def prompt_text(prompt: str | list[dict[str, Any]]) -> str:
     return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt)
 
 
-def pick_samples(groups: Sequence[SampleGroup], rewards: Sequence[Sequence[float]], step: int, source: str,
+def pick_samples(groups: Sequence[SampleGroup], rewards: Sequence[Sequence[float]] | None, step: int, source: str,
                  count: int) -> list[LoggedSample]:
-    """The first sample of each of the first ``count`` groups (a different prompt each)."""
+    """The first sample of each of the first ``count`` groups (a different prompt each); ``rewards`` None: the
+    samples were not scored."""
     out = []
-    for group, group_rewards in list(zip(groups, rewards))[:count]:
+    for group, group_rewards in list(zip(groups, rewards if rewards is not None else [None] * len(groups)))[:count]:
         if not group.samples:
             continue
         sample = group.samples[0]
         label = sample.label if sample.label is None or isinstance(sample.label, (str, int, float)) else str(sample.label)
-        out.append(LoggedSample(step, source, prompt_text(sample.prompt), sample.response, float(group_rewards[0]),
-                                label, sample.status.value))
+        reward = float(group_rewards[0]) if group_rewards is not None else None
+        out.append(LoggedSample(step, source, prompt_text(sample.prompt), sample.response, reward, label,
+                                sample.status.value))
     return out
 
 
@@ -67,7 +69,8 @@ def _clip_start(text: str, limit: int) -> str:
 def console_line(sample: LoggedSample) -> str:
     """One line: source, step, reward, the prompt's end and the response's start (repr: newlines stay visible)."""
     label = "" if sample.label is None else f" label={_clip_start(str(sample.label), PROMPT_CHARS)!r}"
-    return (f"  sample {sample.source} step {sample.step}: reward={sample.reward:.3g} "
+    reward = "" if sample.reward is None else f"reward={sample.reward:.3g} "
+    return (f"  sample {sample.source} step {sample.step}: {reward}"
             f"prompt={_clip_end(sample.prompt, PROMPT_CHARS)!r} "
             f"response={_clip_start(sample.response, RESPONSE_CHARS)!r}{label}")
 
@@ -89,8 +92,9 @@ class SampleLog:
         self._file: IO[str] | None = None
 
     def record(self, step: int, source: str, groups: Sequence[SampleGroup],
-               rewards: Sequence[Sequence[float]]) -> None:
-        """Keep and show up to ``count`` samples of ``groups`` (``rewards``: their scalar rewards, group by group)."""
+               rewards: Sequence[Sequence[float]] | None) -> None:
+        """Keep and show up to ``count`` samples of ``groups`` (``rewards``: their scalar rewards, group by group;
+        None: not scored)."""
         if self.count <= 0:
             return
         if self._file is None:

@@ -96,7 +96,7 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
         step_log = _step_log(config, resumed, start_rollout, num_rollout, log)
         finisher = BatchFinisher(manager, memory, config.rollout.max_failed_sample_ratio,
                                  config.debug.save_debug_rollout_data, config.eval.eval_accuracy_threshold,
-                                 step_log.samples)
+                                 step_log.samples, scored=not config.rollout.sft_from_data)
         batches = RolloutBatches(manager, buffer, buffer_handle, config.rollout, config.debug, finisher, memory,
                                  step_log.progress, loop, log, rollout_fn=hooks.rollout,
                                  group_filter=hooks.group_filter, buffer_filter=hooks.buffer_filter,

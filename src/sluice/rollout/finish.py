@@ -42,9 +42,9 @@ class MemoryGuard(Protocol):
 class SampleSink(Protocol):
     """Where example samples go (observability/samples.py: samples.jsonl and the console)."""
 
-    def record(self, step: int, source: str, groups: list[SampleGroup], rewards: list[list[float]]) -> None:
-        """Keep a few of ``groups``' samples of ``step`` (rollout steps completed); ``source``: "rollout" or
-        "eval/<set>"; ``rewards``: their scalar rewards, group by group."""
+    def record(self, step: int, source: str, groups: list[SampleGroup], rewards: list[list[float]] | None) -> None:
+        """Keep a few of ``groups``' samples of ``step`` (rollout steps completed); ``source``: "rollout", "sft" or
+        "eval/<set>"; ``rewards``: their scalar rewards, group by group (None: not scored)."""
 
 
 @dataclass
@@ -84,6 +84,7 @@ class BatchFinisher:
     save_rollout_data: str | None = None  # --save-debug-rollout-data: a path template with {rollout_id}
     accuracy_threshold: float = 1.0  # --eval-accuracy-threshold
     samples: SampleSink | None = None  # example samples of each step
+    scored: bool = True  # False for SFT from data: the samples carry no reward worth showing
 
     def finish(self, groups: list[SampleGroup], rollout_id: int, *, generated: bool = True,
                step_metrics: dict[str, float] | None = None) -> FinishedBatch:
@@ -102,5 +103,8 @@ class BatchFinisher:
                                   accuracy_threshold=self.accuracy_threshold)
         metrics.update(step_metrics or {})
         if self.samples is not None:
-            self.samples.record(rollout_id + 1, "rollout", groups, rewards)
+            if self.scored:
+                self.samples.record(rollout_id + 1, "rollout", groups, rewards)
+            else:
+                self.samples.record(rollout_id + 1, "sft", groups, None)
         return FinishedBatch(groups, rewards, metrics)
