@@ -36,7 +36,6 @@ class PromptTable:
             raise ValueError(f"PromptTable: cache_size must be >= 1, got {cache_size}")
         self.rows = rows
         self.checks = checks  # length and characters of each converted prompt (prompts.PromptChecks)
-        self.max_prompt_len = checks.max_prompt_len
         self.cache_size = cache_size
         self.num_usable = rows.num_rows  # prompts within the length limit: exact once converted whole, else a bound
         self.num_converted = 0  # rows converted (tokenized) over the table's life
@@ -74,27 +73,17 @@ class PromptTable:
         """Convert, check and cache every row now; the report of what the checks keep (an error if nothing)."""
         self.cache_size = max(self.cache_size, self.num_rows)
         positions = range(self.num_rows)
-        kept: list[Sample] = []
-        dropped_lens: list[int] = []
-        self._cache = OrderedDict()
-        for position, located in zip(positions, self.rows.rows_at(positions)):
-            sample = self._convert(located)
-            if self.checks.keeps(located, sample):
-                kept.append(sample)
-                self._cache[position] = sample
-            else:
-                dropped_lens.append(len(sample.prompt_tokens))
-                self._cache[position] = None
+        samples, report = self.checks.convert_all(self.rows.spec, self.rows.rows_at(positions), self._convert)
         self.num_converted += self.num_rows
-        report = self.checks.report(self.rows.spec, kept, dropped_lens)
         self.num_dropped_too_long += report.num_dropped_too_long
         self.num_usable = report.num_kept
+        self._cache = OrderedDict(zip(positions, samples))  # None where a prompt is over the length limit
         self.rows.cache.clear()  # every sample is held now: no row is read again
         return report
 
     def no_usable_prompt_error(self) -> DataError:
         return DataError(f"{self.rows.spec}: a whole epoch of {self.num_rows} rows drawn, and every prompt was longer "
-                         f"than --rollout-max-prompt-len={self.max_prompt_len} tokens; raise the limit")
+                         f"than --rollout-max-prompt-len={self.checks.max_prompt_len} tokens; raise the limit")
 
 
 def load_prompt_table(spec: str, config: DataConfig, tokenizer: PromptTokenizer, *, text_reward: str | None = None,

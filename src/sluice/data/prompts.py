@@ -17,6 +17,7 @@ silently); characters the tokenizer cannot represent are an error too.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -201,6 +202,23 @@ class PromptChecks:
             self.first_lossy = self.first_lossy or f"{located.where} ({finding.lost_characters})"
         return not finding.too_long
 
+    def convert_all(self, spec: str, rows: Iterable[LocatedRow],
+                    convert: Callable[[LocatedRow], Sample]) -> tuple[list[Sample | None], LoadReport]:
+        """Every row converted and checked, in order: its sample, or None where the length limit drops it; and the
+        report of the whole conversion (an error when nothing is kept)."""
+        samples: list[Sample | None] = []
+        kept: list[Sample] = []
+        dropped_lens: list[int] = []
+        for located in rows:
+            sample = convert(located)
+            if self.keeps(located, sample):
+                kept.append(sample)
+                samples.append(sample)
+            else:
+                dropped_lens.append(len(sample.prompt_tokens))
+                samples.append(None)
+        return samples, self.report(spec, kept, dropped_lens)
+
     def report(self, spec: str, kept: list[Sample], dropped_lens: list[int]) -> LoadReport:
         """The report of a whole dataset's conversion; an error when the length limit keeps no prompt."""
         if not kept:
@@ -224,12 +242,6 @@ def load_prompt_samples(spec: str, config: DataConfig, tokenizer: PromptTokenize
     ``prompt_limit``).
     """
     checks = PromptChecks(config, tokenizer, context_limit)
-    kept: list[Sample] = []
-    dropped_lens: list[int] = []
-    for located in iter_located_rows(spec):
-        sample = sample_from_row(located, config, tokenizer, text_reward)
-        if checks.keeps(located, sample):
-            kept.append(sample)
-        else:
-            dropped_lens.append(len(sample.prompt_tokens))
-    return kept, checks.report(spec, kept, dropped_lens)
+    samples, report = checks.convert_all(
+        spec, iter_located_rows(spec), lambda located: sample_from_row(located, config, tokenizer, text_reward))
+    return [sample for sample in samples if sample is not None], report

@@ -22,6 +22,7 @@ import torch
 
 from sluice.device import to_device
 from sluice.engine.clients.protocol import TopLogprobs
+from sluice.engine.sampler import logprob_temperature
 from sluice.engine.scheduler import ScheduledBatch
 from sluice.engine.sequence import Sequence
 
@@ -104,7 +105,8 @@ def score_prompt_rows(model, hidden: torch.Tensor, plan: PromptRows,
     vocab = int(model.config.vocab_size)
     index = to_device(plan.rows, torch.int64, device)
     targets = to_device(plan.targets, torch.int64, device)
-    temperatures = [_temperature(seq) for seq, count in zip(plan.seqs, plan.counts) for _ in range(count)]
+    temperatures = [logprob_temperature(seq.request.sampling_params)
+                    for seq, count in zip(plan.seqs, plan.counts) for _ in range(count)]
     scale = to_device(temperatures, torch.float32, device)
     num_top = max(seq.request.top_logprobs_num for seq in plan.seqs)
     num_rows = len(plan.rows)
@@ -121,7 +123,3 @@ def score_prompt_rows(model, hidden: torch.Tensor, plan: PromptRows,
             top_logprobs[first:last], top_ids[first:last] = log_probs.topk(num_top, dim=-1)
     return PromptScores(plan, logprobs, top_logprobs, top_ids)
 
-
-def _temperature(seq: Sequence) -> float:
-    temperature = seq.request.sampling_params.temperature
-    return temperature if temperature > 0 else 1.0

@@ -23,6 +23,12 @@ _TINY = torch.finfo(torch.float32).tiny
 _MASK64 = 2**64 - 1
 
 
+def logprob_temperature(params: SamplingParams) -> float:
+    """The temperature logprobs are taken at (the convention above): a greedy row's at 1. Sampled tokens, top
+    candidates and prompt logprobs all follow it, so the engine's numbers match what a trainer computes."""
+    return params.temperature if params.temperature > 0 else 1.0
+
+
 def sample_tokens(
     logits: torch.Tensor, params: list[SamplingParams], positions: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +50,12 @@ def fusable(params: list[SamplingParams]) -> bool:
     """Whether the fused kernels follow this batch's settings: no row truncates its distribution (top-k, top-p,
     min-p). Seeded rows are fused too (Philox keyed by the seed, the position in the counter); the kernels draw
     from the same distributions as the torch path, from other random numbers."""
-    return bool(params) and all(p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0 for p in params)
+    return bool(params) and not any(truncates(p) for p in params)
+
+
+def truncates(p: SamplingParams) -> bool:
+    """Whether top-k, top-p or min-p excludes tokens from this row's distribution."""
+    return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0
 
 
 def sample_tokens_torch(
@@ -53,7 +64,7 @@ def sample_tokens_torch(
     """``sample_tokens`` in torch ops, for every device and setting: two elementwise passes over a float copy of
     the logits and an argmax, no sort or cumulative sum unless a row truncates."""
     logits = logits.float()
-    temperatures = [p.temperature if p.temperature > 0 else 1.0 for p in params]
+    temperatures = [logprob_temperature(p) for p in params]
     if len(set(temperatures)) == 1:  # the usual RL batch: one scalar, no host-to-device copy
         log_probs = torch.log_softmax(logits / temperatures[0], dim=-1)
     else:
@@ -113,7 +124,7 @@ def _mix64(value: int) -> int:
 
 def _truncate(log_probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Set to -inf the tokens that top-k, top-p or min-p exclude, row by row settings."""
-    if all(p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0 for p in params):
+    if not any(truncates(p) for p in params):
         return log_probs
     vocab = log_probs.shape[-1]
     device = log_probs.device

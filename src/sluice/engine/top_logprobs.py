@@ -19,6 +19,7 @@ import torch
 
 from sluice.device import to_device
 from sluice.engine.clients.protocol import TopLogprobs
+from sluice.engine.sampler import logprob_temperature
 from sluice.types import SamplingParams
 
 
@@ -53,7 +54,7 @@ def top_logprobs(logits: torch.Tensor, params: list[SamplingParams], counts: lis
     if not rows:
         return None
     index = to_device(rows, torch.int64, logits.device)
-    temperatures = [params[i].temperature if params[i].temperature > 0 else 1.0 for i in rows]
+    temperatures = [logprob_temperature(params[i]) for i in rows]
     scale = to_device(temperatures, torch.float32, logits.device)
     log_probs = torch.log_softmax(logits.index_select(0, index).float() / scale[:, None], dim=-1)
     values, ids = log_probs.topk(max(counts), dim=-1)  # sorted, largest first

@@ -20,9 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from sluice.checkpoint.store import CONFIG_FILE, find_latest
+from sluice.checkpoint.store import find_latest
 from sluice.config import Config, ConfigError
 from sluice.observability.metrics import METRICS_FILE
 from sluice.observability.report import PLOTS_DIR, SUMMARY_FILE
@@ -50,10 +48,9 @@ def earlier_run_records(run_dir: Path) -> list[str]:
 
 
 def _checkpoint_run_dir(checkpoint: Path) -> str | None:
-    """The run directory a checkpoint's config.yaml records (None: none recorded)."""
-    path = checkpoint / CONFIG_FILE
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    return data.get("run_dir") if isinstance(data, dict) else None
+    """The run directory a checkpoint's config.yaml records (None: none recorded); a checkpoint keeps its config
+    under the same file name as a run directory does."""
+    return (read_run_config(checkpoint) or {}).get("run_dir")
 
 
 def _same(a: str | os.PathLike[str] | None, b: str | os.PathLike[str] | None) -> bool:
