@@ -71,12 +71,14 @@ def micro_batch_loss(
             metrics.update(custom_metrics)
         else:
             per_token = _policy_loss(config, batch, log_probs, token_mean, metrics)
-    if batch.ref_log_probs is not None:
-        metrics[REF_KL] = token_mean(kl_estimate(log_probs.detach(), batch.ref_log_probs, "k3"))
     if config.use_kl_loss:
         kl = kl_estimate(log_probs, batch.ref_log_probs, config.kl_loss_type)
         per_token = per_token + config.kl_loss_coef * kl
         metrics["train/kl_loss"] = token_mean(kl.detach())
+    if batch.ref_log_probs is not None:  # k3 whatever the loss uses; a k3 KL loss has just measured it
+        reused = config.use_kl_loss and config.kl_loss_type == "k3"
+        metrics[REF_KL] = metrics["train/kl_loss"] if reused else token_mean(
+            kl_estimate(log_probs.detach(), batch.ref_log_probs, "k3"))
     if entropy is not None:
         if config.entropy_coef:
             per_token = per_token - config.entropy_coef * entropy
