@@ -7,7 +7,6 @@ import io
 import json
 import pickle
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -130,15 +129,12 @@ def test_a_large_file_is_not_tokenized_up_front(tmp_path: Path, tokenizer) -> No
     path = tmp_path / "large.jsonl"
     path.write_text("".join(f'{{"input": "{i}+{i}", "label": "{2 * i}"}}\n' for i in range(200_000)))
     counting = CountingTokenizer(tokenizer)
-    started = time.perf_counter()
     table, report = load_prompt_table(str(path), DataConfig(label_key="label"), counting)
     source = PromptSource(table, shuffle=True, seed=0)
     batch = source.next_batch(64)
-    elapsed = time.perf_counter() - started
     assert report is None and table.num_rows == 200_000
     assert counting.num_encoded == 64 == table.num_converted  # the batch's prompts only
     assert all(int(s.label) == 2 * int(s.prompt.split("+")[0]) for s in batch)
-    assert elapsed < 10, f"first batch of a 200k-row file took {elapsed:.1f} s"
     source.next_batch(64)
     assert counting.num_encoded == 128
 
