@@ -110,7 +110,7 @@ def test_custom_loss_reproduces_the_built_in_policy_loss(plugin):
     loss, metrics = micro_batch_loss(config, batch, log_probs, None, NUM_TOKENS, 2,
                                      custom_loss=load_custom_loss("my_losses.clipped"))
     assert loss.item() == pytest.approx((PG_A + PG_B + PG_C + PG_D) / NUM_TOKENS, abs=1e-6)
-    assert metrics["train/loss"] == pytest.approx(loss.item())
+    assert float(metrics["train/loss"]) == pytest.approx(loss.item())
     loss.backward()
     expected_grad = [[0.0, -math.exp(0.1) / 4, 0.0], [0.0, 0.5 / 4, 0.0]]
     torch.testing.assert_close(log_probs.grad, torch.tensor(expected_grad), atol=1e-6, rtol=0)
@@ -127,7 +127,7 @@ def test_reduce_makes_micro_batches_add_up_and_kl_and_entropy_terms_are_added(pl
     kl = (0.2 - 0.1 - 0.3 + 0.3) / 4  # k1 = logp - ref on the trained tokens
     ent = (2.0 + 1.5 + 1.0 + 0.5) / 4
     assert full.item() == pytest.approx(pg + 0.1 * kl - 0.01 * ent, abs=1e-6)
-    assert metrics["train/adv"] == pytest.approx((1 + 1 - 0.5 - 0.5) / 4)
+    assert float(metrics["train/adv"]) == pytest.approx((1 + 1 - 0.5 - 0.5) / 4)
     halves = [micro_batch_loss(config, batch.select(slice(i, i + 1)), log_probs[i : i + 1], entropy[i : i + 1],
                                NUM_TOKENS, 2, custom_loss=fn)[0].item() for i in range(2)]
     assert sum(halves) == pytest.approx(full.item(), abs=1e-6)

@@ -4,7 +4,8 @@ Every term is reduced with ``aggregate`` (--loss-agg-mode) using counts of the W
 (``num_tokens`` trained tokens, ``num_sequences`` sequences with a trained token, ``max_len`` the rollout's
 max response length), so the sum of micro-batch losses is the full-batch loss whatever the micro-batch
 size. Metrics are token means with the step's token count as divisor, returned as sums to be added up
-across micro-batches.
+across micro-batches: 0-d tensors left on the device (a plug-in's own metrics may be floats), so that a step
+reads them back once (``metric_floats``) instead of waiting for the device at every micro-batch.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def micro_batch_loss(
     num_sequences: int,
     max_len: int | None = None,
     custom_loss: CustomLossFn | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
     """The scalar loss of one micro-batch (its share of the step's loss) and its metrics (shares, to be summed).
 
     ``custom_loss`` is the loaded --custom-loss-function-path function, needed with --loss-type custom_loss.
@@ -54,10 +55,10 @@ def micro_batch_loss(
         return aggregate(x, mask, config.loss_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences,
                          max_len=max_len)
 
-    def token_mean(x: torch.Tensor) -> float:  # metrics: a token mean over the step whatever the agg mode
-        return aggregate(x, mask, "token_mean", num_tokens=num_tokens, num_sequences=num_sequences).item()
+    def token_mean(x: torch.Tensor) -> torch.Tensor:  # metrics: a token mean over the step whatever the agg mode
+        return aggregate(x.detach(), mask, "token_mean", num_tokens=num_tokens, num_sequences=num_sequences)
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, torch.Tensor | float] = {}
     custom = torch.zeros(())
     per_token = torch.zeros_like(log_probs)
     if config.loss_type == "sft_loss":  # SFT targets come from data, not the engine: no rollout logprobs
@@ -84,12 +85,21 @@ def micro_batch_loss(
             per_token = per_token - config.entropy_coef * entropy
         metrics["train/entropy"] = token_mean(entropy.detach())
     loss = reduce(per_token) + custom.to(log_probs.device)
-    metrics["train/loss"] = loss.item()
+    metrics["train/loss"] = loss.detach()
     return loss, metrics
 
 
+def metric_floats(sums: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Metric sums of device tensors and floats -> floats, with one read-back of all the tensors."""
+    keys = [key for key, value in sums.items() if isinstance(value, torch.Tensor)]
+    out = {key: float(value) for key, value in sums.items() if not isinstance(value, torch.Tensor)}
+    if keys:
+        out.update(zip(keys, torch.stack([sums[key].float().reshape(()) for key in keys]).tolist()))
+    return out
+
+
 def _policy_loss(config: AlgorithmConfig, batch: TrainBatch, log_probs: torch.Tensor, token_mean,
-                 metrics: dict[str, float]) -> torch.Tensor:
+                 metrics: dict[str, torch.Tensor | float]) -> torch.Tensor:
     """Per-token policy loss of the estimator's registered loss, weighted by --tis-mode with --use-tis."""
     # Without a separate pass for old logprobs (one optimizer step per rollout, on-policy), the ratio is
     # exactly 1 with the gradient of the current policy: the detached current logprobs are the old ones.

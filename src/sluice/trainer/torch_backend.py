@@ -29,7 +29,7 @@ from sluice.trainer.model_logprobs import token_logprobs
 from sluice.trainer.native_model import (NativeForward, hf_state, load_native, native_state, recompute_plan,
                                          resolve_model_impl)
 from sluice.trainer.token_budget import DecoderShape, derived_token_budget
-from sluice.trainer.loss import micro_batch_loss
+from sluice.trainer.loss import metric_floats, micro_batch_loss
 from sluice.trainer.optimizer import build_optimizer, optimizer_step
 from sluice.types import TrainBatch
 
@@ -163,7 +163,7 @@ class TorchTrainer:
         self.model.train()
         num_tokens = max(batch.loss_mask.sum().item(), 1.0)
         num_sequences = int((batch.loss_mask.sum(dim=1) > 0).sum().item())
-        metric_sums: dict[str, float] = defaultdict(float)
+        metric_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
             micro = _to_device(batch.select(rows), self.device)
             log_probs, entropy = self._token_logprobs(self.model, micro.input_ids, micro.attention_mask,
@@ -178,7 +178,7 @@ class TorchTrainer:
                 metric_sums[key] += value
         # Summed over the ranks before the grad norm and the guard, so every rank takes (or skips) the same step.
         self.data_parallel.reduce_gradients(self.model)
-        metric_sums = self.data_parallel.reduce_metric_sums(metric_sums)
+        metric_sums = self.data_parallel.reduce_metric_sums(metric_floats(metric_sums))
         loss = metric_sums["train/loss"]
         grad_norm, applied = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.clip_grad,
                                             accept=lambda norm: self.guard.accept(loss, norm))
