@@ -79,31 +79,44 @@ class NativeForward:
         entropy, for right-padded rows: the same contract as ``model_logprobs.token_logprobs``.
 
         The rows run as one packed sequence set; the LM head runs only at the positions that have a target.
+        The rows may be given on the host (the trainer passes them so): the packing's index arithmetic, whose
+        sizes depend on the data, then runs there and its results go to the device without waiting for it, so
+        the micro-batches of a step queue up on the GPU back to back.
         """
+        host = input_ids.device.type == "cpu" and self.device.type != "cpu"
         packing = pack_rows(input_ids, attention_mask)
         lengths = attention_mask.sum(dim=1)
-        attention = PackedCausalAttention(cu_seqlens_from_lengths(lengths, input_ids.device),
-                                          int(lengths.max().item()) if lengths.numel() else 0,
-                                          norm=model.ops.rms_norm, rotate=self._rotate)
-        tokens = packing.input_ids[0]
+        max_len = int(lengths.max()) if lengths.numel() else 0  # a host read when the rows are on the host
         rows = packing.target_index[packing.target_valid]  # packed position t predicts packed token t + 1
+        tokens, positions = packing.input_ids[0], packing.position_ids[0]
+        targets, shape = tokens[rows + 1], packing.target_valid.shape
+        slots = packing.target_valid.reshape(-1).nonzero().squeeze(1)  # where each target's value goes in [B, T-1]
+        cu_seqlens = cu_seqlens_from_lengths(lengths)
+        if host:
+            tokens, positions, rows, targets, slots, cu_seqlens = (
+                _to_device(t, self.device) for t in (tokens, positions, rows, targets, slots, cu_seqlens))
+        attention = PackedCausalAttention(cu_seqlens.to(self.device), max_len, norm=model.ops.rms_norm,
+                                          rotate=self._rotate)
 
         def head(hidden: torch.Tensor, weight: torch.Tensor):
             with torch.autocast(self.device.type, enabled=False):  # the chunked head picks its own dtypes
-                return token_logprobs_from_hidden(hidden[rows], weight.to(hidden.dtype), tokens[rows + 1],
+                return token_logprobs_from_hidden(hidden[rows], weight.to(hidden.dtype), targets,
                                                   temperature, with_entropy=with_entropy, chunk_size=self.chunk_size)
 
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
-            log_probs, entropy = model(tokens, packing.position_ids[0], attention, recompute=self.recompute,
-                                       head=head)
-        return _scatter(log_probs, packing.target_valid), (
-            _scatter(entropy, packing.target_valid) if entropy is not None else None)
+            log_probs, entropy = model(tokens, positions, attention, recompute=self.recompute, head=head)
+        return _scatter(log_probs, slots, shape), (_scatter(entropy, slots, shape) if entropy is not None else None)
 
 
-def _scatter(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Values of the valid targets, in row-major order -> ``[B, T-1]`` float32 with 0 elsewhere."""
-    out = torch.zeros(valid.shape, dtype=torch.float32, device=values.device)
-    return out.masked_scatter(valid, values.float())
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` through pinned memory, so the copy does not wait for the device's queue."""
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _scatter(values: torch.Tensor, slots: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Values of the valid targets (row-major) at their flat ``slots`` -> ``shape`` float32 with 0 elsewhere."""
+    out = torch.zeros(shape.numel(), dtype=torch.float32, device=values.device)
+    return out.index_put((slots,), values.float()).view(shape)
 
 
 def hf_state(model: DecoderLM, state: dict[str, torch.Tensor], with_tied_head: bool = False) -> dict[str, torch.Tensor]:

@@ -103,8 +103,10 @@ class TorchTrainer:
         return derived_token_budget(self.device, DecoderShape.of(config), num_params, element_bytes, recomputed)
 
     def _token_logprobs(self, model, input_ids, attention_mask, with_entropy: bool = False):
-        if self.native is not None:
+        """Logprobs (and entropy) ``[B, T-1]`` on the device of right-padded rows given on the host."""
+        if self.native is not None:  # packs on the host, then queues the device work without waiting for it
             return self.native.token_logprobs(model, input_ids, attention_mask, self.temperature, with_entropy)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
             return token_logprobs(model, input_ids, attention_mask, self.temperature, with_entropy=with_entropy,
                                   packed=self.packed)
@@ -135,8 +137,7 @@ class TorchTrainer:
         out = torch.zeros(batch.loss_mask.shape)
         for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
             micro = batch.select(rows)
-            log_probs, _ = self._token_logprobs(model, micro.input_ids.to(self.device),
-                                                micro.attention_mask.to(self.device))
+            log_probs, _ = self._token_logprobs(model, micro.input_ids, micro.attention_mask)
             if not is_filler:
                 out[rows, : log_probs.shape[1]] = log_probs.cpu()
         return self.data_parallel.sum_(out)
@@ -165,8 +166,9 @@ class TorchTrainer:
         num_sequences = int((batch.loss_mask.sum(dim=1) > 0).sum().item())
         metric_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
-            micro = _to_device(batch.select(rows), self.device)
-            log_probs, entropy = self._token_logprobs(self.model, micro.input_ids, micro.attention_mask,
+            host = batch.select(rows)
+            micro = _to_device(host, self.device)
+            log_probs, entropy = self._token_logprobs(self.model, host.input_ids, host.attention_mask,
                                                       with_entropy=True)
             loss, metrics = micro_batch_loss(self.algorithm, micro, log_probs, entropy, num_tokens, num_sequences,
                                              max_len, self.custom_loss)
@@ -292,5 +294,10 @@ class TorchTrainer:
 
 
 def _to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
-    moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
-    return TrainBatch(**moved)
+    """The batch's tensors on ``device``; from pinned host memory on a GPU, so the copies do not wait for it."""
+    def move(value: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda" and value.device.type == "cpu":
+            return value.pin_memory().to(device, non_blocking=True)
+        return value.to(device)
+
+    return TrainBatch(**{k: (move(v) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()})
