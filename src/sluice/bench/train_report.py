@@ -16,7 +16,7 @@ def _rows(report: dict) -> list[tuple]:
     if "old_logprobs_s" in report:
         rows.append(("sluice old logprobs", report["old_logprobs_s"], None, report["old_logprobs_tok_s"],
                      report["old_logprobs_mfu"], report["peak_memory_gib"]))
-    if "hf" in report:
+    if "hf" in report and "error" not in report["hf"]:
         hf = report["hf"]
         rows.append((f"HF loop ({hf['micro_batch_size']} rows/mb)", hf["train_step_s"], hf.get("optimizer_s"),
                      hf["train_tok_s"], hf["mfu"], hf["peak_memory_gib"]))
@@ -35,6 +35,8 @@ def print_table(report: dict, out: TextIO) -> None:
     for label, seconds, optimizer, tok_s, mfu, peak in _rows(report):
         print(f"{label:<28}{seconds:>9.3f}{_cell(optimizer, '.3f'):>9}{tok_s:>11,.0f}{_cell(mfu, '.1%'):>8}"
               f"{_cell(peak, '.2f'):>10}", file=out)
+    if "error" in report.get("hf", {}):
+        print(f"HF loop ({report['hf']['micro_batch_size']} rows/mb): {report['hf']['error']}", file=out)
     if "speedup_vs_hf" in report:
         print(f"speedup vs HF (train_step): {report['speedup_vs_hf']:.2f}x", file=out)
     print(f"MFU = {report['mfu_formula']}, N = {report['matmul_params']:,}, peak = {report['peak_tflops']} TFLOP/s",
