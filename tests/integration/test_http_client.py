@@ -50,6 +50,16 @@ async def until_done_or_timeout(task: asyncio.Task, seconds: float) -> bool:
     return task.done()
 
 
+async def until_queued(engine, count: int) -> None:
+    """Wait until ``engine`` (served over HTTP from this process) holds ``count`` requests. A client's task may be
+    waiting for its answer while the request is still on its way to the server, and an abort that gets there first
+    finds nothing to abort: the request would then wait on the paused engine for ever."""
+    deadline = time.monotonic() + 30
+    while engine.load()["num_waiting"] + engine.load()["num_running"] < count:
+        assert time.monotonic() < deadline, f"{count} request(s) never reached the engine"
+        await asyncio.sleep(0.01)
+
+
 # ----------------------------------------------------------------------------------------- HttpEngineClient
 def test_generate_matches_the_in_process_engine(servers, engine):
     ids = engine.tokenizer.encode("what is 2+2?")
@@ -98,6 +108,7 @@ def test_abort_pause_resume_and_weight_updates(servers, engine, lively_checkpoin
         held = asyncio.ensure_future(client.generate(request(ids)))
         doomed_request = request(ids, 400)
         doomed = asyncio.ensure_future(client.generate(doomed_request))
+        await until_queued(engine, 2)
         assert not await until_done_or_timeout(held, 0.3)  # paused: nothing moves
         await client.abort(doomed_request.rid)
         aborted = await doomed  # an aborted request is answered even while paused
@@ -232,6 +243,8 @@ def test_fan_out_control_and_oldest_weight_version(servers, engine, engine_other
         multi = MultiEngineClient(clients)
         await multi.pause()
         held = [asyncio.ensure_future(multi.generate(request(ids, 300, group_key=k))) for k in ("x", "y")]
+        await until_queued(engine, 1)
+        await until_queued(engine_other, 1)
         assert not await until_done_or_timeout(held[0], 0.2)
         assert multi.outstanding == [1, 1]
         await multi.abort()
