@@ -18,10 +18,12 @@ from sluice.engine.clients.http import EngineHTTPError, HttpClientOptions, HttpE
 from sluice.engine.clients.in_process import InProcessClient
 from sluice.engine.clients.protocol import EngineUnavailable, FinishReason, GenerateRequest
 from sluice.engine.clients.router import MultiEngineClient
+from sluice.engine.server.app import BackgroundServer
+from sluice.engine.server.context import ServerContext
 from sluice.engine.server.native_api import version_runs
 from sluice.types import SamplingParams
 
-from helpers.servers import free_port, start_server
+from helpers.servers import CPU, free_port, start_server
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +175,14 @@ def test_connection_errors_are_retried_with_backoff(engine, lively_checkpoint):
     with pytest.raises(aiohttp.ClientConnectorError):
         run(impatient.weight_version())
     late: dict = {}
-    starter = threading.Timer(0.5, lambda: late.update(server=start_server(engine, lively_checkpoint, port)))
+
+    def start_late() -> None:
+        # The server listens from its constructor on and answers only once started: noting it in between means
+        # it is noted before any request can have been answered.
+        late["server"] = BackgroundServer(ServerContext(engine, lively_checkpoint, "lively", CPU), port=port)
+        late["server"].start()
+
+    starter = threading.Timer(0.5, start_late)
     starter.start()
     patient = HttpEngineClient(f"http://127.0.0.1:{port}", HttpClientOptions(max_retries=8, backoff_s=0.1))
     try:
