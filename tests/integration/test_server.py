@@ -28,7 +28,7 @@ from sluice.engine.clients.protocol import GenerateRequest
 from sluice.types import SamplingParams
 from sluice.weights.process_group import join_weight_group, send_weights
 
-from helpers.servers import free_port
+from helpers.servers import free_port, free_ports
 
 PROMPTS = ["hi", "what is 2+2?", "reverse 12345 please"]
 
@@ -404,9 +404,9 @@ def test_sglang_router_in_front_of_two_keyed_servers(engine, lively_checkpoint):
     router = None
     try:
         urls = [serve_url(worker) for worker in workers]
-        port = free_port()
+        port, prometheus_port = free_ports(2)
         router = spawn([sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *urls,
-                        "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port()),
+                        "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prometheus_port),
                         "--log-level", "warn", "--api-key", key])
         ids = engine.tokenizer.encode(PROMPTS[1])
         body = greedy_body(ids, 6)
