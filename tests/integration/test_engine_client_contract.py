@@ -32,7 +32,7 @@ from helpers.servers import CPU, start_server
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 
 PROMPTS = ["hi", "what is 2+2?", "reverse 12345 please"]  # "hi": greedy emits EOS after a few tokens
-HELD_S = 0.3  # how long a paused engine is watched for (no) progress; also lets an HTTP request reach its server
+HELD_S = 0.3  # how long a paused engine is watched for (no) progress
 SCENARIO_TIMEOUT_S = 60.0  # a broken pause or abort fails the test instead of hanging the suite
 
 
@@ -40,6 +40,7 @@ SCENARIO_TIMEOUT_S = 60.0  # a broken pause or abort fails the test instead of h
 class Served:
     client: EngineClient
     takes_named_tensors: bool  # update_weights accepts a name -> tensor mapping (HTTP carries only paths)
+    engines: list[LocalEngine]  # the engines behind the client, in this process
 
 
 @pytest.fixture(scope="module", params=["in-process", "http", "router"])
@@ -47,11 +48,12 @@ def served(request, lively_checkpoint):
     engines = [LocalEngine(lively_checkpoint, CPU) for _ in range(2 if request.param == "router" else 1)]
     servers = [start_server(engine, lively_checkpoint) for engine in engines] if request.param != "in-process" else []
     if request.param == "in-process":
-        served = Served(InProcessClient(engines[0]), takes_named_tensors=True)
+        served = Served(InProcessClient(engines[0]), takes_named_tensors=True, engines=engines)
     elif request.param == "http":
-        served = Served(HttpEngineClient(servers[0].url), takes_named_tensors=False)
+        served = Served(HttpEngineClient(servers[0].url), takes_named_tensors=False, engines=engines)
     else:
-        served = Served(MultiEngineClient([HttpEngineClient(s.url) for s in servers]), takes_named_tensors=False)
+        served = Served(MultiEngineClient([HttpEngineClient(s.url) for s in servers]), takes_named_tensors=False,
+                        engines=engines)
     yield served
     for server in servers:
         server.stop()
@@ -90,6 +92,14 @@ def run(client: EngineClient, scenario):
 
 def greedy(max_new_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, **kw)
+
+
+async def until_queued(engines: list[LocalEngine], count: int) -> None:
+    """Wait until the engines hold ``count`` requests. An HTTP client's task may already be waiting for its answer
+    while the request is still on its way to the server, and an abort that gets there first finds nothing to abort
+    (the request then waits on the paused engine). Bounded by SCENARIO_TIMEOUT_S."""
+    while sum(engine.load()["num_waiting"] + engine.load()["num_running"] for engine in engines) < count:
+        await asyncio.sleep(0.01)
 
 
 async def still_running(task: asyncio.Future) -> bool:
@@ -319,6 +329,7 @@ def test_pause_holds_requests_and_resume_finishes_them_unchanged(served, hf_live
     async def scenario(client):
         await client.pause()
         held = [asyncio.ensure_future(client.generate(GenerateRequest(p, greedy(6, ignore_eos=True)))) for p in prompts]
+        await until_queued(served.engines, len(prompts))  # in the engines: held by the pause, not by the network
         await asyncio.wait(held, timeout=HELD_S)
         num_held = sum(not task.done() for task in held)
         await client.resume()
@@ -340,6 +351,7 @@ def test_abort_by_rid_ends_that_request_only_with_its_partial_output(served, hf_
         doomed = asyncio.ensure_future(client.generate(long))
         kept = asyncio.ensure_future(client.generate(short))
         assert await still_running(doomed)
+        await until_queued(served.engines, 2)
         await client.abort(long.rid)
         aborted = await doomed  # answered even while the engine is paused
         kept_while_paused = not kept.done()
@@ -360,6 +372,7 @@ def test_abort_all_ends_every_request_in_flight_and_nothing_after(served, prompt
         tasks = [asyncio.ensure_future(client.generate(GenerateRequest(p, greedy(300, ignore_eos=True))))
                  for p in prompt_ids[:2]]
         assert await still_running(tasks[0])
+        await until_queued(served.engines, len(tasks))
         await client.abort()
         aborted = await asyncio.gather(*tasks)
         await client.resume()

@@ -18,10 +18,12 @@ from sluice.engine.clients.http import EngineHTTPError, HttpClientOptions, HttpE
 from sluice.engine.clients.in_process import InProcessClient
 from sluice.engine.clients.protocol import EngineUnavailable, FinishReason, GenerateRequest
 from sluice.engine.clients.router import MultiEngineClient
+from sluice.engine.server.app import BackgroundServer
+from sluice.engine.server.context import ServerContext
 from sluice.engine.server.native_api import version_runs
 from sluice.types import SamplingParams
 
-from helpers.servers import free_port, start_server
+from helpers.servers import CPU, free_port, start_server
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,16 @@ def run(coroutine):
 async def until_done_or_timeout(task: asyncio.Task, seconds: float) -> bool:
     await asyncio.wait([task], timeout=seconds)
     return task.done()
+
+
+async def until_queued(engine, count: int) -> None:
+    """Wait until ``engine`` (served over HTTP from this process) holds ``count`` requests. A client's task may be
+    waiting for its answer while the request is still on its way to the server, and an abort that gets there first
+    finds nothing to abort: the request would then wait on the paused engine for ever."""
+    deadline = time.monotonic() + 30
+    while engine.load()["num_waiting"] + engine.load()["num_running"] < count:
+        assert time.monotonic() < deadline, f"{count} request(s) never reached the engine"
+        await asyncio.sleep(0.01)
 
 
 # ----------------------------------------------------------------------------------------- HttpEngineClient
@@ -98,6 +110,7 @@ def test_abort_pause_resume_and_weight_updates(servers, engine, lively_checkpoin
         held = asyncio.ensure_future(client.generate(request(ids)))
         doomed_request = request(ids, 400)
         doomed = asyncio.ensure_future(client.generate(doomed_request))
+        await until_queued(engine, 2)
         assert not await until_done_or_timeout(held, 0.3)  # paused: nothing moves
         await client.abort(doomed_request.rid)
         aborted = await doomed  # an aborted request is answered even while paused
@@ -162,7 +175,14 @@ def test_connection_errors_are_retried_with_backoff(engine, lively_checkpoint):
     with pytest.raises(aiohttp.ClientConnectorError):
         run(impatient.weight_version())
     late: dict = {}
-    starter = threading.Timer(0.5, lambda: late.update(server=start_server(engine, lively_checkpoint, port)))
+
+    def start_late() -> None:
+        # The server listens from its constructor on and answers only once started: noting it in between means
+        # it is noted before any request can have been answered.
+        late["server"] = BackgroundServer(ServerContext(engine, lively_checkpoint, "lively", CPU), port=port)
+        late["server"].start()
+
+    starter = threading.Timer(0.5, start_late)
     starter.start()
     patient = HttpEngineClient(f"http://127.0.0.1:{port}", HttpClientOptions(max_retries=8, backoff_s=0.1))
     try:
@@ -232,6 +252,8 @@ def test_fan_out_control_and_oldest_weight_version(servers, engine, engine_other
         multi = MultiEngineClient(clients)
         await multi.pause()
         held = [asyncio.ensure_future(multi.generate(request(ids, 300, group_key=k))) for k in ("x", "y")]
+        await until_queued(engine, 1)
+        await until_queued(engine_other, 1)
         assert not await until_done_or_timeout(held[0], 0.2)
         assert multi.outstanding == [1, 1]
         await multi.abort()

@@ -25,7 +25,7 @@ import pytest
 
 import sluice
 from sluice.observability.metrics import read_metrics
-from helpers.servers import free_port
+from helpers.servers import free_ports
 from helpers.train_loop import flags
 
 NUM_ROLLOUT = 2
@@ -104,14 +104,14 @@ def ray_head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # `python` = this venv
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, client_server_port, agent_port = free_ports(4)
     log = temp_dir / "ray_start.log"
     with log.open("w") as out:
         process = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--port", str(gcs_port), "--num-cpus", "2", "--num-gpus", "0",
              "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
              # ports whose defaults are fixed numbers, taken by any other head on the machine
-             "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+             "--ray-client-server-port", str(client_server_port), "--dashboard-agent-listen-port", str(agent_port),
              "--temp-dir", str(temp_dir), "--disable-usage-stats"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:

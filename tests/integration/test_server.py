@@ -28,7 +28,7 @@ from sluice.engine.clients.protocol import GenerateRequest
 from sluice.types import SamplingParams
 from sluice.weights.process_group import join_weight_group, send_weights
 
-from helpers.servers import free_port
+from helpers.servers import free_port, free_ports
 
 PROMPTS = ["hi", "what is 2+2?", "reverse 12345 please"]
 
@@ -205,8 +205,13 @@ def test_abort_returns_partial_output(http, server, engine):
     ids = engine.tokenizer.encode(PROMPTS[0])
     thread, out = start_generate(server.url, greedy_body(ids, 480, rid="to-abort"))
     wait_until(lambda: http.get("/get_load").json()[0]["num_reqs"] == 1)
-    assert http.post("/abort_request", json={"rid": "to-abort"}).status_code == 200
-    thread.join(timeout=30)
+    engine.pause()  # after the step under way: the request cannot reach its 480th token before the abort
+    try:
+        assert http.post("/abort_request", json={"rid": "to-abort"}).status_code == 200
+        thread.join(timeout=30)  # an aborted request is answered while the engine is paused
+    finally:
+        engine.resume()
+    assert not thread.is_alive()
     meta = out["body"]["meta_info"]
     assert meta["finish_reason"]["type"] == "abort" and meta["id"] == "to-abort"
     assert 0 < len(out["body"]["output_ids"]) < 480
@@ -216,11 +221,15 @@ def test_abort_returns_partial_output(http, server, engine):
 def test_closing_a_stream_aborts_its_request(http, engine):
     ids = engine.tokenizer.encode(PROMPTS[1])
     decoded_before = engine.stats.num_decode_tokens
-    with http.stream("POST", "/generate", json={**greedy_body(ids, 480), "stream": True}) as response:
-        for number, _ in enumerate(response.iter_lines()):
-            if number == 4:
-                break  # the client goes away after two chunks
-    wait_until(lambda: http.get("/get_load").json()[0]["load"] == 0)
+    try:
+        with http.stream("POST", "/generate", json={**greedy_body(ids, 480), "stream": True}) as response:
+            for number, _ in enumerate(response.iter_lines()):
+                if number == 4:
+                    engine.pause()  # the request cannot end by itself now: only the abort can remove it
+                    break  # the client goes away after two chunks
+        wait_until(lambda: http.get("/get_load").json()[0]["load"] == 0)
+    finally:
+        engine.resume()
     # aborted, not decoded to the end for nobody: far fewer than the 479 decode steps of a full run
     assert engine.stats.num_decode_tokens - decoded_before < 240, engine.stats.num_decode_tokens - decoded_before
 
@@ -241,8 +250,10 @@ def test_pause_default_mode_aborts_running_requests(http, server, engine):
     ids = engine.tokenizer.encode(PROMPTS[2])
     thread, out = start_generate(server.url, greedy_body(ids, 480))
     wait_until(lambda: http.get("/get_load").json()[0]["num_reqs"] == 1)
+    engine.pause()  # in place, after the step under way: the request is still running when the pause below comes
     assert http.post("/pause_generation", json={}).status_code == 200
     thread.join(timeout=30)
+    assert not thread.is_alive()
     assert out["body"]["meta_info"]["finish_reason"]["type"] == "abort"
     assert http.post("/continue_generation").status_code == 200
     assert http.post("/generate", json=greedy_body(ids, 3)).json()["output_ids"] == in_process(engine, ids, 3).output_ids
@@ -393,9 +404,9 @@ def test_sglang_router_in_front_of_two_keyed_servers(engine, lively_checkpoint):
     router = None
     try:
         urls = [serve_url(worker) for worker in workers]
-        port = free_port()
+        port, prometheus_port = free_ports(2)
         router = spawn([sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *urls,
-                        "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port()),
+                        "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prometheus_port),
                         "--log-level", "warn", "--api-key", key])
         ids = engine.tokenizer.encode(PROMPTS[1])
         body = greedy_body(ids, 6)

@@ -84,22 +84,26 @@ def test_streamed_pieces_and_aborted_outputs_hold_no_pending_token(lively_checkp
                                                                           ignore_eos=True))])[0].output_ids
         pieces: list[int] = []
         streamed = threading.Event()
+        aborted = threading.Event()
         done = threading.Event()
         box = []
 
-        def on_update(ids, logprobs, top):
+        def on_update(ids, logprobs, top):  # on the worker thread, the next step launched
             assert len(ids) == len(logprobs)
             pieces.extend(ids)
-            if len(pieces) >= 5:
+            if len(pieces) >= 5 and not streamed.is_set():
                 streamed.set()
+                aborted.wait(30)  # the worker goes on only once the abort is asked: it cannot finish first
 
         request = GenerateRequest([5, 6, 7], SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True),
                                   rid="long")
         engine.submit(request, lambda r: (box.append(r), done.set()), on_update)
         assert streamed.wait(30)
         engine.abort("long")
+        aborted.set()
         assert done.wait(30)
     finally:
+        aborted.set()
         engine.shutdown()
     result = box[0]
     assert result.finish_reason == FinishReason.ABORT

@@ -67,19 +67,20 @@ def test_a_reward_that_never_returns_does_not_stall_a_full_batch(ctx, engine):
 
 def test_a_blocking_sync_reward_is_abandoned_without_holding_up_the_event_loop(ctx):
     release = threading.Event()
+    released: list[str] = []  # stuck scorers that got past their lock
 
     def blocking(sample: Sample) -> float:  # a sync scorer stuck on a lock, say
         if sample.prompt.startswith("stuck"):
             release.wait(60)
+            released.append(sample.prompt)
         return 1.0
 
     manager = RolloutManager(ctx, as_async_reward(blocking), reward_timeout_s=0.3)
-    start = time.monotonic()
     groups = asyncio.run(manager.generate_groups(prompts(ctx.tokenizer, ["stuck a", "ok b"]), 2,
                                                  SamplingParams(max_new_tokens=3)))
-    elapsed = time.monotonic() - start  # asyncio.run returned: no executor waits for the stuck thread
+    stuck_when_returned = not released  # asyncio.run returned: no executor waited for the stuck threads
     release.set()
-    assert elapsed < 5.0
+    assert stuck_when_returned
     stuck, fine = groups
     assert all(s.status == Status.FAILED and "timed out" in s.metadata["reward_error"] for s in stuck.samples)
     assert all(s.status != Status.FAILED and s.reward == 1.0 for s in fine.samples)
