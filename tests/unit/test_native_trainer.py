@@ -253,12 +253,42 @@ def test_bf16_compute_keeps_float32_master_weights(checkpoint):
     assert exp_avg and all(m.dtype == torch.float32 for m in exp_avg)
 
 
-def test_token_budget_counts_activations_and_recompute_shrinks_them():
+def _saved_bytes(model, tokens: int, recompute=None) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one packed sequence (bf16 autocast), weights
+    and their bf16 copies included: take differences over token counts to cancel them."""
+    from sluice.models.packed_attention import PackedCausalAttention, cu_seqlens_from_lengths
+
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    attention = PackedCausalAttention(cu_seqlens_from_lengths([tokens]), tokens)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randint(0, 100, (tokens,)), torch.arange(tokens), attention, recompute=recompute)
+    return sum(storages.values())
+
+
+def test_token_budget_estimate_matches_what_autograd_saves_and_recompute_shrinks_it():
+    """The default --max-tokens-per-gpu divides free memory by ``activation_bytes_per_token``: an estimate far
+    below what a token really keeps runs out of memory, far above it wastes micro-batch size."""
+    from sluice.models.decoder import DecoderLM, RecomputePlan
     from sluice.trainer.token_budget import CPU_TOKEN_BUDGET, DecoderShape, activation_bytes_per_token, derived_token_budget
 
-    shape = DecoderShape(num_layers=4, hidden=8, q_size=8, kv_size=4, intermediate=16)
-    per_layer = 8 * 8 + 5 * 8 + 3 * 4 + 3 * 16  # 164 elements a token
-    assert activation_bytes_per_token(shape, 2) == 2 * 4 * per_layer
-    # two layers recomputed: they keep their input (hidden) and one layer is rebuilt at a time
-    assert activation_bytes_per_token(shape, 2, recomputed_layers=2) == 2 * (2 * per_layer + 2 * 8 + per_layer)
+    # the Qwen2.5-0.5B proportions (hidden 896, 14 x 64 query and 2 x 64 KV heads, FFN 4864), scaled down
+    config = Qwen2Config(vocab_size=128, hidden_size=224, intermediate_size=1216, num_hidden_layers=3,
+                         num_attention_heads=14, num_key_value_heads=2, head_dim=16)
+    model = DecoderLM(config, qk_norm=False, qkv_bias=True, o_bias=False, max_positions=1024)
+    shape = DecoderShape.of(config)
+    measured = (_saved_bytes(model, 512) - _saved_bytes(model, 256)) / 256
+    estimate = activation_bytes_per_token(shape, 2)
+    assert 0.95 * measured <= estimate <= 1.2 * measured, (estimate, measured)
+    # full recompute of every layer: each keeps its input, and one layer is rebuilt at a time in the backward
+    plan = RecomputePlan("full", "uniform", 1)
+    recomputed = (_saved_bytes(model, 512, plan) - _saved_bytes(model, 256, plan)) / 256
+    assert recomputed < measured / 2
+    assert activation_bytes_per_token(shape, 2, recomputed_layers=3) < estimate / 2
     assert derived_token_budget(torch.device("cpu"), shape, num_params=10, element_bytes=2) == CPU_TOKEN_BUDGET
