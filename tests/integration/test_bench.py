@@ -89,6 +89,25 @@ def test_bench_train_prints_one_json_line_with_both_trainers_figures(capsys):
     assert report["speedup_vs_hf"] == pytest.approx(report["train_tok_s"] / report["hf"]["train_tok_s"], rel=1e-2)
 
 
+def test_running_out_of_memory_in_the_timed_loop_names_the_phase_and_step():
+    import torch
+
+    from sluice.bench.train_timing import PhaseOutOfMemory, time_steps
+
+    calls = []
+
+    def train_step() -> None:
+        calls.append("train")
+        if calls.count("train") == 3:  # the first timed step, after two warm-up steps
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
+
+    with pytest.raises(PhaseOutOfMemory) as raised:
+        time_steps(torch.device("cpu"), 2, 3, train_step, None, old_logprobs=lambda: calls.append("old"))
+    assert str(raised.value) == ("out of memory in the train step (timed step 1): "
+                                 "CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert calls == ["old", "train"] * 2 + ["old", "train"]
+
+
 def test_bench_train_refuses_a_token_budget_with_padded_micro_batches(capsys):
     from sluice.bench.train import parse_args as parse_train_args
 

@@ -31,7 +31,7 @@ from sluice.bench.hf_train import time_hf_training
 from sluice.bench.run_info import device_name, git_commit
 from sluice.bench.shapes import SHAPES, shape_config, write_random_checkpoint
 from sluice.bench.train_report import print_table
-from sluice.bench.train_timing import TrainTimes, time_steps
+from sluice.bench.train_timing import PhaseOutOfMemory, TrainTimes, time_steps
 from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.device import resolve_device
 from sluice.trainer.batching import collate, micro_batch_rows
@@ -185,7 +185,11 @@ def bench_train(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_checkpoint(args.model_shape, tmp, checkpoint_dtype, str(device), args.seed)
         _free_device_memory(device)
-        times, setup = time_our_trainer(str(path), samples, args, config, model_config)
+        try:
+            times, setup = time_our_trainer(str(path), samples, args, config, model_config)
+        except PhaseOutOfMemory as error:  # a result of this shape and budget: said in the JSON line, not a crash
+            report["error"] = str(error)
+            return report
         _free_device_memory(device)  # the trainer is gone: its weights, moments and cache go back before HF loads
         report.update(setup)
         report.update(figures(times, tokens, flops_train, flops_forward, peak))
@@ -196,8 +200,8 @@ def bench_train(argv: list[str]) -> dict:
             try:
                 hf_times, num_micro = time_hf_training(path, samples, args.hf_micro_batch_size, args.warmup_steps,
                                                        args.steps, device, dtype, args.lr)
-            except torch.cuda.OutOfMemoryError as error:  # the reference's failure is a result, not a crash
-                report["hf"]["error"] = f"out of memory: {str(error).splitlines()[0]}"
+            except (PhaseOutOfMemory, torch.cuda.OutOfMemoryError) as error:  # a result, not a crash
+                report["hf"]["error"] = str(error).splitlines()[0]
             else:
                 report["hf"].update(num_micro_batches=num_micro,
                                     **figures(hf_times, tokens, flops_train, flops_forward, peak))
@@ -213,6 +217,10 @@ def _free_device_memory(device: torch.device) -> None:
 
 def main(argv: list[str]) -> int:
     report = bench_train(argv)
-    print_table(report, sys.stderr)
+    if "error" in report:
+        print(f"sluice bench train: {report['error']}; try a smaller --max-tokens-per-gpu, "
+              f"--recompute-granularity, or a smaller shape", file=sys.stderr)
+    else:
+        print_table(report, sys.stderr)
     print(json.dumps(report))
-    return 0
+    return 1 if "error" in report else 0

@@ -27,6 +27,16 @@ class TrainTimes:
     peak_memory_gib: float | None = None  # since the model loaded, warm-up included (CUDA only)
 
 
+class PhaseOutOfMemory(RuntimeError):
+    """The device ran out of memory in one phase of the timed loop; the message names the phase and step."""
+
+    def __init__(self, phase: str, step: int, num_warmup: int, peak_gib: float | None, error: Exception):
+        which = f"warm-up step {step + 1}" if step < num_warmup else f"timed step {step - num_warmup + 1}"
+        peak = f", peak {peak_gib:.2f} GiB allocated" if peak_gib is not None else ""
+        super().__init__(f"out of memory in the {phase} ({which}{peak}): {str(error).splitlines()[0]}")
+        self.phase, self.step, self.peak_gib = phase, step, peak_gib
+
+
 class OptimizerTimer:
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -61,20 +71,29 @@ class OptimizerTimer:
 
 def time_steps(device: torch.device, num_warmup: int, num_steps: int, train_step: Callable[[], object],
                optimizer: torch.optim.Optimizer | None, old_logprobs: Callable[[], object] | None = None) -> TrainTimes:
-    """Run ``num_warmup`` then ``num_steps`` steps of ``old_logprobs()`` (if given) then ``train_step()``."""
+    """Run ``num_warmup`` then ``num_steps`` steps of ``old_logprobs()`` (if given) then ``train_step()``.
+
+    Running out of device memory raises ``PhaseOutOfMemory``, which says in which phase and step."""
     times = TrainTimes()
     reset_peak_memory(device)
     timer = OptimizerTimer(optimizer, device) if optimizer is not None else None
+
+    def run(phase: str, step: int, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except torch.cuda.OutOfMemoryError as error:
+            raise PhaseOutOfMemory(phase, step, num_warmup, peak_memory_gib(device), error) from error
+
     try:
         for step in range(num_warmup + num_steps):
             timed = step >= num_warmup
             if old_logprobs is not None:
                 started = synced_clock(device)
-                old_logprobs()
+                run("old-logprobs pass", step, old_logprobs)
                 if timed:
                     times.old_logprobs_s.append(synced_clock(device) - started)
             started = synced_clock(device)
-            train_step()
+            run("train step", step, train_step)
             seconds = synced_clock(device) - started
             optimizer_seconds = timer.take() if timer is not None else None
             if timed:
