@@ -292,3 +292,38 @@ def test_token_budget_estimate_matches_what_autograd_saves_and_recompute_shrinks
     assert recomputed < measured / 2
     assert activation_bytes_per_token(shape, 2, recomputed_layers=3) < estimate / 2
     assert derived_token_budget(torch.device("cpu"), shape, num_params=10, element_bytes=2) == CPU_TOKEN_BUDGET
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_down_gives_the_plain_gradients_and_keeps_a_third_less(bias):
+    """The MLP's custom backward (models/decoder.py: SwiGLUDown) against autograd through the plain composition:
+    the same output and gradients (float64), and no stored SwiGLU output."""
+    from sluice.models.decoder import SwiGLUDown
+    from sluice.models.fused import EAGER_OPS, silu_and_mul
+
+    generator = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(37, 2 * 24, generator=generator, dtype=torch.float64).requires_grad_(True)
+    weight = torch.randn(16, 24, generator=generator, dtype=torch.float64).requires_grad_(True)
+    bias_t = torch.randn(16, generator=generator, dtype=torch.float64).requires_grad_(True) if bias else None
+    upstream = torch.randn(37, 16, generator=generator, dtype=torch.float64)
+    leaves = [gate_up, weight] + ([bias_t] if bias else [])
+
+    plain = torch.nn.functional.linear(silu_and_mul(gate_up), weight, bias_t)
+    expected = torch.autograd.grad(plain, leaves, upstream)
+    fused = SwiGLUDown.apply(gate_up, weight, bias_t, EAGER_OPS)
+    got = torch.autograd.grad(fused, leaves, upstream)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0)
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda g, w: SwiGLUDown.apply(g, w, None, EAGER_OPS),
+                                    (gate_up[:5].detach().requires_grad_(True), weight.detach().requires_grad_(True)))
+
+    saved: list[int] = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        SwiGLUDown.apply(gate_up, weight, bias_t, EAGER_OPS)
+    assert sorted(saved) == sorted([gate_up.numel(), weight.numel()])  # no [T, intermediate] output kept

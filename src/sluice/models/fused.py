@@ -34,6 +34,17 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def silu_and_mul_backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``silu_and_mul`` at ``gate_up`` for the output gradient ``grad``, in float32 at least and
+    cast back: d/d gate = grad * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate); d/d up = grad * silu(gate)."""
+    dtype = torch.promote_types(gate_up.dtype, torch.float32)
+    gate, up = gate_up.to(dtype).chunk(2, dim=-1)
+    grad = grad.to(dtype)
+    sig = torch.sigmoid(gate)
+    d_gate = grad * up * sig * (1 + gate * (1 - sig))
+    return torch.cat([d_gate, grad * gate * sig], dim=-1).to(gate_up.dtype)
+
+
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor):
     """Rotate q [T, Hq, D] and k [T, Hk, D] in the rotate-half layout at the given positions.
 
@@ -55,10 +66,11 @@ class DecoderOps:
     rms_norm: Callable
     add_rms_norm: Callable
     silu_and_mul: Callable
+    silu_and_mul_backward: Callable = silu_and_mul_backward  # training only (models/decoder.py: SwiGLUDown)
 
 
 
-EAGER_OPS = DecoderOps(rms_norm, add_rms_norm, silu_and_mul)
+EAGER_OPS = DecoderOps(rms_norm, add_rms_norm, silu_and_mul, silu_and_mul_backward)
 
 
 def compile_op(fn: Callable) -> Callable:
@@ -72,4 +84,5 @@ def decoder_ops(device: torch.device) -> DecoderOps:
     """Compiled ops on CUDA, eager elsewhere (no compiler, no warm-up; the numerics the GPU path fuses)."""
     if device.type != "cuda":
         return EAGER_OPS
-    return DecoderOps(compile_op(rms_norm), compile_op(add_rms_norm), compile_op(silu_and_mul))
+    return DecoderOps(compile_op(rms_norm), compile_op(add_rms_norm), compile_op(silu_and_mul),
+                      compile_op(silu_and_mul_backward))

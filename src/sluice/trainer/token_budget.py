@@ -44,16 +44,15 @@ def activation_bytes_per_token(shape: DecoderShape, element_bytes: int, recomput
     """Bytes one token keeps for the backward pass across the decoder.
 
     A layer that is not recomputed saves about (in elements of the compute dtype): its two norms' inputs and
-    outputs, the residual stream and the sublayer outputs, and the norms' float32 copies (13 x hidden), the QKV
-    projection and the rotated q and k (2 x q + 2 x kv + kv), the attention output (q), K and V repeated to the
-    query heads where the varlen kernel has no GQA (2 x q), and the gate/up projection and the SwiGLU output
-    (3 x intermediate). tests/unit/test_native_trainer.py holds it against the bytes autograd actually saves per
-    token (bf16 autocast, eager ops): 62.1 KB per layer for the Qwen2.5-0.5B shape and 111.6 KB for 1.5B, where
-    this gives 62.2 and 110.6 (the repeated K/V of the GPU kernel stand in for the eager ops' extra SwiGLU
-    intermediate). A recomputed layer keeps only its input (hidden), and one layer at a time is rebuilt during
-    the backward pass.
+    outputs and their float32 statistics (6 x hidden), the QKV projection and the rotated q and k
+    (2 x q + 2 x kv + kv), the attention output (q), K and V repeated to the query heads where the varlen kernel
+    has no GQA (2 x q), the gate/up projection (2 x intermediate; ``SwiGLUDown`` recomputes the SwiGLU output
+    instead of keeping it) and the sublayer outputs (2 x hidden). tests/unit/test_native_trainer.py holds it
+    against the bytes autograd actually saves per token (bf16 autocast, eager ops): 42.6 KB per layer for the
+    Qwen2.5-0.5B shape and 75.8 KB for 1.5B, where this gives 43.5 and 77.3. A recomputed layer keeps only its
+    input (hidden), and one layer at a time is rebuilt during the backward pass.
     """
-    per_layer = 13 * shape.hidden + 5 * shape.q_size + 3 * shape.kv_size + 3 * shape.intermediate
+    per_layer = 8 * shape.hidden + 5 * shape.q_size + 3 * shape.kv_size + 2 * shape.intermediate
     stored = shape.num_layers - recomputed_layers
     rebuilt = per_layer if recomputed_layers else 0
     return element_bytes * (stored * per_layer + recomputed_layers * shape.hidden + rebuilt)
