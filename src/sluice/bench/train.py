@@ -190,6 +190,9 @@ def bench_train(argv: list[str]) -> dict:
         except PhaseOutOfMemory as error:  # a result of this shape and budget: said in the JSON line, not a crash
             report["error"] = str(error)
             return report
+        except torch.cuda.OutOfMemoryError as error:  # before the timed loop: loading, the budget's read
+            report["error"] = f"out of memory in the trainer's start-up: {str(error).splitlines()[0]}"
+            return report
         _free_device_memory(device)  # the trainer is gone: its weights, moments and cache go back before HF loads
         report.update(setup)
         report.update(figures(times, tokens, flops_train, flops_forward, peak))

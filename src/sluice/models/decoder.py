@@ -108,11 +108,17 @@ class SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         gate_up, weight = ctx.saved_tensors
+        needs_gate_up, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_out = grad_out.to(weight.dtype)
-        act = ctx.ops.silu_and_mul(gate_up)
-        grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ act.reshape(-1, act.shape[-1])
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias else None
-        grad_gate_up = ctx.ops.silu_and_mul_backward(gate_up, grad_out @ weight)
+        flat = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_weight = grad_bias = grad_gate_up = None
+        if needs_weight:
+            act = ctx.ops.silu_and_mul(gate_up)
+            grad_weight = flat.t() @ act.reshape(-1, act.shape[-1])
+        if needs_bias and ctx.has_bias:
+            grad_bias = flat.sum(0)
+        if needs_gate_up:
+            grad_gate_up = ctx.ops.silu_and_mul_backward(gate_up, grad_out @ weight)
         return grad_gate_up, grad_weight, grad_bias, None
 
 

@@ -83,7 +83,7 @@ class NativeForward:
         sizes depend on the data, then runs there and its results go to the device without waiting for it, so
         the micro-batches of a step queue up on the GPU back to back.
         """
-        host = input_ids.device.type == "cpu" and self.device.type != "cpu"
+        host = input_ids.device.type == "cpu" and self.device.type == "cuda"
         packing = pack_rows(input_ids, attention_mask)
         lengths = attention_mask.sum(dim=1)
         max_len = int(lengths.max()) if lengths.numel() else 0  # a host read when the rows are on the host

@@ -11,6 +11,7 @@ nothing, so the budget is a fixed ``CPU_TOKEN_BUDGET``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,32 +41,38 @@ class DecoderShape:
                    config.intermediate_size)
 
 
-def activation_bytes_per_token(shape: DecoderShape, element_bytes: int, recomputed_layers: int = 0) -> int:
-    """Bytes one token keeps for the backward pass across the decoder.
+def activation_bytes_per_token(shape: DecoderShape, element_bytes: int,
+                               segments: Sequence[tuple[int, int, bool]] | None = None) -> int:
+    """Bytes one token keeps for the backward pass across the decoder; ``segments`` are the recompute plan's
+    ``(first layer, end layer, checkpointed)`` runs (``RecomputePlan.segments``; None: nothing recomputed).
 
     A layer that is not recomputed saves about (in elements of the compute dtype): its two norms' inputs and
     outputs and their float32 statistics (6 x hidden), the QKV projection and the rotated q and k
     (2 x q + 2 x kv + kv), the attention output (q), K and V repeated to the query heads where the varlen kernel
     has no GQA (2 x q), the gate/up projection (2 x intermediate; ``SwiGLUDown`` recomputes the SwiGLU output
     instead of keeping it) and the sublayer outputs (2 x hidden). tests/unit/test_native_trainer.py holds it
-    against the bytes autograd actually saves per token (bf16 autocast, eager ops): 42.6 KB per layer for the
-    Qwen2.5-0.5B shape and 75.8 KB for 1.5B, where this gives 43.5 and 77.3. A recomputed layer keeps only its
-    input (hidden), and one layer at a time is rebuilt during the backward pass.
+    against the bytes autograd actually saves per token (bf16 autocast, eager ops on CPU; the GPU's compiled
+    ops and varlen kernel are not measured): 42.6 KB per layer for a model of the Qwen2.5-0.5B proportions,
+    where this gives 43.5. A checkpointed segment keeps only its two inputs (the hidden state and the residual
+    stream), and during the backward pass one segment at a time is rebuilt whole: the largest segment's layers
+    are counted as stored on top.
     """
     per_layer = 8 * shape.hidden + 5 * shape.q_size + 3 * shape.kv_size + 2 * shape.intermediate
-    stored = shape.num_layers - recomputed_layers
-    rebuilt = per_layer if recomputed_layers else 0
-    return element_bytes * (stored * per_layer + recomputed_layers * shape.hidden + rebuilt)
+    segments = segments or [(0, shape.num_layers, False)]
+    stored = sum(end - first for first, end, checkpointed in segments if not checkpointed)
+    checkpointed = [end - first for first, end, on in segments if on]
+    rebuilt = max(checkpointed, default=0)
+    return element_bytes * ((stored + rebuilt) * per_layer + len(checkpointed) * 2 * shape.hidden)
 
 
 def derived_token_budget(device: torch.device, shape: DecoderShape, num_params: int, element_bytes: int,
-                         recomputed_layers: int = 0) -> int:
+                         segments: Sequence[tuple[int, int, bool]] | None = None) -> int:
     """The --max-tokens-per-gpu default on ``device`` (see the module docstring)."""
     if device.type != "cuda":
         return CPU_TOKEN_BUDGET
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     free -= 12 * num_params  # float32 gradients (4 bytes) and AdamW's two moments (8 bytes), allocated lazily
-    per_token = activation_bytes_per_token(shape, element_bytes, recomputed_layers)
+    per_token = activation_bytes_per_token(shape, element_bytes, segments)
     budget = int(max(free, 0) * FREE_MEMORY_USE) // per_token
     return max(MIN_TOKEN_BUDGET, budget)

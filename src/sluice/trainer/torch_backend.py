@@ -98,12 +98,12 @@ class TorchTrainer:
         config = self.model.config
         num_params = sum(p.numel() for p in self.model.parameters())
         plan = self.native.recompute if self.native is not None else None  # the HF class never recomputes
-        recomputed = sum(end - first for first, end, on in plan.segments(config.num_hidden_layers) if on) if plan else 0
+        segments = plan.segments(config.num_hidden_layers) if plan else None
         element_bytes = torch.finfo(self.compute_dtype).bits // 8
-        return derived_token_budget(self.device, DecoderShape.of(config), num_params, element_bytes, recomputed)
+        return derived_token_budget(self.device, DecoderShape.of(config), num_params, element_bytes, segments)
 
     def _token_logprobs(self, model, input_ids, attention_mask, with_entropy: bool = False):
-        """Logprobs (and entropy) ``[B, T-1]`` on the device of right-padded rows given on the host."""
+        """Logprobs (and entropy) ``[B, T-1]`` on the device of right-padded rows (on the host or the device)."""
         if self.native is not None:  # packs on the host, then queues the device work without waiting for it
             return self.native.token_logprobs(model, input_ids, attention_mask, self.temperature, with_entropy)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
@@ -168,7 +168,8 @@ class TorchTrainer:
         for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
             host = batch.select(rows)
             micro = _to_device(host, self.device)
-            log_probs, entropy = self._token_logprobs(self.model, host.input_ids, host.attention_mask,
+            rows_in = host if self.native is not None else micro  # the native forward packs on the host
+            log_probs, entropy = self._token_logprobs(self.model, rows_in.input_ids, rows_in.attention_mask,
                                                       with_entropy=True)
             loss, metrics = micro_batch_loss(self.algorithm, micro, log_probs, entropy, num_tokens, num_sequences,
                                              max_len, self.custom_loss)
