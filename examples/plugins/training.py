@@ -20,4 +20,4 @@ def leave_one_out(inputs: AdvantageInputs) -> torch.Tensor:
 def reinforce(inputs: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
     """Plain REINFORCE: -A * log pi, reduced as the built-in loss is (--loss-agg-mode)."""
     per_token = -inputs.batch.advantages * inputs.log_probs
-    return inputs.reduce(per_token), {"mean_advantage": inputs.reduce(inputs.batch.advantages).item()}
+    return inputs.reduce(per_token), {"mean_advantage": inputs.reduce(inputs.batch.advantages)}

@@ -25,11 +25,11 @@ PLUGIN = textwrap.dedent('''
     def reinforce(inputs):
         """-A * logp: plain REINFORCE, with the mean advantage as a metric."""
         per_token = -inputs.batch.advantages * inputs.log_probs
-        return inputs.reduce(per_token), {"adv": inputs.reduce(inputs.batch.advantages).item()}
+        return inputs.reduce(per_token), {"adv": inputs.reduce(inputs.batch.advantages)}  # a 0-d tensor
 
     def clipped(inputs):
         per_token, _ = ppo_clip(inputs.log_probs, inputs.batch.old_log_probs, inputs.batch.advantages, 0.2, 0.28)
-        return inputs.reduce(per_token), {}
+        return inputs.reduce(per_token), {"calls": 1}  # a plain number
 
     def no_args():
         return None
@@ -111,6 +111,7 @@ def test_custom_loss_reproduces_the_built_in_policy_loss(plugin):
                                      custom_loss=load_custom_loss("my_losses.clipped"))
     assert loss.item() == pytest.approx((PG_A + PG_B + PG_C + PG_D) / NUM_TOKENS, abs=1e-6)
     assert float(metrics["train/loss"]) == pytest.approx(loss.item())
+    assert metrics["train/calls"] == 1.0 and isinstance(metrics["train/calls"], float)
     loss.backward()
     expected_grad = [[0.0, -math.exp(0.1) / 4, 0.0], [0.0, 0.5 / 4, 0.0]]
     torch.testing.assert_close(log_probs.grad, torch.tensor(expected_grad), atol=1e-6, rtol=0)
@@ -139,6 +140,8 @@ def test_reduce_makes_micro_batches_add_up_and_kl_and_entropy_terms_are_added(pl
     ((1.0, {}), "0-d tensor"),
     ((torch.tensor(1.0), {"x": "high"}), "dict of str -> float"),
     ((torch.tensor(1.0), {"x": True}), "dict of str -> float"),
+    ((torch.tensor(1.0), {"x": torch.ones(2)}), "dict of str -> float"),
+    ((torch.tensor(1.0), {"x": torch.tensor(True)}), "dict of str -> float"),
 ])
 def test_bad_return_values_are_explained(result, message):
     batch, log_probs = hand_batch()

@@ -2,14 +2,16 @@
 
 The contract (checked when the run starts, so a wrong function fails before any model loads)::
 
-    def my_loss(inputs: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def my_loss(inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         per_token = -inputs.batch.advantages * inputs.log_probs      # [B, T-1]
-        return inputs.reduce(per_token), {"my_metric": inputs.reduce(per_token.detach()).item()}
+        return inputs.reduce(per_token), {"my_metric": inputs.reduce(per_token.detach())}
 
 It is called once per micro-batch, with gradients on. ``reduce`` applies --loss-agg-mode with the counts of the
 whole optimizer step, so returning ``reduce(per_token)`` keeps the result independent of micro-batching (the
 micro-batch losses are summed). Metrics are summed over micro-batches too (reduce them the same way) and logged
-as ``train/<name>``. --use-kl-loss and --entropy-coef still add their terms to the returned loss.
+as ``train/<name>``; a metric may be a float or a 0-d tensor (left on the device: the step reads every metric
+back at once, where ``.item()`` would wait for the device at each micro-batch). --use-kl-loss and
+--entropy-coef still add their terms to the returned loss.
 
 ``--custom-loss-function-path`` accepts ``pkg.module.fn``, ``pkg.module:fn`` and ``path/to/file.py:fn``.
 slime's ``f(args, batch, logits, reducer)`` form is not supported: its batch is Megatron's dict; port it to
@@ -70,18 +72,25 @@ def _num_required(fn: Callable) -> int:
                for p in params)
 
 
-def call_custom_loss(fn: CustomLossFn, inputs: LossInputs) -> tuple[Tensor, dict[str, float]]:
-    """Run ``fn`` and check what it returned: a scalar tensor and a dict of numbers."""
+def call_custom_loss(fn: CustomLossFn, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor | float]]:
+    """Run ``fn`` and check what it returned: a scalar tensor and a dict of numbers (floats, or 0-d tensors,
+    which stay on the device until the step reads its metrics back once)."""
     result = fn(inputs)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise TypeError(f"the custom loss function must return (loss, metrics), got {type(result).__name__}")
     loss, metrics = result
     if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
         raise TypeError(f"the custom loss must be a 0-d tensor (use inputs.reduce), got {_describe(loss)}")
-    if not isinstance(metrics, dict) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items()):
-        raise TypeError(f"the custom loss metrics must be a dict of str -> float, got {metrics!r}")
-    return loss, {f"train/{key}": float(value) for key, value in metrics.items()}
+    if not isinstance(metrics, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in metrics.items()):
+        raise TypeError(f"the custom loss metrics must be a dict of str -> float (or 0-d tensor), got {metrics!r}")
+    return loss, {f"train/{key}": value.detach() if isinstance(value, Tensor) else float(value)
+                  for key, value in metrics.items()}
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and value.dtype != torch.bool
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _describe(value: Any) -> str:
