@@ -24,6 +24,11 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list or array on ``device``. On GPU the copy is pinned and asynchronous: a pageable copy would wait
     for the work already queued on the stream (the engine queues a step ahead)."""
     tensor = torch.as_tensor(values, dtype=dtype) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
+    return tensor_to_device(tensor, device)
+
+
+def tensor_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a host tensor goes to a GPU through pinned memory, without waiting for the stream."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+    return tensor.to(device)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
+from sluice.device import tensor_to_device
 from sluice.models import ARCHITECTURES, load_model
 from sluice.models.decoder import DecoderLM, RecomputePlan
 from sluice.models.fused import compile_op, decoder_ops
@@ -94,7 +95,7 @@ class NativeForward:
         cu_seqlens = cu_seqlens_from_lengths(lengths)
         if host:
             tokens, positions, rows, targets, slots, cu_seqlens = (
-                _to_device(t, self.device) for t in (tokens, positions, rows, targets, slots, cu_seqlens))
+                tensor_to_device(t, self.device) for t in (tokens, positions, rows, targets, slots, cu_seqlens))
         attention = PackedCausalAttention(cu_seqlens.to(self.device), max_len, norm=model.ops.rms_norm,
                                           rotate=self._rotate)
 
@@ -106,11 +107,6 @@ class NativeForward:
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
             log_probs, entropy = model(tokens, positions, attention, recompute=self.recompute, head=head)
         return _scatter(log_probs, slots, shape), (_scatter(entropy, slots, shape) if entropy is not None else None)
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` through pinned memory, so the copy does not wait for the device's queue."""
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _scatter(values: torch.Tensor, slots: torch.Tensor, shape: torch.Size) -> torch.Tensor:

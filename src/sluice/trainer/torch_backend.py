@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.checkpoint.hf_export import write_hf_weights
-from sluice.device import resolve_device
+from sluice.device import resolve_device, tensor_to_device
 from sluice.trainer.batching import micro_batch_rows
 from sluice.trainer.critic import Critic, ValueBatch
 from sluice.trainer.custom_loss import CustomLossFn, load_custom_loss
@@ -296,9 +296,5 @@ class TorchTrainer:
 
 def _to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
     """The batch's tensors on ``device``; from pinned host memory on a GPU, so the copies do not wait for it."""
-    def move(value: torch.Tensor) -> torch.Tensor:
-        if device.type == "cuda" and value.device.type == "cpu":
-            return value.pin_memory().to(device, non_blocking=True)
-        return value.to(device)
-
-    return TrainBatch(**{k: (move(v) if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()})
+    return TrainBatch(**{k: (tensor_to_device(v, device) if isinstance(v, torch.Tensor) else v)
+                         for k, v in vars(batch).items()})
