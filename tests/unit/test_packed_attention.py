@@ -74,6 +74,16 @@ def test_each_sequence_alone_gives_the_same_outputs():
         torch.testing.assert_close(out[start:end], alone, atol=1e-12, rtol=0)
 
 
+def test_host_offsets_give_the_same_output_and_are_checked_like_cu_seqlens():
+    q, k, v, cu = make_qkv(LENGTHS, 4, 2, 8, torch.float64, seed=3)
+    out = packed_causal_attention(q, k, v, cu, max(LENGTHS), 0.3, backend="sdpa")
+    with_offsets = packed_causal_attention(q, k, v, cu, max(LENGTHS), 0.3, backend="sdpa", offsets=tuple(cu.tolist()))
+    torch.testing.assert_close(with_offsets, out, atol=0, rtol=0)
+    short = tuple(cu.tolist()[:-1])  # ends before the last token
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0"):
+        packed_causal_attention(q, k, v, cu, max(LENGTHS), 0.3, backend="sdpa", offsets=short)
+
+
 def test_first_token_of_each_sequence_reads_only_its_own_value():
     q, k, v, cu = make_qkv([3, 4, 1], 2, 1, 8, torch.float64)
     out = packed_causal_attention(q, k, v, cu, 4, 0.5)

@@ -48,6 +48,8 @@ class PackedCausalAttention:
     norm: Callable = rms_norm  # the implementations to compose (compiled ones on GPU)
     rotate: Callable = rotary
     backend: str = "auto"
+    offsets: tuple[int, ...] | None = None  # cu_seqlens on the host, when the caller has them: the SDPA path reads
+    # them in every layer, which from a device tensor waits for the device each time
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
                  q_norm: RMSNorm | None, k_norm: RMSNorm | None, scale: float) -> Tensor:
@@ -55,7 +57,8 @@ class PackedCausalAttention:
             q = self.norm(q, q_norm.weight, q_norm.eps)
             k = self.norm(k, k_norm.weight, k_norm.eps)
         q, k = self.rotate(positions, q, k, cos, sin)
-        return packed_causal_attention(q, k, v, self.cu_seqlens, self.max_seqlen, scale, backend=self.backend)
+        return packed_causal_attention(q, k, v, self.cu_seqlens, self.max_seqlen, scale, backend=self.backend,
+                                       offsets=self.offsets)
 
 
 def cu_seqlens_from_lengths(lengths: Sequence[int] | Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -84,13 +87,14 @@ def attention_backend(q: Tensor) -> str:
 
 
 def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float, *,
-                            backend: str = "auto") -> Tensor:
+                            backend: str = "auto", offsets: Sequence[int] | None = None) -> Tensor:
     """``q [T, Hq, D]``, ``k``/``v [T, Hkv, D]`` (``Hq`` a multiple of ``Hkv``) -> ``out [T, Hq, D]``, causal within
     each sequence of ``cu_seqlens`` (``[S + 1]``, see the module docstring), differentiable in q, k, v.
 
     ``max_seqlen`` is the longest sequence (the varlen kernel sizes its grid by it; too small a value gives wrong
     results there, so pass the true maximum). ``scale`` multiplies ``q @ k.T`` (usually ``D ** -0.5``).
-    ``backend``: ``"auto"`` (``attention_backend(q)``), ``"varlen"`` or ``"sdpa"``.
+    ``backend``: ``"auto"`` (``attention_backend(q)``), ``"varlen"`` or ``"sdpa"``. ``offsets``: the same values
+    as ``cu_seqlens`` as host ints, if the caller has them (the SDPA path then does not read the device).
     """
     _check_shapes(q, k, v, cu_seqlens)
     if backend not in ("auto", "varlen", "sdpa"):
@@ -101,7 +105,7 @@ def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
         backend = attention_backend(q)
     if backend == "varlen":
         return _varlen_attention(q, k, v, cu_seqlens.to(device=q.device, dtype=torch.int32), max_seqlen, scale)
-    return _per_length_sdpa(q, k, v, cu_seqlens, scale)
+    return _per_length_sdpa(q, k, v, list(offsets) if offsets is not None else cu_seqlens.tolist(), scale)
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> None:
@@ -140,9 +144,9 @@ def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_s
                        max_seqlen, **kwargs)
 
 
-def _per_length_sdpa(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> Tensor:
-    """Exact causal SDPA for every sequence; sequences of equal length share one batched call."""
-    offsets = cu_seqlens.tolist()
+def _per_length_sdpa(q: Tensor, k: Tensor, v: Tensor, offsets: list[int], scale: float) -> Tensor:
+    """Exact causal SDPA for every sequence (``offsets``: cu_seqlens as host ints); sequences of equal length share
+    one batched call."""
     if offsets[0] != 0 or offsets[-1] != q.shape[0] or any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to T={q.shape[0]}, got {offsets}")
     starts_by_length: dict[int, list[int]] = {}

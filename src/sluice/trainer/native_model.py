@@ -93,11 +93,12 @@ class NativeForward:
         targets, shape = tokens[rows + 1], packing.target_valid.shape
         slots = packing.target_valid.reshape(-1).nonzero().squeeze(1)  # where each target's value goes in [B, T-1]
         cu_seqlens = cu_seqlens_from_lengths(lengths)
+        offsets = tuple(cu_seqlens.tolist()) if cu_seqlens.device.type == "cpu" else None
         if host:
             tokens, positions, rows, targets, slots, cu_seqlens = (
                 tensor_to_device(t, self.device) for t in (tokens, positions, rows, targets, slots, cu_seqlens))
         attention = PackedCausalAttention(cu_seqlens.to(self.device), max_len, norm=model.ops.rms_norm,
-                                          rotate=self._rotate)
+                                          rotate=self._rotate, offsets=offsets)
 
         def head(hidden: torch.Tensor, weight: torch.Tensor):
             with torch.autocast(self.device.type, enabled=False):  # the chunked head picks its own dtypes
