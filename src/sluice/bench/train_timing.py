@@ -34,7 +34,6 @@ class PhaseOutOfMemory(RuntimeError):
         which = f"warm-up step {step + 1}" if step < num_warmup else f"timed step {step - num_warmup + 1}"
         peak = f", peak {peak_gib:.2f} GiB allocated" if peak_gib is not None else ""
         super().__init__(f"out of memory in the {phase} ({which}{peak}): {str(error).splitlines()[0]}")
-        self.phase, self.step, self.peak_gib = phase, step, peak_gib
 
 
 class OptimizerTimer:

@@ -84,7 +84,6 @@ class NativeForward:
         sizes depend on the data, then runs there and its results go to the device without waiting for it, so
         the micro-batches of a step queue up on the GPU back to back.
         """
-        host = input_ids.device.type == "cpu" and self.device.type == "cuda"
         packing = pack_rows(input_ids, attention_mask)
         lengths = attention_mask.sum(dim=1)
         max_len = int(lengths.max()) if lengths.numel() else 0  # a host read when the rows are on the host
@@ -94,11 +93,10 @@ class NativeForward:
         slots = packing.target_valid.reshape(-1).nonzero().squeeze(1)  # where each target's value goes in [B, T-1]
         cu_seqlens = cu_seqlens_from_lengths(lengths)
         offsets = tuple(cu_seqlens.tolist()) if cu_seqlens.device.type == "cpu" else None
-        if host:
-            tokens, positions, rows, targets, slots, cu_seqlens = (
-                tensor_to_device(t, self.device) for t in (tokens, positions, rows, targets, slots, cu_seqlens))
-        attention = PackedCausalAttention(cu_seqlens.to(self.device), max_len, norm=model.ops.rms_norm,
-                                          rotate=self._rotate, offsets=offsets)
+        tokens, positions, rows, targets, slots, cu_seqlens = (  # no-ops for rows already on the device
+            tensor_to_device(t, self.device) for t in (tokens, positions, rows, targets, slots, cu_seqlens))
+        attention = PackedCausalAttention(cu_seqlens, max_len, norm=model.ops.rms_norm, rotate=self._rotate,
+                                          offsets=offsets)
 
         def head(hidden: torch.Tensor, weight: torch.Tensor):
             with torch.autocast(self.device.type, enabled=False):  # the chunked head picks its own dtypes
