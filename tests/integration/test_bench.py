@@ -89,6 +89,17 @@ def test_bench_train_prints_one_json_line_with_both_trainers_figures(capsys):
     assert report["speedup_vs_hf"] == pytest.approx(report["train_tok_s"] / report["hf"]["train_tok_s"], rel=1e-2)
 
 
+def test_bench_train_times_the_host_optimizer(capsys):
+    from sluice.bench.train import main as bench_train_main
+
+    argv = ["--model-shape", "tiny", "--num-prompts", "2", "--n-samples-per-prompt", "2", "--max-len", "32",
+            "--steps", "2", "--device", "cpu", "--optimizer-cpu-offload"]
+    assert bench_train_main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["optimizer_cpu_offload"] is True
+    assert 0 < report["optimizer_s"] <= report["train_step_s"] and report["train_tok_s"] > 0
+
+
 def test_running_out_of_memory_in_the_timed_loop_names_the_phase_and_step():
     import torch
 

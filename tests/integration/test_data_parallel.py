@@ -31,7 +31,8 @@ from sluice.types import SampleGroup, Status, TrainBatch
 from helpers.trainer import PAD, random_samples
 
 WORLD_SIZE = 2
-MODES = {"replicated": False, "fsdp": True}  # the trainer's ``fsdp`` argument (on CUDA, "fsdp" uses the default)
+# The trainer's ``fsdp`` argument (on CUDA, "fsdp" uses the default) and --optimizer-cpu-offload.
+MODES = {"replicated": (False, False), "fsdp": (True, False), "offloaded": (False, True)}
 NUM_GROUPS, GROUP_SIZE = 3, 3
 MAX_RESPONSE_LEN = 8
 CLIP = dict(eps_clip=0.2, eps_clip_high=0.28)
@@ -79,10 +80,10 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
 
 
-def run_scenario(name: str, checkpoint: str, device: str, **data_parallel) -> dict:
+def run_scenario(name: str, checkpoint: str, device: str, offload: bool = False, **data_parallel) -> dict:
     """One ``update_policy`` on the rollout, run the same way by one process and by every rank of a pool."""
     scenario = SCENARIOS[name]
-    train = replace(scenario.train, train_device=device)
+    train = replace(scenario.train, train_device=device, optimizer_cpu_offload=offload)
     trainer = TorchTrainer(checkpoint, train, scenario.algorithm, temperature=0.8, **data_parallel)
     batch = full_batch()
     forwards: list[int] = []  # real tokens of each actor forward on this process
@@ -93,8 +94,15 @@ def run_scenario(name: str, checkpoint: str, device: str, **data_parallel) -> di
     if trainer.critic is not None:
         result["values"] = trainer.compute_values(batch)
     grads: list[dict[str, torch.Tensor]] = []  # per optimizer step, as the optimizer is about to use them
-    trainer.optimizer.register_step_pre_hook(lambda *_: grads.append(
-        {n: full(p.grad) for n, p in trainer.model.named_parameters()}))
+
+    def snapshot(*_) -> None:
+        """The gradients the optimizer steps with: the parameters', or with offload the host masters' (one chunk
+        here)."""
+        named = list(trainer.model.named_parameters())
+        stepped = trainer.host.masters if offload else [p for _, p in named]
+        grads.append({n: full(t.grad) for (n, _), t in zip(named, stepped)})
+
+    trainer.optimizer.register_step_pre_hook(snapshot)
     groups, rewards = rollout()
     result["metrics"] = update_policy(trainer, groups, scenario.algorithm, rewards, scenario.global_batch_size, PAD,
                                       max_response_len=MAX_RESPONSE_LEN)
@@ -106,8 +114,8 @@ def run_scenario(name: str, checkpoint: str, device: str, **data_parallel) -> di
     return result
 
 
-def checkpoint_round_trip(trainer: TorchTrainer, checkpoint: str, device: str, state_file: Path, **data_parallel
-                          ) -> dict:
+def checkpoint_round_trip(trainer: TorchTrainer, checkpoint: str, device: str, state_file: Path,
+                          offload: bool = False, **data_parallel) -> dict:
     """state_dict on every rank, saved by rank 0; a fresh trainer loads it on every rank; both take one more step:
     the same weights. Also update_reference: the reference then scores exactly as the actor."""
     state = trainer.state_dict()
@@ -120,8 +128,8 @@ def checkpoint_round_trip(trainer: TorchTrainer, checkpoint: str, device: str, s
     if dist.is_initialized():
         dist.barrier()
     scenario = SCENARIOS["grpo_kl"]
-    restored = TorchTrainer(checkpoint, replace(scenario.train, train_device=device), scenario.algorithm,
-                            temperature=0.8, **data_parallel)
+    restored = TorchTrainer(checkpoint, replace(scenario.train, train_device=device, optimizer_cpu_offload=offload),
+                            scenario.algorithm, temperature=0.8, **data_parallel)
     restored.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=False))
     batch = full_batch()
     batch.old_log_probs = trainer.compute_logprobs(batch)
@@ -147,14 +155,14 @@ def rank_main(rank: int, init_method: str, backend: str, device: str, checkpoint
                             timeout=timedelta(seconds=60))
     try:
         results = {}
-        for mode, fsdp in MODES.items():
+        for mode, (fsdp, offload) in MODES.items():
             fsdp = None if fsdp and device == "cuda" else fsdp
             for name in SCENARIOS:
-                result = run_scenario(name, checkpoint, device, process_group=dist.group.WORLD, fsdp=fsdp)
+                result = run_scenario(name, checkpoint, device, offload, process_group=dist.group.WORLD, fsdp=fsdp)
                 trainer = result.pop("trainer")
                 if name == "grpo_kl":
                     result["checkpoint"] = checkpoint_round_trip(
-                        trainer, checkpoint, device, Path(out_dir) / f"{mode}_state.pt",
+                        trainer, checkpoint, device, Path(out_dir) / f"{mode}_state.pt", offload,
                         process_group=dist.group.WORLD, fsdp=fsdp)
                     trainer.save_hf(Path(out_dir) / f"{mode}_hf")
                 results[mode, name] = result

@@ -407,6 +407,9 @@ def test_valid_training_config_passes() -> None:
     (["--use-dynamic-batch-size", "--max-tokens-per-gpu", "1"], ["--max-tokens-per-gpu", ">= 2"]),
     (["--log-probs-chunk-size", "0"], ["--log-probs-chunk-size", ">= 1"]),
     (["--recompute-num-layers", "0"], ["--recompute-num-layers", ">= 1"]),
+    # the host optimizer needs whole weights on each process: no FSDP pool of GPUs
+    (["--optimizer-cpu-offload", "--orchestrator", "ray", "--actor-num-gpus-per-node", "2"],
+     ["--optimizer-cpu-offload", "2 GPUs", "FSDP"]),
 ])
 def test_validation_rules_name_flags(extra: list[str], flags: list[str]) -> None:
     config = parse_config(VALID_TRAINING + extra)
@@ -459,6 +462,8 @@ def test_builtin_rewards_list() -> None:
     ["--save", "out", "--save-interval", "5"],
     ["--eval-prompt-data", "aime", "data/aime.jsonl"],
     ["--lr", "0"],
+    ["--optimizer-cpu-offload"],
+    ["--optimizer-cpu-offload", "--orchestrator", "ray", "--actor-num-gpus-per-node", "2", "--train-device", "cpu"],
 ])
 def test_boundary_values_are_valid(extra: list[str]) -> None:
     validate(parse_config(VALID_TRAINING + extra))

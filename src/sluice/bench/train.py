@@ -4,7 +4,8 @@ Workload (docs/benchmarks.md): ``--num-prompts`` prompts x ``--n-samples-per-pro
 ids; each prompt's length and each response's length drawn uniformly from [--min-len, --max-len] (as in
 `sluice bench rollout`); random advantages; random weights of a named model shape. One step is
 ``TorchTrainer.train_step`` on the whole batch: forward, backward and one AdamW step, accumulated over the
-micro-batches the trainer forms (packed by token budget by default). ``--with-old-logprobs`` also times the
+micro-batches the trainer forms (packed by token budget by default); with ``--optimizer-cpu-offload`` the step
+runs on the host and ``optimizer_s`` counts its AdamW calls, not the copies between them. ``--with-old-logprobs`` also times the
 no-grad ``compute_logprobs`` pass that precedes a step in an RL loop. Warm-up steps are not timed.
 
 Figures count real tokens only (prompt + response of every sequence, never padding), and MFU counts the FLOPs of
@@ -63,6 +64,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--recompute-granularity", default=None, choices=("full", "selective"))
     parser.add_argument("--recompute-method", default="uniform", choices=("uniform", "block"))
     parser.add_argument("--recompute-num-layers", type=int, default=1)
+    parser.add_argument("--optimizer-cpu-offload", action="store_true",
+                        help="Float32 masters and AdamW moments in host memory, AdamW stepped there (7B on one GPU).")
     parser.add_argument("--with-old-logprobs", action="store_true", help="Also time a compute_logprobs pass per step.")
     parser.add_argument("--compare-hf", action="store_true", help="Also time a plain HF training loop on the same batch.")
     parser.add_argument("--hf-micro-batch-size", type=int, default=8,
@@ -105,7 +108,8 @@ def train_config(args: argparse.Namespace, device: torch.device) -> TrainConfig:
                        micro_batch_size=args.micro_batch_size, max_tokens_per_gpu=args.max_tokens_per_gpu,
                        log_probs_chunk_size=args.log_probs_chunk_size,
                        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-                       recompute_num_layers=args.recompute_num_layers)
+                       recompute_num_layers=args.recompute_num_layers,
+                       optimizer_cpu_offload=args.optimizer_cpu_offload)
 
 
 def batching_report(batch: TrainBatch, config: TrainConfig) -> dict:
@@ -176,7 +180,7 @@ def bench_train(argv: list[str]) -> dict:
         "tokens_per_step": tokens, "response_tokens_per_step": sum(s.response_length for s in samples),
         "recompute": {"granularity": config.recompute_granularity, "method": config.recompute_method,
                       "num_layers": config.recompute_num_layers},
-        "log_probs_chunk_size": config.log_probs_chunk_size,
+        "log_probs_chunk_size": config.log_probs_chunk_size, "optimizer_cpu_offload": config.optimizer_cpu_offload,
         "matmul_params": matmul_parameters(model_config), "train_flops_per_step": flops_train,
         "mfu_formula": MFU_FORMULA, "old_logprobs_mfu_formula": FORWARD_MFU_FORMULA, "peak_tflops": peak,
     }

@@ -424,6 +424,10 @@ def _cluster(config: Config) -> Iterator[str]:
                "separate pools they need --colocate")
     if offloads and config.sync.async_train:
         yield "--offload/--offload-train/--offload-rollout take turns on the devices; --async runs both at once"
+    if config.train.optimizer_cpu_offload and cluster.train_world_size > 1 and config.train.train_device != "cpu":
+        yield (f"--optimizer-cpu-offload keeps whole float32 masters in host memory, but a train pool of "
+               f"{cluster.train_world_size} GPUs shards its weights with FSDP: drop the flag (FSDP already divides "
+               "the optimizer state by the number of GPUs), or train on one GPU")
     if cluster.orchestrator == "local" and (cluster.train_world_size > 1 or cluster.num_engines > 1):
         yield (f"--orchestrator local runs one trainer and one engine in one process; the pool flags ask for "
                f"{cluster.train_world_size} trainers and {cluster.num_engines} engines (use --orchestrator ray)")

@@ -65,10 +65,10 @@ MEGATRON_FLAGS: dict[str, Row] = {
     "--deterministic-mode": refuse("Megatron's deterministic kernels: sluice has no deterministic mode; fix "
                                    "--seed and --rollout-seed for repeatable data and sampling", "switch"),
     "--optimizer": implemented("adam (AdamW) accepted; others refused"),
-    "--optimizer-cpu-offload": refuse("use --offload-train (moves the optimizer state off the GPU while the "
-                                      "engines generate)"),
-    "--overlap-cpu-optimizer-d2h-h2d": noop("tunes Megatron's CPU optimizer offload, which sluice does not run "
-                                            "(--offload-train moves the state between steps instead)", "switch"),
+    "--optimizer-cpu-offload": implemented("float32 masters and AdamW moments in host memory, AdamW stepped there "
+                                           "(trainer/host_optimizer.py)"),
+    "--overlap-cpu-optimizer-d2h-h2d": noop("with --optimizer-cpu-offload the gradient and weight copies always "
+                                            "overlap the host's AdamW step", "switch"),
     "--use-precision-aware-optimizer": noop("sluice keeps float32 master weights and AdamW moments; there is no "
                                             "reduced-precision optimizer state to choose", "switch"),
     "--lr-decay-style": implemented("constant, linear or cosine, as Megatron defines them"),

@@ -136,15 +136,24 @@ class DataParallel:
         if not self.is_distributed or self.fsdp:
             return
         params = [p for p in model.parameters() if p.requires_grad]
-        has_grad = self.sum_(torch.tensor([p.grad is not None for p in params], dtype=torch.int32))
-        params = [p for p, count in zip(params, has_grad.tolist()) if count > 0]
-        for param in params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-        for bucket in _buckets([p.grad for p in params], BUCKET_NUMEL):
+        for param, grad in zip(params, self.sum_gradients(params, [p.grad for p in params], dtype=None)):
+            param.grad = grad
+
+    def sum_gradients(self, params: list[Tensor], grads: list[Tensor | None],
+                      dtype: torch.dtype | None = torch.float32) -> list[Tensor | None]:
+        """Replicated gradients ``grads`` (one per parameter of ``params``, None where this rank has none) summed
+        in place over the ranks; a rank without one gets a zero gradient (in ``dtype``, default the parameter's)
+        where another rank has one. ``reduce_gradients`` for gradients kept outside ``.grad``."""
+        if not self.is_distributed:
+            return grads
+        has_grad = self.sum_(torch.tensor([g is not None for g in grads], dtype=torch.int32)).tolist()
+        grads = [(torch.zeros_like(p, dtype=dtype) if g is None else g) if count > 0 else None
+                 for p, g, count in zip(params, grads, has_grad)]
+        for bucket in _buckets([g for g in grads if g is not None], BUCKET_NUMEL):
             flat = self.sum_(_flatten_dense_tensors(bucket))
             for grad, summed in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 grad.copy_(summed)
+        return grads
 
     def reduce_metric_sums(self, sums: dict[str, float]) -> dict[str, float]:
         """Per-rank metric sums (shares of the step's metrics) -> the step's sums, the same on every rank.

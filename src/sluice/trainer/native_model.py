@@ -47,10 +47,11 @@ def _architectures(model_path: str) -> list[str]:
     return list(getattr(AutoConfig.from_pretrained(model_path), "architectures", None) or [])
 
 
-def load_native(path: str, device: torch.device) -> DecoderLM:
+def load_native(path: str, device: torch.device, load_device: torch.device | None = None) -> DecoderLM:
     """The checkpoint's weights in a trainable decoder: float32 parameters (the master weights), ops compiled on
-    GPU. Compute runs in the dtype of the caller's ``torch.autocast``."""
-    model = load_model(path, device, torch.float32)
+    GPU. Compute runs in the dtype of the caller's ``torch.autocast``. ``load_device`` (default ``device``): where
+    the weights load, for a caller that places them itself (--optimizer-cpu-offload); the ops are ``device``'s."""
+    model = load_model(path, load_device or device, torch.float32)
     return _trainable(model, device)
 
 

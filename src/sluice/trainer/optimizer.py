@@ -4,7 +4,8 @@ optimizer step."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -45,16 +46,17 @@ def lr_at(step: int, config: TrainConfig, peak: float | None = None) -> float:
     return low + coeff * (base - low)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float | None = None
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, lr: float | None = None,
+                    masters: list[torch.Tensor] | None = None
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW over the trainable parameters at ``lr`` (default ``config.lr``) with ``config``'s betas and decay,
-    scheduled by ``lr_at``."""
+    scheduled by ``lr_at``. ``masters``: the host masters of --optimizer-cpu-offload (host_optimizer.py), one per
+    trainable parameter in order, stepped by torch's fused CPU kernel instead."""
     peak = config.lr if lr is None else lr
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = masters if masters is not None else [p for p in model.parameters() if p.requires_grad]
+    kernel = dict(fused=True) if masters is not None else dict(foreach=True)
     optimizer = torch.optim.AdamW(
-        params, lr=peak, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.weight_decay, foreach=True,
-    )
+        params, lr=peak, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay, **kernel)
     # LambdaLR multiplies the peak by the factor; a peak of 0 stays 0 whatever the curve.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_at(step, config, peak) / peak if peak > 0 else 0.0
@@ -79,3 +81,18 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, applied
+
+
+@contextmanager
+def kernels_kept(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Around loading a state dict, which takes the saved groups' kernel choice (foreach or fused): keep this
+    optimizer's own, and put the step counters where its kernel reads them (the fused kernel on the parameters'
+    device, the foreach one on the host), so moments saved by the host optimizer resume on the device and back."""
+    kept = [(group.get("foreach"), group.get("fused")) for group in optimizer.param_groups]
+    yield
+    for group, (foreach, fused) in zip(optimizer.param_groups, kept):
+        group["foreach"], group["fused"] = foreach, fused
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if state and isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].to(param.device if fused else "cpu", torch.float32)

@@ -1,7 +1,8 @@
 """The token budget of a packed micro-batch when --max-tokens-per-gpu is not given.
 
 On a GPU the budget is what the free memory holds once the weights are loaded: the memory the first optimizer
-step will still take (float32 gradients and AdamW's two moments, allocated lazily) is set aside, and so is a
+step will still take (float32 gradients and AdamW's two moments, allocated lazily; only the gradients with
+--optimizer-cpu-offload) is set aside, and so is a
 margin for the allocator's fragmentation and the LM head's chunk of logits; the rest, divided by the bytes of
 activations one token keeps for the backward pass, is the budget. The per-token figure counts what a dense
 decoder layer saves (see ``activation_bytes_per_token``) and is an estimate: a run that still runs out of memory
@@ -66,13 +67,16 @@ def activation_bytes_per_token(shape: DecoderShape, element_bytes: int,
 
 
 def derived_token_budget(device: torch.device, shape: DecoderShape, num_params: int, element_bytes: int,
-                         segments: Sequence[tuple[int, int, bool]] | None = None) -> int:
-    """The --max-tokens-per-gpu default on ``device`` (see the module docstring)."""
+                         segments: Sequence[tuple[int, int, bool]] | None = None, step_bytes_per_param: int = 12
+                         ) -> int:
+    """The --max-tokens-per-gpu default on ``device`` (see the module docstring). ``step_bytes_per_param``: what
+    the first optimizer step still allocates on the device per parameter (float32 gradient and AdamW's two
+    moments: 12; 4 when the moments are in host memory, --optimizer-cpu-offload)."""
     if device.type != "cuda":
         return CPU_TOKEN_BUDGET
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    free -= 12 * num_params  # float32 gradients (4 bytes) and AdamW's two moments (8 bytes), allocated lazily
+    free -= step_bytes_per_param * num_params  # allocated lazily, at the first backward pass and step
     per_token = activation_bytes_per_token(shape, element_bytes, segments)
     budget = int(max(free, 0) * FREE_MEMORY_USE) // per_token
     return max(MIN_TOKEN_BUDGET, budget)
