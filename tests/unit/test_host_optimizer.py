@@ -49,13 +49,15 @@ def _steps(trainer: TorchTrainer, batch: TrainBatch, num_steps: int = 3) -> list
     return metrics
 
 
-def test_offloaded_steps_equal_the_device_optimizers(checkpoint, batch, monkeypatch):
+@pytest.mark.parametrize("variant", [{}, dict(recompute_granularity="full"), dict(train_model_impl="hf")])
+def test_offloaded_steps_equal_the_device_optimizers(checkpoint, batch, monkeypatch, variant):
     """Three steps over several micro-batches: with the fused kernel on both sides, bitwise the same metrics,
-    weights and moments, whether the host steps the parameters in one chunk or in many."""
-    device = _trainer(checkpoint, offload=False, fused=True)
+    weights and moments, whether the host steps the parameters in one chunk or in many; with recomputed layers
+    (the gradient hooks fire in the recomputing backward) and with the HF model class too."""
+    device = _trainer(checkpoint, offload=False, fused=True, **variant)
     expected = _steps(device, batch)
     monkeypatch.setattr(host_optimizer, "CHUNK_NUMEL", 2000)  # several chunks, one larger parameter alone
-    offloaded = _trainer(checkpoint, offload=True)
+    offloaded = _trainer(checkpoint, offload=True, **variant)
     assert len(host_optimizer._chunks(list(range(len(offloaded.host.masters))), offloaded.host.masters, 2000)) > 3
     assert _steps(offloaded, batch) == expected
     for name, weight in device.named_weights().items():
