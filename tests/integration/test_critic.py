@@ -235,3 +235,36 @@ def test_ppo_runs_from_flags_with_critic_only_steps_and_resumes_with_its_critic(
             assert torch.equal(param, saved_critic[name]), name
     finally:
         run.close()
+
+
+def test_the_critic_keeps_float32_masters_and_moments_under_bf16_compute(small_checkpoint):
+    """--train-dtype bfloat16: values and gradients in bf16 under autocast, the weights AdamW steps float32."""
+    float32, bf16 = critic_for(small_checkpoint, critic_lr=1e-2), critic_for(small_checkpoint, critic_lr=1e-2,
+                                                                            train_dtype="bfloat16")
+    batch = value_batch(float32)
+    float32.train_step(batch)
+    bf16.train_step(batch)
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    moments = [s["exp_avg"] for s in bf16.optimizer.state.values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+    gap = (bf16.compute_values(batch) - float32.compute_values(batch))[batch.attention_mask[:, 1:].bool()].abs()
+    assert 0 < gap.max() < 0.05  # bf16 rounding of the same step, nothing worse
+
+
+def test_an_offloaded_critic_takes_the_device_critics_steps(small_checkpoint, tmp_path):
+    """--optimizer-cpu-offload moves the critic's masters and moments to the host too: bitwise the steps of the
+    device critic on the same (fused) kernel; its checkpoint holds the float32 masters and resumes on the device."""
+    device = critic_for(small_checkpoint, critic_lr=1e-2)
+    for group in device.optimizer.param_groups:
+        group["foreach"], group["fused"] = False, True
+    offloaded = critic_for(small_checkpoint, critic_lr=1e-2, optimizer_cpu_offload=True)
+    assert offloaded.optimized.host is not None
+    batch = value_batch(device)
+    assert [offloaded.train_step(batch) for _ in range(2)] == [device.train_step(batch) for _ in range(2)]
+    assert torch.equal(offloaded.compute_values(batch), device.compute_values(batch))
+    torch.save(offloaded.state_dict(), tmp_path / "critic.pt")
+    resumed = critic_for(small_checkpoint, critic_lr=1e-2)
+    resumed.load_state_dict(torch.load(tmp_path / "critic.pt", weights_only=False))
+    for group in resumed.optimizer.param_groups:
+        group["foreach"], group["fused"] = False, True
+    assert resumed.train_step(batch) == offloaded.train_step(batch)

@@ -194,10 +194,11 @@ class TrainConfig:
     adam_beta2: float = field(default=0.999, metadata=meta("AdamW beta2."))
     clip_grad: float = field(default=1.0, metadata=meta("Clip the global gradient norm to this (0: off)."))
     optimizer_cpu_offload: bool = field(default=False, metadata=meta(
-        "Keep the actor's float32 master weights and AdamW moments in host memory and run AdamW there (Megatron's "
-        "flag): the GPU holds the weights in --train-dtype and float32 gradients, 6 bytes per parameter in bf16 "
-        "instead of 16, and each step copies the gradients out and the new weights back. For a model whose "
-        "optimizer state does not fit one GPU (7B on 80 GB); one process or a replicated pool, not with FSDP."))
+        "Keep the float32 master weights and AdamW moments of the actor (and PPO critic) in host memory and run "
+        "AdamW there (Megatron's flag): the GPU holds the weights in --train-dtype and float32 gradients, 6 bytes "
+        "per parameter in bf16 instead of 16, and each step copies the gradients out and the new weights back. "
+        "For a model whose optimizer state does not fit one GPU (7B on 80 GB); one process or a replicated pool, "
+        "not with FSDP."))
     seed: int = field(default=1234, metadata=meta("Seed of the trainer (initialisation, dropout)."))
     train_device: str = field(default="auto", metadata=meta(
         "Device of the trainer: auto (cuda if present), cpu or cuda[:N]."))

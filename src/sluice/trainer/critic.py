@@ -27,7 +27,7 @@ from sluice.algorithms import aggregate, clipped_value_loss
 from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.trainer.batching import micro_batch_rows
 from sluice.trainer.data_parallel import DataParallel
-from sluice.trainer.optimizer import build_optimizer, optimizer_step
+from sluice.trainer.optimized_model import OptimizedModel
 from sluice.trainer.packing import pack_rows
 
 
@@ -85,7 +85,9 @@ def token_values(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tens
 
 
 class Critic:
-    """Value model + its own AdamW (``--critic-lr``, default ``--lr``; warmup and clipping as the actor).
+    """Value model + its own AdamW (``--critic-lr``, default ``--lr``; warmup and clipping as the actor), with the
+    actor's precision: float32 master weights and moments, compute in --train-dtype under autocast, or host
+    masters with --optimizer-cpu-offload (optimized_model.py).
 
     ``data_parallel``: the actor's train pool (see data_parallel.py); every rank calls every method.
     """
@@ -94,9 +96,28 @@ class Critic:
                  data_parallel: DataParallel | None = None):
         self.config, self.algorithm, self.device = train, algorithm, device
         self.data_parallel = data_parallel or DataParallel()
-        model = load_value_model(path, getattr(torch, train.train_dtype)).to(device).train()
-        self.model = self.data_parallel.shard(model)
-        self.optimizer, self.scheduler = build_optimizer(self.model, train, lr=train.critic_lr)
+        self.compute_dtype = getattr(torch, train.train_dtype)
+        self.optimized = OptimizedModel(lambda on: load_value_model(path, torch.float32).to(on), train, device,
+                                        self.compute_dtype, self.data_parallel, lr=train.critic_lr)
+        self.model.train()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.optimized.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.optimized.optimizer
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        return self.optimized.scheduler
+
+    def _values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``token_values`` of a micro-batch, on the device, computing in the compute dtype."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            return token_values(self.model, input_ids, attention_mask, self.config.use_dynamic_batch_size)
 
     @torch.no_grad()
     def compute_values(self, batch) -> Tensor:
@@ -104,8 +125,7 @@ class Critic:
         out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
         for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
             micro = batch.select(rows)
-            values = token_values(self.model, micro.input_ids.to(self.device), micro.attention_mask.to(self.device),
-                                  self.config.use_dynamic_batch_size)
+            values = self._values(micro.input_ids, micro.attention_mask)
             if not is_filler:
                 out[rows, : values.shape[1]] = values.cpu()
         return self.data_parallel.sum_(out)
@@ -120,7 +140,7 @@ class Critic:
         sums: dict[str, float] = defaultdict(float)
         for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
             micro = batch.select(rows).to(self.device)
-            values = token_values(self.model, micro.input_ids, micro.attention_mask, self.config.use_dynamic_batch_size)
+            values = self._values(micro.input_ids, micro.attention_mask)
             per_token, stats = clipped_value_loss(values, micro.old_values, micro.returns, self.algorithm.value_clip)
             loss = aggregate(per_token, micro.loss_mask, mode, num_tokens=num_tokens, num_sequences=num_sequences,
                              max_len=max_len)
@@ -132,23 +152,22 @@ class Critic:
             sums["train/value_loss"] += loss.item()
             sums["train/value_clipfrac"] += aggregate(stats["clipfrac"], micro.loss_mask, "token_mean", **counts).item()
             sums["train/value_mean"] += aggregate(values.detach(), micro.loss_mask, "token_mean", **counts).item()
-        self.data_parallel.reduce_gradients(self.model)
+        self.optimized.reduce_gradients()
         sums = self.data_parallel.reduce_metric_sums(sums)
         loss = sums["train/value_loss"]
         # A non-finite value loss or gradient skips the critic's step (the actor's guard decides when to stop).
-        grad_norm, applied = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.clip_grad,
-                                            accept=lambda norm: math.isfinite(loss) and math.isfinite(norm))
-        return {**sums, "train/critic_grad_norm": grad_norm, "train/critic_lr": self.scheduler.get_last_lr()[0],
+        grad_norm, applied = self.optimized.step(self.config.clip_grad,
+                                                 accept=lambda norm: math.isfinite(loss) and math.isfinite(norm))
+        return {**sums, "train/critic_grad_norm": grad_norm, "train/critic_lr": self.optimized.lr,
                 "train/critic_nonfinite_skipped_frac": float(not applied)}
 
     def state_dict(self, with_optimizer: bool = True) -> dict:
-        dp = self.data_parallel
-        return {"model": dp.model_state(self.model),
-                "optimizer": dp.optimizer_state(self.model, self.optimizer) if with_optimizer else None,
+        return {"model": self.optimized.model_state(),
+                "optimizer": self.optimized.optimizer_state() if with_optimizer else None,
                 "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.data_parallel.load_model_state(self.model, state["model"])
+        self.optimized.load_model_state(state["model"])
         if state.get("optimizer") is not None:
-            self.data_parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            self.optimized.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -15,7 +15,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import dataclasses
-import os
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -28,13 +27,13 @@ from sluice.trainer.critic import Critic, ValueBatch
 from sluice.trainer.custom_loss import CustomLossFn, load_custom_loss
 from sluice.trainer.data_parallel import DataParallel
 from sluice.trainer.guards import NonFiniteGuard
-from sluice.trainer.host_optimizer import HostMasters, host_optimizer_step
+from sluice.trainer.host_optimizer import HostMasters
+from sluice.trainer.optimized_model import OptimizedModel
 from sluice.trainer.model_logprobs import token_logprobs
 from sluice.trainer.native_model import (NativeForward, hf_state, load_native, native_state, recompute_plan,
                                          resolve_model_impl)
 from sluice.trainer.token_budget import DecoderShape, derived_token_budget
 from sluice.trainer.loss import metric_floats, micro_batch_loss
-from sluice.trainer.optimizer import build_optimizer, kernels_kept, optimizer_step
 from sluice.types import TrainBatch
 
 
@@ -72,8 +71,9 @@ class TorchTrainer:
             self.device, self.compute_dtype, train.log_probs_chunk_size,
             recompute_plan(train.recompute_granularity, train.recompute_method, train.recompute_num_layers))
         torch.manual_seed(train.seed)
-        self.host: HostMasters | None = None  # the actor's host masters with --optimizer-cpu-offload
-        self.model = self._load_actor(model_path, train.optimizer_cpu_offload).train()
+        self.actor = OptimizedModel(lambda device: self._load_float32(model_path, device), train, self.device,
+                                    self.compute_dtype, self.data_parallel)
+        self.model.train()
         self.ref_model = None
         if algorithm.needs_reference:  # the reference model costs memory: load it only when a KL term needs it
             self.ref_model = self._load(ref_path or model_path).eval()
@@ -87,39 +87,35 @@ class TorchTrainer:
         if algorithm.loss_type == "custom_loss" and custom_loss is None:
             custom_loss = load_custom_loss(algorithm.custom_loss_function_path)
         self.custom_loss = custom_loss
-        self.optimizer, self.scheduler = build_optimizer(
-            self.model, train, masters=self.host.masters if self.host is not None else None)
         self.num_optimizer_steps = 0
         self.guard = NonFiniteGuard(train.max_consecutive_nonfinite_steps)
 
-    def _load_actor(self, path: str, optimizer_cpu_offload: bool) -> torch.nn.Module:
-        """``_load``, or with --optimizer-cpu-offload: loaded on the host, whose float32 copy becomes the masters
-        while the device gets the weights in the compute dtype."""
-        if not optimizer_cpu_offload:
-            return self._load(path)
-        if self.data_parallel.fsdp:
-            raise ValueError("--optimizer-cpu-offload keeps whole float32 masters on each host, which FSDP's "
-                             "sharded weights do not have: drop it for a sharded train pool (FSDP already "
-                             "divides the optimizer state by the number of GPUs), or train on one GPU")
-        model = self._load(path, on_host=True)
-        # The host step's threads beside a GPU: this process's share of the host's CPUs (Ray would leave it one).
-        # Training on the CPU keeps the process's own setting.
-        host_threads = (max(1, len(os.sched_getaffinity(0)) // self.data_parallel.world_size)
-                        if self.device.type == "cuda" else None)
-        self.host = HostMasters(model, self.device, self.compute_dtype, host_threads)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return model
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.actor.model
 
-    def _load(self, path: str, on_host: bool = False) -> torch.nn.Module:
-        """Float32 master weights on the training device (sharded with FSDP2 in a data-parallel pool), or in
-        host memory (``on_host``)."""
-        load_device = torch.device("cpu") if on_host else self.device
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.actor.optimizer
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        return self.actor.scheduler
+
+    @property
+    def host(self) -> HostMasters | None:
+        """The actor's host masters with --optimizer-cpu-offload."""
+        return self.actor.host
+
+    def _load(self, path: str) -> torch.nn.Module:
+        """Float32 weights on the training device (sharded with FSDP2 in a data-parallel pool)."""
+        return self.data_parallel.shard(self._load_float32(path, self.device), self.compute_dtype)
+
+    def _load_float32(self, path: str, load_device: torch.device) -> torch.nn.Module:
+        """The checkpoint's model in float32 on ``load_device`` (its ops chosen for the training device)."""
         if self.native is not None:
-            model = load_native(path, self.device, load_device)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(load_device)
-        return model if on_host else self.data_parallel.shard(model, self.compute_dtype)
+            return load_native(path, self.device, load_device)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(load_device)
 
     def _token_budget(self, train: TrainConfig) -> int | None:
         """--max-tokens-per-gpu, or its default (token_budget.py) when micro-batches are packed."""
@@ -130,10 +126,8 @@ class TorchTrainer:
         plan = self.native.recompute if self.native is not None else None  # the HF class never recomputes
         segments = plan.segments(config.num_hidden_layers) if plan else None
         element_bytes = torch.finfo(self.compute_dtype).bits // 8
-        # Still to come on the device at the first step: float32 gradients, and AdamW's moments unless offloaded.
-        step_bytes = 4 if self.host is not None else 12
         return derived_token_budget(self.device, DecoderShape.of(config), num_params, element_bytes, segments,
-                                    step_bytes_per_param=step_bytes)
+                                    step_bytes_per_param=self.actor.step_bytes_per_param)
 
     def _token_logprobs(self, model, input_ids, attention_mask, with_entropy: bool = False):
         """Logprobs (and entropy) ``[B, T-1]`` on the device of right-padded rows (on the host or the device)."""
@@ -214,21 +208,12 @@ class TorchTrainer:
             for key, value in metrics.items():
                 metric_sums[key] += value
         # Summed over the ranks before the grad norm and the guard, so every rank takes (or skips) the same step.
-        if self.host is not None:
-            self.host.gradients = self.data_parallel.sum_gradients(self.host.params, self.host.gradients)
-        else:
-            self.data_parallel.reduce_gradients(self.model)
+        self.actor.reduce_gradients()
         metric_sums = self.data_parallel.reduce_metric_sums(metric_floats(metric_sums))
         loss = metric_sums["train/loss"]
-        accept = lambda norm: self.guard.accept(loss, norm)  # noqa: E731
-        if self.host is not None:
-            grad_norm, applied = host_optimizer_step(self.host, self.optimizer, self.scheduler, self.config.clip_grad,
-                                                     accept)
-        else:
-            grad_norm, applied = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.clip_grad,
-                                                accept)
+        grad_norm, applied = self.actor.step(self.config.clip_grad, accept=lambda norm: self.guard.accept(loss, norm))
         self.num_optimizer_steps += int(applied)
-        return {**metric_sums, "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
+        return {**metric_sums, "train/grad_norm": grad_norm, "train/lr": self.actor.lr}
 
     def offload(self) -> None:
         """Move the models and optimizer state to host memory (--offload-train: the engines generate meanwhile)."""
@@ -241,25 +226,13 @@ class TorchTrainer:
     def _move(self, device: torch.device) -> None:
         if self.device.type == "cpu":
             return
-        # Offloaded moments are in host memory already, and stay there.
-        pairs = [(self.model, self.optimizer if self.host is None else None)]
+        self.actor.move(device)
         if self.ref_model is not None:
-            pairs.append((self.ref_model, None))
+            self.ref_model.to(device)
         if self.critic is not None:
-            pairs.append((self.critic.model, self.critic.optimizer))
-        for model, optimizer in pairs:
-            model.to(device)
-            for state in (optimizer.state.values() if optimizer is not None else ()):
-                for key, value in state.items():
-                    if isinstance(value, torch.Tensor) and key != "step":
-                        state[key] = value.to(device, non_blocking=True)
+            self.critic.optimized.move(device)
         if device.type == "cpu":
             torch.cuda.empty_cache()
-
-    def _actor_state(self) -> dict[str, torch.Tensor]:
-        """The actor's float32 weights under the model code's names, for a checkpoint (a collective with FSDP:
-        see ``DataParallel.model_state``)."""
-        return self.host.model_state(self.model) if self.host is not None else self.data_parallel.model_state(self.model)
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """The actor's full weights by HF name in the compute dtype, on every rank (detached; views of the device
@@ -288,9 +261,9 @@ class TorchTrainer:
         """
         dp = self.data_parallel
         return {
-            "model": self._hf_names(self._actor_state(), with_tied_head=True),  # HF names, whichever model code trains
+            "model": self._hf_names(self.actor.model_state(), with_tied_head=True),  # HF names, whichever model code trains
             "model_impl": self.impl,  # the optimizer state is keyed by this code's parameters
-            "optimizer": dp.optimizer_state(self.model, self.optimizer) if with_optimizer else None,
+            "optimizer": self.actor.optimizer_state() if with_optimizer else None,
             "scheduler": self.scheduler.state_dict(),
             "num_optimizer_steps": self.num_optimizer_steps,
             "guard": self.guard.state_dict(),
@@ -305,18 +278,14 @@ class TorchTrainer:
         Data-parallel: every rank calls it with the same (rank 0's) state, e.g. each reads the checkpoint file.
         """
         dp = self.data_parallel
-        if self.host is not None:
-            self.host.load_model_state(self.model, self._native_names(state["model"]))
-        else:
-            dp.load_model_state(self.model, self._native_names(state["model"]))
+        self.actor.load_model_state(self._native_names(state["model"]))
         saved_impl = state.get("model_impl", "hf")
         if state.get("optimizer") is not None and saved_impl != self.impl:
             raise ValueError(f"the checkpoint's optimizer state belongs to the {saved_impl} model code, this run "
                              f"trains with {self.impl}: resume with --train-model-impl {saved_impl}, or start from "
                              "its hf/ export")
         if state.get("optimizer") is not None:
-            with kernels_kept(self.optimizer):  # a checkpoint saved with or without offload resumes either way
-                dp.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            self.actor.load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.num_optimizer_steps = state["num_optimizer_steps"]
         if "guard" in state:
