@@ -78,6 +78,10 @@ def test_one_offloaded_step_matches_the_default_optimizer_to_rounding(checkpoint
 
 def test_bf16_weights_on_the_device_float32_masters_and_moments_on_the_host(checkpoint, batch):
     trainer = _trainer(checkpoint, offload=True, train_dtype="bfloat16")
+    # The native model casts its activations to the compute dtype either way: bf16 weights give the logprobs
+    # that float32 weights under autocast give, bitwise.
+    assert torch.equal(trainer.compute_logprobs(batch),
+                       _trainer(checkpoint, offload=False, train_dtype="bfloat16").compute_logprobs(batch))
     host = trainer.host
     assert all(p.dtype == torch.bfloat16 for p in host.params)
     assert all(m.dtype == torch.float32 and m.device.type == "cpu" for m in host.masters)
