@@ -201,6 +201,7 @@ class _Staging:
         self.numel = numel
         self.grads = [torch.empty(numel, dtype=torch.float32, pin_memory=True) for _ in range(2)]
         self.weights = [torch.empty(numel, dtype=compute_dtype, pin_memory=True) for _ in range(2)]
+        self.device = device
         self.stream = torch.cuda.Stream(device)
         self.fetched: list[torch.cuda.Event | None] = [None, None]
         self.fetched_views: list[list[Tensor]] = [[], []]
@@ -209,7 +210,7 @@ class _Staging:
     def fetch(self, k: int, chunk: list[int], gradients: list[Tensor | None]) -> None:
         """Queue chunk ``k``'s gradients device -> pinned buffer ``k % 2``."""
         buffer = self.grads[k % 2]
-        self.stream.wait_stream(torch.cuda.current_stream())  # the gradients are final (clipped) on the compute stream
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the gradients are final (clipped) there
         views = _views(buffer, [gradients[i] for i in chunk])
         with torch.cuda.stream(self.stream):
             for view, i in zip(views, chunk):
@@ -236,7 +237,7 @@ class _Staging:
             self.sent[b] = self.stream.record_event()
 
     def finish(self) -> None:
-        torch.cuda.current_stream().wait_stream(self.stream)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
 
 def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
