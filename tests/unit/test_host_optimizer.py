@@ -147,6 +147,16 @@ def test_the_reference_model_computes_as_the_actor_and_updates_from_the_masters(
         assert torch.equal(reference[name], master.to(torch.bfloat16)), name
 
 
+def test_too_little_host_memory_is_refused_at_start_up_with_the_figures():
+    masters = [torch.empty(1000), torch.empty(3000)]
+    assert host_optimizer.host_bytes_to_come(masters) == 8 * 4000 + 16 * 4000  # moments, staging of one chunk
+    host_optimizer._check_host_memory(masters, available=96_000)
+    with pytest.raises(MemoryError, match=r"--optimizer-cpu-offload: .* 0.00B parameters need 0.0 GiB more host "
+                                          r"memory, and 0.0 GiB is available"):
+        host_optimizer._check_host_memory(masters, available=95_999)
+    assert host_optimizer.available_host_memory() > 0  # Linux: read from /proc/meminfo
+
+
 def test_chunks_are_consecutive_and_bounded():
     tensors = [torch.empty(n) for n in (3, 4, 10, 2, 2, 1)]
     assert host_optimizer._chunks([0, 1, 2, 3, 4, 5], tensors, 7) == [[0, 1], [2], [3, 4, 5]]

@@ -68,6 +68,7 @@ class HostMasters:
                                  f"parameter on {param.device}")
             param.data = param.detach().to(device, compute_dtype, copy=True)
         model.to(device)
+        _check_host_memory(self.masters, available_host_memory())
         self.gradients: list[Tensor | None] = [None] * len(self.params)
         for index, param in enumerate(self.params):
             param.register_post_accumulate_grad_hook(functools.partial(self._accumulate, index))
@@ -166,6 +167,38 @@ def host_optimizer_step(host: HostMasters, optimizer: torch.optim.Optimizer,
         scheduler.step()
     host.zero_grad()
     return grad_norm, applied
+
+
+def host_bytes_to_come(masters: list[Tensor]) -> int:
+    """Host memory the first step still allocates next to the loaded masters: AdamW's two float32 moments, and
+    the pinned staging buffers (two float32 and two compute-dtype ones, at most 4 bytes, of the largest chunk)."""
+    numel = sum(m.numel() for m in masters)
+    largest_chunk = max([CHUNK_NUMEL if numel > CHUNK_NUMEL else numel] + [m.numel() for m in masters])
+    return 8 * numel + 2 * (4 + 4) * largest_chunk
+
+
+def _check_host_memory(masters: list[Tensor], available: int | None) -> None:
+    """Refuse now, at start-up, what would otherwise be killed for memory at the first optimizer step."""
+    needed = host_bytes_to_come(masters)
+    if available is not None and needed > available:
+        numel = sum(m.numel() for m in masters)
+        raise MemoryError(
+            f"--optimizer-cpu-offload: AdamW's moments and staging buffers for {numel / 1e9:.2f}B parameters need "
+            f"{needed / 2**30:.1f} GiB more host memory, and {available / 2**30:.1f} GiB is available (12 bytes "
+            "per parameter in all, the float32 masters included): use a host with more memory, fewer trainer "
+            "processes per host, or drop the flag")
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available to new allocations (Linux's MemAvailable); None where it is not known."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 @contextmanager
