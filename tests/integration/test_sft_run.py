@@ -20,8 +20,8 @@ from sluice.orchestration import build_run
 from sluice.sync.verify import checksum_differences
 
 
-def _data(tmp_path, rows, name="sft.jsonl"):
-    path = tmp_path / name
+def _data(tmp_path, rows):
+    path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
@@ -120,18 +120,18 @@ def test_a_slime_style_sft_run_on_whole_conversations(tmp_path, small_checkpoint
     assert [r["step"] for r in records] == [1, 2] and all(r["train/loss"] > 0 for r in records)
 
 
-SAY_7 = [{"input": f"{c}: say 7", "answer": {"text": "7"}} for c in "abcdefgh"]  # SFT rows need no label
-SAY_7_EVAL = [{"input": f"{c}: say 7", "label": "7"} for c in "abcdefgh"]  # eval rows need no response
-
-
-def test_sft_with_an_eval_set_evaluates_the_trained_weights_on_an_engine(tmp_path, small_checkpoint):
-    """An engine starts for the eval set alone; weights go to it before each eval (steps 3 and 6), not after every
-    step, and the eval scores what training made of the model: a newline (0) at first, '7' (1) at the end."""
-    eval_data = _data(tmp_path, SAY_7_EVAL, "eval.jsonl")
-    flags = _flags(small_checkpoint, _data(tmp_path, SAY_7), tmp_path / "run", "--eval-prompt-data", "say7",
-                   str(eval_data), "--eval-interval", "3", "--eval-temperature", "0", "--eval-max-response-len", "1",
-                   "--rm-type", "exact", "--label-key", "label")
+def _sft_eval_flags(model, rows, eval_set, run_dir, *extra):
+    flags = _flags(model, rows, run_dir, "--eval-prompt-data", "say7", str(eval_set), "--eval-interval", "3",
+                   "--eval-temperature", "0", "--eval-max-response-len", "1", "--rm-type", "exact",
+                   "--label-key", "label", *extra)
     flags[flags.index("--lr") + 1] = "3e-2"
+    return flags
+
+
+def test_sft_with_an_eval_set_evaluates_the_trained_weights_on_an_engine(tmp_path, say7_sft):
+    """An engine starts for the eval set alone; weights go to it before each eval (steps 3 and 6), not after every
+    step, and the eval scores what training made of the model: a newline (0) at first, '7' (1) at the end, on the
+    4 prompts SFT never saw too."""
     held = {}
 
     def train_then_read_the_engine(run):
@@ -139,7 +139,7 @@ def test_sft_with_an_eval_set_evaluates_the_trained_weights_on_an_engine(tmp_pat
         held["version"], held["engine"] = run.engines.engine.weight_checksums()
         held["trainer"] = run.trainer.weight_checksums()
 
-    run_loop(flags, loop=train_then_read_the_engine)
+    run_loop(_sft_eval_flags(*say7_sft, tmp_path / "run"), loop=train_then_read_the_engine)
     assert held["version"] == 6 and checksum_differences(held["trainer"], held["engine"]) == []
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records if "eval/say7/accuracy" in r] == [0, 3, 6]
@@ -150,12 +150,13 @@ def test_sft_with_an_eval_set_evaluates_the_trained_weights_on_an_engine(tmp_pat
     assert {r["step"] for r in eval_samples} == {0, 3, 6} and all(r["reward"] is not None for r in eval_samples)
 
 
-def test_an_sft_eval_budget_past_the_context_fails_before_any_model_loads(tmp_path, small_checkpoint):
+def test_an_sft_eval_budget_past_the_context_fails_before_any_model_loads(tmp_path, say7_sft):
     """The eval generates up to --eval-max-response-len (default --rollout-max-response-len, 1024) tokens: past the
     tiny model's context of 512 it is refused at start, naming the eval's flag."""
-    eval_data = _data(tmp_path, SAY_7_EVAL, "eval.jsonl")
-    config = parse_config(_flags(small_checkpoint, _data(tmp_path, SAY_7), tmp_path / "run", "--eval-prompt-data",
-                                 "say7", str(eval_data), "--rm-type", "exact", "--label-key", "label"))
+    flags = _sft_eval_flags(*say7_sft, tmp_path / "run")
+    i = flags.index("--eval-max-response-len")
+    del flags[i:i + 2]
+    config = parse_config(flags)
     validate(config)
     with pytest.raises(ConfigError, match=r"--eval-max-response-len \(default: --rollout-max-response-len\) 1024 "
                                           r"leaves no room for a prompt in the model's context of 512 tokens"):
