@@ -21,7 +21,8 @@ def train(run: Run) -> None:
 
 def train_sync(run: Run) -> None:
     if run.schedule.eval_before_train():
-        run.log.record(run.schedule.start_rollout, run.evaluator.evaluate(run.schedule.start_rollout))
+        run.log.record(run.schedule.start_rollout,
+                       {**run.sft_eval.losses(), **run.evaluator.evaluate(run.schedule.start_rollout)})
     for rollout_id in run.schedule.steps:
         timer = StageTimer()
         with timer("rollout"):
@@ -41,6 +42,7 @@ def train_sync(run: Run) -> None:
                 metrics.update(run.weights.sync(version=rollout_id + 1, push=push))
         if run.schedule.eval_due(rollout_id):
             with timer("eval"):
+                metrics.update(run.sft_eval.losses())  # a trainer forward pass, before it makes room for the engines
                 run.offload.memory_for("eval")
                 metrics.update(run.evaluator.evaluate(rollout_id + 1))
         if run.schedule.save_due(rollout_id):  # with the step's metrics: a kill before the log loses none

@@ -62,6 +62,8 @@ def test_sft_from_data_trains_without_an_engine_and_the_loss_falls(tmp_path, sma
     (["--eval-prompt-data", "x", "x.jsonl", "--rm-type", "exact", "--label-key", "label", "--debug-train-only"],
      r"--eval-prompt-data needs an engine, which --debug-train-only does not start: drop --debug-train-only"),
     (["--n-samples-per-prompt", "4"], r"--n-samples-per-prompt 4 with --rollout-function-path sft"),
+    (["--eval-sft-data", "x"], r"--eval-sft-data takes NAME PATH pairs, got 1 values"),
+    (["--eval-sft-data", "x", "x.jsonl", "--debug-rollout-only"], r"--eval-sft-data is scored by the trainer"),
 ])
 def test_sft_flags_that_cannot_work_are_config_errors(tmp_path, extra, message):
     flags = _flags("ckpt", "data.jsonl", tmp_path)
@@ -80,6 +82,13 @@ def test_response_key_without_the_sft_function_is_a_config_error(tmp_path):
     flags = ["--hf-checkpoint", "c", "--prompt-data", "d.jsonl", "--rollout-batch-size", "2", "--rm-type", "exact",
              "--label-key", "label", "--n-samples-per-prompt", "2", "--response-key", "answer"]
     with pytest.raises(ConfigError, match=r"--response-key is read only by the SFT rollout function"):
+        validate(parse_config(flags))
+
+
+def test_held_out_sft_data_without_the_sft_function_is_a_config_error(tmp_path):
+    flags = ["--hf-checkpoint", "c", "--prompt-data", "d.jsonl", "--rollout-batch-size", "2", "--rm-type", "exact",
+             "--label-key", "label", "--n-samples-per-prompt", "2", "--eval-sft-data", "x", "x.jsonl"]
+    with pytest.raises(ConfigError, match=r"--eval-sft-data holds SFT rows .* it needs --rollout-function-path sft"):
         validate(parse_config(flags))
 
 
@@ -162,3 +171,20 @@ def test_an_sft_eval_budget_past_the_context_fails_before_any_model_loads(tmp_pa
                                           r"leaves no room for a prompt in the model's context of 512 tokens"):
         build_run(config, log=lambda line: None)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_held_out_sft_rows_report_their_loss_at_each_eval_without_an_engine(tmp_path, say7_sft):
+    """--eval-sft-data: the trainer's loss on held-out rows at steps 0, 3 and 6, no engine (--debug-train-only, as
+    slime's SFT scripts have it, still applies). On the training rows themselves, the step-0 value is the first
+    training step's loss (the same forward pass), and it falls with training."""
+    _, rows, _ = say7_sft
+    flags = _flags(say7_sft[0], rows, tmp_path / "run", "--eval-sft-data", "seen", str(rows), "--eval-interval", "3",
+                   "--debug-train-only")
+    run = run_loop(flags)
+    assert run.engines is None
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    losses = {r["step"]: r["eval/seen/sft_loss"] for r in records if "eval/seen/sft_loss" in r}
+    assert list(losses) == [0, 3, 6] and "eval/response_tokens" not in records[0]
+    assert losses[0] == pytest.approx(records[1]["train/loss"], rel=1e-5)
+    assert losses[6] < 0.8 * losses[3] < 0.8 * losses[0], losses
+    assert records[0]["eval/seen/sft_tokens"] == 8 * 2  # "7" and the end-of-turn token of each row

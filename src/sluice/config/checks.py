@@ -256,6 +256,8 @@ def _eval_and_checkpoint(config: Config) -> Iterator[str]:
     ev, ckpt = config.eval, config.checkpoint
     if len(ev.eval_prompt_data) % 2:
         yield f"--eval-prompt-data takes NAME PATH pairs, got {len(ev.eval_prompt_data)} values"
+    if len(ev.eval_sft_data) % 2:
+        yield f"--eval-sft-data takes NAME PATH pairs, got {len(ev.eval_sft_data)} values"
     if not math.isfinite(ev.eval_accuracy_threshold):
         yield f"--eval-accuracy-threshold must be a finite number, got {ev.eval_accuracy_threshold}"
     if ev.eval_interval is not None and ev.eval_interval <= 0:

@@ -17,7 +17,12 @@ def sft_problems(config: Config) -> Iterator[str]:
         if data.response_key is not None:
             yield (f"--response-key is read only by the SFT rollout function ({SFT_FLAG}); an RL run samples its "
                    "responses from the engine: drop --response-key or add the SFT flags")
+        if config.eval.eval_sft_data:
+            yield (f"--eval-sft-data holds SFT rows (responses read with --response-key): it needs {SFT_FLAG}; "
+                   "an RL run evaluates with --eval-prompt-data")
         return
+    if config.eval.eval_sft_data and config.debug.debug_rollout_only:
+        yield "--eval-sft-data is scored by the trainer, which --debug-rollout-only does not build"
     if algo.loss_type != "sft_loss":
         yield f"{SFT_FLAG} trains on the responses in the data: set --loss-type sft_loss (got {algo.loss_type})"
     if rollout.n_samples_per_prompt != 1:

@@ -45,6 +45,7 @@ from sluice.orchestration.rollout_setup import build_rollout, eval_data_config, 
 from sluice.orchestration.run import Run, stop_parts
 from sluice.orchestration.run_dir import RunDirPlan, plan_run_dir
 from sluice.orchestration.schedule import Schedule
+from sluice.orchestration.sft_eval import SftEval
 from sluice.orchestration.weight_updates import WeightUpdates
 from sluice.rollout.batches import RolloutBatches
 from sluice.rollout.evaluator import Evaluator
@@ -72,7 +73,7 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
         context = read_context(config, checkpoint)
         check_budgets(config, context)
         tokenizer = _checkpoint_tokenizer(checkpoint)
-        source, eval_sets = _load_data(config, hooks, tokenizer, context, log)
+        source, eval_sets, sft_sets = _load_data(config, hooks, tokenizer, context, log)
         run_dir.apply(log)  # every input checked: only now is anything written (or an old run's records cleared)
         record_launch(run_dir.run_dir, as_given, command, run_dir.checkpoint)
         memory = OomAdvice(config)
@@ -105,9 +106,9 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
         evaluator = Evaluator(manager, eval_sets, config.rollout, config.eval, memory, loop, source, hooks.evaluate,
                               step_log.samples)
         offload = OffloadTurns(config.cluster, engines, trainer, rollout_uses_devices=not config.rollout.sft_from_data)
-        return Run(config, tokenizer, source, buffer, engines, trainer, manager, batches, evaluator, weights,
-                   offload, checkpoints, step_log,
-                   _schedule(config, start_rollout, num_rollout, bool(eval_sets)), placement, loop, gateway,
+        return Run(config, tokenizer, source, buffer, engines, trainer, manager, batches, evaluator,
+                   SftEval(trainer, sft_sets), weights, offload, checkpoints, step_log,
+                   _schedule(config, start_rollout, num_rollout, bool(eval_sets or sft_sets)), placement, loop, gateway,
                    hooks.reward, log)
     except BaseException:
         stop_parts(loop, placement, gateway, [engines.client if engines else None, hooks and hooks.reward], log)
@@ -136,7 +137,7 @@ def _placement(config: Config, memory: OomAdvice, log) -> Placement:
 def _check_data(config: Config, hooks: Hooks) -> None:
     """Open each prompt set and look up the key flags in its first row: a wrong path or key fails here."""
     train = [config.data.prompt_data] if config.data.prompt_data is not None else []
-    for spec in train:
+    for spec in train + [path for _, path in config.eval_sft_sets]:
         check_first_row(spec, prompt_data_config(config, hooks), text_reward=_text_reward(config))
     for _, spec in config.eval_sets:
         check_first_row(spec, eval_data_config(config, hooks), text_reward=_text_reward(config))
@@ -151,7 +152,7 @@ def _text_reward(config: Config) -> str | None:
 
 
 def _load_data(config: Config, hooks: Hooks, tokenizer, context: ModelContext | None, log):
-    """The prompt source (--prompt-data or --data-source-path) and the eval sets, by name."""
+    """The prompt source (--prompt-data or --data-source-path), the eval sets and the held-out SFT sets, by name."""
     data = prompt_data_config(config, hooks)
     if hooks.data_source is not None:  # its factory takes every prompt as a list: converted whole, here only
         samples = []
@@ -171,7 +172,13 @@ def _load_data(config: Config, hooks: Hooks, tokenizer, context: ModelContext | 
             context_limit=context_prompt_limit(config, context, for_eval=True))
         _report_load(config, path, eval_report, log)
         eval_sets[name] = eval_samples
-    return source, eval_sets
+    sft_sets = {}
+    for name, path in config.eval_sft_sets:  # rows as the training rows: responses and loss masks from the data
+        sft_samples, sft_report = load_prompt_samples(
+            path, data, tokenizer, context_limit=context_prompt_limit(config, context, for_eval=False))
+        _report_load(config, path, sft_report, log)
+        sft_sets[name] = sft_samples
+    return source, eval_sets, sft_sets
 
 
 def _prompt_source(config: Config, data, tokenizer, context: ModelContext | None, log) -> PromptSource:

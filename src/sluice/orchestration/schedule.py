@@ -11,7 +11,7 @@ class Schedule:
     start_rollout: int  # the first step to run (a resumed run's next one)
     num_rollout: int  # steps in the whole run
     trains: bool  # False with --debug-rollout-only
-    has_eval_sets: bool  # --eval-prompt-data given
+    has_eval_sets: bool  # --eval-prompt-data (or --eval-sft-data) given
     skip_eval_before_train: bool  # --skip-eval-before-train
     eval_interval: int | None  # --eval-interval
     saves: bool  # --save or --save-hf given
