@@ -78,3 +78,13 @@ def say7(tmp_path_factory):
     data = root / "say7.jsonl"
     data.write_text("".join(json.dumps({"input": f"{c}: say 7", "label": "7"}) + "\n" for c in "abcdefghijkl"))
     return root, build_checkpoint(root / "model", shape=SHAPE, seed=0), data
+
+
+@pytest.fixture(scope="module")
+def say7_sft(say7):
+    """SFT from data on the "say 7" task: (model, SFT file, eval set). The SFT file answers the first 8 prompts
+    ("7" under answer.text, no label); the eval set is ``say7``'s prompt file, all 12 prompts with their labels."""
+    root, model, prompts = say7
+    rows = root / "say7_sft.jsonl"
+    rows.write_text("".join(json.dumps({"input": f"{c}: say 7", "answer": {"text": "7"}}) + "\n" for c in "abcdefgh"))
+    return model, rows, prompts

@@ -21,7 +21,8 @@ def train(run: Run) -> None:
 
 def train_sync(run: Run) -> None:
     if run.schedule.eval_before_train():
-        run.log.record(run.schedule.start_rollout, run.evaluator.evaluate(run.schedule.start_rollout))
+        run.log.record(run.schedule.start_rollout,
+                       {**run.sft_eval.losses(), **run.evaluator.evaluate(run.schedule.start_rollout)})
     for rollout_id in run.schedule.steps:
         timer = StageTimer()
         with timer("rollout"):
@@ -34,12 +35,15 @@ def train_sync(run: Run) -> None:
                 metrics.update(train_step(run, batch, rollout_id))
                 if run.schedule.ref_update_due(rollout_id):
                     run.trainer.update_reference()
+            push = run.schedule.push_due(rollout_id)  # every step; SFT from data: only before an eval
             with timer("sync"):
-                run.offload.memory_for("sync")
-                metrics.update(run.weights.sync(version=rollout_id + 1))
+                if push:
+                    run.offload.memory_for("sync")
+                metrics.update(run.weights.sync(version=rollout_id + 1, push=push))
         if run.schedule.eval_due(rollout_id):
             with timer("eval"):
-                run.offload.memory_for("rollout")
+                metrics.update(run.sft_eval.losses())  # a trainer forward pass, before it makes room for the engines
+                run.offload.memory_for("eval")
                 metrics.update(run.evaluator.evaluate(rollout_id + 1))
         if run.schedule.save_due(rollout_id):  # with the step's metrics: a kill before the log loses none
             with timer("save"):

@@ -169,3 +169,34 @@ def test_two_trainer_actors_train_like_one(ray_cluster, say7, tmp_path):
     assert expected["train/grad_norm"] > 0
     for key in ("train/loss", "train/grad_norm", "train/entropy"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
+
+
+def test_sft_with_an_eval_set_on_ray_evaluates_on_an_engine_actor(ray_cluster, say7_sft, tmp_path):
+    """SFT from data with an eval set on Ray: a trainer actor and an engine actor (for the eval alone); rank 0
+    broadcasts the weights before each eval, and the engine ends holding the trainer's weights at version 6. The
+    trainer actor also scores held-out SFT rows (--eval-sft-data) at each eval."""
+    model, rows, eval_set = say7_sft
+    argv = ["--hf-checkpoint", str(model), "--prompt-data", str(rows), "--rollout-function-path", "sft",
+            "--loss-type", "sft_loss", "--response-key", "answer.text", "--apply-chat-template",
+            "--rollout-batch-size", "8", "--num-rollout", "6", "--lr", "3e-2", "--micro-batch-size", "8",
+            "--seed", "0", "--train-device", "cpu", "--sglang-device", "cpu", "--run-dir", str(tmp_path / "run"),
+            "--no-progress-bar", "--eval-prompt-data", "say7", str(eval_set), "--eval-interval", "3",
+            "--eval-temperature", "0", "--eval-max-response-len", "1", "--rm-type", "exact", "--label-key", "label",
+            "--orchestrator", "ray", "--rollout-num-gpus", "1", "--eval-sft-data", "seen", str(rows)]
+    config = parse_config(argv)
+    validate(config)
+    run = build_run(config, log=lambda line: None)
+    assert isinstance(run.engines, RayEnginePool) and len(run.engines.actors) == 1
+    try:
+        train(run)
+        trainer_sums = run.trainer.weight_checksums()
+        version, sums = asyncio.run(engine_checksums(run.engines.urls[0], api_key=run.engines.api_key))
+    finally:
+        run.close()
+    assert version == 6 and checksum_differences(trainer_sums, sums) == []
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    accuracy = {r["step"]: r["eval/say7/accuracy"] for r in records if "eval/say7/accuracy" in r}
+    assert list(accuracy) == [0, 3, 6] and accuracy[0] == 0.0 and accuracy[6] == 1.0, accuracy
+    assert [r["step"] for r in records if "sync/bytes" in r] == [3, 6]
+    losses = [r["eval/seen/sft_loss"] for r in records if "eval/seen/sft_loss" in r]
+    assert len(losses) == 3 and losses[2] < losses[1] < losses[0]

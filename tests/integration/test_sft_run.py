@@ -1,4 +1,5 @@
-"""SFT from data as a run: --rollout-function-path sft through build_run and the sync loop, no engine."""
+"""SFT from data as a run: --rollout-function-path sft through build_run and the sync loop; no engine, except one
+for the eval sets when --eval-prompt-data gives some."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 from helpers.train_loop import run_loop
 from sluice.config import ConfigError, parse_config, validate
+from sluice.loops import train_sync
 from sluice.orchestration.hooks import load_hooks
 from sluice.orchestration.rollout_setup import prompt_data_config
 from sluice.data import DataError
@@ -15,6 +17,7 @@ from sluice.observability.metrics import read_metrics
 from sluice.observability.report import render_report
 from sluice.observability.samples import read_samples
 from sluice.orchestration import build_run
+from sluice.sync.verify import checksum_differences
 
 
 def _data(tmp_path, rows):
@@ -51,8 +54,16 @@ def test_sft_from_data_trains_without_an_engine_and_the_loss_falls(tmp_path, sma
 @pytest.mark.parametrize("extra, message", [
     (["--loss-type", "policy_loss"], r"--rollout-function-path sft trains on the responses in the data: set "
                                      r"--loss-type sft_loss"),
-    (["--eval-prompt-data", "x", "x.jsonl"], r"--eval-prompt-data: an SFT run .* starts no engine"),
+    (["--eval-prompt-data", "x", "x.jsonl"], r"--eval-prompt-data in an SFT run .* scores the eval responses with "
+                                             r"a reward: set --rm-type"),
+    (["--eval-function-path", "m.f"], r"--eval-function-path evaluates the --eval-prompt-data sets, and this SFT "
+                                      r"run .* has none"),
+    (["--rm-type", "exact"], r"--rm-type has no effect with --rollout-function-path sft without eval sets"),
+    (["--eval-prompt-data", "x", "x.jsonl", "--rm-type", "exact", "--label-key", "label", "--debug-train-only"],
+     r"--eval-prompt-data needs an engine, which --debug-train-only does not start: drop --debug-train-only"),
     (["--n-samples-per-prompt", "4"], r"--n-samples-per-prompt 4 with --rollout-function-path sft"),
+    (["--eval-sft-data", "x"], r"--eval-sft-data takes NAME PATH pairs, got 1 values"),
+    (["--eval-sft-data", "x", "x.jsonl", "--debug-rollout-only"], r"--eval-sft-data is scored by the trainer"),
 ])
 def test_sft_flags_that_cannot_work_are_config_errors(tmp_path, extra, message):
     flags = _flags("ckpt", "data.jsonl", tmp_path)
@@ -71,6 +82,13 @@ def test_response_key_without_the_sft_function_is_a_config_error(tmp_path):
     flags = ["--hf-checkpoint", "c", "--prompt-data", "d.jsonl", "--rollout-batch-size", "2", "--rm-type", "exact",
              "--label-key", "label", "--n-samples-per-prompt", "2", "--response-key", "answer"]
     with pytest.raises(ConfigError, match=r"--response-key is read only by the SFT rollout function"):
+        validate(parse_config(flags))
+
+
+def test_held_out_sft_data_without_the_sft_function_is_a_config_error(tmp_path):
+    flags = ["--hf-checkpoint", "c", "--prompt-data", "d.jsonl", "--rollout-batch-size", "2", "--rm-type", "exact",
+             "--label-key", "label", "--n-samples-per-prompt", "2", "--eval-sft-data", "x", "x.jsonl"]
+    with pytest.raises(ConfigError, match=r"--eval-sft-data holds SFT rows .* it needs --rollout-function-path sft"):
         validate(parse_config(flags))
 
 
@@ -109,3 +127,64 @@ def test_a_slime_style_sft_run_on_whole_conversations(tmp_path, small_checkpoint
     assert run.engines is None
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2] and all(r["train/loss"] > 0 for r in records)
+
+
+def _sft_eval_flags(model, rows, eval_set, run_dir, *extra):
+    flags = _flags(model, rows, run_dir, "--eval-prompt-data", "say7", str(eval_set), "--eval-interval", "3",
+                   "--eval-temperature", "0", "--eval-max-response-len", "1", "--rm-type", "exact",
+                   "--label-key", "label", *extra)
+    flags[flags.index("--lr") + 1] = "3e-2"
+    return flags
+
+
+def test_sft_with_an_eval_set_evaluates_the_trained_weights_on_an_engine(tmp_path, say7_sft):
+    """An engine starts for the eval set alone; weights go to it before each eval (steps 3 and 6), not after every
+    step, and the eval scores what training made of the model: a newline (0) at first, '7' (1) at the end, on the
+    4 prompts SFT never saw too."""
+    held = {}
+
+    def train_then_read_the_engine(run):
+        train_sync(run)
+        held["version"], held["engine"] = run.engines.engine.weight_checksums()
+        held["trainer"] = run.trainer.weight_checksums()
+
+    run_loop(_sft_eval_flags(*say7_sft, tmp_path / "run"), loop=train_then_read_the_engine)
+    assert held["version"] == 6 and checksum_differences(held["trainer"], held["engine"]) == []
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if "eval/say7/accuracy" in r] == [0, 3, 6]
+    assert [r["step"] for r in records if "sync/seconds" in r] == [3, 6]  # pushed only before an eval
+    accuracy = {r["step"]: r["eval/say7/accuracy"] for r in records if "eval/say7/accuracy" in r}
+    assert accuracy[0] == 0.0 and accuracy[6] == 1.0, accuracy
+    eval_samples = [r for r in read_samples(tmp_path / "run") if r["source"] == "eval/say7"]
+    assert {r["step"] for r in eval_samples} == {0, 3, 6} and all(r["reward"] is not None for r in eval_samples)
+
+
+def test_an_sft_eval_budget_past_the_context_fails_before_any_model_loads(tmp_path, say7_sft):
+    """The eval generates up to --eval-max-response-len (default --rollout-max-response-len, 1024) tokens: past the
+    tiny model's context of 512 it is refused at start, naming the eval's flag."""
+    flags = _sft_eval_flags(*say7_sft, tmp_path / "run")
+    i = flags.index("--eval-max-response-len")
+    del flags[i:i + 2]
+    config = parse_config(flags)
+    validate(config)
+    with pytest.raises(ConfigError, match=r"--eval-max-response-len \(default: --rollout-max-response-len\) 1024 "
+                                          r"leaves no room for a prompt in the model's context of 512 tokens"):
+        build_run(config, log=lambda line: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_held_out_sft_rows_report_their_loss_at_each_eval_without_an_engine(tmp_path, say7_sft):
+    """--eval-sft-data: the trainer's loss on held-out rows at steps 0, 3 and 6, no engine (--debug-train-only, as
+    slime's SFT scripts have it, still applies). On the training rows themselves, the step-0 value is the first
+    training step's loss (the same forward pass), and it falls with training."""
+    _, rows, _ = say7_sft
+    flags = _flags(say7_sft[0], rows, tmp_path / "run", "--eval-sft-data", "seen", str(rows), "--eval-interval", "3",
+                   "--debug-train-only")
+    run = run_loop(flags)
+    assert run.engines is None
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    losses = {r["step"]: r["eval/seen/sft_loss"] for r in records if "eval/seen/sft_loss" in r}
+    assert list(losses) == [0, 3, 6] and "eval/response_tokens" not in records[0]
+    assert losses[0] == pytest.approx(records[1]["train/loss"], rel=1e-5)
+    assert losses[6] < 0.8 * losses[3] < 0.8 * losses[0], losses
+    assert records[0]["eval/seen/sft_tokens"] == 8 * 2  # "7" and the end-of-turn token of each row

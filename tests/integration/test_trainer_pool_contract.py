@@ -34,7 +34,8 @@ from sluice.orchestration.oom import OomAdvice
 from sluice.orchestration.pools import EnginePool, TrainerPool
 from sluice.orchestration.ray_placement import RayPlacement
 from sluice.sync.verify import checksum_differences, engine_checksums, expected_checksums
-from sluice.types import SampleGroup, Status
+from sluice.trainer.held_out import HeldOutLoss
+from sluice.types import Sample, SampleGroup, Status
 
 from helpers.train_loop import flags
 from helpers.trainer import PAD, random_samples
@@ -57,6 +58,10 @@ def rollout(seed: int) -> tuple[list[SampleGroup], list[list[float]]]:
 
 def train(pool: TrainerPool, seed: int) -> dict[str, float]:
     return pool.train(*rollout(seed), train_actor=True)
+
+
+def held_out_samples() -> list[Sample]:
+    return [sample for group in rollout(seed=6)[0] for sample in group.samples]
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +153,7 @@ class Reference:
     first_checksums: dict[str, int]
     second: dict[str, float]  # then rollout 1
     second_checksums: dict[str, int]
+    held_out: HeldOutLoss  # the fresh pool's loss on held_out_samples()
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +162,10 @@ def reference(argv) -> Reference:
     config = config_of(argv, "--orchestrator", "local")
     pool = LocalPlacement(config, OomAdvice(config)).start_trainer(None, load_hooks(config), PAD)
     start = snapshot(pool.state_dict())
+    held_out = pool.held_out_loss(held_out_samples())
     first = train(pool, seed=0)
     first_checksums = pool.weight_checksums()
-    return Reference(start, first, first_checksums, train(pool, seed=1), pool.weight_checksums())
+    return Reference(start, first, first_checksums, train(pool, seed=1), pool.weight_checksums(), held_out)
 
 
 def assert_same_step(got: dict[str, float], expected: dict[str, float]) -> None:
@@ -193,6 +200,19 @@ def test_a_restored_pool_has_the_weights_and_takes_the_next_step_of_the_original
     continued, restored = train(pool, seed=3), train(fresh, seed=3)  # AdamW's moments and step count came along
     assert continued == restored
     assert fresh.weight_checksums() == pool.weight_checksums()
+
+
+# ------------------------------------------------------------------------------------------ held-out loss
+def test_held_out_loss_is_the_in_process_pools_and_changes_no_weight(placed, reference):
+    """The SFT loss of held-out samples (--eval-sft-data) from the fresh state: the in-process pool's on every pool
+    (two ranks each run half of the forward passes), and a forward pass only."""
+    pool = placed.pool
+    pool.load_state_dict(reference.start)
+    before = pool.weight_checksums()
+    got = pool.held_out_loss(held_out_samples())
+    assert got.num_tokens == reference.held_out.num_tokens > 0
+    assert got.nll_sum == pytest.approx(reference.held_out.nll_sum, rel=1e-5) and got.nll_sum > 0
+    assert pool.weight_checksums() == before
 
 
 # -------------------------------------------------------------------------------------------- reference

@@ -256,6 +256,8 @@ def _eval_and_checkpoint(config: Config) -> Iterator[str]:
     ev, ckpt = config.eval, config.checkpoint
     if len(ev.eval_prompt_data) % 2:
         yield f"--eval-prompt-data takes NAME PATH pairs, got {len(ev.eval_prompt_data)} values"
+    if len(ev.eval_sft_data) % 2:
+        yield f"--eval-sft-data takes NAME PATH pairs, got {len(ev.eval_sft_data)} values"
     if not math.isfinite(ev.eval_accuracy_threshold):
         yield f"--eval-accuracy-threshold must be a finite number, got {ev.eval_accuracy_threshold}"
     if ev.eval_interval is not None and ev.eval_interval <= 0:
@@ -314,7 +316,9 @@ def _debug(config: Config) -> Iterator[str]:
         yield ("--debug-train-only needs --load-debug-rollout-data (the saved rollouts to train on), or "
                "--rollout-function-path sft (responses from the data)")
     if debug.debug_train_only and config.eval.eval_prompt_data:
-        yield "--eval-prompt-data needs an engine, which --debug-train-only does not start"
+        hint = (": drop --debug-train-only (an SFT run from data starts an engine for its eval sets alone)"
+                if config.rollout.sft_from_data else "")
+        yield f"--eval-prompt-data needs an engine, which --debug-train-only does not start{hint}"
     if debug.debug_rollout_only:
         if debug.load_debug_rollout_data is not None:
             yield "--load-debug-rollout-data replays rollouts into training, which --debug-rollout-only skips"

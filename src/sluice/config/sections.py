@@ -357,6 +357,10 @@ class EvalConfig:
     eval_prompt_data: list[str] = field(default_factory=list, metadata=meta(
         "Eval sets as NAME PATH pairs: --eval-prompt-data add data/add.jsonl rev data/rev.jsonl.",
         metavar="NAME PATH"))
+    eval_sft_data: list[str] = field(default_factory=list, metadata=meta(
+        "Held-out SFT sets as NAME PATH pairs, rows read as --prompt-data's (with --rollout-function-path sft): "
+        "at each evaluation the trainer's mean NLL over their trained tokens is logged as eval/NAME/sft_loss. "
+        "A forward pass of the trainer: no engine starts for it.", metavar="NAME PATH"))
     n_samples_per_eval_prompt: int = field(default=1, metadata=meta("Responses sampled per eval prompt."))
     eval_temperature: float | None = field(default=None, metadata=meta(
         "Eval sampling temperature (0: greedy); default: --rollout-temperature."))
@@ -568,4 +572,10 @@ class Config:
     def eval_sets(self) -> list[tuple[str, str]]:
         """--eval-prompt-data as (name, path) pairs."""
         items = self.eval.eval_prompt_data
+        return [(items[i], items[i + 1]) for i in range(0, len(items), 2)]
+
+    @property
+    def eval_sft_sets(self) -> list[tuple[str, str]]:
+        """--eval-sft-data as (name, path) pairs."""
+        items = self.eval.eval_sft_data
         return [(items[i], items[i + 1]) for i in range(0, len(items), 2)]

@@ -6,7 +6,8 @@ Order: a Megatron checkpoint in --load is refused first; then the run directory 
 resume's settings, the plug-ins, the data's first rows and the context length are checked; the tokenizer and the
 data are loaded (each prompt checked); only then is the run directory made and the config and command line
 recorded in it, so a mistake caught so far leaves no files. Then the Data Buffer; the engines (not with
---debug-train-only: rollouts are replayed; nor for SFT from data, which generates nothing); the rollout manager;
+--debug-train-only: rollouts are replayed; for SFT from data, which generates nothing to train on, only when
+there are eval sets to generate for); the rollout manager;
 the trainer (not with --debug-rollout-only); then a resume from --load, and the trackers, which continue the
 resumed run.
 A failure part-way stops whatever was started.
@@ -40,10 +41,11 @@ from sluice.orchestration.offload import OffloadTurns
 from sluice.orchestration.oom import OomAdvice
 from sluice.orchestration.pools import Placement
 from sluice.orchestration.resume import check_resumable, read_model_shape
-from sluice.orchestration.rollout_setup import build_rollout, prompt_data_config
+from sluice.orchestration.rollout_setup import build_rollout, eval_data_config, prompt_data_config
 from sluice.orchestration.run import Run, stop_parts
 from sluice.orchestration.run_dir import RunDirPlan, plan_run_dir
 from sluice.orchestration.schedule import Schedule
+from sluice.orchestration.sft_eval import SftEval
 from sluice.orchestration.weight_updates import WeightUpdates
 from sluice.rollout.batches import RolloutBatches
 from sluice.rollout.evaluator import Evaluator
@@ -71,7 +73,7 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
         context = read_context(config, checkpoint)
         check_budgets(config, context)
         tokenizer = _checkpoint_tokenizer(checkpoint)
-        source, eval_sets = _load_data(config, hooks, tokenizer, context, log)
+        source, eval_sets, sft_sets = _load_data(config, hooks, tokenizer, context, log)
         run_dir.apply(log)  # every input checked: only now is anything written (or an old run's records cleared)
         record_launch(run_dir.run_dir, as_given, command, run_dir.checkpoint)
         memory = OomAdvice(config)
@@ -103,9 +105,10 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
                                  engine_watch=weights.watch_engines if can_recover else None)
         evaluator = Evaluator(manager, eval_sets, config.rollout, config.eval, memory, loop, source, hooks.evaluate,
                               step_log.samples)
-        return Run(config, tokenizer, source, buffer, engines, trainer, manager, batches, evaluator, weights,
-                   OffloadTurns(config.cluster, engines, trainer), checkpoints, step_log,
-                   _schedule(config, start_rollout, num_rollout, bool(eval_sets)), placement, loop, gateway,
+        offload = OffloadTurns(config.cluster, engines, trainer, rollout_uses_devices=not config.rollout.sft_from_data)
+        return Run(config, tokenizer, source, buffer, engines, trainer, manager, batches, evaluator,
+                   SftEval(trainer, sft_sets), weights, offload, checkpoints, step_log,
+                   _schedule(config, start_rollout, num_rollout, bool(eval_sets or sft_sets)), placement, loop, gateway,
                    hooks.reward, log)
     except BaseException:
         stop_parts(loop, placement, gateway, [engines.client if engines else None, hooks and hooks.reward], log)
@@ -114,9 +117,11 @@ def build_run(config: Config, log=print, command: list[str] | None = None) -> Ru
 
 
 def needs_engines(config: Config) -> bool:
-    """Whether the run generates: not with --debug-train-only (rollouts are replayed), nor for SFT from data
-    (--rollout-function-path sft: the responses are the data's)."""
-    return not config.debug.debug_train_only and not config.rollout.sft_from_data
+    """Whether the run generates: not with --debug-train-only (rollouts are replayed); for SFT from data
+    (--rollout-function-path sft: the responses are the data's) only to evaluate --eval-prompt-data."""
+    if config.debug.debug_train_only:
+        return False
+    return not config.rollout.sft_from_data or bool(config.eval_sets)
 
 
 def _placement(config: Config, memory: OomAdvice, log) -> Placement:
@@ -132,8 +137,10 @@ def _placement(config: Config, memory: OomAdvice, log) -> Placement:
 def _check_data(config: Config, hooks: Hooks) -> None:
     """Open each prompt set and look up the key flags in its first row: a wrong path or key fails here."""
     train = [config.data.prompt_data] if config.data.prompt_data is not None else []
-    for spec in train + [path for _, path in config.eval_sets]:
+    for spec in train + [path for _, path in config.eval_sft_sets]:
         check_first_row(spec, prompt_data_config(config, hooks), text_reward=_text_reward(config))
+    for _, spec in config.eval_sets:
+        check_first_row(spec, eval_data_config(config, hooks), text_reward=_text_reward(config))
 
 
 def _text_reward(config: Config) -> str | None:
@@ -145,7 +152,7 @@ def _text_reward(config: Config) -> str | None:
 
 
 def _load_data(config: Config, hooks: Hooks, tokenizer, context: ModelContext | None, log):
-    """The prompt source (--prompt-data or --data-source-path) and the eval sets, by name."""
+    """The prompt source (--prompt-data or --data-source-path), the eval sets and the held-out SFT sets, by name."""
     data = prompt_data_config(config, hooks)
     if hooks.data_source is not None:  # its factory takes every prompt as a list: converted whole, here only
         samples = []
@@ -158,13 +165,20 @@ def _load_data(config: Config, hooks: Hooks, tokenizer, context: ModelContext | 
     else:
         source = _prompt_source(config, data, tokenizer, context, log)
     eval_sets = {}
+    eval_data = eval_data_config(config, hooks)
     for name, path in config.eval_sets:  # every eval uses every prompt of its set: converted whole
         eval_samples, eval_report = load_prompt_samples(
-            path, data, tokenizer, text_reward=_text_reward(config),
+            path, eval_data, tokenizer, text_reward=_text_reward(config),
             context_limit=context_prompt_limit(config, context, for_eval=True))
         _report_load(config, path, eval_report, log)
         eval_sets[name] = eval_samples
-    return source, eval_sets
+    sft_sets = {}
+    for name, path in config.eval_sft_sets:  # rows as the training rows: responses and loss masks from the data
+        sft_samples, sft_report = load_prompt_samples(
+            path, data, tokenizer, context_limit=context_prompt_limit(config, context, for_eval=False))
+        _report_load(config, path, sft_report, log)
+        sft_sets[name] = sft_samples
+    return source, eval_sets, sft_sets
 
 
 def _prompt_source(config: Config, data, tokenizer, context: ModelContext | None, log) -> PromptSource:
@@ -233,7 +247,8 @@ def _schedule(config: Config, start_rollout: int, num_rollout: int, has_eval_set
                     eval_interval=config.eval.eval_interval, saves=bool(ckpt.save or ckpt.save_hf),
                     save_interval=ckpt.save_interval, update_weights_interval=config.sync.update_weights_interval,
                     ref_update_interval=algorithm.ref_update_interval,
-                    num_critic_only_steps=algorithm.num_critic_only_steps)
+                    num_critic_only_steps=algorithm.num_critic_only_steps,
+                    engines_only_evaluate=config.rollout.sft_from_data)
 
 
 def held_groups(config: Config) -> int:

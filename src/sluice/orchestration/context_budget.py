@@ -42,16 +42,25 @@ def read_context(config: Config, checkpoint: str) -> ModelContext | None:
 
 
 def _response_budgets(config: Config) -> list[tuple[str, int]]:
-    """(flag, value) of each response budget that is set."""
+    """(flag, value) of each response budget that is set. SFT from data generates only for its eval sets, with
+    --eval-max-response-len (default --rollout-max-response-len)."""
     budgets = [("--rollout-max-response-len", config.rollout.rollout_max_response_len),
                ("--eval-max-response-len", config.eval.eval_max_response_len)]
-    return [(flag, value) for flag, value in budgets if value is not None]
+    budgets = [(flag, value) for flag, value in budgets if value is not None]
+    if not config.rollout.sft_from_data:
+        return budgets
+    if not config.eval_sets:
+        return []
+    if config.eval.eval_max_response_len is None:
+        return [("--eval-max-response-len (default: --rollout-max-response-len)", budgets[0][1])]
+    return budgets[-1:]
 
 
 def check_budgets(config: Config, context: ModelContext | None) -> None:
     """Every response budget, and --rollout-max-prompt-len with it, must fit the context. SFT from data
-    generates nothing: no response budget applies (its samples are checked whole, see context_prompt_limit)."""
-    if context is None or config.rollout.sft_from_data:
+    generates only for its eval sets: only the eval's budget applies (its training samples are checked whole,
+    see context_prompt_limit)."""
+    if context is None:
         return
     total = context.num_tokens
     for flag, value in _response_budgets(config):
@@ -71,7 +80,7 @@ def context_prompt_limit(config: Config, context: ModelContext | None, *, for_ev
     """The most tokens a prompt may have so that a full response still fits (an error past it, not a drop)."""
     if context is None:
         return None
-    if config.rollout.sft_from_data:  # a finished sample from the data: prompt and response share the context
+    if config.rollout.sft_from_data and not for_eval:  # a finished sample: prompt and response share the context
         return PromptLimit(context.num_tokens, f"the model's context of {context.num_tokens} tokens "
                            f"({context.source}), which holds an SFT sample's prompt and response together",
                            drops_longer=False)

@@ -21,7 +21,8 @@ from sluice.sync.factory import make_weight_sync
 from sluice.sync.verify import expected_checksums
 from sluice.trainer.torch_backend import TorchTrainer
 from sluice.trainer.update import update_policy
-from sluice.types import SampleGroup
+from sluice.trainer.held_out import HeldOutLoss, held_out_loss
+from sluice.types import Sample, SampleGroup
 
 
 class LocalEnginePool:
@@ -77,6 +78,9 @@ class LocalTrainerPool:
         metrics["train/nonfinite_skipped_total"] = float(guard.num_skipped)
         metrics.update(peak_gpu_memory())  # engine and trainer together: they share this process
         return metrics
+
+    def held_out_loss(self, samples: list[Sample]) -> HeldOutLoss:
+        return held_out_loss(self.backend, samples, self.pad_token_id, self.global_batch_size)
 
     def update_reference(self) -> None:
         self.backend.update_reference()

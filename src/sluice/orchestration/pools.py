@@ -15,7 +15,8 @@ from typing import Any, Protocol
 from sluice.buffer.handle import BlockingBuffer, BufferHandle
 from sluice.engine.clients.protocol import EngineClient
 from sluice.orchestration.hooks import Hooks
-from sluice.types import SampleGroup
+from sluice.trainer.held_out import HeldOutLoss
+from sluice.types import Sample, SampleGroup
 
 
 class EnginePool(Protocol):
@@ -42,6 +43,9 @@ class EnginePool(Protocol):
 class TrainerPool(Protocol):
     def train(self, groups: list[SampleGroup], rewards: list[list[float]], train_actor: bool) -> dict[str, float]:
         """One rollout's policy (and critic) update; ``train_actor`` False updates the critic only."""
+
+    def held_out_loss(self, samples: list[Sample]) -> HeldOutLoss:
+        """The SFT loss of ``samples`` (rows with responses from the data) under the current weights, no update."""
 
     def update_reference(self) -> None:
         """The reference model becomes the current policy (--ref-update-interval)."""

@@ -25,7 +25,7 @@ import torch
 from sluice.buffer import DataBuffer
 from sluice.config import Config
 from sluice.observability.step_metrics import peak_gpu_memory
-from sluice.types import SampleGroup
+from sluice.types import Sample, SampleGroup
 
 
 def node_address(loopback: bool) -> str:
@@ -126,6 +126,12 @@ class TrainerActor:
         metrics["train/nonfinite_skipped_total"] = float(self.trainer.guard.num_skipped)
         metrics.update({f"{key}_trainer_rank{self.rank}": value for key, value in peak_gpu_memory().items()})
         return metrics
+
+    def held_out_loss(self, samples: list[Sample], pad_token_id: int):
+        """The SFT loss of held-out rows (a HeldOutLoss); every rank runs it on the same rows, with one result."""
+        from sluice.trainer.held_out import held_out_loss
+
+        return held_out_loss(self.trainer, samples, pad_token_id, self.config.global_batch_size)
 
     def update_reference(self) -> None:
         self.trainer.update_reference()

@@ -13,6 +13,7 @@ from typing import Any
 from sluice.engine.clients.http import HttpEngineClient
 from sluice.engine.clients.router import MultiEngineClient
 from sluice.net.transport import bearer_headers
+from sluice.trainer.held_out import HeldOutLoss
 from sluice.types import Sample, SampleGroup
 
 ENGINE_START_TIMEOUT_S = 600.0
@@ -135,6 +136,12 @@ class RayTrainerPool:
         for result in results[1:]:
             merged.update({key: value for key, value in result.items() if key.startswith("perf/peak_gpu")})
         return merged
+
+    def held_out_loss(self, samples: list[Sample]) -> HeldOutLoss:
+        import ray
+
+        samples_ref = ray.put(samples)  # every rank runs its share of the forward passes (a collective)
+        return self._all(lambda a: a.held_out_loss.remote(samples_ref, self.pad_token_id))[0]
 
     def update_reference(self) -> None:
         self._all(lambda a: a.update_reference.remote())

@@ -28,14 +28,21 @@ from sluice.rollout.seeds import RolloutSeeds
 
 def prompt_data_config(config: Config, hooks: Hooks) -> DataConfig:
     """The data settings prompts are rendered with: with --tools, the chat template also gets the tool schemas;
-    SFT from data without --response-key reads each --input-key value as a whole conversation (slime's layout)."""
+    SFT from data without --response-key reads each --input-key value as a whole conversation (slime's layout),
+    and no label (--label-key is for its eval sets: nothing scores a training row)."""
     data = config.data
-    if config.rollout.sft_from_data and data.response_key is None:
-        data = dataclasses.replace(data, response_key=data.input_key)
+    if config.rollout.sft_from_data:
+        data = dataclasses.replace(data, response_key=data.response_key or data.input_key, label_key=None)
     if hooks.tools is None:
         return data
     kwargs = {**data.apply_chat_template_kwargs, "tools": hooks.tools.schemas()}
     return dataclasses.replace(data, apply_chat_template_kwargs=kwargs)
+
+
+def eval_data_config(config: Config, hooks: Hooks) -> DataConfig:
+    """The data settings eval prompts are rendered with: the training prompts', but an eval row is a prompt to
+    generate from and its label (--label-key), never an SFT response to train on."""
+    return dataclasses.replace(prompt_data_config(config, hooks), response_key=None, label_key=config.data.label_key)
 
 
 def build_rollout(config: Config, hooks: Hooks, client: EngineClient, tokenizer: Any,

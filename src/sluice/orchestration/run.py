@@ -19,6 +19,7 @@ from sluice.orchestration.checkpointing import RunCheckpoints
 from sluice.orchestration.offload import OffloadTurns
 from sluice.orchestration.pools import EnginePool, Placement, TrainerPool
 from sluice.orchestration.schedule import Schedule
+from sluice.orchestration.sft_eval import SftEval
 from sluice.orchestration.weight_updates import WeightUpdates
 from sluice.rollout.batches import RolloutBatches
 from sluice.rollout.evaluator import Evaluator
@@ -39,6 +40,7 @@ class Run:
     rollout: RolloutManager
     batches: RolloutBatches  # each step's batch, generated (or taken from the async producer) and finished
     evaluator: Evaluator
+    sft_eval: SftEval  # --eval-sft-data: held-out SFT losses from the trainer (no sets: nothing)
     weights: WeightUpdates
     offload: OffloadTurns
     checkpoints: RunCheckpoints

@@ -1,5 +1,5 @@
 """When each periodic stage runs: which rollout steps the run covers, and after which of them it evaluates,
-saves, syncs weights (the async loop) and refreshes the reference model."""
+saves, pushes weights to the engines and refreshes the reference model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ class Schedule:
     start_rollout: int  # the first step to run (a resumed run's next one)
     num_rollout: int  # steps in the whole run
     trains: bool  # False with --debug-rollout-only
-    has_eval_sets: bool  # --eval-prompt-data given
+    has_eval_sets: bool  # --eval-prompt-data (or --eval-sft-data) given
     skip_eval_before_train: bool  # --skip-eval-before-train
     eval_interval: int | None  # --eval-interval
     saves: bool  # --save or --save-hf given
@@ -19,6 +19,7 @@ class Schedule:
     update_weights_interval: int  # --update-weights-interval
     ref_update_interval: int | None  # --ref-update-interval
     num_critic_only_steps: int  # --num-critic-only-steps
+    engines_only_evaluate: bool = False  # SFT from data: the engines generate the eval sets, no rollouts
 
     @property
     def steps(self) -> range:
@@ -41,8 +42,14 @@ class Schedule:
         return self.saves and self.trains and self._due(self.save_interval, rollout_id)
 
     def sync_due(self, rollout_id: int) -> bool:
-        """Weights go to the engines every --update-weights-interval steps, and after the last one."""
+        """Weights go to the engines every --update-weights-interval steps, and after the last one (the async
+        loop)."""
         return self._due(self.update_weights_interval, rollout_id)
+
+    def push_due(self, rollout_id: int) -> bool:
+        """Whether the sync loop pushes the weights to the engines after this step: after every step when they
+        generate the next rollout; when they only evaluate (SFT from data), before each evaluation only."""
+        return not self.engines_only_evaluate or self.eval_due(rollout_id)
 
     def ref_update_due(self, rollout_id: int) -> bool:
         interval = self.ref_update_interval

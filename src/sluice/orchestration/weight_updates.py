@@ -26,11 +26,12 @@ class WeightUpdates:
         self.num_engine_restarts = 0
         self._recovery: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
-    def sync(self, version: int) -> dict[str, float]:
-        """The sync loop's update: the buffer's version, then the trainer's weights to the engines as ``version``
-        (no push without engines: --debug-train-only). Returns sync metrics (time, bytes) where reported."""
+    def sync(self, version: int, push: bool = True) -> dict[str, float]:
+        """The sync loop's update: the buffer's version, then, with ``push``, the trainer's weights to the engines
+        as ``version`` (no push without engines: --debug-train-only, SFT without eval sets). Returns sync metrics
+        (time, bytes) where reported."""
         self.buffer.set_weight_version(version)
-        return self.loop.run_until_complete(self._send(version)) if self.engines is not None else {}
+        return self.loop.run_until_complete(self._send(version)) if push and self.engines is not None else {}
 
     async def push(self, version: int) -> dict[str, float]:
         """The async loop's update: the engines take the weights between their steps; the buffer then hands out

@@ -34,6 +34,8 @@ class Evaluator:
 
     async def evaluate_async(self, step: int) -> dict[str, float]:
         """``evaluate`` on the running event loop (the async loop's: its engine clients stay on one loop)."""
+        if not self.eval_sets:  # an SFT run evaluating held-out SFT rows only (--eval-sft-data)
+            return {}
         if self.evaluate_fn is not None:
             request = EvalRequest(step, self.eval_sets, self.eval.n_samples_per_eval_prompt,
                                   sampling_params(self.rollout, self.eval), self.manager.seeded_as("eval"),

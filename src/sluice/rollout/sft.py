@@ -1,6 +1,7 @@
 """The built-in SFT rollout function (``--rollout-function-path sft``): a step's batch is the next rows of the
 data, whose responses and loss masks were built when the data loaded (data/sft.py). Nothing is generated or
-scored, so the run starts no engine; with ``--loss-type sft_loss`` the trainer minimises the responses' NLL.
+scored for training, so the run starts no engine unless --eval-prompt-data gives eval sets (the engine then only
+evaluates them); with ``--loss-type sft_loss`` the trainer minimises the responses' NLL.
 
 slime's ``slime.rollout.sft_rollout.generate_rollout`` is accepted as another name for it (config/sections.py).
 """
