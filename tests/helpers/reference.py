@@ -47,3 +47,12 @@ def hf_prompt_logprobs(model, prompt: list[int], start: int, count: int = 0,
         top_values, top_ids = log_probs[start : len(prompt) - 1].topk(count, dim=-1)
         tops = [(i.tolist(), v.tolist()) for i, v in zip(top_ids, top_values)]
     return values, tops
+
+
+@torch.no_grad()
+def hf_token_ids_logprobs(model, tokens: list[int], positions: range, token_ids: list[int],
+                          temperature: float = 1.0) -> list[list[float]]:
+    """At each of ``positions`` of one forward of ``tokens``: log softmax(logits / temperature) of ``token_ids``
+    (in their order), the distribution of the token after that position."""
+    log_probs = torch.log_softmax(model(input_ids=torch.tensor([tokens])).logits[0].float() / temperature, dim=-1)
+    return [log_probs[p, token_ids].tolist() for p in positions]

@@ -26,7 +26,7 @@ from sluice.engine.local_engine import LocalEngine
 from sluice.models.tokenizer import load_tokenizer
 from sluice.types import SamplingParams
 
-from helpers.reference import hf_greedy, hf_logprobs, hf_prompt_logprobs, hf_top_logprobs
+from helpers.reference import hf_greedy, hf_logprobs, hf_prompt_logprobs, hf_token_ids_logprobs, hf_top_logprobs
 from helpers.servers import CPU, start_server
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
@@ -183,6 +183,30 @@ def test_prompt_logprobs_from_a_start_position_and_a_prefill_only_request(served
     assert len(results[0].output_ids) == 3
     assert results[1].output_ids == [] and results[1].finish_reason is FinishReason.LENGTH
     assert results[2].input_logprobs == [None]  # SGLang's default: the last prompt token, nothing computed
+
+
+def test_named_token_ids_logprobs_at_output_and_prompt_positions(served, hf_lively, prompt_ids):
+    """``token_ids_logprob``: the logprobs of those ids, in order, at each output position and each scored prompt
+    position (the first None), at the request's temperature; a request that names none gets none."""
+    prompt, named = prompt_ids[2], [4, 9, 4]
+    sampled = SamplingParams(temperature=0.7, top_p=0.5, max_new_tokens=4, ignore_eos=True, seed=5)
+    asking = GenerateRequest(prompt, sampled, logprob_start_len=1, token_ids_logprob=named)
+    plain = GenerateRequest(prompt, greedy(2, ignore_eos=True))
+
+    async def scenario(client):
+        return await asyncio.gather(*(client.generate(r) for r in (asking, plain)))
+
+    result, unasked = run(served.client, scenario)
+    tokens = prompt + result.output_ids
+    expected = hf_token_ids_logprobs(hf_lively, tokens, range(len(prompt) - 1, len(tokens) - 1), named, 0.7)
+    assert len(result.output_token_ids_logprobs) == 4
+    for got, reference in zip(result.output_token_ids_logprobs, expected):
+        assert got == pytest.approx(reference, abs=1e-4)
+    assert result.input_token_ids_logprobs[0] is None and len(result.input_token_ids_logprobs) == len(prompt) - 1
+    expected = hf_token_ids_logprobs(hf_lively, prompt, range(1, len(prompt) - 1), named, 0.7)
+    for got, reference in zip(result.input_token_ids_logprobs[1:], expected):
+        assert got == pytest.approx(reference, abs=1e-4)
+    assert unasked.output_token_ids_logprobs == [] and unasked.input_token_ids_logprobs == []
 
 
 def test_a_limit_past_the_context_ends_the_request_at_the_context(served, hf_lively, prompt_ids):

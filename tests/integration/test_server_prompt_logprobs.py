@@ -1,6 +1,7 @@
 """Prompt-token logprobs through `sluice serve`'s /generate (SGLang's ``logprob_start_len`` ->
 ``meta_info.input_token_logprobs``, with ``top_logprobs_num`` ``input_top_logprobs``), and prefill-only requests
-(``max_new_tokens`` 0). Values are checked against a transformers forward of the same checkpoint (CPU, float32)."""
+(``max_new_tokens`` 0), and the OpenAI completions echo of a prompt, plain and streamed. Values are checked
+against a transformers forward of the same checkpoint (CPU, float32)."""
 
 from __future__ import annotations
 
@@ -118,8 +119,76 @@ def test_completions_echo_scores_the_prompt_with_the_openai_client(server, engin
     assert choice.logprobs.token_logprobs[1 : len(ids)] == pytest.approx(values, abs=1e-4)
 
 
-def test_completions_echo_without_logprobs_and_streamed_echo(http):
+def test_completions_echo_without_logprobs(http):
     reply = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "echo": True}).json()
     assert reply["choices"][0]["text"].startswith("hi") and reply["choices"][0]["logprobs"] is None
-    refused = http.post("/v1/completions", json={"prompt": "hi", "echo": True, "stream": True})
-    assert refused.status_code == 400 and "echo" in refused.json()["error"]["message"]
+
+
+def streamed_choices(http, body: dict) -> dict[int, list[dict]]:
+    """The chunks of a streamed /v1/completions call, by choice index."""
+    choices: dict[int, list[dict]] = {}
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    choices.setdefault(choice["index"], []).append(choice)
+    return choices
+
+
+def joined_logprobs(chunks: list[dict]) -> dict:
+    """The logprobs of a choice's chunks, concatenated list by list."""
+    joined = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in chunks:
+        for key in joined:
+            joined[key] += (chunk["logprobs"] or {}).get(key, [])
+    return joined
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "seed": 5}])
+@pytest.mark.parametrize("logprobs", [None, 0, 2])
+def test_a_streamed_echo_equals_the_plain_one(http, engine, hf_lively, sampling, logprobs):
+    text = "reverse 12345 please"
+    body = {"prompt": text, "max_tokens": 4, "echo": True, "ignore_eos": True, "logprobs": logprobs, **sampling}
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    chunks = streamed_choices(http, body)[0]
+    assert chunks[0]["text"].startswith(text)
+    assert "".join(chunk["text"] for chunk in chunks) == plain["text"]
+    assert sum((chunk["token_ids"] for chunk in chunks), []) == plain["token_ids"]
+    assert chunks[-1]["finish_reason"] == plain["finish_reason"] == "length"
+    if logprobs is None:
+        assert all(chunk["logprobs"] is None for chunk in chunks)
+        return
+    joined = joined_logprobs(chunks)
+    expected = plain["logprobs"]
+    ids = engine.tokenizer.encode(text)
+    assert joined["tokens"] == expected["tokens"] and len(joined["tokens"]) == len(ids) + 4
+    assert joined["text_offset"] == expected["text_offset"]
+    assert joined["token_logprobs"][0] is None and joined["top_logprobs"][0] is None
+    assert joined["token_logprobs"][1:] == pytest.approx(expected["token_logprobs"][1:], abs=1e-5)
+    values, _ = hf_prompt_logprobs(hf_lively, ids, 0, temperature=sampling["temperature"] or 1.0)
+    assert joined["token_logprobs"][1 : len(ids)] == pytest.approx(values, abs=1e-4)
+    for streamed, reference in zip(joined["top_logprobs"][1:], expected["top_logprobs"][1:]):
+        assert streamed.keys() == reference.keys()
+        assert list(streamed.values()) == pytest.approx(list(reference.values()), abs=1e-5)
+
+
+def test_a_streamed_echo_of_each_choice_and_of_a_scored_prompt(http, engine):
+    body = {"prompt": ["hi", "ok then"], "n": 2, "max_tokens": 3, "echo": True, "logprobs": 1, "temperature": 0.7,
+            "seed": 1, "ignore_eos": True}
+    plain = http.post("/v1/completions", json=body).json()["choices"]
+    streamed = streamed_choices(http, body)
+    assert sorted(streamed) == [0, 1, 2, 3]
+    for index, chunks in streamed.items():
+        assert chunks[0]["text"].startswith(["hi", "ok then"][index // 2])
+        assert "".join(chunk["text"] for chunk in chunks) == plain[index]["text"]
+        assert joined_logprobs(chunks)["tokens"] == plain[index]["logprobs"]["tokens"]
+    scored = {"prompt": "reverse 12345 please", "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
+    plain = http.post("/v1/completions", json=scored).json()["choices"][0]
+    chunks = streamed_choices(http, scored)[0]
+    assert len(chunks) == 1 and chunks[0]["text"] == plain["text"] == scored["prompt"]
+    assert chunks[0]["finish_reason"] == "length" and chunks[0]["token_ids"] == []
+    joined = joined_logprobs(chunks)
+    assert joined["tokens"] == plain["logprobs"]["tokens"]
+    assert joined["token_logprobs"][0] is None
+    assert joined["token_logprobs"][1:] == pytest.approx(plain["logprobs"]["token_logprobs"][1:], abs=1e-5)

@@ -271,7 +271,7 @@ def test_each_output_token_carries_the_weight_version_that_sampled_it(lively_che
         done = threading.Event()
         box = []
 
-        def on_update(ids, logprobs, top):  # on the worker thread, between steps: pause before the next one
+        def on_update(ids, logprobs, top, named):  # on the worker thread, between steps: pause before the next one
             if not first_token.is_set():
                 engine.pause()
                 first_token.set()

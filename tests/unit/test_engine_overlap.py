@@ -88,7 +88,7 @@ def test_streamed_pieces_and_aborted_outputs_hold_no_pending_token(lively_checkp
         done = threading.Event()
         box = []
 
-        def on_update(ids, logprobs, top):  # on the worker thread, the next step launched
+        def on_update(ids, logprobs, top, named):  # on the worker thread, the next step launched
             assert len(ids) == len(logprobs)
             pieces.extend(ids)
             if len(pieces) >= 5 and not streamed.is_set():
@@ -122,7 +122,7 @@ def test_a_weight_update_lands_after_the_step_in_flight(lively_checkpoint, livel
         done = threading.Event()
         box = []
 
-        def on_update(ids, logprobs, top):
+        def on_update(ids, logprobs, top, named):
             if not paused.is_set():
                 engine.pause()
                 paused.set()
@@ -166,7 +166,7 @@ def test_control_calls_wait_for_the_step_in_flight(lively_checkpoint, monkeypatc
     done = threading.Event()
     box = []
 
-    def on_update(ids, logprobs, top):  # on the worker thread, outside the step lock, the next step launched
+    def on_update(ids, logprobs, top, named):  # on the worker thread, outside the step lock, the next step launched
         if not in_callback.is_set():
             in_callback.set()
             time.sleep(0.3)  # a control call made now must wait for the worker, not slip in beside the step

@@ -1,7 +1,7 @@
 """Prompt-token logprobs (``logprob_start_len``) and prefill-only requests (``max_new_tokens`` 0) in the
 in-process engine (CPU, float32), checked against a transformers forward of the same checkpoint: from several
 start positions, across prefill chunks and pages, with a warm prefix cache, under preemption, with the
-overlapped read-back, and with the top candidates."""
+overlapped read-back, and with the top candidates and the logprobs of named token ids."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from sluice.engine.prompt_logprobs import PromptRows, score_prompt_rows
 from sluice.engine.sequence import Sequence
 from sluice.types import SamplingParams
 
-from helpers.reference import hf_prompt_logprobs
+from helpers.reference import hf_prompt_logprobs, hf_token_ids_logprobs
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*deprecated:FutureWarning")
 
@@ -121,6 +121,44 @@ def test_scoring_survives_preemption_and_the_overlapped_read_back(lively_checkpo
         assert engine.scheduler.num_preemptions > 0
     finally:
         engine.shutdown()
+
+
+def test_named_token_ids_follow_the_convention_across_chunks_and_the_overlapped_read_back(lively_checkpoint, hf_model):
+    """Prompt positions scored over three prefill chunks and the output positions, read a step after launch; a
+    batch-mate that names no ids gets none."""
+    engine = LocalEngine(lively_checkpoint, EngineConfig(device="cpu", dtype="float32", page_size=16,
+                                                         chunked_prefill_size=16, max_running_requests=4,
+                                                         max_total_tokens=512))
+    engine.overlap = True
+    try:
+        named = [9, 0, 9, 101]
+        asking = scoring(PROMPT, 2, max_new_tokens=4, temperature=0.7)
+        asking.token_ids_logprob = named
+        result, plain = generate(engine, asking, scoring(PROMPT[:30], 0))
+        tokens = PROMPT + result.output_ids
+        assert result.input_token_ids_logprobs[0] is None and len(result.input_token_ids_logprobs) == len(PROMPT) - 2
+        expected = hf_token_ids_logprobs(hf_model, PROMPT, range(2, len(PROMPT) - 1), named, 0.7)
+        for got, reference in zip(result.input_token_ids_logprobs[1:], expected):
+            assert got == pytest.approx(reference, abs=1e-4)
+        expected = hf_token_ids_logprobs(hf_model, tokens, range(len(PROMPT) - 1, len(tokens) - 1), named, 0.7)
+        assert len(result.output_token_ids_logprobs) == 4
+        for got, reference in zip(result.output_token_ids_logprobs, expected):
+            assert got == pytest.approx(reference, abs=1e-4)
+        assert plain.input_token_ids_logprobs == [] and plain.output_token_ids_logprobs == []
+    finally:
+        engine.shutdown()
+
+
+def test_bad_named_token_ids_are_refused(small_engine):
+    for ids, words in (([3, 102], "outside the vocabulary"), ([3, -1], "outside the vocabulary"),
+                       ([True], "list of token ids"), ((3,), "list of token ids")):
+        request = scoring(PROMPT, -1)
+        request.token_ids_logprob = ids
+        with pytest.raises(ValueError, match=words):
+            small_engine.submit(request, lambda _: None)
+    silent = GenerateRequest(PROMPT, SamplingParams(), return_logprob=False, token_ids_logprob=[3])
+    with pytest.raises(ValueError, match="return_logprob"):
+        small_engine.submit(silent, lambda _: None)
 
 
 def test_out_of_range_starts_are_refused(small_engine):

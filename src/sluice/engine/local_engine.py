@@ -42,6 +42,7 @@ from sluice.engine.sequence import PENDING_TOKEN, OnDone, OnInputLogprobs, OnUpd
 from sluice.engine.settings import EngineConfig
 from sluice.engine.stats import EngineStats
 from sluice.engine.stopping import StopChecker
+from sluice.engine.token_ids_logprobs import token_ids_logprobs
 from sluice.engine.top_logprobs import top_logprobs
 from sluice.models import load_model
 from sluice.models.loading import hf_named_tensors, load_hf_weights
@@ -138,6 +139,7 @@ class LocalEngine:
         if not 0 <= request.top_logprobs_num <= vocab:
             raise ValueError(f"top_logprobs_num must lie in [0, {vocab}] (the vocabulary size); "
                              f"got {request.top_logprobs_num}")
+        _check_token_ids_logprob(request, vocab)
         seed = request.sampling_params.seed
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):  # the sampler hashes it
             raise ValueError(f"sampling_params.seed must be an int or None; got {type(seed).__name__} {seed!r}")
@@ -366,7 +368,8 @@ class LocalEngine:
             params = [s.request.sampling_params for s in seqs]
             token_t, logprob_t = sample_tokens(logits, params, positions)
             top = top_logprobs(logits, params, [s.request.top_logprobs_num for s in seqs])
-            readback = self.runner.remember(seqs, token_t, logprob_t, top)
+            named = token_ids_logprobs(logits, params, [s.request.token_ids_logprob for s in seqs])
+            readback = self.runner.remember(seqs, token_t, logprob_t, top, named)
             for seq in seqs:
                 seq.token_ids.append(PENDING_TOKEN)
                 num_output = len(seq.token_ids) - seq.num_prompt_tokens
@@ -380,6 +383,7 @@ class LocalEngine:
         started = time.perf_counter()
         tokens, logprobs = launched.readback.result() if launched.readback is not None else ([], [])
         tops = launched.readback.top_logprobs() if launched.readback is not None else {}
+        named = launched.readback.token_ids_logprobs() if launched.readback is not None else {}
         if launched.prompt_scores is not None:
             launched.prompt_scores.deliver()
         synced = time.perf_counter()
@@ -394,6 +398,8 @@ class LocalEngine:
             seq.output_logprobs.append(logprob)
             if row in tops:
                 seq.output_top_logprobs.append(tops[row])
+            if row in named:
+                seq.output_token_ids_logprobs.append(named[row])
             seq.output_versions.append(launched.weight_version)
             if seq.on_update is not None:
                 updates.append(seq)
@@ -446,13 +452,14 @@ class LocalEngine:
             new_ids = seq.output_ids[seq.num_reported : count]
             new_logprobs = seq.output_logprobs[seq.num_reported : count]
             new_top = seq.output_top_logprobs[seq.num_reported : count]
+            new_named = seq.output_token_ids_logprobs[seq.num_reported : count]
             first = seq.num_reported == 0
             seq.num_reported = count
             if not new_ids:
                 continue
             if first and seq.on_input_logprobs is not None:  # the prompt is scored before any token is sampled
                 _call(seq.on_input_logprobs, *_input_logprobs(seq))
-            _call(seq.on_update, new_ids, new_logprobs, new_top)
+            _call(seq.on_update, new_ids, new_logprobs, new_top, new_named)
         for seq in done:
             _call(seq.on_done, self._result(seq))
 
@@ -460,7 +467,7 @@ class LocalEngine:
         params = seq.request.sampling_params
         if not isinstance(seq.matched_stop, str) and self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens)
-        input_logprobs, input_top_logprobs = _input_logprobs(seq)
+        input_logprobs, input_top_logprobs, input_token_ids_logprobs = _input_logprobs(seq)
         return GenerateResult(
             rid=seq.rid,
             output_ids=list(seq.output_ids),
@@ -475,6 +482,8 @@ class LocalEngine:
             output_top_logprobs=list(seq.output_top_logprobs),
             input_logprobs=input_logprobs,
             input_top_logprobs=input_top_logprobs,
+            output_token_ids_logprobs=list(seq.output_token_ids_logprobs),
+            input_token_ids_logprobs=input_token_ids_logprobs,
         )
 
 
@@ -511,13 +520,28 @@ def _input_logprob_start(request: GenerateRequest, num_prompt_tokens: int) -> in
     return start
 
 
-def _input_logprobs(seq: Sequence) -> tuple[list[float | None], list[TopLogprobs | None]]:
+def _input_logprobs(seq: Sequence) -> tuple[list[float | None], list[TopLogprobs | None], list[list[float] | None]]:
     """SGLang's input logprob lists: None for the start position itself, then one value per scored token (the top
-    candidates only for a request that asks for them)."""
+    candidates and the named ids' logprobs only for a request that asks for them)."""
     if seq.input_logprob_start < 0:
-        return [], []
+        return [], [], []
     tops = [None, *seq.input_top_logprobs] if seq.request.top_logprobs_num else []
-    return [None, *seq.input_logprobs], tops
+    named = [None, *seq.input_token_ids_logprobs] if seq.request.token_ids_logprob else []
+    return [None, *seq.input_logprobs], tops, named
+
+
+def _check_token_ids_logprob(request: GenerateRequest, vocab: int) -> None:
+    """The named ids: a list of ints in the vocabulary, asked with return_logprob (ValueError otherwise)."""
+    ids = request.token_ids_logprob
+    if ids is None:
+        return
+    if not isinstance(ids, list) or any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+        raise ValueError(f"token_ids_logprob must be a list of token ids (ints); got {ids!r:.200}")
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"token_ids_logprob: token id {bad} is outside the vocabulary [0, {vocab})")
+    if ids and not request.return_logprob:
+        raise ValueError("token_ids_logprob comes with the token logprobs: set return_logprob")
 
 
 def _attention_backend(device: torch.device, head_dim: int) -> tuple[Callable, bool]:

@@ -28,6 +28,7 @@ from sluice.engine.sequence import PENDING_TOKEN, Sequence
 from sluice.engine.model_ops import PagedAttention
 from sluice.engine.clients.protocol import TopLogprobs
 from sluice.engine.prompt_logprobs import PromptScores, plan_prompt_rows, score_prompt_rows
+from sluice.engine.token_ids_logprobs import NamedTokenLogprobs
 from sluice.engine.top_logprobs import TopCandidates
 from sluice.models.decoder import DecoderLM
 
@@ -178,24 +179,26 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, self._tensor(rows, torch.int64))), sampled, scores
 
     def remember(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor,
-                 top: TopCandidates | None = None) -> "Readback":
-        """Keep the tokens just sampled for ``seqs`` as their next input, and start copying tokens, logprobs and
-        the top candidates of the rows that asked to the host (read them with ``Readback.result``)."""
+                 top: TopCandidates | None = None, named: NamedTokenLogprobs | None = None) -> "Readback":
+        """Keep the tokens just sampled for ``seqs`` as their next input, and start copying tokens, logprobs,
+        the top candidates and named ids' logprobs of the rows that asked to the host (read them with
+        ``Readback.result``)."""
         slots = self._replayed_slots if self._replayed_slots is not None and len(seqs) == len(self._replayed_slots) \
             else self._tensor([seq.slot for seq in seqs], torch.int64)
         self._replayed_slots = None
         self.last_tokens.index_copy_(0, slots, tokens)
         if self.device.type != "cuda":  # already on the host
-            return Readback(tokens, logprobs, None, top)
+            return Readback(tokens, logprobs, None, top, named)
         host_tokens, host_logprobs = self._readback_buffers[self._readback_turn]
         self._readback_turn ^= 1
         count = len(seqs)
         host_tokens[:count].copy_(tokens, non_blocking=True)
         host_logprobs[:count].copy_(logprobs, non_blocking=True)
         top = top.to_host() if top is not None else None
+        named = named.to_host() if named is not None else None
         event = torch.cuda.Event()
         event.record()
-        return Readback(host_tokens[:count], host_logprobs[:count], event, top)
+        return Readback(host_tokens[:count], host_logprobs[:count], event, top, named)
 
     # ---- CUDA graphs for decode ------------------------------------------------------------------
     @torch.inference_mode()
@@ -303,12 +306,12 @@ def _samples(seq: Sequence, stop: int) -> bool:
 
 
 class Readback:
-    """A step's sampled tokens and their logprobs (and the top candidates of rows that asked) on their way to the
-    host."""
+    """A step's sampled tokens and their logprobs (and the top candidates and named ids' logprobs of rows that
+    asked) on their way to the host."""
 
     def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor, event: "torch.cuda.Event | None",
-                 top: TopCandidates | None = None):
-        self.tokens, self.logprobs, self.event, self.top = tokens, logprobs, event, top
+                 top: TopCandidates | None = None, named: NamedTokenLogprobs | None = None):
+        self.tokens, self.logprobs, self.event, self.top, self.named = tokens, logprobs, event, top, named
 
     def result(self) -> tuple[list[int], list[float]]:
         """Wait for the copies (the step's end on the device) and return the values."""
@@ -319,3 +322,7 @@ class Readback:
     def top_logprobs(self) -> dict[int, TopLogprobs]:
         """The top candidates by sampled row (only rows that asked); call after ``result``."""
         return self.top.by_row() if self.top is not None else {}
+
+    def token_ids_logprobs(self) -> dict[int, list[float]]:
+        """The named ids' logprobs by sampled row (only rows that asked); call after ``result``."""
+        return self.named.by_row() if self.named is not None else {}

@@ -7,7 +7,9 @@ the prefix cache serves at most the first k tokens (``Sequence.cacheable_prefix_
 that comes back skips the positions it has already scored.
 
 Convention: that of the output logprobs (engine/sampler.py), log_softmax(logits / temperature) with greedy rows at
-temperature 1, so a prompt scored by the same request's settings compares with its sampled tokens' logprobs.
+temperature 1, so a prompt scored by the same request's settings compares with its sampled tokens' logprobs. The
+same log-probs give the top candidates (``top_logprobs_num``) and the named ids' values (``token_ids_logprob``,
+read with one gather over the ids padded to the longest list) of the requests that ask.
 
 Cost and memory: nothing for a batch where no request asks. Otherwise the rows are scored a slice at a time, so
 at most ``MAX_SCORED_FLOATS`` float32 log-probs (256 MiB) exist at once, whatever the prompt's length; a 32k-token
@@ -25,6 +27,7 @@ from sluice.engine.clients.protocol import TopLogprobs
 from sluice.engine.sampler import logprob_temperature
 from sluice.engine.scheduler import ScheduledBatch
 from sluice.engine.sequence import Sequence
+from sluice.engine.token_ids_logprobs import padded_ids
 
 MAX_SCORED_FLOATS = 64 * 2**20  # float32 log-probs alive at once while scoring prompt rows
 
@@ -68,6 +71,7 @@ class PromptScores:
     logprobs: torch.Tensor  # [len(rows)] float32: log p(target)
     top_logprobs: torch.Tensor | None  # [len(rows), max top count] float32, descending; None when none asked
     top_ids: torch.Tensor | None  # [len(rows), max top count] int64
+    named: torch.Tensor | None = None  # [len(rows), longest named-id list] float32; None when none asked
     event: "torch.cuda.Event | None" = None
 
     def to_host(self) -> "PromptScores":
@@ -75,7 +79,8 @@ class PromptScores:
         if self.logprobs.device.type == "cpu":
             return self
         move = (lambda t: t.to("cpu", non_blocking=True) if t is not None else None)
-        scores = PromptScores(self.plan, move(self.logprobs), move(self.top_logprobs), move(self.top_ids))
+        scores = PromptScores(self.plan, move(self.logprobs), move(self.top_logprobs), move(self.top_ids),
+                              move(self.named))
         scores.event = torch.cuda.Event()
         scores.event.record()
         return scores
@@ -87,6 +92,7 @@ class PromptScores:
         values = self.logprobs.tolist()
         top_values = self.top_logprobs.tolist() if self.top_logprobs is not None else []
         top_ids = self.top_ids.tolist() if self.top_ids is not None else []
+        named = self.named.tolist() if self.named is not None else []
         row = 0
         for seq, count in zip(self.plan.seqs, self.plan.counts):
             seq.input_logprobs += values[row : row + count]
@@ -94,6 +100,9 @@ class PromptScores:
             if num_top:
                 seq.input_top_logprobs += [TopLogprobs(top_ids[r][:num_top], top_values[r][:num_top])
                                            for r in range(row, row + count)]
+            num_named = len(seq.request.token_ids_logprob or [])
+            if num_named:
+                seq.input_token_ids_logprobs += [named[r][:num_named] for r in range(row, row + count)]
             row += count
 
 
@@ -113,6 +122,10 @@ def score_prompt_rows(model, hidden: torch.Tensor, plan: PromptRows,
     logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
     top_logprobs = torch.empty((num_rows, num_top), dtype=torch.float32, device=device) if num_top else None
     top_ids = torch.empty((num_rows, num_top), dtype=torch.int64, device=device) if num_top else None
+    named_lists = [seq.request.token_ids_logprob or [] for seq, count in zip(plan.seqs, plan.counts)
+                   for _ in range(count)]
+    named_index = padded_ids(named_lists, device) if any(named_lists) else None
+    named = torch.empty(named_index.shape, dtype=torch.float32, device=device) if named_index is not None else None
     step = max(1, max_floats // vocab)
     for first in range(0, num_rows, step):
         last = min(first + step, num_rows)
@@ -121,5 +134,7 @@ def score_prompt_rows(model, hidden: torch.Tensor, plan: PromptRows,
         logprobs[first:last] = log_probs.gather(1, targets[first:last, None]).squeeze(1)
         if num_top:
             top_logprobs[first:last], top_ids[first:last] = log_probs.topk(num_top, dim=-1)
-    return PromptScores(plan, logprobs, top_logprobs, top_ids)
+        if named is not None:
+            named[first:last] = log_probs.gather(1, named_index[first:last])
+    return PromptScores(plan, logprobs, top_logprobs, top_ids, named)
 

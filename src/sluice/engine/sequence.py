@@ -13,10 +13,12 @@ from sluice.engine.clients.protocol import FinishReason, GenerateRequest, Genera
 PENDING_TOKEN = -1
 
 OnDone = Callable[["GenerateResult | BaseException"], None]
-# new output ids, their logprobs, and their top candidates (empty unless the request set top_logprobs_num)
-OnUpdate = Callable[[list[int], list[float], list[TopLogprobs]], None]
-# the prompt logprobs and their top candidates, in GenerateResult's form (input_logprobs, input_top_logprobs)
-OnInputLogprobs = Callable[[list["float | None"], list["TopLogprobs | None"]], None]
+# new output ids, their logprobs, their top candidates (empty unless the request set top_logprobs_num) and the
+# named ids' logprobs (empty unless it set token_ids_logprob)
+OnUpdate = Callable[[list[int], list[float], list[TopLogprobs], list[list[float]]], None]
+# the prompt logprobs, their top candidates and the named ids' logprobs, in GenerateResult's form
+# (input_logprobs, input_top_logprobs, input_token_ids_logprobs)
+OnInputLogprobs = Callable[[list["float | None"], list["TopLogprobs | None"], list["list[float] | None"]], None]
 
 
 class SequenceState(enum.Enum):
@@ -48,6 +50,8 @@ class Sequence:
     num_input_scored: int = 0  # prompt positions from input_logprob_start on launched for scoring
     input_logprobs: list[float] = field(default_factory=list)  # read back, for prompt tokens start+1, start+2, ...
     input_top_logprobs: list[TopLogprobs] = field(default_factory=list)  # likewise, if top_logprobs_num is set
+    input_token_ids_logprobs: list[list[float]] = field(default_factory=list)  # likewise, if token_ids_logprob is set
+    output_token_ids_logprobs: list[list[float]] = field(default_factory=list)  # per output token, likewise
     num_reported: int = 0  # output tokens already passed to on_update
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     admitted_once: bool = False

@@ -75,6 +75,8 @@ class HttpEngineClient:
             payload.update(return_logprob=True, top_logprobs_num=request.top_logprobs_num)
         if request.logprob_start_len != -1:
             payload["logprob_start_len"] = request.logprob_start_len
+        if request.token_ids_logprob:
+            payload["token_ids_logprob"] = list(request.token_ids_logprob)
         try:
             sampling["max_new_tokens"] = await self._fitting_max_new_tokens(request)
             body = await self._send("POST", "/generate", payload, False, self.options.generate_timeout_s)
@@ -297,6 +299,8 @@ def parse_generate_response(body: dict, request: GenerateRequest, fallback_versi
         output_top_logprobs=_parse_top_logprobs(meta, request.top_logprobs_num, len(output_ids)),
         input_logprobs=_parse_input_logprobs(meta) if request.return_logprob else [],
         input_top_logprobs=_parse_input_top_logprobs(meta, request.top_logprobs_num) if request.return_logprob else [],
+        output_token_ids_logprobs=_parse_token_ids_logprobs(meta, "output_token_ids_logprobs", request),
+        input_token_ids_logprobs=_parse_token_ids_logprobs(meta, "input_token_ids_logprobs", request),
     )
 
 
@@ -336,6 +340,19 @@ def _parse_input_top_logprobs(meta: dict, count: int) -> list[TopLogprobs | None
     except (TypeError, ValueError, IndexError):
         raise ValueError(f"meta_info.input_top_logprobs {str(positions)[:200]} is not a list of "
                          "[logprob, token_id, text] triples (or None) per position") from None
+
+
+def _parse_token_ids_logprobs(meta: dict, key: str, request: GenerateRequest) -> list:
+    """SGLang's ``output_token_ids_logprobs``/``input_token_ids_logprobs``: per position the named ids' triples
+    (or None, the first prompt position) as their logprobs; [] when the request named none."""
+    if not (request.token_ids_logprob and request.return_logprob):
+        return []
+    positions = meta.get(key) or []
+    try:
+        return [None if triples is None else [float(t[0]) for t in triples] for triples in positions]
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"meta_info.{key} {str(positions)[:200]} is not a list of [logprob, token_id, text] "
+                         "triples (or None) per position") from None
 
 
 def _expand_version_runs(runs, num_tokens: int) -> list[int]:

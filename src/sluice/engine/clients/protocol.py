@@ -48,6 +48,9 @@ class GenerateRequest:
     # ``logprob_start_len``); -1: SGLang's default, the last prompt token only (none when max_new_tokens is 0).
     # Needs return_logprob; positions from here on are recomputed even when the prefix cache holds them.
     logprob_start_len: int = -1
+    # Token ids whose logprobs are reported at every output position (and every scored prompt position), in this
+    # order, duplicates kept (SGLang's ``token_ids_logprob``); None: none, and no cost. Needs return_logprob.
+    token_ids_logprob: list[int] | None = None
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Requests sharing a key (the samples of one GRPO group, the turns of one conversation) go to the same
     # engine behind a MultiEngineClient, so they share its prefix cache; None: route by the prompt's tokens.
@@ -76,6 +79,11 @@ class GenerateResult:
     input_logprobs: list[float | None] = field(default_factory=list)
     # with top_logprobs_num too: the top candidates at each of those positions, the first None likewise
     input_top_logprobs: list[TopLogprobs | None] = field(default_factory=list)
+    # with token_ids_logprob: per output token, the logprobs of those ids (in the request's order), in the
+    # output logprobs' convention; empty when the request did not ask
+    output_token_ids_logprobs: list[list[float]] = field(default_factory=list)
+    # and per prompt position of input_logprobs, the same (the first None likewise)
+    input_token_ids_logprobs: list[list[float] | None] = field(default_factory=list)
 
 
 NamedTensors = Mapping[str, torch.Tensor]

@@ -22,6 +22,7 @@ class TokenDelta:
     output_ids: list[int]
     output_logprobs: list[float]
     output_top_logprobs: list[TopLogprobs]  # empty unless the request set top_logprobs_num
+    output_token_ids_logprobs: list[list[float]]  # empty unless the request set token_ids_logprob
 
 
 class AsyncEngine:
@@ -54,19 +55,23 @@ class TokenStream:
         # the prompt logprobs (GenerateResult's form), set before the first TokenDelta is yielded
         self.input_logprobs: list[float | None] = []
         self.input_top_logprobs: list[TopLogprobs | None] = []
+        self.input_token_ids_logprobs: list[list[float] | None] = []
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         put = self._queue.put_nowait
         engine.submit(
             request,
             on_done=lambda outcome: _post(loop, put, outcome),
-            on_update=lambda ids, logprobs, top: _post(loop, put, TokenDelta(list(ids), list(logprobs), list(top))),
-            on_input_logprobs=lambda logprobs, tops: _post(loop, self._keep_input_logprobs, logprobs, tops),
+            on_update=lambda ids, logprobs, top, named: _post(
+                loop, put, TokenDelta(list(ids), list(logprobs), list(top), list(named))),
+            on_input_logprobs=lambda logprobs, tops, named: _post(loop, self._keep_input_logprobs, logprobs, tops,
+                                                                  named),
         )
 
-    def _keep_input_logprobs(self, logprobs: list, tops: list) -> None:
+    def _keep_input_logprobs(self, logprobs: list, tops: list, named: list) -> None:
         # Posted before the first delta's put, so it runs first on the loop: the delta sees these values.
         self.input_logprobs, self.input_top_logprobs = list(logprobs), list(tops)
+        self.input_token_ids_logprobs = list(named)
 
     def __aiter__(self) -> AsyncIterator[TokenDelta | GenerateResult]:
         return self._items()

@@ -37,8 +37,8 @@ class ServedEngine(Protocol):
     weight_version: int
 
     def submit(self, request: GenerateRequest, on_done: Callable[[GenerateResult | BaseException], None],
-               on_update: Callable[[list[int], list[float], list[TopLogprobs]], None] | None = None,
-               on_input_logprobs: Callable[[list, list], None] | None = None) -> None: ...
+               on_update: Callable[[list[int], list[float], list[TopLogprobs], list[list[float]]], None] | None = None,
+               on_input_logprobs: Callable[[list, list, list], None] | None = None) -> None: ...
     def abort(self, rid: str | None = None) -> None: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
@@ -163,9 +163,11 @@ class ServerContext:
     def make_request(self, field: str, input_ids: list[int], params: SamplingParams, return_logprob: bool,
                      rid: str | None = None, *, max_tokens_field: str, top_logprobs_num: int = 0,
                      top_logprobs_field: str = "", logprob_start_len: int = -1,
-                     logprob_start_field: str = "logprob_start_len") -> GenerateRequest:
+                     logprob_start_field: str = "logprob_start_len", token_ids_logprob: list[int] | None = None,
+                     token_ids_field: str = "token_ids_logprob") -> GenerateRequest:
         """A checked request: the prompt, the room its ``max_new_tokens`` (given as ``max_tokens_field``) asks
-        for, the top-logprob count against the server's limit, and the first prompt position to score."""
+        for, the top-logprob count against the server's limit, the first prompt position to score, and the ids
+        whose logprobs are reported."""
         self.check_prompt(field, input_ids)
         self.check_room(max_tokens_field, len(input_ids), params.max_new_tokens)
         self.check_top_logprobs(top_logprobs_field, top_logprobs_num)
@@ -173,5 +175,17 @@ class ServerContext:
             raise RequestError(logprob_start_field, f"logprob_start_len={logprob_start_len} is not less than the "
                                                     f"number of input tokens ({len(input_ids)}); use a smaller "
                                                     "logprob_start_len")
+        if token_ids_logprob:
+            self.check_token_ids(token_ids_field, token_ids_logprob)
         return GenerateRequest(list(input_ids), params, return_logprob=return_logprob, rid=rid or uuid.uuid4().hex,
-                               top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len)
+                               top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
+                               token_ids_logprob=list(token_ids_logprob) if token_ids_logprob else None)
+
+    def check_token_ids(self, field: str, token_ids: list[int]) -> None:
+        """Refuse, naming ``field``, ids outside the vocabulary, or more ids than it holds (each costs one float
+        per reported position)."""
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(field, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(token_ids) > self.vocab_size:
+            raise RequestError(field, f"{len(token_ids)} token ids; at most the vocabulary size ({self.vocab_size})")

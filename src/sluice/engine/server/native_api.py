@@ -59,7 +59,8 @@ def _to_request(ctx: ServerContext, item: GenerateItem) -> GenerateRequest:
     return ctx.make_request(item.field, input_ids, params, item.return_logprob, item.rid,
                             max_tokens_field=f"{item.params_field}.max_new_tokens",
                             top_logprobs_num=item.top_logprobs_num, top_logprobs_field=item.top_logprobs_field,
-                            logprob_start_len=item.logprob_start_len, logprob_start_field=item.logprob_start_field)
+                            logprob_start_len=item.logprob_start_len, logprob_start_field=item.logprob_start_field,
+                            token_ids_logprob=item.token_ids_logprob, token_ids_field=item.token_ids_field)
 
 
 def _open_stream(ctx: ServerContext, request: GenerateRequest) -> TokenStream:
@@ -97,6 +98,13 @@ def _top_triples(ctx: ServerContext, tops: list[TopLogprobs | None], with_text: 
     return [None if top is None else _logprob_triples(ctx, top.token_ids, top.logprobs, with_text) for top in tops]
 
 
+def _named_triples(ctx: ServerContext, token_ids: list[int], positions: list[list[float] | None],
+                   with_text: bool) -> list[list[list] | None]:
+    """SGLang's ``output_token_ids_logprobs``/``input_token_ids_logprobs``: per token, the named ids' logprobs as
+    triples in the request's order (None where there are none: the first prompt position)."""
+    return [None if values is None else _logprob_triples(ctx, token_ids, values, with_text) for values in positions]
+
+
 def _input_triples(ctx: ServerContext, prompt: list[int], logprobs: list[float | None], with_text: bool) -> list[list]:
     """SGLang's ``input_token_logprobs``: the prompt tokens from logprob_start_len on, the first logprob None."""
     return _logprob_triples(ctx, prompt[len(prompt) - len(logprobs) :], logprobs, with_text)
@@ -122,6 +130,10 @@ def native_output(ctx: ServerContext, result: GenerateResult, item: GenerateItem
     if item.top_logprobs_num:
         meta["input_top_logprobs"] = _top_triples(ctx, result.input_top_logprobs, with_text)
         meta["output_top_logprobs"] = _top_triples(ctx, result.output_top_logprobs, with_text)
+    if item.token_ids_logprob:
+        named = item.token_ids_logprob
+        meta["input_token_ids_logprobs"] = _named_triples(ctx, named, result.input_token_ids_logprobs, with_text)
+        meta["output_token_ids_logprobs"] = _named_triples(ctx, named, result.output_token_ids_logprobs, with_text)
     text = output_text(result, item.sampling_params.no_stop_trim)
     return {"text": text, "output_ids": list(result.output_ids), "meta_info": meta}
 
@@ -138,7 +150,7 @@ def version_runs(versions: list[int]) -> list[list[int]]:
 
 
 def _partial_output(ctx: ServerContext, stream: TokenStream, text: str, ids: list[int],
-                    logprobs: list[float], tops: list[TopLogprobs], with_text: bool) -> dict:
+                    logprobs: list[float], tops: list[TopLogprobs], named: list[list[float]], with_text: bool) -> dict:
     """A chunk before the last: the output so far, and the prompt logprobs (known from the first chunk on)."""
     request = stream.request
     meta = {"id": request.rid, "finish_reason": None, "prompt_tokens": len(request.input_ids),
@@ -149,6 +161,10 @@ def _partial_output(ctx: ServerContext, stream: TokenStream, text: str, ids: lis
     if request.top_logprobs_num:
         meta["input_top_logprobs"] = _top_triples(ctx, stream.input_top_logprobs, with_text)
         meta["output_top_logprobs"] = _top_triples(ctx, tops, with_text)
+    if request.token_ids_logprob:
+        meta["input_token_ids_logprobs"] = _named_triples(ctx, request.token_ids_logprob,
+                                                          stream.input_token_ids_logprobs, with_text)
+        meta["output_token_ids_logprobs"] = _named_triples(ctx, request.token_ids_logprob, named, with_text)
     return {"text": text, "output_ids": list(ids), "meta_info": meta}
 
 
@@ -166,14 +182,16 @@ async def _stream_events(ctx: ServerContext, stream: TokenStream, item: Generate
     ids: list[int] = []
     logprobs: list[float] = []
     tops: list[TopLogprobs] = []
+    named: list[list[float]] = []
     try:
         async for event in stream:
             if isinstance(event, TokenDelta):
                 ids += event.output_ids
                 logprobs += event.output_logprobs
                 tops += event.output_top_logprobs
+                named += event.output_token_ids_logprobs
                 text.push(event.output_ids)
-                yield sse(_partial_output(ctx, stream, text.sent, ids, logprobs, tops, with_text))
+                yield sse(_partial_output(ctx, stream, text.sent, ids, logprobs, tops, named, with_text))
             else:
                 yield sse(native_output(ctx, event, item, stream.request.input_ids, with_text, started))
     except Exception as error:  # noqa: BLE001 - the status line is already sent; report in-band as SGLang does

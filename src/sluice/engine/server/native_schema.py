@@ -39,7 +39,7 @@ def require_neutral(value, neutral):
 UNSUPPORTED_GENERATE = {
     "return_hidden_states": False, "return_entropy": False, "return_bytes": False, "return_routed_experts": False,
     "background": False, "lora_path": None, "image_data": None, "audio_data": None, "video_data": None,
-    "session_params": None, "custom_logit_processor": None, "token_ids_logprob": None, "bootstrap_host": None,
+    "session_params": None, "custom_logit_processor": None, "bootstrap_host": None,
     "bootstrap_port": None, "bootstrap_room": None,
 }
 
@@ -140,6 +140,10 @@ class GenerateBody(BaseModel):
     logprob_start_len: int | list[int] = -1
     # with return_logprob: meta_info.output_top_logprobs (and input_top_logprobs over the same prompt positions)
     top_logprobs_num: int | list[int] = 0
+    # with return_logprob: meta_info.output_token_ids_logprobs, the logprobs of these ids at each output position
+    # (and input_token_ids_logprobs over the prompt positions of input_token_logprobs); a batch takes one list for
+    # every prompt or a list per prompt. An empty list asks for nothing (SGLang's neutral value).
+    token_ids_logprob: list[int] | list[list[int]] | None = None
     return_text_in_logprobs: bool = False
     stream: bool = False
     rid: str | list[str] | None = None
@@ -158,7 +162,6 @@ class GenerateBody(BaseModel):
     video_data: Any = None
     session_params: Any = None
     custom_logit_processor: Any = None
-    token_ids_logprob: Any = None
     bootstrap_host: Any = None
     bootstrap_port: Any = None
     bootstrap_room: Any = None
@@ -193,6 +196,7 @@ class GenerateBody(BaseModel):
         rids = _per_item(self.rid, count, "rid")
         tops = _per_item(self.top_logprobs_num, count, "top_logprobs_num")
         starts = _per_item(self.logprob_start_len, count, "logprob_start_len")
+        named = self._named_ids(count)
         items = []
         for i in range(count):
             top_field = _item_field("top_logprobs_num", self.top_logprobs_num, i)
@@ -204,8 +208,26 @@ class GenerateBody(BaseModel):
                 raise RequestError(start_field, "prompt logprobs come with the token logprobs: set return_logprob true")
             items.append(GenerateItem(f"{field}[{i}]" if self.is_batch else field, prompts[i], params[i], logprob[i],
                                       rids[i], _item_field("sampling_params", self.sampling_params, i), tops[i],
-                                      top_field, starts[i], start_field))
+                                      top_field, starts[i], start_field, named[i], self._named_field(i)))
+            if named[i] and not logprob[i]:  # SGLang ignores them then: refused here, not dropped
+                raise RequestError(self._named_field(i), "token id logprobs come with the token logprobs: set "
+                                                         "return_logprob true")
         return items
+
+    def _named_ids(self, count: int) -> list[list[int] | None]:
+        """token_ids_logprob per prompt: one flat list is shared by every prompt, a list of lists is per prompt."""
+        ids = self.token_ids_logprob
+        if not ids:
+            return [None] * count
+        if not isinstance(ids[0], list):
+            return [list(ids)] * count
+        if not self.is_batch:
+            raise RequestError("token_ids_logprob", "one prompt takes a list of token ids, not a list of lists")
+        return [list(each) or None for each in _per_item(ids, count, "token_ids_logprob")]
+
+    def _named_field(self, index: int) -> str:
+        ids = self.token_ids_logprob
+        return f"token_ids_logprob[{index}]" if ids and isinstance(ids[0], list) else "token_ids_logprob"
 
 
 def _item_field(name: str, value, index: int) -> str:
@@ -235,6 +257,8 @@ class GenerateItem:
     top_logprobs_field: str
     logprob_start_len: int = -1
     logprob_start_field: str = "logprob_start_len"
+    token_ids_logprob: list[int] | None = None  # ids whose logprobs are reported at each position; None: none
+    token_ids_field: str = "token_ids_logprob"
 
 
 def _per_item(value, count: int, name: str) -> list:

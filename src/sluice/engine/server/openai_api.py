@@ -45,6 +45,11 @@ class Call:
     def want_logprobs(self) -> bool:
         return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
 
+    @property
+    def echoes(self) -> bool:
+        """A completion with ``echo``: each choice starts with its prompt (and, with logprobs, its scores)."""
+        return not self.chat and self.body.echo
+
 
 def openai_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter(dependencies=ctx.keys.dependency(Access.USER))
@@ -139,12 +144,10 @@ def _usage(call: Call, results: list[GenerateResult]) -> dict:
 def _choice(ctx: ServerContext, call: Call, index: int, result: GenerateResult) -> dict:
     text = output_text(result, call.body.no_stop_trim)
     ids, logprobs, tops = result.output_ids, result.output_logprobs, result.output_top_logprobs
-    if not call.chat and call.body.echo:  # the prompt first: its text, and its tokens' logprobs (the first None)
+    if call.echoes:
         text = call.prompt_texts[index // call.body.n] + text
-        if call.want_logprobs():
-            ids = call.prompts[index // call.body.n] + ids
-            logprobs = result.input_logprobs + logprobs
-            tops = (result.input_top_logprobs + tops) if call.body.top_logprobs_num else []
+        ids, logprobs, tops = _echoed(call, index, ids, logprobs, tops, result.input_logprobs,
+                                      result.input_top_logprobs)
     logprobs = _logprobs(ctx, call, ids, logprobs, tops) if call.want_logprobs() else None
     choice = {"index": index, "logprobs": logprobs, "finish_reason": result.finish_reason.value,
               "matched_stop": result.matched_stop, "token_ids": list(result.output_ids)}
@@ -154,6 +157,16 @@ def _choice(ctx: ServerContext, call: Call, index: int, result: GenerateResult) 
         choice["text"] = text
         choice["prompt_token_ids"] = call.prompts[index // call.body.n]
     return choice
+
+
+def _echoed(call: Call, index: int, ids: list[int], logprobs: list[float], tops: list[TopLogprobs],
+            input_logprobs: list[float | None], input_tops: list[TopLogprobs | None]):
+    """The prompt's tokens, their logprobs (the first None) and top candidates put before a choice's, for echo
+    with logprobs (plain and streamed alike); the output's own lists unchanged otherwise."""
+    if not call.want_logprobs():
+        return ids, logprobs, tops
+    tops = (input_tops + tops) if call.body.top_logprobs_num else []
+    return call.prompts[index // call.body.n] + ids, input_logprobs + logprobs, tops
 
 
 def _logprobs(ctx: ServerContext, call: Call, ids: list[int], logprobs: list[float], tops: list[TopLogprobs],
@@ -192,9 +205,14 @@ def _completion_top(ctx: ServerContext, top: TopLogprobs, sampled_piece: str, sa
 
 
 async def _stream(ctx: ServerContext, call: Call, streams) -> AsyncIterator[str]:
+    """Chunks of every choice as their tokens come. With echo, a choice's first chunk (its first tokens, or its
+    end when it samples none) starts with the prompt's text and, with logprobs, the prompt's scores, as the plain
+    response does. Completions' ``text_offset`` runs on across a choice's chunks."""
     texts = [IncrementalText(ctx.tokenizer, r.sampling_params.skip_special_tokens, r.sampling_params.stop)
              for r in call.requests]
     results: list[GenerateResult | None] = [None] * len(streams)
+    to_echo = [call.echoes] * len(streams)
+    offsets = [0] * len(streams)  # each choice's text offset after its chunks so far
     if call.chat:
         for index in range(len(streams)):
             yield sse(_chunk(ctx, call, index, {"delta": {"role": "assistant", "content": ""}, "token_ids": []}))
@@ -202,12 +220,22 @@ async def _stream(ctx: ServerContext, call: Call, streams) -> AsyncIterator[str]
         async for index, event in merge_streams(streams):
             if isinstance(event, TokenDelta):
                 piece = texts[index].push(event.output_ids)
-                delta = _delta(ctx, call, piece, event.output_ids, event.output_logprobs, event.output_top_logprobs)
-                yield sse(_chunk(ctx, call, index, delta))
+                output_ids, scored = event.output_ids, (event.output_ids, event.output_logprobs,
+                                                        event.output_top_logprobs)
+                prompt_scores, finish = (streams[index].input_logprobs, streams[index].input_top_logprobs), None
             else:
                 results[index] = event
                 piece = texts[index].finish(output_text(event, call.body.no_stop_trim))
-                yield sse(_chunk(ctx, call, index, _delta(ctx, call, piece, [], [], [], event.finish_reason.value)))
+                output_ids, scored = [], ([], [], [])
+                prompt_scores, finish = (event.input_logprobs, event.input_top_logprobs), event.finish_reason.value
+            if to_echo[index]:
+                to_echo[index] = False
+                piece = call.prompt_texts[index // call.body.n] + piece
+                scored = _echoed(call, index, *scored, *prompt_scores)
+            fields = _delta(ctx, call, piece, output_ids, scored, offsets[index], finish)
+            if fields["logprobs"] is not None and not call.chat:
+                offsets[index] += sum(len(token) for token in fields["logprobs"]["tokens"])
+            yield sse(_chunk(ctx, call, index, fields))
     except Exception as error:  # noqa: BLE001 - headers are sent; report in-band
         yield sse({"error": {"message": f"generation failed: {error}", "type": "server_error", "code": 500}})
     if call.body.stream_options and call.body.stream_options.include_usage and all(results):
@@ -216,10 +244,13 @@ async def _stream(ctx: ServerContext, call: Call, streams) -> AsyncIterator[str]
     yield SSE_DONE
 
 
-def _delta(ctx: ServerContext, call: Call, piece: str, ids: list[int], logprobs: list[float],
-           tops: list[TopLogprobs], finish_reason: str | None = None) -> dict:
-    fields = {"finish_reason": finish_reason, "token_ids": ids,
-              "logprobs": _logprobs(ctx, call, ids, logprobs, tops) if call.want_logprobs() and ids else None}
+def _delta(ctx: ServerContext, call: Call, piece: str, output_ids: list[int], scored, offset: int,
+           finish_reason: str | None = None) -> dict:
+    """One chunk's fields: ``scored`` the (token ids, logprobs, top candidates) its logprobs cover (the echoed
+    prompt's first), ``offset`` the text offset of its first token."""
+    ids, logprobs, tops = scored
+    fields = {"finish_reason": finish_reason, "token_ids": list(output_ids),
+              "logprobs": _logprobs(ctx, call, ids, logprobs, tops, offset) if call.want_logprobs() and ids else None}
     if call.chat:
         fields["delta"] = {"content": piece} if piece or finish_reason is None else {}
     else:

@@ -133,7 +133,9 @@ class CompletionRequest(OpenAIRequest):
     # 0 with echo scores a prompt: its tokens' logprobs and no completion (as vLLM serves it)
     max_tokens: int | None = Field(OPENAI_DEFAULT_MAX_TOKENS, ge=0)
     logprobs: int | None = Field(None, ge=0)
-    echo: bool = False  # the prompt is put before the completion's text (and, with logprobs, its tokens' logprobs)
+    # the prompt is put before the completion's text (and, with logprobs, its tokens' logprobs); streamed, in each
+    # choice's first chunk
+    echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
@@ -149,12 +151,6 @@ class CompletionRequest(OpenAIRequest):
     def logprob_start_len(self) -> int:
         """The engine scores the whole prompt for echo with logprobs; -1 (its default) otherwise."""
         return 0 if self.echo and self.logprobs is not None else -1
-
-    @model_validator(mode="after")
-    def _echo_not_streamed(self) -> "CompletionRequest":
-        if self.echo and self.stream:
-            raise ValueError("echo: streamed completions do not echo the prompt; set stream false")
-        return self
 
     def prompts(self) -> list[tuple[str, str | list[int]]]:
         """(field, text or token ids) per prompt."""
