@@ -268,3 +268,23 @@ def test_an_offloaded_critic_takes_the_device_critics_steps(small_checkpoint, tm
     for group in resumed.optimizer.param_groups:
         group["foreach"], group["fused"] = False, True
     assert resumed.train_step(batch) == offloaded.train_step(batch)
+
+
+def test_a_critic_checkpoint_with_bf16_weights_and_moments_resumes_in_float32(small_checkpoint):
+    """Critics saved before they kept float32 masters hold bf16 weights and moments: they load, as float32."""
+    saver = critic_for(small_checkpoint, critic_lr=1e-2)
+    batch = value_batch(saver)
+    saver.train_step(batch)
+    state = saver.state_dict()
+    as_bf16 = lambda t: t.to(torch.bfloat16) if t.is_floating_point() and t.dim() > 0 else t  # noqa: E731
+    state["model"] = {name: as_bf16(t) for name, t in state["model"].items()}
+    for moments in state["optimizer"]["state"].values():
+        moments.update({key: as_bf16(t) for key, t in moments.items()})
+    resumed = critic_for(small_checkpoint, critic_lr=1e-2)
+    resumed.load_state_dict(state)
+    assert all(p.dtype == torch.float32 for p in resumed.model.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in resumed.optimizer.state.values())
+    for (name, param), (_, saved) in zip(resumed.model.named_parameters(), saver.model.named_parameters()):
+        assert torch.equal(param, saved.to(torch.bfloat16).float()), name
+    metrics = resumed.train_step(batch)
+    assert math.isfinite(metrics["train/value_loss"]) and metrics["train/critic_grad_norm"] > 0

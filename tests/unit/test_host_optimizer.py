@@ -127,7 +127,8 @@ def test_a_refused_step_changes_nothing(checkpoint, batch):
     trainer.train_step(batch)
     assert trainer.guard.num_skipped == 1 and trainer.num_optimizer_steps == 0
     assert all(torch.equal(m, b) for m, b in zip(trainer.host.masters, before))
-    assert trainer.optimizer.state == {} and trainer.host.gradients == [None] * len(trainer.host.params)
+    assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in trainer.optimizer.state.values())
+    assert trainer.host.gradients == [None] * len(trainer.host.params)
 
 
 def test_the_reference_model_computes_as_the_actor_and_updates_from_the_masters(checkpoint, batch):
@@ -147,14 +148,40 @@ def test_the_reference_model_computes_as_the_actor_and_updates_from_the_masters(
         assert torch.equal(reference[name], master.to(torch.bfloat16)), name
 
 
-def test_too_little_host_memory_is_refused_at_start_up_with_the_figures():
-    masters = [torch.empty(1000), torch.empty(3000)]
-    assert host_optimizer.host_bytes_to_come(masters) == 8 * 4000 + 16 * 4000  # moments, staging of one chunk
-    host_optimizer._check_host_memory(masters, available=96_000)
-    with pytest.raises(MemoryError, match=r"--optimizer-cpu-offload: .* 0.00B parameters need 0.0 GiB more host "
-                                          r"memory, and 0.0 GiB is available"):
-        host_optimizer._check_host_memory(masters, available=95_999)
-    assert host_optimizer.available_host_memory() > 0  # Linux: read from /proc/meminfo
+def test_the_moments_are_allocated_at_start_up_after_a_host_memory_check(checkpoint, monkeypatch):
+    trainer = _trainer(checkpoint, offload=True)
+    state = trainer.optimizer.state  # zeros at step 0 before any step: the memory is taken now
+    assert len(state) == len(trainer.host.masters)
+    assert all(float(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in state.values())
+    numel = sum(m.numel() for m in trainer.host.masters)
+    monkeypatch.setattr(host_optimizer, "available_host_memory", lambda: 8 * numel - 1)  # a smaller machine
+    with pytest.raises(MemoryError, match=r"AdamW's moments and staging buffers for 0.00B parameters "
+                                          r"\(--optimizer-cpu-offload\) need 0.0 GiB of host memory and 0.0 GiB"):
+        _trainer(checkpoint, offload=True)
+    monkeypatch.setattr(host_optimizer, "available_host_memory", lambda: 8 * numel)
+    _trainer(checkpoint, offload=True)
+
+
+def test_host_memory_reads_meminfo_and_names_the_figures():
+    from sluice.trainer.host_memory import available_host_memory, check_host_memory
+
+    assert available_host_memory() > 0  # Linux: /proc/meminfo, lowered to a cgroup limit if any
+    check_host_memory(3 * 2**30, "three things", available=3 * 2**30)
+    with pytest.raises(MemoryError, match="three things need 3.0 GiB of host memory and 2.0 GiB is available"):
+        check_host_memory(3 * 2**30, "three things", available=2 * 2**30)
+
+
+def test_offload_train_drops_the_device_weights_and_rebuilds_them_from_the_masters(checkpoint, batch):
+    """--offload-train with host masters: the device weights are given back, not copied to the host, and come
+    back exactly; training goes on as if nothing moved."""
+    moved, still = _trainer(checkpoint, offload=True), _trainer(checkpoint, offload=True)
+    moved.train_step(batch), still.train_step(batch)
+    moved.actor.offload()
+    assert all(p.numel() == 0 for p in moved.host.params)
+    moved.actor.onload()
+    for param, master in zip(moved.host.params, moved.host.masters):
+        assert torch.equal(param.detach(), master) and param.data_ptr() != master.data_ptr()
+    assert moved.train_step(batch) == still.train_step(batch)
 
 
 def test_chunks_are_consecutive_and_bounded():

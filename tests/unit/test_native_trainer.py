@@ -297,7 +297,7 @@ def test_token_budget_estimate_matches_what_autograd_saves_and_counts_recompute_
     first_only = RecomputePlan("full", "block", 1).segments(3)  # layer 0 recomputed, 1 and 2 stored
     assert activation_bytes_per_token(shape, 2, first_only) == 3 * per_layer + 2 * (2 * 224)
     assert activation_bytes_per_token(shape, 2, RecomputePlan("selective").segments(3)) == estimate
-    assert derived_token_budget(torch.device("cpu"), shape, num_params=10, element_bytes=2) == CPU_TOKEN_BUDGET
+    assert derived_token_budget(torch.device("cpu"), shape, pending_step_bytes=120, element_bytes=2) == CPU_TOKEN_BUDGET
 
 
 @pytest.mark.parametrize("bias", [False, True])

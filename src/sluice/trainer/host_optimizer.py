@@ -43,6 +43,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from sluice.trainer.host_memory import available_host_memory, check_host_memory
+
 CHUNK_NUMEL = 64 * 1024 * 1024  # elements per host step: 256 MiB of float32 gradients per staging buffer
 
 
@@ -68,7 +70,6 @@ class HostMasters:
                                  f"parameter on {param.device}")
             param.data = param.detach().to(device, compute_dtype, copy=True)
         model.to(device)
-        _check_host_memory(self.masters, available_host_memory())
         self.gradients: list[Tensor | None] = [None] * len(self.params)
         for index, param in enumerate(self.params):
             param.register_post_accumulate_grad_hook(functools.partial(self._accumulate, index))
@@ -131,10 +132,42 @@ class HostMasters:
             self.masters[i].grad = None
 
     def _staging_for(self, chunks: list[list[int]]) -> "_Staging":
-        numel = max((sum(self.masters[i].numel() for i in chunk) for chunk in chunks), default=0)
-        if self._staging is None or self._staging.numel < numel:
-            self._staging = _Staging(numel, self.compute_dtype, self.device)
+        if self._staging is None:  # ``reserve`` makes it; sized for any chunking, so it never grows
+            self._staging = _Staging(_largest_chunk(self.masters), self.compute_dtype, self.device)
         return self._staging
+
+    # ---- start-up and --offload-train ---------------------------------------------------------------------
+    def reserve(self, optimizer: torch.optim.Optimizer) -> None:
+        """Allocate now what the steps will need on the host: AdamW's two moments (``optimizer`` is the AdamW
+        over the masters; its state starts as zeros at step 0, as the first step would make it) and, beside a
+        GPU, the pinned staging buffers. Checked against the host's available memory first, so a lack of it
+        fails at start-up, and a second model's check (the PPO critic's) sees this one's share gone."""
+        numel = sum(m.numel() for m in self.masters)
+        largest = _largest_chunk(self.masters)
+        staging = _Staging.host_bytes(largest, self.compute_dtype) if self.device.type == "cuda" else 0
+        check_host_memory(8 * numel + staging, f"AdamW's moments and staging buffers for {numel / 1e9:.2f}B "
+                          f"parameters (--optimizer-cpu-offload)", available_host_memory())
+        for master in self.masters:
+            state = optimizer.state[master]
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)  # on the host, where the fused kernel steps
+            state["exp_avg"] = torch.zeros_like(master)
+            state["exp_avg_sq"] = torch.zeros_like(master)
+        if self.device.type == "cuda":
+            self._staging = _Staging(largest, self.compute_dtype, self.device)
+
+    @torch.no_grad()
+    def release(self, model: torch.nn.Module) -> None:
+        """--offload-train: give the device weights back (the masters hold them); buffers go to the host."""
+        for param in self.params:
+            param.data = torch.empty(0, dtype=self.compute_dtype)
+        model.to("cpu")
+
+    @torch.no_grad()
+    def restore(self, model: torch.nn.Module) -> None:
+        """After ``release``: the device weights again, cast from the masters (exactly what they were)."""
+        model.to(self.device)
+        for param, master in zip(self.params, self.masters):
+            param.data = master.to(self.device, self.compute_dtype, copy=True)
 
     # ---- state -------------------------------------------------------------------------------------------
     def model_state(self, model: torch.nn.Module) -> dict[str, Tensor]:
@@ -169,38 +202,6 @@ def host_optimizer_step(host: HostMasters, optimizer: torch.optim.Optimizer,
     return grad_norm, applied
 
 
-def host_bytes_to_come(masters: list[Tensor]) -> int:
-    """Host memory the first step still allocates next to the loaded masters: AdamW's two float32 moments, and
-    the pinned staging buffers (two float32 and two compute-dtype ones, at most 4 bytes, of the largest chunk)."""
-    numel = sum(m.numel() for m in masters)
-    largest_chunk = max([CHUNK_NUMEL if numel > CHUNK_NUMEL else numel] + [m.numel() for m in masters])
-    return 8 * numel + 2 * (4 + 4) * largest_chunk
-
-
-def _check_host_memory(masters: list[Tensor], available: int | None) -> None:
-    """Refuse now, at start-up, what would otherwise be killed for memory at the first optimizer step."""
-    needed = host_bytes_to_come(masters)
-    if available is not None and needed > available:
-        numel = sum(m.numel() for m in masters)
-        raise MemoryError(
-            f"--optimizer-cpu-offload: AdamW's moments and staging buffers for {numel / 1e9:.2f}B parameters need "
-            f"{needed / 2**30:.1f} GiB more host memory, and {available / 2**30:.1f} GiB is available (12 bytes "
-            "per parameter in all, the float32 masters included): use a host with more memory, fewer trainer "
-            "processes per host, or drop the flag")
-
-
-def available_host_memory() -> int | None:
-    """Bytes of host memory available to new allocations (Linux's MemAvailable); None where it is not known."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 @contextmanager
 def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
     before = torch.get_num_threads()
@@ -210,6 +211,12 @@ def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _largest_chunk(masters: list[Tensor]) -> int:
+    """Elements of the largest chunk ``_chunks`` can form over ``masters``, whichever have a gradient."""
+    total = sum(m.numel() for m in masters)
+    return min(total, max([CHUNK_NUMEL] + [m.numel() for m in masters]))
 
 
 def _chunks(indices: list[int], tensors: list[Tensor], max_numel: int) -> list[list[int]]:
@@ -229,6 +236,13 @@ def _chunks(indices: list[int], tensors: list[Tensor], max_numel: int) -> list[l
 class _Staging:
     """Two pinned gradient buffers and two pinned weight buffers, used alternately by consecutive chunks, and
     the side stream that copies through them (see the module docstring)."""
+
+    @staticmethod
+    def host_bytes(numel: int, compute_dtype: torch.dtype) -> int:
+        """Pinned bytes of the four buffers for ``numel`` elements; torch's pinned allocator rounds each block up
+        to a power of two."""
+        element = torch.finfo(compute_dtype).bits // 8
+        return 2 * (_power_of_two_above(4 * numel) + _power_of_two_above(element * numel))
 
     def __init__(self, numel: int, compute_dtype: torch.dtype, device: torch.device):
         self.numel = numel
@@ -271,6 +285,10 @@ class _Staging:
 
     def finish(self) -> None:
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
+def _power_of_two_above(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:

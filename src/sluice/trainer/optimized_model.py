@@ -42,6 +42,12 @@ class OptimizedModel:
             self.model = data_parallel.shard(load(device), compute_dtype)
         self.optimizer, self.scheduler = build_optimizer(
             self.model, train, lr, masters=self.host.masters if self.host is not None else None)
+        if self.host is not None:
+            self.host.reserve(self.optimizer)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
 
     @property
     def step_bytes_per_param(self) -> int:
@@ -87,11 +93,23 @@ class OptimizedModel:
             self.data_parallel.load_optimizer_state(self.model, self.optimizer, state)
 
     # ---- --offload-train ------------------------------------------------------------------------------------
-    def move(self, device: torch.device) -> None:
-        """The weights, and the device-held AdamW moments, to ``device`` (host moments stay where they are)."""
-        self.model.to(device)
+    def offload(self) -> None:
+        """Off the device: the weights and AdamW moments to host memory; with host masters the device weights
+        are dropped instead (the masters hold them, the moments are on the host already)."""
         if self.host is not None:
-            return
+            self.host.release(self.model)
+        else:
+            self._move(torch.device("cpu"))
+
+    def onload(self) -> None:
+        """Back on the training device after ``offload``."""
+        if self.host is not None:
+            self.host.restore(self.model)
+        else:
+            self._move(self.device)
+
+    def _move(self, device: torch.device) -> None:
+        self.model.to(device)
         for state in self.optimizer.state.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and key != "step":

@@ -66,17 +66,17 @@ def activation_bytes_per_token(shape: DecoderShape, element_bytes: int,
     return element_bytes * ((stored + rebuilt) * per_layer + len(checkpointed) * 2 * shape.hidden)
 
 
-def derived_token_budget(device: torch.device, shape: DecoderShape, num_params: int, element_bytes: int,
-                         segments: Sequence[tuple[int, int, bool]] | None = None, step_bytes_per_param: int = 12
-                         ) -> int:
-    """The --max-tokens-per-gpu default on ``device`` (see the module docstring). ``step_bytes_per_param``: what
-    the first optimizer step still allocates on the device per parameter (float32 gradient and AdamW's two
-    moments: 12; 4 when the moments are in host memory, --optimizer-cpu-offload)."""
+def derived_token_budget(device: torch.device, shape: DecoderShape, pending_step_bytes: int, element_bytes: int,
+                         segments: Sequence[tuple[int, int, bool]] | None = None) -> int:
+    """The --max-tokens-per-gpu default on ``device`` (see the module docstring). ``pending_step_bytes``: what the
+    first optimizer steps still allocate on the device, over every trained model (actor and critic): per
+    parameter a float32 gradient and AdamW's two moments, 12 bytes, or 4 when the moments are in host memory
+    (--optimizer-cpu-offload)."""
     if device.type != "cuda":
         return CPU_TOKEN_BUDGET
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    free -= step_bytes_per_param * num_params  # allocated lazily, at the first backward pass and step
+    free -= pending_step_bytes  # allocated lazily, at the first backward pass and step
     per_token = activation_bytes_per_token(shape, element_bytes, segments)
     budget = int(max(free, 0) * FREE_MEMORY_USE) // per_token
     return max(MIN_TOKEN_BUDGET, budget)

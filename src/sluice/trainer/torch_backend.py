@@ -76,14 +76,14 @@ class TorchTrainer:
         self.model.train()
         self.ref_model = None
         if algorithm.needs_reference:  # the reference model costs memory: load it only when a KL term needs it
-            self.ref_model = self._load(ref_path or model_path).eval()
+            self.ref_model = self._load_reference(ref_path or model_path).eval()
             self.ref_model.requires_grad_(False)
-            if self.host is not None:  # weighs like the actor and computes like it: KL 0 where they are equal
-                for parameter in self.ref_model.parameters():
-                    parameter.data = parameter.data.to(self.compute_dtype)
-        self.config = dataclasses.replace(train, max_tokens_per_gpu=self._token_budget(train))
-        self.critic = Critic(train.critic_load or model_path, self.config, algorithm, self.device,
+        self.critic = Critic(train.critic_load or model_path, train, algorithm, self.device,
                              self.data_parallel) if algorithm.uses_critic else None
+        # The derived budget is measured with every model loaded, and the critic splits its batches by it too.
+        self.config = dataclasses.replace(train, max_tokens_per_gpu=self._token_budget(train))
+        if self.critic is not None:
+            self.critic.config = self.config
         if algorithm.loss_type == "custom_loss" and custom_loss is None:
             custom_loss = load_custom_loss(algorithm.custom_loss_function_path)
         self.custom_loss = custom_loss
@@ -111,6 +111,16 @@ class TorchTrainer:
         """Float32 weights on the training device (sharded with FSDP2 in a data-parallel pool)."""
         return self.data_parallel.shard(self._load_float32(path, self.device), self.compute_dtype)
 
+    def _load_reference(self, path: str) -> torch.nn.Module:
+        """The reference model as ``_load``; beside host masters in the compute dtype, cast on the host: it then
+        weighs like the actor and computes like it (KL 0 where they are equal)."""
+        if self.host is None:
+            return self._load(path)
+        model = self._load_float32(path, torch.device("cpu"))
+        for parameter in model.parameters():
+            parameter.data = parameter.data.to(self.compute_dtype)
+        return model.to(self.device)
+
     def _load_float32(self, path: str, load_device: torch.device) -> torch.nn.Module:
         """The checkpoint's model in float32 on ``load_device`` (its ops chosen for the training device)."""
         if self.native is not None:
@@ -122,12 +132,11 @@ class TorchTrainer:
         if train.max_tokens_per_gpu is not None or not train.use_dynamic_batch_size:
             return train.max_tokens_per_gpu
         config = self.model.config
-        num_params = sum(p.numel() for p in self.model.parameters())
         plan = self.native.recompute if self.native is not None else None  # the HF class never recomputes
         segments = plan.segments(config.num_hidden_layers) if plan else None
         element_bytes = torch.finfo(self.compute_dtype).bits // 8
-        return derived_token_budget(self.device, DecoderShape.of(config), num_params, element_bytes, segments,
-                                    step_bytes_per_param=self.actor.step_bytes_per_param)
+        pending = sum(model.step_bytes_per_param * model.num_params for model in self._optimized_models())
+        return derived_token_budget(self.device, DecoderShape.of(config), pending, element_bytes, segments)
 
     def _token_logprobs(self, model, input_ids, attention_mask, with_entropy: bool = False):
         """Logprobs (and entropy) ``[B, T-1]`` on the device of right-padded rows (on the host or the device)."""
@@ -217,22 +226,25 @@ class TorchTrainer:
 
     def offload(self) -> None:
         """Move the models and optimizer state to host memory (--offload-train: the engines generate meanwhile)."""
-        self._move(torch.device("cpu"))
+        if self.device.type == "cpu":
+            return
+        for model in self._optimized_models():
+            model.offload()
+        if self.ref_model is not None:
+            self.ref_model.to("cpu")
+        torch.cuda.empty_cache()
 
     def onload(self) -> None:
         """Back to the training device after ``offload``."""
-        self._move(self.device)
-
-    def _move(self, device: torch.device) -> None:
         if self.device.type == "cpu":
             return
-        self.actor.move(device)
+        for model in self._optimized_models():
+            model.onload()
         if self.ref_model is not None:
-            self.ref_model.to(device)
-        if self.critic is not None:
-            self.critic.optimized.move(device)
-        if device.type == "cpu":
-            torch.cuda.empty_cache()
+            self.ref_model.to(self.device)
+
+    def _optimized_models(self) -> list[OptimizedModel]:
+        return [self.actor] + ([self.critic.optimized] if self.critic is not None else [])
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """The actor's full weights by HF name in the compute dtype, on every rank (detached; views of the device
