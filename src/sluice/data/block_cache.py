@@ -1,8 +1,8 @@
 """A least-recently-used cache of decoded blocks of data files, bounded by their size in bytes.
 
-A block is what a format can only read whole: a parquet row group, a mapped Arrow file, a compressed jsonl
-file. Shuffled reads touch blocks in no particular order, so keeping the recent ones decoded saves decoding a
-block once per batch; the bound keeps a large dataset from ending up decoded in memory whole.
+A block is what a format can only read whole: a parquet row group, a mapped Arrow file, a span of a
+compressed jsonl text. Shuffled reads touch blocks in no particular order, so keeping the recent ones decoded
+saves decoding a block once per batch; the bound keeps a large dataset from ending up decoded in memory whole.
 """
 
 from __future__ import annotations

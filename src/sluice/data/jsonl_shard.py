@@ -1,9 +1,15 @@
 """A jsonl shard: ``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst`` (see ``shards.py`` for the ``Shard`` contract).
 
-Lines are read as bytes and decoded one at a time, so a decoding error names its line. A plain file is counted
-by building its line index (``line_index.py``), which then serves reads at any row with one seek each. A
-compressed file cannot be entered in the middle: reading rows at scattered positions decompresses it whole, as
-one block of the shared ``BlockCache``.
+Lines are read as bytes and decoded one at a time, so a decoding error names its line. A file is counted by
+building its line index (``line_index.py``), only up to the last row a slice needs. A plain file then serves
+reads at any row with one seek each. A compressed file cannot be entered in the middle, so the same pass records
+spans of its text with checkpoints to resume at (``compressed_spans.py``) and offers the spans to the shared
+``BlockCache``: rows at scattered positions are read from cached spans, and a span evicted is decompressed again
+from its checkpoint, never the whole file into memory.
+
+Why checkpoints rather than building the index lazily while rows are read: shuffled order needs the row count
+and every row's offset before the first batch, so the first pass has to reach the end (or the slice's last row)
+anyway; keeping what it decompressed and where it can resume makes that pass the only one.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from typing import IO, Any
 import numpy as np
 
 from sluice.data.block_cache import BlockCache
-from sluice.data.line_index import LineIndex, index_lines
+from sluice.data.compressed_spans import Spans, load_span, scan_spans
+from sluice.data.line_index import LineIndex, LineScanner, index_lines
 from sluice.data.rows import DataError, LocatedRow
 
 
@@ -27,8 +34,10 @@ class JsonlShard:
 
     def __init__(self, path: Path, codec: str | None) -> None:
         self.path, self.codec = path, codec
-        self._num_rows: int | None = None
-        self._index: LineIndex | None = None  # plain files only: a compressed file cannot be seeked into
+        self._num_rows: int | None = None  # known once a pass reached the end of the file
+        self._index: LineIndex | None = None  # of the first _index.num_rows rows, or of all once complete
+        self._index_complete = False
+        self._spans: Spans | None = None  # compressed files: where the index's pass can be resumed
 
     def _open(self) -> IO[bytes]:
         # Bytes, decoded line by line: a text stream decodes ahead in chunks, so its error could not name the line.
@@ -40,6 +49,9 @@ class JsonlShard:
 
         return io.BufferedReader(pa.CompressedInputStream(pa.OSFile(str(self.path)), "zstd"))
 
+    def _failed(self, exc: Exception) -> DataError:
+        return DataError(f"{self.path}: cannot read as {self.codec or 'utf-8'} jsonl: {exc}")
+
     def _lines(self) -> Iterator[tuple[int, bytes]]:
         """(line number, bytes) of the non-blank lines; decompression errors name the file."""
         try:
@@ -48,47 +60,83 @@ class JsonlShard:
                     if raw.strip():
                         yield number, raw
         except (OSError, EOFError) as exc:  # pyarrow's codec errors are OSErrors
-            raise DataError(f"{self.path}: cannot read as {self.codec or 'utf-8'} jsonl: {exc}") from exc
+            raise self._failed(exc) from exc
 
     def num_rows(self) -> int:
-        if self.codec is None:
-            return self.index().num_rows
         if self._num_rows is None:
-            self._num_rows = sum(1 for _ in self._lines())
+            self._num_rows = self.index().num_rows
         return self._num_rows
 
-    def index(self) -> LineIndex:
-        """The line index of a plain file, built once by one pass over it."""
-        if self._index is None:
-            try:
+    def count_rows_up_to(self, limit: int | None, cache: BlockCache | None = None) -> int:
+        """``min(num_rows(), limit)``, indexing only the first ``limit`` rows; ``cache`` keeps the spans of a
+        compressed file decompressed on the way."""
+        if self._num_rows is not None and (limit is None or self._index_complete):
+            return self._num_rows if limit is None else min(self._num_rows, limit)
+        return self.index(limit, cache).num_rows
+
+    def index(self, num_rows_wanted: int | None = None, cache: BlockCache | None = None) -> LineIndex:
+        """The line index of the first ``num_rows_wanted`` rows (None: all), built by one pass that stops there."""
+        if self._index is not None and (self._index_complete or (
+                num_rows_wanted is not None and self._index.num_rows >= num_rows_wanted)):
+            return self._index
+        try:
+            if self.codec is None:
                 with self.path.open("rb") as handle:
-                    self._index = index_lines(handle)
-            except OSError as exc:
-                raise DataError(f"{self.path}: cannot read: {exc}") from exc
+                    self._index = index_lines(handle, num_rows_wanted=num_rows_wanted)
+            else:
+                scanner = LineScanner(num_rows_wanted)
+                keep = (lambda span, text: cache.get(self._span_key(span), lambda: (text, len(text)))) if cache \
+                    else (lambda span, text: None)
+                self._spans = scan_spans(self.path, self.codec, lambda text: scanner.feed(text, final=not text), keep)
+                self._index = scanner.finish()
+        except (OSError, EOFError) as exc:
+            raise self._failed(exc) from exc
+        # Fewer rows than wanted: the pass reached the end. Exactly as many: there may be more.
+        self._index_complete = num_rows_wanted is None or self._index.num_rows < num_rows_wanted
+        if self._index_complete:
+            self._num_rows = self._index.num_rows
         return self._index
 
-    def _decompressed(self) -> tuple[tuple[bytes, LineIndex], int]:
-        """The whole decompressed text of a compressed file and its line index, as a cache block."""
-        try:
-            with self._open() as handle:
-                text = handle.read()
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{self.path}: cannot read as {self.codec} jsonl: {exc}") from exc
-        index = index_lines(io.BytesIO(text))
-        self._num_rows = index.num_rows
-        return (text, index), len(text) + index.offsets.nbytes
+    def _span_key(self, span: int) -> tuple[str, Path, int]:
+        return ("jsonl", self.path, span)
+
+    def _span_text(self, span: int, cache: BlockCache) -> bytes:
+        def load() -> tuple[bytes, int]:
+            try:
+                text = load_span(self.path, self.codec, self._spans, span)
+            except (OSError, EOFError) as exc:
+                raise self._failed(exc) from exc
+            return text, len(text)
+
+        return cache.get(self._span_key(span), load)
+
+    def _compressed_line(self, offset: int, cache: BlockCache) -> bytes:
+        """The line starting at text ``offset``, read from the spans (a line may run on into the next ones)."""
+        span = self._spans.span_of(offset)
+        text, start = self._span_text(span, cache), offset - self._spans.starts[span]
+        end = text.find(b"\n", start)  # found in place: slicing a span per row would copy megabytes per row
+        if end >= 0:
+            return text[start:end]
+        pieces = [text[start:]]
+        while span + 1 < len(self._spans.ends):
+            span += 1
+            text = self._span_text(span, cache)
+            end = text.find(b"\n")
+            pieces.append(text if end < 0 else text[:end])
+            if end >= 0:
+                break
+        return b"".join(pieces)
 
     def rows_at(self, positions: np.ndarray, cache: BlockCache) -> list[LocatedRow]:
+        index = self.index(int(positions.max()) + 1 if len(positions) else 0, cache)
         if self.codec is None:
-            index = self.index()
             try:
                 with self.path.open("rb") as handle:
                     raws = [_line_at(handle, int(index.offsets[p])) for p in positions]
             except OSError as exc:
                 raise DataError(f"{self.path}: cannot read: {exc}") from exc
         else:
-            text, index = cache.get(("jsonl", self.path), self._decompressed)
-            raws = [_line_in(text, int(start)) for start in index.offsets[positions]]
+            raws = [self._compressed_line(int(index.offsets[p]), cache) for p in positions]
         out = []
         for position, raw in zip(positions, raws):
             where = f"{self.path}:{index.line_of(int(position))}"

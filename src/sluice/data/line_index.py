@@ -52,18 +52,49 @@ def _scan_lines(data: bytes, base: int, num_rows_before: int, final: bool) -> tu
     return base + starts[is_row], rows_before_line[~is_row], consumed
 
 
-def index_lines(handle: IO[bytes], chunk_bytes: int = _CHUNK_BYTES) -> LineIndex:
-    """Index the text ``handle`` reads from its current position to its end (offsets relative to that position)."""
-    offsets, blanks = [], []
-    carry, base, num_rows = b"", 0, 0
+class LineScanner:
+    """Builds a ``LineIndex`` from a text fed in chunks, so a pass that decompresses a file can index it on the way.
+
+    ``feed`` returns False once ``num_rows_wanted`` rows are indexed: a reader that needs only the first rows
+    (a slice) stops there instead of indexing the whole file.
+    """
+
+    def __init__(self, num_rows_wanted: int | None = None) -> None:
+        self.num_rows_wanted = num_rows_wanted
+        self.num_rows = 0
+        self._offsets: list[np.ndarray] = []
+        self._blanks: list[np.ndarray] = []
+        self._carry, self._base = b"", 0
+        self._done = False
+
+    def feed(self, chunk: bytes, final: bool = False) -> bool:
+        """Scan ``chunk`` (empty and ``final``: the text ended); False once enough rows are indexed."""
+        data = self._carry + chunk if self._carry else chunk
+        row_offsets, blank, consumed = _scan_lines(data, self._base, self.num_rows, final=final)
+        wanted = self.num_rows_wanted
+        stopped = wanted is not None and self.num_rows + len(row_offsets) >= wanted
+        if stopped:
+            row_offsets = row_offsets[:wanted - self.num_rows]
+            blank = blank[blank < wanted]  # blank lines past the last wanted row do not move its line number
+        self._offsets.append(row_offsets)
+        self._blanks.append(blank)
+        self.num_rows += len(row_offsets)
+        self._base, self._carry = self._base + consumed, data[consumed:]
+        self._done = final or stopped
+        return not self._done
+
+    def finish(self) -> LineIndex:
+        if not self._done:
+            self.feed(b"", final=True)
+        return LineIndex(np.concatenate(self._offsets or [np.empty(0)]).astype(np.int64),
+                         np.concatenate(self._blanks or [np.empty(0)]).astype(np.int64))
+
+
+def index_lines(handle: IO[bytes], chunk_bytes: int = _CHUNK_BYTES, num_rows_wanted: int | None = None) -> LineIndex:
+    """Index the text ``handle`` reads from its current position (offsets relative to that position), to its end
+    or until ``num_rows_wanted`` rows are indexed."""
+    scanner = LineScanner(num_rows_wanted)
     while True:
         chunk = handle.read(chunk_bytes)
-        data = carry + chunk if carry else chunk
-        row_offsets, blank, consumed = _scan_lines(data, base, num_rows, final=not chunk)
-        offsets.append(row_offsets)
-        blanks.append(blank)
-        num_rows += len(row_offsets)
-        base, carry = base + consumed, data[consumed:]
-        if not chunk:
-            break
-    return LineIndex(np.concatenate(offsets).astype(np.int64), np.concatenate(blanks).astype(np.int64))
+        if not scanner.feed(chunk, final=not chunk) or not chunk:
+            return scanner.finish()

@@ -1,8 +1,9 @@
 """The rows a data spec selects (``path`` or ``path@[a:b]``), read at any positions, for shuffled prompt order.
 
-Opening a table counts the rows of each shard (parquet footers and Arrow headers hold the count; a plain jsonl
-shard is indexed in one pass, 8 bytes per row), and holds no rows. Shards wholly past a slice's end are not
-opened; a shard the slice reaches into is counted (indexed) whole. ``rows_at`` then reads just the rows asked
+Opening a table counts the rows of each shard (parquet footers and Arrow headers hold the count; a jsonl shard
+is indexed in one pass, 8 bytes per row, which for a compressed one also keeps the decompressed spans in the
+block cache), and holds no rows. Shards wholly past a slice's end are not opened, and the shard the slice ends in
+is indexed only up to its last row. ``rows_at`` then reads just the rows asked
 for, each shard once per call, so a batch of shuffled positions costs a seek per jsonl row or a cached block per
 parquet row group; see ``shards.py``.
 
@@ -28,7 +29,7 @@ class RowTable:
         self.spec = spec
         self.cache = cache if cache is not None else BlockCache()
         shards = shards_of(path)
-        counts = _counts_up_to(shards, _known_stop(cut))
+        counts = _counts_up_to(shards, _known_stop(cut), self.cache)
         self.shards = shards[:len(counts)]  # shards wholly past the slice are never opened
         total = sum(counts)
         selected = range(total)[cut] if cut is not None else range(total)
@@ -64,11 +65,12 @@ def _known_stop(cut: slice | None) -> int | None:
     return cut.stop
 
 
-def _counts_up_to(shards: list[Shard], stop: int | None) -> list[int]:
-    """Row counts of the shards, in order, up to the first one that reaches row ``stop`` (None: all)."""
+def _counts_up_to(shards: list[Shard], stop: int | None, cache: BlockCache) -> list[int]:
+    """Row counts of the shards, in order, up to the first one that reaches row ``stop`` (None: all); that last
+    one is counted only up to row ``stop``, which is all the selection holds of it."""
     counts: list[int] = []
     for shard in shards:
         if stop is not None and sum(counts) >= stop:
             break
-        counts.append(shard.num_rows())
+        counts.append(shard.count_rows_up_to(None if stop is None else stop - sum(counts), cache))
     return counts

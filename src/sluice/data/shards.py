@@ -5,10 +5,14 @@ the fly; ``jsonl_shard.py``), parquet batch by batch within the row groups that 
 batch by record batch from a memory map. Counting is cheap where the format records it (parquet footers, Arrow
 batch headers) and one pass without JSON parsing for jsonl, cached once done.
 
+``count_rows_up_to`` counts only as far as a slice needs: a jsonl file's index stops at the slice's last row, so
+reading rows [a, b) of a large file indexes about b lines, not the file.
+
 ``rows_at`` reads rows at scattered positions, for the shuffled prompt order: a plain jsonl file by seeking to
-each row (a line index built by the counting pass, 8 bytes per row), parquet by its row groups, Arrow from a
-memory map. What a format can only read whole (a row group, a mapped file, a compressed jsonl file, which has to
-be decompressed from its start) is a block, kept in a shared ``BlockCache`` bounded in bytes.
+each row (a line index built by the counting pass, 8 bytes per row), a compressed one from spans of its text that
+the counting pass decompressed and can resume at (``compressed_spans.py``), parquet by its row groups, Arrow from a
+memory map. What a format can only read whole (a row group, a mapped file, a span of a compressed jsonl text) is
+a block, kept in a shared ``BlockCache`` bounded in bytes.
 
 Positions are 0-based indices of rows (blank jsonl lines are not rows); places in messages are 1-based lines
 for jsonl (``file:line``) and 1-based rows otherwise (``file row N``).
@@ -34,6 +38,11 @@ class Shard(Protocol):
     path: Path
 
     def num_rows(self) -> int: ...
+
+    def count_rows_up_to(self, limit: int | None, cache: BlockCache | None = None) -> int:
+        """``min(num_rows(), limit)`` (``limit`` None: ``num_rows()``), reading only what that needs: a jsonl
+        file is indexed up to row ``limit``, and blocks decoded on the way may be kept in ``cache``."""
+        ...
 
     def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
         """Rows at positions ``start <= i < stop`` (``stop`` None: to the end), in file order."""
@@ -70,6 +79,9 @@ class ParquetShard:
 
     def num_rows(self) -> int:
         return self.metadata().num_rows
+
+    def count_rows_up_to(self, limit: int | None, cache: BlockCache | None = None) -> int:
+        return self.num_rows() if limit is None else min(self.num_rows(), limit)  # the footer's count: free
 
     def _row_group_starts(self) -> np.ndarray:
         metadata = self.metadata()
@@ -147,6 +159,17 @@ class ArrowShard:
         if self._num_rows is None:
             self._num_rows = sum(batch.num_rows for batch in self._batches())
         return self._num_rows
+
+    def count_rows_up_to(self, limit: int | None, cache: BlockCache | None = None) -> int:
+        if limit is None or self._num_rows is not None:
+            return self.num_rows() if limit is None else min(self.num_rows(), limit)
+        num_rows = 0
+        for batch in self._batches():  # batch headers only, from the memory map; stop once past the limit
+            num_rows += batch.num_rows
+            if num_rows >= limit:
+                return limit
+        self._num_rows = num_rows
+        return num_rows
 
     def rows(self, start: int, stop: int | None) -> Iterator[LocatedRow]:
         yield from _rows_of_batches(self.path, self._batches(), 0, start, stop)
