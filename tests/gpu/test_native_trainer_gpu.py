@@ -88,12 +88,12 @@ def test_offloaded_optimizer_on_cuda_steps_through_pinned_chunks(lively_checkpoi
     assert gap < 0.05  # the compiled norms may skip the weights' bf16 rounding without offload
     expected = [one_chunk.train_step(batch) for _ in range(3)]
     monkeypatch.setattr(host_optimizer, "CHUNK_NUMEL", 3000)
-    # The side stream's copies start late: a missing wait on them would read or train on stale values.
-    for name in ("fetch", "send"):
+    # The side streams' copies start late: a missing wait on them would read or train on stale values.
+    for name, stream in (("fetch", "d2h"), ("send", "h2d")):
         original = getattr(host_optimizer._Staging, name)
 
-        def delayed(self, *args, original=original):
-            with torch.cuda.stream(self.stream):
+        def delayed(self, *args, original=original, stream=stream):
+            with torch.cuda.stream(getattr(self, stream)):
                 torch.cuda._sleep(5_000_000)
             return original(self, *args)
 

@@ -17,20 +17,21 @@ One optimizer step:
 1. the gradient norm is taken on the device over the float32 gradients, clipped there (--clip-grad), and the
    guard may refuse the step (then nothing moves);
 2. the parameters go through in chunks (``CHUNK_NUMEL`` elements or one larger parameter): a chunk's gradients
-   are copied to a pinned host buffer on a side stream while the host steps the previous chunk; the host runs
+   are copied to a pinned host buffer on one side stream while the host steps the previous chunk; the host runs
    AdamW on the chunk's masters (``torch.optim.AdamW`` skips parameters without a gradient, so each call steps
    only that chunk; its state is therefore keyed and saved exactly as the on-device optimizer's is, and a
    checkpoint resumes with or without offload); the updated masters, cast to the compute dtype into another
-   pinned buffer, go back to the device weights on the side stream while the next chunk is stepped.
+   pinned buffer, go back to the device weights on another side stream while the next chunk is stepped.
 
 Megatron's ``--overlap-cpu-optimizer-d2h-h2d`` names that overlap; here it is always on. The host step uses
 torch's fused AdamW kernel for CPUs, vectorised and threaded: it runs with ``host_threads`` intra-op threads
 (the trainer gives each process of a train pool its share of the host's CPUs), whatever the process had, since
 Ray starts an actor with one thread per CPU it reserved, which would leave a 7B step on one core.
 
-Concurrency hazard: the side stream reads the gradients and writes the weights. It waits for the compute
-stream before the first copy, and the compute stream waits for it before the step returns, so the next forward
-sees the new weights and the gradients are freed only once their copies are done.
+Concurrency hazard: two side streams read the gradients (device to host) and write the weights (host to
+device). Each waits for the compute stream before its copies, and the compute stream waits for both before the
+step returns, so the next forward sees the new weights and the gradients are freed only once their copies are
+done.
 """
 
 from __future__ import annotations
@@ -235,7 +236,8 @@ def _chunks(indices: list[int], tensors: list[Tensor], max_numel: int) -> list[l
 
 class _Staging:
     """Two pinned gradient buffers and two pinned weight buffers, used alternately by consecutive chunks, and
-    the side stream that copies through them (see the module docstring)."""
+    the side streams that copy through them (see the module docstring): one per direction, so gradients leaving
+    and weights arriving use both of the GPU's copy engines at once."""
 
     @staticmethod
     def host_bytes(numel: int, compute_dtype: torch.dtype) -> int:
@@ -249,7 +251,7 @@ class _Staging:
         self.grads = [torch.empty(numel, dtype=torch.float32, pin_memory=True) for _ in range(2)]
         self.weights = [torch.empty(numel, dtype=compute_dtype, pin_memory=True) for _ in range(2)]
         self.device = device
-        self.stream = torch.cuda.Stream(device)
+        self.d2h, self.h2d = torch.cuda.Stream(device), torch.cuda.Stream(device)
         self.fetched: list[torch.cuda.Event | None] = [None, None]
         self.fetched_views: list[list[Tensor]] = [[], []]
         self.sent: list[torch.cuda.Event | None] = [None, None]
@@ -257,12 +259,12 @@ class _Staging:
     def fetch(self, k: int, chunk: list[int], gradients: list[Tensor | None]) -> None:
         """Queue chunk ``k``'s gradients device -> pinned buffer ``k % 2``."""
         buffer = self.grads[k % 2]
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the gradients are final (clipped) there
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))  # the gradients are final (clipped) there
         views = _views(buffer, [gradients[i] for i in chunk])
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.d2h):
             for view, i in zip(views, chunk):
                 view.copy_(gradients[i], non_blocking=True)
-            self.fetched[k % 2] = self.stream.record_event()
+            self.fetched[k % 2] = self.d2h.record_event()
         self.fetched_views[k % 2] = views
 
     def gradients(self, k: int) -> list[Tensor]:
@@ -278,13 +280,18 @@ class _Staging:
         views = _views(self.weights[b], [masters[i] for i in chunk])
         for view, i in zip(views, chunk):
             view.copy_(masters[i])
-        with torch.cuda.stream(self.stream):
+        self.h2d.wait_stream(torch.cuda.current_stream(self.device))  # the backward pass is done with the weights
+        with torch.cuda.stream(self.h2d):
             for view, i in zip(views, chunk):
                 params[i].copy_(view, non_blocking=True)
-            self.sent[b] = self.stream.record_event()
+            self.sent[b] = self.h2d.record_event()
 
     def finish(self) -> None:
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        """The compute stream waits for every copy: the next forward sees the new weights, and the gradients
+        (allocated on the compute stream) are freed only after their copies."""
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.d2h)
+        current.wait_stream(self.h2d)
 
 
 def _power_of_two_above(n: int) -> int:
