@@ -25,7 +25,9 @@ from transformers.utils import logging as hf_logging
 
 from sluice.algorithms import aggregate, clipped_value_loss
 from sluice.config import AlgorithmConfig, TrainConfig
+from sluice.device import tensor_to_device
 from sluice.trainer.batching import micro_batch_rows
+from sluice.trainer.loss import metric_floats
 from sluice.trainer.data_parallel import DataParallel
 from sluice.trainer.optimized_model import OptimizedModel
 from sluice.trainer.packing import pack_rows
@@ -53,7 +55,8 @@ class ValueBatch:
                           self.old_values[rows, : width - 1], self.returns[rows, : width - 1])
 
     def to(self, device: torch.device) -> "ValueBatch":
-        return ValueBatch(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
+        """On ``device``; from pinned host memory on a GPU, so the copies do not wait for the queued work."""
+        return ValueBatch(*(tensor_to_device(getattr(self, name), device) for name in self.__dataclass_fields__))
 
 
 def load_value_model(path: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -115,7 +118,7 @@ class Critic:
 
     def _values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``token_values`` of a micro-batch, on the device, computing in the compute dtype."""
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        input_ids, attention_mask = tensor_to_device(input_ids, self.device), tensor_to_device(attention_mask, self.device)
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
             return token_values(self.model, input_ids, attention_mask, self.config.use_dynamic_batch_size)
 
@@ -137,7 +140,7 @@ class Critic:
         num_tokens = max(batch.loss_mask.sum().item(), 1.0)
         num_sequences = int((batch.loss_mask.sum(dim=1) > 0).sum().item())
         mode = self.algorithm.loss_agg_mode
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, Tensor | float] = defaultdict(float)  # device tensors, read once after the loop
         for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
             micro = batch.select(rows).to(self.device)
             values = self._values(micro.input_ids, micro.attention_mask)
@@ -149,11 +152,11 @@ class Critic:
                 continue
             loss.backward()
             counts = dict(num_tokens=num_tokens, num_sequences=num_sequences)
-            sums["train/value_loss"] += loss.item()
-            sums["train/value_clipfrac"] += aggregate(stats["clipfrac"], micro.loss_mask, "token_mean", **counts).item()
-            sums["train/value_mean"] += aggregate(values.detach(), micro.loss_mask, "token_mean", **counts).item()
+            sums["train/value_loss"] += loss.detach()
+            sums["train/value_clipfrac"] += aggregate(stats["clipfrac"], micro.loss_mask, "token_mean", **counts)
+            sums["train/value_mean"] += aggregate(values.detach(), micro.loss_mask, "token_mean", **counts)
         self.optimized.reduce_gradients()
-        sums = self.data_parallel.reduce_metric_sums(sums)
+        sums = self.data_parallel.reduce_metric_sums(metric_floats(sums))
         loss = sums["train/value_loss"]
         # A non-finite value loss or gradient skips the critic's step (the actor's guard decides when to stop).
         grad_norm, applied = self.optimized.step(self.config.clip_grad,
