@@ -87,3 +87,13 @@ def group_advantages(estimator: str, rewards: list[list[float]], disable_std_nor
         advantages, _ = algorithms.get("advantage", name)(torch.tensor([group_rewards], dtype=torch.float64))
         out.extend(advantages.flatten().tolist())
     return out
+
+
+def fill_rows(out: torch.Tensor, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``out[rows, :width] = values`` (to the host) for each micro-batch's ``(rows, values)``; returns ``out``.
+
+    Called once every micro-batch of a pass is queued, so the device runs them back to back: a read-back after
+    each would leave it idle while the host prepares the next."""
+    for rows, values in pieces:
+        out[rows, : values.shape[1]] = values.cpu()
+    return out

@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 from sluice.algorithms import aggregate, clipped_value_loss
 from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.device import tensor_to_device
-from sluice.trainer.batching import micro_batch_rows
+from sluice.trainer.batching import fill_rows, micro_batch_rows
 from sluice.trainer.loss import metric_floats
 from sluice.trainer.data_parallel import DataParallel
 from sluice.trainer.optimized_model import OptimizedModel
@@ -125,13 +125,14 @@ class Critic:
     @torch.no_grad()
     def compute_values(self, batch) -> Tensor:
         """Values ``[B, T-1]`` (CPU) of a ``TrainBatch`` or ``ValueBatch``, in the training layout."""
-        out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
+        pieces = []
         for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
             micro = batch.select(rows)
             values = self._values(micro.input_ids, micro.attention_mask)
             if not is_filler:
-                out[rows, : values.shape[1]] = values.cpu()
-        return self.data_parallel.sum_(out)
+                pieces.append((rows, values))
+        out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
+        return self.data_parallel.sum_(fill_rows(out, pieces))
 
     def train_step(self, batch: ValueBatch, max_len: int | None = None) -> dict[str, float]:
         """One optimizer step of clipped value regression over ``batch``, reduced like the policy loss

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.checkpoint.hf_export import write_hf_weights
 from sluice.device import resolve_device, tensor_to_device
-from sluice.trainer.batching import micro_batch_rows
+from sluice.trainer.batching import fill_rows, micro_batch_rows
 from sluice.trainer.critic import Critic, ValueBatch
 from sluice.trainer.custom_loss import CustomLossFn, load_custom_loss
 from sluice.trainer.data_parallel import DataParallel
@@ -171,13 +171,13 @@ class TorchTrainer:
         The micro-batches are those of ``train_step``, so at the first step the two passes agree bitwise.
         """
         model = self.ref_model if reference else self.model
-        out = torch.zeros(batch.loss_mask.shape)
+        pieces = []
         for rows, is_filler in self.data_parallel.share(micro_batch_rows(batch.attention_mask, self.config)):
             micro = batch.select(rows)
             log_probs, _ = self._token_logprobs(model, micro.input_ids, micro.attention_mask)
             if not is_filler:
-                out[rows, : log_probs.shape[1]] = log_probs.cpu()
-        return self.data_parallel.sum_(out)
+                pieces.append((rows, log_probs))
+        return self.data_parallel.sum_(fill_rows(torch.zeros(batch.loss_mask.shape), pieces))
 
     def compute_values(self, batch: TrainBatch) -> torch.Tensor:
         """The critic's values [B, T-1] of the batch (CPU)."""
