@@ -116,7 +116,7 @@ class HostMasters:
             return
         if not chunks:
             return
-        staging = self._staging_for(chunks)
+        staging = self._staging_for()
         staging.fetch(0, chunks[0], self.gradients)
         for k, chunk in enumerate(chunks):
             if k + 1 < len(chunks):  # its buffer's previous chunk was stepped already: the host waited for it
@@ -132,7 +132,7 @@ class HostMasters:
         for i in chunk:
             self.masters[i].grad = None
 
-    def _staging_for(self, chunks: list[list[int]]) -> "_Staging":
+    def _staging_for(self) -> "_Staging":
         if self._staging is None:  # ``reserve`` makes it; sized for any chunking, so it never grows
             self._staging = _Staging(_largest_chunk(self.masters), self.compute_dtype, self.device)
         return self._staging
