@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from sluice.config import AlgorithmConfig, TrainConfig
 from sluice.trainer import host_optimizer
@@ -171,13 +172,19 @@ def test_host_memory_reads_meminfo_and_names_the_figures():
         check_host_memory(3 * 2**30, "three things", available=2 * 2**30)
 
 
-def test_offload_train_drops_the_device_weights_and_rebuilds_them_from_the_masters(checkpoint, batch):
+def test_offload_train_drops_the_device_weights_and_rebuilds_them_from_the_masters(checkpoint, batch, tmp_path):
     """--offload-train with host masters: the device weights are given back, not copied to the host, and come
     back exactly; training goes on as if nothing moved."""
     moved, still = _trainer(checkpoint, offload=True), _trainer(checkpoint, offload=True)
     moved.train_step(batch), still.train_step(batch)
+    before = moved.named_weights()
     moved.actor.offload()
     assert all(p.numel() == 0 for p in moved.host.params)
+    # A checkpoint or HF export taken while offloaded (the loop saves after an eval) reads the masters.
+    offloaded = moved.named_weights()
+    assert offloaded.keys() == before.keys() and all(torch.equal(offloaded[n], w) for n, w in before.items())
+    moved.save_hf(tmp_path / "hf")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").num_parameters() > 0
     moved.actor.onload()
     for param, master in zip(moved.host.params, moved.host.masters):
         assert torch.equal(param.detach(), master) and param.data_ptr() != master.data_ptr()

@@ -75,6 +75,7 @@ class HostMasters:
         for index, param in enumerate(self.params):
             param.register_post_accumulate_grad_hook(functools.partial(self._accumulate, index))
         self._staging: _Staging | None = None
+        self.released = False  # the device weights given back by ``release`` (--offload-train)
 
     def _accumulate(self, index: int, param: Tensor) -> None:
         """Autograd's hook after ``param.grad`` is complete for one backward: add it to the float32 gradient."""
@@ -162,6 +163,7 @@ class HostMasters:
         for param in self.params:
             param.data = torch.empty(0, dtype=self.compute_dtype)
         model.to("cpu")
+        self.released = True
 
     @torch.no_grad()
     def restore(self, model: torch.nn.Module) -> None:
@@ -169,6 +171,7 @@ class HostMasters:
         model.to(self.device)
         for param, master in zip(self.params, self.masters):
             param.data = master.to(self.device, self.compute_dtype, copy=True)
+        self.released = False
 
     # ---- state -------------------------------------------------------------------------------------------
     def model_state(self, model: torch.nn.Module) -> dict[str, Tensor]:

@@ -72,6 +72,13 @@ class OptimizedModel:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight by the model's names, unsharded (with FSDP a collective). While --offload-train holds host
+        masters' device weights released (an export or checkpoint between rollout and training), the masters."""
+        if self.host is not None and self.host.released:
+            return self.host.model_state(self.model)
+        return self.data_parallel.full_weights(self.model)
+
     # ---- checkpoints --------------------------------------------------------------------------------------
     def model_state(self) -> dict[str, torch.Tensor]:
         """The float32 weights under the model's own names (with FSDP a collective: full on rank 0 only)."""

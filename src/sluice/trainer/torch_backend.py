@@ -250,7 +250,7 @@ class TorchTrainer:
         """The actor's full weights by HF name in the compute dtype, on every rank (detached; views of the device
         weights when they are in the compute dtype (float32, or offloaded masters), else bf16 copies of the float32
         masters; FSDP gathers them: a collective)."""
-        weights = self._hf_names(self.data_parallel.full_weights(self.model), with_tied_head=True)
+        weights = self._hf_names(self.actor.full_weights(), with_tied_head=True)
         cast: dict[tuple, torch.Tensor] = {}  # a tied head and embedding share storage: cast it once
         for name, tensor in weights.items():
             key = (tensor.data_ptr(), tensor.shape, tensor.stride())
