@@ -188,3 +188,17 @@ def test_held_out_sft_rows_report_their_loss_at_each_eval_without_an_engine(tmp_
     assert losses[0] == pytest.approx(records[1]["train/loss"], rel=1e-5)
     assert losses[6] < 0.8 * losses[3] < 0.8 * losses[0], losses
     assert records[0]["eval/seen/sft_tokens"] == 8 * 2  # "7" and the end-of-turn token of each row
+
+
+def test_the_sft_loss_is_the_models_own_nll_whatever_the_rollout_temperature(tmp_path, say7_sft):
+    """--rollout-temperature sets how eval sets are sampled; the SFT objective and its held-out loss stay at
+    temperature 1."""
+    _, rows, _ = say7_sft
+    first_losses = []
+    for temperature in ("1.0", "0.5"):
+        run_dir = tmp_path / f"run{temperature}"
+        run_loop(_flags(say7_sft[0], rows, run_dir, "--eval-sft-data", "seen", str(rows), "--num-rollout", "1",
+                        "--debug-train-only", "--rollout-temperature", temperature))
+        records = read_metrics(run_dir / "metrics.jsonl")
+        first_losses.append((records[0]["eval/seen/sft_loss"], records[1]["train/loss"]))
+    assert first_losses[1] == pytest.approx(first_losses[0], rel=1e-6)

@@ -163,6 +163,13 @@ class RolloutConfig:
         return path == SFT_ROLLOUT_FUNCTION or path in SFT_ROLLOUT_ALIASES
 
     @property
+    def trainer_temperature(self) -> float:
+        """The temperature of the trainer's logprobs: the engines' sampling temperature, so old and new policy
+        logprobs match what was sampled; 1 for SFT from data, whose loss is the model's own NLL of the responses
+        (--rollout-temperature then only sets how eval sets are sampled)."""
+        return 1.0 if self.sft_from_data else self.rollout_temperature
+
+    @property
     def dynamic_sampling(self) -> bool:
         """Whether rollouts go through the round-based sampler (either flag set)."""
         return self.over_sampling_batch_size is not None or self.dynamic_sampling_filter_path is not None

@@ -142,7 +142,7 @@ class LocalPlacement:
         config = self.config
         with self.memory.explain("train"):
             backend = TorchTrainer(config.model.hf_checkpoint, config.train, config.algorithm,
-                                   config.rollout.rollout_temperature, config.model.ref_load, custom_loss=hooks.loss)
+                                   config.rollout.trainer_temperature, config.model.ref_load, custom_loss=hooks.loss)
         pool = LocalTrainerPool(backend, config, hooks, pad_token_id, self.memory)
         if engines is not None:
             pool.connect_engines(engines)

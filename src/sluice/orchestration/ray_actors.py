@@ -108,7 +108,7 @@ class TrainerActor:
         self.hooks = load_trainer_hooks(config)
         group = torch.distributed.group.WORLD if self.world_size > 1 else None
         self.trainer = TorchTrainer(config.model.hf_checkpoint, config.train, config.algorithm,
-                                    config.rollout.rollout_temperature, config.model.ref_load,
+                                    config.rollout.trainer_temperature, config.model.ref_load,
                                     custom_loss=self.hooks.loss, process_group=group)
         return self.rank
 
