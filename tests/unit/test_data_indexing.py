@@ -141,3 +141,30 @@ def test_a_slice_over_shards_indexes_only_the_shard_it_ends_in_up_to_its_end(tmp
     assert [shard._index.num_rows for shard in table.shards] == [1000, 20]
     assert [located.row for located in table.rows_at(list(range(30)))] == ROWS[990:1020]
     assert np.array_equal(table._shard_starts, [0, 1000])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+def test_a_copy_reading_in_random_order_decompresses_about_once(tmp_path: Path, decompressed, suffix: str) -> None:
+    """A copy (a prompt source sent to a Ray actor) has lost the checkpoints and the cache: its reads put the
+    checkpoints back and cache the spans they pass, so a shuffled epoch costs about one pass, not one per span."""
+    text = jsonl_text(ROWS)
+    path = write(tmp_path / f"data{suffix}", text)
+    copy = pickle.loads(pickle.dumps(RowTable(str(path))))
+    counted = decompressed["bytes"]
+    order = shuffled(len(ROWS))
+    for begin in range(0, len(order), 256):
+        batch = order[begin:begin + 256]
+        assert [located.row for located in copy.rows_at(batch)] == [ROWS[p] for p in batch]
+    assert len(text) // 4096 > 20  # many spans: one pass per span would cost about ten texts
+    assert decompressed["bytes"] - counted <= 1.1 * len(text)
+
+
+def test_a_span_cut_short_by_a_slice_is_not_taken_for_the_whole_one(tmp_path: Path, decompressed) -> None:
+    """An index that stopped at a slice's last row cached a short last span; a longer pass sharing the cache
+    must not read that span as the whole one."""
+    path = write(tmp_path / "data.jsonl.gz", jsonl_text(ROWS))
+    cache = BlockCache()
+    shard = RowTable(str(path) + "@[:10]", cache)
+    assert [located.row for located in shard.rows_at([3, 9])] == [ROWS[3], ROWS[9]]
+    whole = RowTable(str(path), cache)
+    assert [located.row for located in whole.rows_at([2999, 50, 1500])] == [ROWS[2999], ROWS[50], ROWS[1500]]

@@ -11,11 +11,14 @@ the dataset, and holding the text whole is what a large dataset cannot afford.
 The spans the pass decompresses are offered to the shared ``BlockCache`` as it goes, so when they fit, a whole
 epoch of shuffled reads decompresses nothing more. A span evicted from the cache is decompressed again from its
 checkpoint: at most one span's worth (plus the codec's input chunk) per span a batch touches, not the file.
+Cached spans are keyed by their start and end, so a span cut short by a pass that stopped early (a slice's) is
+never taken for the whole one.
 
 Costs and limits: a gzip checkpoint holds about 45 KB (a 10 GB text: about 55 MB of checkpoints at 8 MiB spans).
 zstd (through pyarrow's codec) offers no copy of its state, so only the start of the file is a checkpoint: an
 evicted zstd span is decompressed again from the file's start. Checkpoints are not sent with a copy of the shard
-(a prompt source sent to a Ray actor) since zlib states do not pickle; the copy keeps the start checkpoint.
+(a prompt source sent to a Ray actor) since zlib states do not pickle; the copy keeps the start checkpoint, and
+its reads put the others back (and cache the spans they pass) as they go.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class Spans:
 
 def scan_spans(path: Path, codec: str, feed: Callable[[bytes], bool], keep: Callable[[int, bytes], None]) -> Spans:
     """One decompressing pass: each chunk goes to ``feed`` (False: stop, the rest is not needed), each finished
-    span to ``keep(span index, text)``; returns the spans with their checkpoints."""
+    span to ``keep(its text offset, text)``; returns the spans with their checkpoints."""
     spans = Spans([0], [], [START])
     pieces: list[bytes] = []
     num_span_bytes = text_end = 0
@@ -135,7 +138,7 @@ def scan_spans(path: Path, codec: str, feed: Callable[[bytes], bool], keep: Call
         text_end += len(text)
         more = feed(text) if text else True  # an empty chunk (a gzip header) is not the end
         if num_span_bytes >= SPAN_BYTES or not more:
-            keep(len(spans.ends), b"".join(pieces))
+            keep(spans.starts[-1], b"".join(pieces))
             spans.ends.append(text_end)
             pieces, num_span_bytes = [], 0
             if not more:
@@ -143,21 +146,46 @@ def scan_spans(path: Path, codec: str, feed: Callable[[bytes], bool], keep: Call
             spans.starts.append(text_end)
             spans.checkpoints.append(checkpoint_after())
     feed(b"")
-    keep(len(spans.ends), b"".join(pieces))
+    keep(spans.starts[-1], b"".join(pieces))
     spans.ends.append(text_end)
     return spans
 
 
-def load_span(path: Path, codec: str, spans: Spans, index: int) -> bytes:
-    """The text of span ``index``, decompressed from the nearest checkpoint at or before it."""
-    resume = next(c for c in reversed(spans.checkpoints[:index + 1]) if c is not None)
-    begin, end = spans.starts[index], spans.ends[index]
-    pieces, at = [], resume.text_offset
-    for text, _ in text_chunks(path, codec, resume):
-        low, high = max(begin - at, 0), min(end - at, len(text))
-        if high > low:
-            pieces.append(text[low:high])
-        at += len(text)
-        if at >= end:
+def load_span(path: Path, codec: str, spans: Spans, index: int,
+              keep: Callable[[int, bytes], None] | None = None) -> bytes:
+    """The text of span ``index``, decompressed from the nearest checkpoint at or before it.
+
+    The spans passed on the way are offered to ``keep(span index, text)`` and get back the checkpoints they lack
+    (a copy of the shard lost them; the chunks fall where the indexing pass's fell, so a span start is a chunk
+    end): a copy reading a file in random order decompresses it about once, not once per span it reaches. A
+    codec without checkpoints (zstd) goes on to the end of the text, offering every span, for the same reason.
+    """
+    span = max(j for j in range(index + 1) if spans.checkpoints[j] is not None)
+    resume = spans.checkpoints[span]
+    to_the_end = keep is not None and codec != "gzip"
+    pieces: list[bytes] = []
+    found: bytes | None = None
+    at = resume.text_offset
+    for text, checkpoint_after in text_chunks(path, codec, resume):
+        chunk_start, at = at, at + len(text)
+        while span < len(spans.ends):  # this chunk's share of each span it covers
+            low, high = max(spans.starts[span] - chunk_start, 0), min(spans.ends[span] - chunk_start, len(text))
+            if high > low:
+                pieces.append(text[low:high])
+            if at < spans.ends[span]:
+                break
+            whole, pieces = b"".join(pieces), []
+            following = span + 1
+            if following < len(spans.starts) and at == spans.starts[following] \
+                    and spans.checkpoints[following] is None:
+                spans.checkpoints[following] = checkpoint_after()
+            if span == index:
+                found = whole
+                if not to_the_end:
+                    return found
+            elif keep is not None:
+                keep(span, whole)
+            span = following
+        if span >= len(spans.ends):
             break
-    return b"".join(pieces)
+    return found if found is not None else b"".join(pieces)

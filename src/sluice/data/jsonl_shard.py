@@ -85,8 +85,8 @@ class JsonlShard:
                     self._index = index_lines(handle, num_rows_wanted=num_rows_wanted)
             else:
                 scanner = LineScanner(num_rows_wanted)
-                keep = (lambda span, text: cache.get(self._span_key(span), lambda: (text, len(text)))) if cache \
-                    else (lambda span, text: None)
+                keep = (lambda start, text: cache.get(("jsonl", self.path, start, start + len(text)),
+                                                      lambda: (text, len(text)))) if cache else (lambda start, text: None)
                 self._spans = scan_spans(self.path, self.codec, lambda text: scanner.feed(text, final=not text), keep)
                 self._index = scanner.finish()
         except (OSError, EOFError) as exc:
@@ -97,13 +97,17 @@ class JsonlShard:
             self._num_rows = self._index.num_rows
         return self._index
 
-    def _span_key(self, span: int) -> tuple[str, Path, int]:
-        return ("jsonl", self.path, span)
+    def _span_key(self, span: int) -> tuple[str, Path, int, int]:
+        """A span's cache key: its text range, so a span cut short by an earlier pass is a different block."""
+        return ("jsonl", self.path, self._spans.starts[span], self._spans.ends[span])
 
     def _span_text(self, span: int, cache: BlockCache) -> bytes:
+        def keep(passed: int, text: bytes) -> None:  # spans decompressed on the way: cached too
+            cache.get(self._span_key(passed), lambda: (text, len(text)))
+
         def load() -> tuple[bytes, int]:
             try:
-                text = load_span(self.path, self.codec, self._spans, span)
+                text = load_span(self.path, self.codec, self._spans, span, keep)
             except (OSError, EOFError) as exc:
                 raise self._failed(exc) from exc
             return text, len(text)
