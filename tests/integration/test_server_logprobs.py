@@ -158,6 +158,7 @@ def test_a_stream_carries_the_named_token_ids_logprobs_so_far(http, engine):
     ({"token_ids_logprob": 3}, "token_ids_logprob", ""),
     ({"token_ids_logprob": [[3]]}, "token_ids_logprob", "not a list of lists"),
     ({"token_ids_logprob": [3], "return_logprob": False}, "token_ids_logprob", "return_logprob"),
+    ({"token_ids_logprob": [3] * 257}, "token_ids_logprob", "limit is 256 (--sglang-max-token-ids-logprob)"),
 ])
 def test_bad_named_token_ids_are_refused_naming_the_field(http, extra, field, words):
     body = {"text": "hi", "return_logprob": True, "sampling_params": {"max_new_tokens": 1}, **extra}

@@ -345,6 +345,8 @@ def _engine(config: Config) -> Iterator[str]:
             yield f"{flag} must be >= 1, got {value}"
     if engine.max_top_logprobs < 0:
         yield f"--sglang-max-top-logprobs must be >= 0, got {engine.max_top_logprobs}"
+    if engine.max_token_ids_logprob < 0:
+        yield f"--sglang-max-token-ids-logprob must be >= 0, got {engine.max_token_ids_logprob}"
     if engine.max_queued_requests < 0:
         yield f"--sglang-max-queued-requests must be >= 0, got {engine.max_queued_requests}"
     if not engine.max_request_body_mb > 0:

@@ -74,6 +74,9 @@ class EngineConfig:
     max_top_logprobs: int = field(default=20, metadata=_help(
         "Most top-logprob alternatives per output token one request may ask for (/generate's top_logprobs_num, "
         "the OpenAI logprobs and top_logprobs; vLLM's --max-logprobs); more is refused with 400."))
+    max_token_ids_logprob: int = field(default=256, metadata=_help(
+        "Most token ids one request may name in /generate's token_ids_logprob (each costs one float per reported "
+        "position, computed on the engine's step); more is refused with 400."))
     max_queued_requests: int = field(default=4096, metadata=_help(
         "Most requests waiting for a running slot (SGLang's --max-queued-requests); a request that would pass it "
         "is refused with 503 and Retry-After."))

@@ -182,10 +182,12 @@ class ServerContext:
                                token_ids_logprob=list(token_ids_logprob) if token_ids_logprob else None)
 
     def check_token_ids(self, field: str, token_ids: list[int]) -> None:
-        """Refuse, naming ``field``, ids outside the vocabulary, or more ids than it holds (each costs one float
-        per reported position)."""
+        """Refuse, naming ``field``, ids outside the vocabulary, or more ids than --sglang-max-token-ids-logprob
+        (each costs one float per reported position, and a list per scored prompt position)."""
         bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise RequestError(field, f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(token_ids) > self.vocab_size:
-            raise RequestError(field, f"{len(token_ids)} token ids; at most the vocabulary size ({self.vocab_size})")
+        limit = self.engine_config.max_token_ids_logprob
+        if len(token_ids) > limit:
+            raise RequestError(field, f"{len(token_ids)} token ids named; the limit is {limit} "
+                                      "(--sglang-max-token-ids-logprob)")
