@@ -122,9 +122,10 @@ def score_prompt_rows(model, hidden: torch.Tensor, plan: PromptRows,
     logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
     top_logprobs = torch.empty((num_rows, num_top), dtype=torch.float32, device=device) if num_top else None
     top_ids = torch.empty((num_rows, num_top), dtype=torch.int64, device=device) if num_top else None
-    named_lists = [seq.request.token_ids_logprob or [] for seq, count in zip(plan.seqs, plan.counts)
-                   for _ in range(count)]
-    named_index = padded_ids(named_lists, device) if any(named_lists) else None
+    named_index = None
+    if any(seq.request.token_ids_logprob for seq in plan.seqs):  # a list per scored row only when one asks
+        named_index = padded_ids([seq.request.token_ids_logprob or [] for seq, count in zip(plan.seqs, plan.counts)
+                                  for _ in range(count)], device)
     named = torch.empty(named_index.shape, dtype=torch.float32, device=device) if named_index is not None else None
     step = max(1, max_floats // vocab)
     for first in range(0, num_rows, step):

@@ -117,7 +117,7 @@ class HostMasters:
             return
         if not chunks:
             return
-        staging = self._staging_for()
+        staging = self._staging  # made by ``reserve``, sized for any chunking
         staging.fetch(0, chunks[0], self.gradients)
         for k, chunk in enumerate(chunks):
             if k + 1 < len(chunks):  # its buffer's previous chunk was stepped already: the host waited for it
@@ -132,11 +132,6 @@ class HostMasters:
         optimizer.step()  # steps exactly the masters that have a gradient
         for i in chunk:
             self.masters[i].grad = None
-
-    def _staging_for(self) -> "_Staging":
-        if self._staging is None:  # ``reserve`` makes it; sized for any chunking, so it never grows
-            self._staging = _Staging(_largest_chunk(self.masters), self.compute_dtype, self.device)
-        return self._staging
 
     # ---- start-up and --offload-train ---------------------------------------------------------------------
     def reserve(self, optimizer: torch.optim.Optimizer) -> None:
